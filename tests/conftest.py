@@ -1,0 +1,23 @@
+"""Shared pytest set-up.
+
+`pyproject.toml` puts the repo root on sys.path, so a test imports a folder as
+`from smile import train as smile`. To grade a student copy made by tools/make_exercises.py, point
+PAPERS_DIR at the directory that holds the copied folders; it goes first on sys.path, so the same
+tests import the student's train.py instead of the reference:
+
+    python tools/make_exercises.py smile --out student
+    PAPERS_DIR=student pytest tests/test_smile.py -m exercise
+"""
+
+import os
+import sys
+from pathlib import Path
+
+PAPERS_DIR = os.environ.get("PAPERS_DIR")
+if PAPERS_DIR:
+    sys.path.insert(0, str(Path(PAPERS_DIR).resolve()))
+
+
+def pytest_report_header(config):
+    where = Path(PAPERS_DIR).resolve() if PAPERS_DIR else "the repo root (reference solutions)"
+    return f"paper folders imported from: {where}"

@@ -1,0 +1,40 @@
+"""Tests of the template folder: the same four tiers every paper folder has, in miniature."""
+
+import json
+
+import numpy as np
+import pytest
+from example_paper import train as example
+
+pytestmark = pytest.mark.example_paper
+
+
+@pytest.mark.exercise
+def test_logistic_loss_matches_hand_value():
+    # w = 0 gives p = 1/2 for every example: the loss is log 2, the gradient X^T (1/2 - y) / N
+    X = np.array([[1.0, 2.0], [3.0, -1.0]])
+    y = np.array([1.0, 0.0])
+    loss, grad = example.logistic_loss(np.zeros(2), X, y, lam=0.0)
+    assert loss == pytest.approx(np.log(2.0))
+    assert grad == pytest.approx([(1 * -0.5 + 3 * 0.5) / 2, (2 * -0.5 + -1 * 0.5) / 2])
+
+
+@pytest.mark.exercise
+def test_logistic_loss_gradient_matches_finite_differences():
+    rng = np.random.default_rng(0)
+    X, y, w = rng.normal(size=(5, 3)), rng.integers(0, 2, 5).astype(float), rng.normal(size=3)
+    _, grad = example.logistic_loss(w, X, y, lam=0.3)
+    eps = 1e-6
+    numeric = [(example.logistic_loss(w + eps * e, X, y, 0.3)[0]
+                - example.logistic_loss(w - eps * e, X, y, 0.3)[0]) / (2 * eps) for e in np.eye(3)]
+    assert grad == pytest.approx(numeric, rel=1e-5)
+
+
+def test_quick_run_decreases_loss_and_is_deterministic(tmp_path):
+    a = example.train(example.Config(quick=True, out_dir=str(tmp_path / "a")))
+    b = example.train(example.Config(quick=True, out_dir=str(tmp_path / "b")))
+    loss = a["history"]["loss"]
+    assert np.isfinite(loss).all() and loss[-1] < loss[0]
+    assert a["metrics"] == b["metrics"]
+    summary = json.loads((tmp_path / "a" / "summary.json").read_text())
+    assert set(summary) == {"folder", "seed", "config", "wall_seconds", "metrics", "headline"}

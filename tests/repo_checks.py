@@ -1,0 +1,268 @@
+"""The repository's conventions as functions: each takes a folder and returns a list of problems.
+
+`tests/test_repo.py` runs them on every paper folder that exists (an empty list = pass) and, to show
+that each check can fail, on deliberately broken copies of the template folder.
+`tools/run_all.py` imports `PAPER_FOLDERS` and `read_title` from here.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# The ten paper folders, in the order of the root README's index.
+PAPER_FOLDERS = (
+    "dreamblend", "ecd", "xformer", "ovmlvc", "vidla",
+    "excessmtl", "galm", "latent_structure", "smile", "mico",
+)
+
+# Import name -> requirements.txt name, for the packages a train.py may import.
+ALLOWED_PACKAGES = {
+    "torch": "torch", "numpy": "numpy", "transformers": "transformers",
+    "diffusers": "diffusers", "networkx": "networkx", "sklearn": "scikit-learn",
+    "matplotlib": "matplotlib", "tqdm": "tqdm",
+}
+
+# STYLE.md's README sections, as `##` headings, in this order.
+README_SECTIONS = (
+    "Paper", "The idea", "Key equations", "Run", "Expected output", "What is logged",
+    "Deviations from the paper", "Exercises", "References",
+)
+RESULTS_START, RESULTS_END = "<!-- results:start -->", "<!-- results:end -->"
+
+# Every train.py has these options (CONTRIBUTING.md, section 2).
+CONTRACT_FLAGS = ("--seed", "--quick", "--out-dir", "--device", "--steps")
+BAD_ARGVS = (["--steps", "-3"], ["--device", "tpu"], ["--no-such-flag"])
+
+
+def requirement_names(root: Path = ROOT) -> set[str]:
+    """Package names pinned in requirements.txt (lower case)."""
+    names = set()
+    for line in (root / "requirements.txt").read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if line:
+            names.add(re.split(r"[=<>!~ \[]", line)[0].lower())
+    return names
+
+
+def check_files(folder: Path) -> list[str]:
+    return [f"{folder.name}/{name} is missing" for name in ("train.py", "README.md")
+            if not (folder / name).is_file()]
+
+
+def read_title(readme_text: str) -> tuple[str, str]:
+    """(title, one-line claim): the `# ` line and the first paragraph after it."""
+    lines = readme_text.splitlines()
+    title = next((ln[2:].strip() for ln in lines if ln.startswith("# ")), "")
+    claim, started = [], False
+    for ln in lines:
+        if ln.startswith("# "):
+            started = True
+            continue
+        if not started:
+            continue
+        if ln.strip() == "":
+            if claim:
+                break
+            continue
+        if ln.startswith("#") or ln.startswith("!") or ln.startswith("<!--"):
+            break
+        claim.append(ln.strip())
+    return title, " ".join(claim)
+
+
+def check_readme(folder: Path) -> list[str]:
+    """Title + claim, then the STYLE.md sections as `##` headings in order, results markers."""
+    path = folder / "README.md"
+    if not path.is_file():
+        return [f"{folder.name}/README.md is missing"]
+    text = path.read_text()
+    problems = []
+    title, claim = read_title(text)
+    if not title:
+        problems.append("README has no '# Title' line")
+    if not claim:
+        problems.append("README has no one-line claim paragraph under its title")
+    headings = [ln[3:].strip() for ln in text.splitlines() if ln.startswith("## ")]
+    at = -1
+    for section in README_SECTIONS:
+        if section not in headings:
+            problems.append(f"README lacks the section '## {section}'")
+            continue
+        idx = headings.index(section)
+        if idx < at:
+            problems.append(f"README section '## {section}' is out of order")
+        at = max(at, idx)
+    expected = re.search(r"^## Expected output$(.*?)(?=^## |\Z)", text, re.M | re.S)
+    if expected and not (RESULTS_START in expected.group(1) and RESULTS_END in expected.group(1)):
+        problems.append("README '## Expected output' lacks the results markers "
+                        f"{RESULTS_START} / {RESULTS_END}")
+    return problems
+
+
+def check_imports(folder: Path, root: Path = ROOT) -> list[str]:
+    """train.py imports only the standard library and requirements.txt, never a sibling folder."""
+    path = folder / "train.py"
+    tree = ast.parse(path.read_text(), filename=str(path))
+    pinned = requirement_names(root)
+    siblings = set(PAPER_FOLDERS) | {p.name for p in folder.parent.iterdir() if p.is_dir()}
+    siblings.discard(folder.name)
+    problems = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                problems.append(f"line {node.lineno}: relative import (from {'.' * node.level})")
+                continue
+            names = [node.module or ""]
+        else:
+            continue
+        for name in names:
+            top = name.split(".")[0]
+            if top in siblings or top == folder.name:
+                problems.append(f"line {node.lineno}: imports the folder '{top}'")
+            elif top in sys.stdlib_module_names or top == "__future__":
+                continue
+            elif ALLOWED_PACKAGES.get(top) not in pinned:
+                problems.append(f"line {node.lineno}: imports '{top}', which is neither the "
+                                "standard library nor pinned in requirements.txt")
+    return problems
+
+
+# The probe runs in a fresh interpreter in an empty temporary directory. It imports train.py (which
+# must do nothing), then calls main() with each bad argv (which must exit non-zero with one line on
+# stderr), then runs the file as __main__ with --help. It prints one JSON line at the end.
+_PROBE = r'''
+import contextlib, io, json, multiprocessing, os, runpy, sys, threading, traceback
+path, folder, bad_argvs, want_torch = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), sys.argv[4]
+def snapshot():
+    seen = set()
+    for top in (os.getcwd(), os.path.dirname(path), os.path.dirname(os.path.dirname(path))):
+        for dirpath, dirnames, filenames in os.walk(top):
+            dirnames[:] = [d for d in dirnames if d not in (".git", "__pycache__")]
+            seen.update(os.path.join(dirpath, f) for f in filenames + dirnames)
+            if top != os.getcwd() and top != os.path.dirname(path):
+                break  # only the top level of the repo root
+    return seen
+report = {}
+threads_before = None
+if want_torch == "1":
+    import torch
+    threads_before = torch.get_num_threads()
+before = snapshot()
+out, err = io.StringIO(), io.StringIO()
+import importlib.util
+spec = importlib.util.spec_from_file_location("_probe_" + folder, path)
+mod = importlib.util.module_from_spec(spec)
+sys.modules[spec.name] = mod  # dataclasses look their module up here
+try:
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        spec.loader.exec_module(mod)
+    report["import_error"] = None
+except BaseException:
+    report["import_error"] = traceback.format_exc()
+report["import_stdout"] = out.getvalue()
+report["import_new_files"] = sorted(snapshot() - before)
+report["import_threads"] = [t.name for t in threading.enumerate()
+                            if t is not threading.main_thread()]
+report["import_children"] = len(multiprocessing.active_children())
+if threads_before is not None:
+    import torch
+    report["import_torch_threads"] = [threads_before, torch.get_num_threads()]
+report["bad"] = []
+for argv in bad_argvs:
+    out, err = io.StringIO(), io.StringIO()
+    row = {"argv": argv}
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            mod.main(argv)
+        row["code"] = 0
+    except SystemExit as e:
+        if isinstance(e.code, str):   # sys.exit("message"): Python prints it, exit status 1
+            err.write(e.code + "\n")
+            row["code"] = 1
+        else:
+            row["code"] = e.code or 0
+    except BaseException:
+        err.write(traceback.format_exc())
+        row["code"] = 1
+    row["stderr"] = err.getvalue()
+    report["bad"].append(row)
+out = io.StringIO()
+sys.argv = [path, "--help"]
+try:
+    with contextlib.redirect_stdout(out):
+        runpy.run_path(path, run_name="__main__")
+    report["help_code"] = 0
+except SystemExit as e:
+    report["help_code"] = e.code or 0
+except BaseException:
+    report["help_code"] = traceback.format_exc()
+report["help"] = out.getvalue()
+sys.__stdout__.write("\nPROBE " + json.dumps(report) + "\n")
+'''
+
+
+def probe(folder: Path, timeout: float = 300) -> dict:
+    """Run the probe on folder/train.py in a fresh interpreter; returns its JSON report."""
+    path = (folder / "train.py").resolve()
+    want_torch = "1" if re.search(r"^\s*(import|from) torch\b", path.read_text(), re.M) else "0"
+    env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1", MPLBACKEND="Agg", HF_HUB_OFFLINE="1",
+               TRANSFORMERS_OFFLINE="1", TQDM_DISABLE="1")
+    with tempfile.TemporaryDirectory() as cwd:
+        proc = subprocess.run(
+            [sys.executable, "-c", _PROBE, str(path), folder.name, json.dumps(BAD_ARGVS),
+             want_torch],
+            cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith("PROBE "):
+            return json.loads(line[len("PROBE "):])
+    raise RuntimeError(f"probe of {folder} crashed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+
+
+def check_import_is_inert(report: dict) -> list[str]:
+    problems = []
+    if report["import_error"]:
+        return [f"importing train.py failed:\n{report['import_error']}"]
+    if report["import_stdout"]:
+        problems.append(f"importing train.py printed: {report['import_stdout'][:200]!r}")
+    if report["import_new_files"]:
+        problems.append(f"importing train.py created files: {report['import_new_files'][:5]}")
+    if report["import_threads"]:
+        problems.append(f"importing train.py started threads: {report['import_threads']}")
+    if report["import_children"]:
+        problems.append("importing train.py started child processes")
+    before_after = report.get("import_torch_threads")
+    if before_after and before_after[0] != before_after[1]:
+        problems.append(f"importing train.py changed torch's thread count {before_after}")
+    return problems
+
+
+def check_help(report: dict) -> list[str]:
+    if report["help_code"] != 0:
+        return [f"--help exited with {report['help_code']!r}"]
+    return [f"--help does not list {flag}" for flag in CONTRACT_FLAGS
+            if flag not in report["help"]]
+
+
+def check_bad_args(report: dict) -> list[str]:
+    problems = []
+    for row in report["bad"]:
+        argv, err = " ".join(row["argv"]), row["stderr"].strip()
+        if row["code"] == 0:
+            problems.append(f"'{argv}' exited 0; a bad argument must exit non-zero")
+        if "Traceback" in err:
+            problems.append(f"'{argv}' printed a traceback")
+        elif len(err.splitlines()) != 1:
+            problems.append(f"'{argv}' printed {len(err.splitlines())} lines on stderr, "
+                            f"want exactly one: {err[:300]!r}")
+    return problems

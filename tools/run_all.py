@@ -1,0 +1,204 @@
+"""Run every paper folder for seeds 0, 1, 2 and write the results the READMEs show.
+
+    python tools/run_all.py                      # all ten folders, seeds 0 1 2 (about an hour)
+    python tools/run_all.py --folders smile mico # just these; the other folders keep their results
+    python tools/run_all.py --quick              # smoke check: --quick runs, no file is rewritten
+
+Each run is `python <folder>/train.py --seed S --out-dir runs/run_all/<folder>/seed<S>` from the
+repo root, its output kept in `log.txt` beside its `summary.json`. Then, from every summary under
+`runs/run_all/` (this call's and earlier calls'):
+
+- `RESULTS.md`: per folder, each headline row as mean +- std over seeds (sample std), how many
+  seeds show the paper's direction, and the wall time;
+- each folder README: the same table between `<!-- results:start -->` and `<!-- results:end -->`;
+- the root README: the index table between `<!-- index:start -->` and `<!-- index:end -->`.
+
+These files are how README numbers are made; never type them by hand. Exits non-zero, naming the
+runs, if any run failed (the tables are still written from the runs that worked).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+from repo_checks import PAPER_FOLDERS, RESULTS_END, RESULTS_START, read_title  # noqa: E402
+
+INDEX_START, INDEX_END = "<!-- index:start -->", "<!-- index:end -->"
+
+
+def fmt(values: list[float]) -> str:
+    """'mean ± std' over seeds; std is the sample std (0 for one seed)."""
+    mean = statistics.fmean(values)
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{mean:.4g} ± {std:.2g}"
+
+
+def wins(row_per_seed: list[dict]) -> str:
+    """How many seeds show the method ahead of the baseline in the claimed direction."""
+    won = 0
+    for row in row_per_seed:
+        m, b = row["method"]["value"], row["baseline"]["value"]
+        won += (m > b) if row["higher_is_better"] else (m < b)
+    return f"{won}/{len(row_per_seed)}"
+
+
+def load_summaries(runs_dir: Path, folder: str) -> list[dict]:
+    """Every seed<k>/summary.json of one folder, in seed order, with the run's wall time."""
+    out = []
+    for path in sorted((runs_dir / folder).glob("seed*/summary.json"),
+                       key=lambda p: int(p.parent.name[4:])):
+        summary = json.loads(path.read_text())
+        meta = path.parent / "run.json"
+        summary["_run"] = json.loads(meta.read_text()) if meta.exists() else {}
+        if summary["_run"].get("returncode", 0) == 0:  # a failed run's stale summary is no result
+            out.append(summary)
+    return out
+
+
+def folder_table(summaries: list[dict]) -> list[str]:
+    """Markdown table of a folder's headline rows over seeds."""
+    seeds = [s["seed"] for s in summaries]
+    lines = ["| metric | method | mean ± std | baseline | mean ± std | method ahead |",
+             "|---|---|---|---|---|---|"]
+    for i, row in enumerate(summaries[0]["headline"]):
+        rows = [s["headline"][i] for s in summaries]
+        arrow = "↑" if row["higher_is_better"] else "↓"
+        lines.append(
+            f"| {row['metric']} {arrow} | {row['method']['name']} "
+            f"| {fmt([r['method']['value'] for r in rows])} | {row['baseline']['name']} "
+            f"| {fmt([r['baseline']['value'] for r in rows])} | {wins(rows)} seeds |")
+    walls = [s["_run"].get("wall_seconds", s["wall_seconds"]) for s in summaries]
+    when = max((s["_run"].get("date", "") for s in summaries), default="")
+    lines += ["", f"Seeds {', '.join(map(str, seeds))}; wall time per run {fmt(walls)} s "
+              f"(the whole command, on {summaries[0]['_run'].get('machine', 'this machine')}); "
+              f"run on {when or 'an unknown date'} by `python tools/run_all.py --folders "
+              f"{summaries[0]['folder']}`."]
+    return lines
+
+
+def replace_between(text: str, start: str, end: str, body: list[str]) -> str:
+    pattern = re.compile(re.escape(start) + r".*?" + re.escape(end), re.S)
+    if not pattern.search(text):
+        return text
+    return pattern.sub(lambda _: "\n".join([start, *body, end]), text, count=1)
+
+
+def write_reports(root: Path, runs_dir: Path, folders: list[str]) -> None:
+    """RESULTS.md, each folder README's results block, the root README's index table."""
+    results = ["# Results", "",
+               "Made by `python tools/run_all.py`; do not edit by hand. Each row: the method "
+               "against its baseline on the toy's headline metric, mean ± sample std over "
+               "seeds, and how many seeds show the paper's direction\n(↑ higher is better, "
+               "↓ lower is better).", ""]
+    index = ["| folder | paper | the idea | CPU time per run | headline (method vs baseline) "
+             "| seeds |", "|---|---|---|---|---|---|"]
+    for folder in folders:
+        fdir = root / folder
+        title, claim = ("", "")
+        if (fdir / "README.md").is_file():
+            title, claim = read_title((fdir / "README.md").read_text())
+        paper = title.split(":")[0] if title else folder
+        summaries = load_summaries(runs_dir, folder)
+        if not fdir.is_dir():
+            index.append(f"| `{folder}/` | - | not implemented yet | - | - | - |")
+            continue
+        if not summaries:
+            index.append(f"| [`{folder}/`]({folder}/README.md) | {paper} | {claim} "
+                         "| not run yet | - | - |")
+            continue
+        table = folder_table(summaries)
+        results += [f"## {folder}: {paper}", "", *table, ""]
+        readme = fdir / "README.md"
+        if readme.is_file():
+            readme.write_text(replace_between(readme.read_text(), RESULTS_START, RESULTS_END,
+                                              table))
+        first = summaries[0]["headline"][0]
+        rows = [s["headline"][0] for s in summaries]
+        walls = [s["_run"].get("wall_seconds", s["wall_seconds"]) for s in summaries]
+        index.append(
+            f"| [`{folder}/`]({folder}/README.md) | {paper} | {claim} "
+            f"| {statistics.fmean(walls):.0f} s | {first['metric']}: {first['method']['name']} "
+            f"{fmt([r['method']['value'] for r in rows])} vs {first['baseline']['name']} "
+            f"{fmt([r['baseline']['value'] for r in rows])} | {wins(rows)} |")
+    (root / "RESULTS.md").write_text("\n".join(results).rstrip() + "\n")
+    top = root / "README.md"
+    if top.is_file():
+        top.write_text(replace_between(top.read_text(), INDEX_START, INDEX_END, index))
+
+
+def run_one(root: Path, folder: str, seed: int, out: Path, quick: bool, python: str) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "summary.json").unlink(missing_ok=True)  # never report a previous run's numbers
+    cmd = [python, str(Path(folder) / "train.py"), "--seed", str(seed), "--out-dir", str(out)]
+    if quick:
+        cmd.append("--quick")
+    env = dict(os.environ, MPLBACKEND="Agg", TQDM_DISABLE="1", HF_HUB_OFFLINE="1")
+    t0 = time.time()
+    with open(out / "log.txt", "w") as log:
+        rc = subprocess.call(cmd, cwd=root, stdout=log, stderr=subprocess.STDOUT, env=env)
+    meta = {"cmd": " ".join(cmd), "returncode": rc, "wall_seconds": time.time() - t0,
+            "date": dt.date.today().isoformat(),
+            "machine": f"{os.cpu_count()} CPU cores, {platform.machine()}"}
+    (out / "run.json").write_text(json.dumps(meta, indent=2))
+    if rc == 0 and not (out / "summary.json").is_file():
+        meta["returncode"] = "no summary.json"
+    return meta
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--folders", nargs="+", help="folders to run (default: all that exist)")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--quick", action="store_true",
+                   help="pass --quick, write to runs/run_all_quick, rewrite no README")
+    p.add_argument("--root", default=str(ROOT), help="repo root (default: this repo)")
+    p.add_argument("--python", default=sys.executable, help="interpreter for the runs")
+    args = p.parse_args(argv)
+    root = Path(args.root).resolve()
+    known = [f for f in PAPER_FOLDERS if (root / f).is_dir()]
+    folders = args.folders or known
+    missing = [f for f in folders if not (root / f / "train.py").is_file()]
+    if missing:
+        print(f"run_all.py: error: no train.py in {', '.join(missing)}", file=sys.stderr)
+        return 2
+    runs_dir = root / "runs" / ("run_all_quick" if args.quick else "run_all")
+    jobs = [(f, s) for f in folders for s in args.seeds]
+    failed = []
+    for k, (folder, seed) in enumerate(jobs, 1):
+        out = runs_dir / folder / f"seed{seed}"
+        print(f"[{k}/{len(jobs)}] {folder} seed {seed} ... ", end="", flush=True)
+        meta = run_one(root, folder, seed, out, args.quick, args.python)
+        if meta["returncode"] == 0:
+            print(f"ok ({meta['wall_seconds']:.1f} s)", flush=True)
+        else:
+            print(f"FAILED ({meta['returncode']}; see {out / 'log.txt'})", flush=True)
+            failed.append(f"{folder} seed {seed}")
+    if args.quick:
+        for folder in folders:
+            summaries = load_summaries(runs_dir, folder)
+            if summaries:
+                print(f"\n{folder}\n" + "\n".join(folder_table(summaries)))
+    else:
+        report_folders = list(PAPER_FOLDERS) + [f for f in folders if f not in PAPER_FOLDERS]
+        write_reports(root, runs_dir, report_folders)
+        print(f"wrote {root / 'RESULTS.md'} and the README tables")
+    if failed:
+        print(f"run_all.py: {len(failed)} run(s) failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
