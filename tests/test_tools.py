@@ -179,3 +179,11 @@ def test_run_all_exits_nonzero_naming_the_failed_run(mini_repo, capsys):
 def test_run_all_refuses_a_folder_without_train_py(mini_repo, capsys):
     assert run_all.main(["--root", str(mini_repo), "--folders", "nope"]) == 2
     assert "no train.py in nope" in capsys.readouterr().err
+
+
+def test_index_shows_the_first_sentence_of_the_claim_cut_to_length():
+    assert run_all.first_sentence("Short claim. More detail here.") == "Short claim."
+    assert run_all.first_sentence("No full stop at all") == "No full stop at all"
+    assert run_all.first_sentence("Ratio 0.5 wins. Next.") == "Ratio 0.5 wins."
+    long = run_all.first_sentence("x" * 300 + ".", limit=50)
+    assert len(long) == 50 and long.endswith("…")

@@ -81,11 +81,21 @@ def folder_table(summaries: list[dict]) -> list[str]:
             f"| {fmt([r['baseline']['value'] for r in rows])} | {wins(rows)} seeds |")
     walls = [s["_run"].get("wall_seconds", s["wall_seconds"]) for s in summaries]
     when = max((s["_run"].get("date", "") for s in summaries), default="")
+    loads = [s["_run"]["load_avg"] for s in summaries if "load_avg" in s["_run"]]
+    load = f", load average {statistics.fmean(loads):.1f} at the end of the runs" if loads else ""
     lines += ["", f"Seeds {', '.join(map(str, seeds))}; wall time per run {fmt(walls)} s "
-              f"(the whole command, on {summaries[0]['_run'].get('machine', 'this machine')}); "
+              f"(the whole command, on {summaries[0]['_run'].get('machine', 'this machine')}"
+              f"{load}); "
               f"run on {when or 'an unknown date'} by `python tools/run_all.py --folders "
               f"{summaries[0]['folder']}`."]
     return lines
+
+
+def first_sentence(text: str, limit: int = 160) -> str:
+    """The index shows the claim's first sentence, cut at `limit` characters."""
+    m = re.match(r"(.+?[.!?])(\s|$)", text)
+    text = m.group(1) if m else text
+    return text if len(text) <= limit else text[: limit - 1].rstrip() + "…"
 
 
 def replace_between(text: str, start: str, end: str, body: list[str]) -> str:
@@ -110,6 +120,7 @@ def write_reports(root: Path, runs_dir: Path, folders: list[str]) -> None:
         if (fdir / "README.md").is_file():
             title, claim = read_title((fdir / "README.md").read_text())
         paper = title.split(":")[0] if title else folder
+        claim = first_sentence(claim)
         summaries = load_summaries(runs_dir, folder)
         if not fdir.is_dir():
             index.append(f"| `{folder}/` | - | not implemented yet | - | - | - |")
@@ -149,7 +160,7 @@ def run_one(root: Path, folder: str, seed: int, out: Path, quick: bool, python: 
     with open(out / "log.txt", "w") as log:
         rc = subprocess.call(cmd, cwd=root, stdout=log, stderr=subprocess.STDOUT, env=env)
     meta = {"cmd": " ".join(cmd), "returncode": rc, "wall_seconds": time.time() - t0,
-            "date": dt.date.today().isoformat(),
+            "date": dt.date.today().isoformat(), "load_avg": os.getloadavg()[0],
             "machine": f"{os.cpu_count()} CPU cores, {platform.machine()}"}
     (out / "run.json").write_text(json.dumps(meta, indent=2))
     if rc == 0 and not (out / "summary.json").is_file():
