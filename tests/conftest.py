@@ -13,6 +13,11 @@ import os
 import sys
 from pathlib import Path
 
+# Multi-threaded BLAS on tiny matrices is slow, and ruinous on a busy 2-core machine (one folder's
+# k-means step: 10 s with default threads, 1.6 s with one). The tests are about values, not speed.
+for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
+
 PAPERS_DIR = os.environ.get("PAPERS_DIR")
 if PAPERS_DIR:
     sys.path.insert(0, str(Path(PAPERS_DIR).resolve()))

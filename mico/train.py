@@ -1,0 +1,697 @@
+"""MICO: selective search with mutual-information co-training, in miniature.
+
+Citation: Zhanyu Wang, Xiao Zhang, Hyokun Yun, Choon Hui Teo, Trishul Chilimbi. "MICO: Selective
+Search with Mutual Information Co-training". COLING 2022, pp. 1179-1192. arXiv:2209.04378.
+Official code: github.com/aws/selective-search-with-mutual-information-cotraining.
+Implemented: the co-training objective (document cluster posterior P(Z|Y), query routing
+posterior Q(Z|X), learned marginal q_psi(Z) fitted in an inner step), hard document assignment,
+top-m query routing, and the selective-search metrics (coverage vs search cost, latency cost,
+area under the coverage-cost curve, cluster balance), with k-means and random baselines.
+The paper body was not readable here: the objective follows the official code, and its numbering
+M1-M4 is ours (see the README, "Deviations").
+
+The idea. Selective search splits the document collection into K clusters (shards) and sends each
+query to only a few of them, so a search costs a fraction of the collection. The clusters are only
+useful if the documents a query wants sit in the clusters the query is sent to. MICO learns both
+sides from a click log: a document encoder gives each document a distribution over clusters, a query
+encoder gives each query a distribution over clusters, and we maximise the mutual information
+between a query and the cluster of the document it clicked. That rewards clusters a query can
+predict (co-training of the two views) and clusters of equal size (the entropy term).
+
+Notation (paper / notes -> code). Equation numbers M1-M4 are the notes' numbering [R]:
+    x            query (bag of words)                Xq[i], (V,)
+    y            clicked document (bag of words)     Xd[j], (V,)
+    P(z|y)       document cluster posterior          p, (B, K)
+    Q(z|x)       query routing posterior             q, (B, K)
+    q_psi(z)     learned marginal, softmax(psi)      model.psi, (K,)
+    p_bar(z)     E_y P(z|y), batch estimate          p.mean(0), (K,)
+    H_c          CE(P(Z|Y), Q(Z|X)), bound on H(Z|X) h_z_cond
+    H(p_bar,q)   CE(p_bar, q_psi), estimate of H(Z)  h_z
+    lambda       entropy weight                      cfg.lam
+    m            number of clusters searched         m = 1..K
+Dimensions: B batch, V vocabulary, H hidden width, K clusters, D documents, N queries.
+
+What the miniature simplifies: bag-of-words MLP encoders with a shared first layer replace the
+shared fine-tuned multilingual BERT; a synthetic click log (latent topics, query-only synonyms,
+boilerplate-heavy documents) replaces Amazon's search logs; one click per pair, so impression,
+click and purchase coverage coincide; K = 16 clusters instead of 64.
+
+Run:   python mico/train.py            (about 15 s on one idle CPU core)
+Ends:  a table, one row per method (MICO, k-means, random, oracle), with coverage / cost /
+       latency at one cluster, coverage / cost at two, coverage at 9.4 % of the documents
+       scanned, the AUC and the balance figures; MICO's coverage at one or two clusters is far
+       above k-means' at no higher cost. Then the paths of summary.json and the two plots.
+"""
+
+# %% 1. Imports
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+FOLDER = "mico"
+
+
+# %% 2. Config
+# PLUMBING: one field per knob; the CLI is generated from these fields.
+@dataclass
+class Config:
+    seed: int = field(default=0, metadata={"help": "random seed (same seed, same numbers)"})
+    quick: bool = field(default=False, metadata={"help": "a run of a few seconds for tests"})
+    out_dir: str = field(default=f"runs/{FOLDER}", metadata={"help": "where outputs go"})
+    device: str = field(default="cpu", metadata={"help": "cpu only in this folder"})
+    steps: int = field(default=2000, metadata={"help": "outer training steps (paper: 1 epoch)"})
+    # --- the synthetic search log
+    n_topics: int = field(default=16, metadata={"help": "latent topics (what queries want)"})
+    n_styles: int = field(default=4, metadata={"help": "boilerplate styles (irrelevant text)"})
+    topic_words: int = field(default=40, metadata={"help": "document-side words per topic"})
+    style_words: int = field(default=60, metadata={"help": "boilerplate words per style"})
+    synonyms: int = field(default=20, metadata={"help": "query-only synonyms per topic"})
+    doc_topic_len: int = field(default=10, metadata={"help": "topic tokens per document"})
+    doc_style_len: int = field(default=20, metadata={"help": "boilerplate tokens per document"})
+    p_synonym: float = field(default=0.5, metadata={"help": "prob. a query token is a synonym"})
+    n_docs: int = field(default=3000, metadata={"help": "documents D"})
+    n_queries: int = field(default=6000, metadata={"help": "queries N (one click each)"})
+    test_frac: float = field(default=0.2, metadata={"help": "share of queries held out (unseen)"})
+    val_frac: float = field(default=0.1, metadata={"help": "share of training queries for val"})
+    # --- MICO
+    K: int = field(default=16, metadata={"help": "number of clusters (paper script: 64)"})
+    hidden: int = field(default=64, metadata={"help": "encoder width H (paper: BERT, 768)"})
+    separate_encoders: bool = field(default=False, metadata={
+        "help": "give each view its own first layer (default: one shared trunk, as the paper)"})
+    batch: int = field(default=256, metadata={"help": "training pairs per step (paper: 64/GPU)"})
+    lr: float = field(default=3e-3, metadata={"help": "Adam lr of the encoders (paper: 2e-4)"})
+    lam: float = field(default=2.0, metadata={"help": "entropy weight lambda (paper script: 5)"})
+    lr_prior: float = field(default=0.1, metadata={"help": "Adam lr of the marginal psi"})
+    steps_prior: int = field(default=1, metadata={"help": "inner steps on psi per batch"})
+    clip: float = field(default=1.0, metadata={"help": "grad-norm clip of the outer step"})
+    init_first: float = field(default=1.0, metadata={"help": "std of the first layer's init"})
+    init_last: float = field(default=0.3, metadata={"help": "std of the heads' init"})
+    # --- baseline and logging
+    lsa_dim: int = field(default=64, metadata={"help": "LSA dimensions of the k-means baseline"})
+    kmeans_init: int = field(default=4, metadata={"help": "k-means restarts"})
+    log_every: int = field(default=200, metadata={"help": "steps between log lines / val evals"})
+
+
+# What --quick changes (it wins over the defaults above).
+QUICK = dict(steps=150, n_docs=600, n_queries=1200, batch=128, log_every=50, kmeans_init=1)
+DEVICES = ("cpu",)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a user mistake is one line on stderr and exit code 2, never a traceback."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def parse_args(argv=None) -> Config:
+    p = _Parser(prog=f"{FOLDER}/train.py", description=__doc__.splitlines()[0])
+    for f in dataclasses.fields(Config):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in (bool, "bool"):
+            p.add_argument(flag, action="store_true", help=f.metadata["help"])
+        else:
+            kind = type(f.default)
+            p.add_argument(flag, type=kind, default=f.default, help=f.metadata["help"],
+                           choices=DEVICES if f.name == "device" else None)
+    cfg = Config(**vars(p.parse_args(argv)))
+    for name in ("steps", "n_topics", "n_styles", "topic_words", "style_words", "synonyms",
+                 "doc_topic_len", "n_docs", "n_queries", "hidden", "batch", "steps_prior",
+                 "lsa_dim", "kmeans_init", "log_every"):
+        if getattr(cfg, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
+    if cfg.K < 2:
+        p.error(f"--K must be >= 2, got {cfg.K}")
+    if cfg.doc_style_len < 0:
+        p.error(f"--doc-style-len must be >= 0, got {cfg.doc_style_len}")
+    if not 0.0 <= cfg.p_synonym <= 1.0:
+        p.error(f"--p-synonym must be in [0, 1], got {cfg.p_synonym}")
+    for name in ("test_frac", "val_frac"):
+        if not 0.0 < getattr(cfg, name) < 1.0:
+            p.error(f"--{name.replace('_', '-')} must be in (0, 1), got {getattr(cfg, name)}")
+    n_test = int(round(cfg.test_frac * cfg.n_queries))
+    n_val = int(round(cfg.val_frac * (cfg.n_queries - n_test)))
+    if min(n_test, n_val, cfg.n_queries - n_test - n_val) < 1:
+        p.error("--n-queries, --test-frac and --val-frac leave an empty train, val or test split")
+    V = (cfg.n_topics * (cfg.topic_words + cfg.synonyms) + cfg.n_styles * cfg.style_words)
+    if cfg.lsa_dim > V:
+        p.error(f"--lsa-dim ({cfg.lsa_dim}) must not exceed the vocabulary size ({V})")
+    for name in ("lr", "lr_prior", "clip", "init_first", "init_last"):
+        if not getattr(cfg, name) > 0:
+            p.error(f"--{name.replace('_', '-')} must be > 0, got {getattr(cfg, name)}")
+    if cfg.lam < 0:
+        p.error(f"--lam must be >= 0, got {cfg.lam}")
+    if cfg.K > cfg.n_docs:
+        p.error(f"--K ({cfg.K}) must not exceed --n-docs ({cfg.n_docs})")
+    return cfg
+
+
+# %% 3. Seeding
+def set_seed(seed: int) -> np.random.Generator:
+    """PLUMBING: seed torch (model init, batches) and return the numpy Generator for the data.
+
+    scikit-learn gets `random_state=seed` explicitly where it is called.
+    """
+    torch.manual_seed(seed)
+    return np.random.default_rng(seed)
+
+
+# %% 4. Toy data: a synthetic search log
+def make_dataset(cfg: Config, rng: np.random.Generator) -> dict:
+    """A click log where a query and its clicked document share meaning more than words.
+
+    Vocabulary: per topic `topic_words` document-side words and `synonyms` query-only words, per
+    style `style_words` boilerplate words. A document has one topic and one style; its text is
+    `doc_topic_len` topic words plus `doc_style_len` boilerplate words, so boilerplate dominates.
+    A query clicks one uniformly random document and has 2-4 tokens, each a synonym of the
+    document's topic with prob. `p_synonym`, else a document-side word of that topic.
+
+    Returns a dict of numpy arrays: Cd (D, V) and Cq (N, V) token counts, Xd / Xq the same
+    divided by sqrt(#tokens) (the encoders' input), doc_topic (D,), click (N,) the clicked
+    document of each query, and the query index sets train / val / test (split by query).
+    """
+    T, S = cfg.n_topics, cfg.n_styles
+    n_tw, n_sw, n_syn = cfg.topic_words, cfg.style_words, cfg.synonyms
+    # PLUMBING: word ids, [topic words | style words | synonyms]
+    topic_vocab = np.arange(T * n_tw).reshape(T, n_tw)  # (T, topic_words)
+    style_vocab = T * n_tw + np.arange(S * n_sw).reshape(S, n_sw)  # (S, style_words)
+    syn_vocab = T * n_tw + S * n_sw + np.arange(T * n_syn).reshape(T, n_syn)  # (T, synonyms)
+    V = T * n_tw + S * n_sw + T * n_syn
+
+    D, N = cfg.n_docs, cfg.n_queries
+    doc_topic = rng.integers(0, T, size=D)  # (D,)
+    doc_style = rng.integers(0, S, size=D)  # (D,)
+    Cd = np.zeros((D, V), dtype=np.float32)  # (D, V)
+    for j in range(D):
+        words = np.concatenate([
+            rng.choice(topic_vocab[doc_topic[j]], size=cfg.doc_topic_len),
+            rng.choice(style_vocab[doc_style[j]], size=cfg.doc_style_len),
+        ])
+        np.add.at(Cd[j], words, 1.0)
+
+    click = rng.integers(0, D, size=N)  # (N,)
+    Cq = np.zeros((N, V), dtype=np.float32)  # (N, V)
+    for i in range(N):
+        t = doc_topic[click[i]]
+        n_tok = rng.integers(2, 5)
+        is_syn = rng.random(n_tok) < cfg.p_synonym  # (n_tok,)
+        words = np.where(is_syn, rng.choice(syn_vocab[t], size=n_tok),
+                         rng.choice(topic_vocab[t], size=n_tok))
+        np.add.at(Cq[i], words, 1.0)
+
+    # PLUMBING: split by query, so test queries are unseen at training time ("routes unseen
+    # queries" is the claim). Queries are i.i.d., so the last rows are a random split.
+    n_test = int(round(cfg.test_frac * N))
+    n_val = int(round(cfg.val_frac * (N - n_test)))
+    order = np.arange(N)
+    train_idx, val_idx, test_idx = np.split(order, [N - n_test - n_val, N - n_test])
+    Xd = Cd / np.sqrt(Cd.sum(1, keepdims=True))  # (D, V)
+    Xq = Cq / np.sqrt(Cq.sum(1, keepdims=True))  # (N, V)
+    return dict(Cd=Cd, Cq=Cq, Xd=Xd, Xq=Xq, doc_topic=doc_topic, click=click,
+                train=train_idx, val=val_idx, test=test_idx)
+
+
+# %% 5. Model: two views, each a softmax over the same K clusters
+def _linear_head(H: int, K: int, std: float) -> nn.Linear:
+    head = nn.Linear(H, K)
+    nn.init.normal_(head.weight, std=std)
+    nn.init.zeros_(head.bias)
+    return head
+
+
+class MICO(nn.Module):
+    """Document assignment head P(Z|Y), query routing head Q(Z|X), learned marginal psi.
+
+    PAPER [V-code]: the official model shares one fine-tuned BERT between queries and documents and
+    puts one linear head per view on its [CLS] vector. DEVIATION: our shared trunk is a bag-of-words
+    layer, Linear(V, H) -> ReLU, and each head is Linear(H, K) (no pretrained encoder offline, and
+    a bag of words is all the toy log has). `separate_encoders=True` gives each view its own trunk.
+    """
+
+    def __init__(self, V: int, cfg: Config):
+        super().__init__()
+        H, K = cfg.hidden, cfg.K
+        self.doc_trunk = nn.Linear(V, H)
+        self.query_trunk = nn.Linear(V, H) if cfg.separate_encoders else self.doc_trunk
+        trunks = [self.doc_trunk] + ([self.query_trunk] if cfg.separate_encoders else [])
+        for lin in trunks:
+            # DEVIATION: N(0, 1) first layer and N(0, 0.3) heads instead of PyTorch's default init.
+            # With small logits every posterior is uniform, where the objective has a saddle
+            # (zero gradient). The official model starts from BERT's large [CLS] features; our
+            # bag-of-words MLP at PyTorch's default scale stays there or leaves it too late
+            # (README, exercise 5).
+            nn.init.normal_(lin.weight, std=cfg.init_first)
+            nn.init.zeros_(lin.bias)
+        self.doc_head = _linear_head(H, K, cfg.init_last)
+        self.query_head = _linear_head(H, K, cfg.init_last)
+        # PAPER: the marginal model q_psi(Z) = softmax(psi), an approximation of the cluster-size
+        # distribution p_bar(z) = E_y P(z|y); psi starts at zero (uniform).
+        self.psi = nn.Parameter(torch.zeros(K))  # (K,)
+
+    def encoder_parameters(self) -> list[nn.Parameter]:
+        """Everything but psi: the outer optimiser's parameters."""
+        return [p for n, p in self.named_parameters() if n != "psi"]
+
+    def doc_logits(self, y: torch.Tensor) -> torch.Tensor:
+        """y (B, V) -> logits of P(Z|Y), (B, K)."""
+        return self.doc_head(F.relu(self.doc_trunk(y)))  # (B, K)
+
+    def query_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, V) -> logits of Q(Z|X), (B, K)."""
+        return self.query_head(F.relu(self.query_trunk(x)))  # (B, K)
+
+
+# %% 6. The paper's core: objective, inner marginal fit, assignment, routing, metrics
+def cross_entropy_p_q(p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy CE(p, q) = mean_b ( - sum_z p[b, z] log q[b, z] ).
+
+    Args: p (B, K) rows are distributions; log_q (B, K) or (K,) (broadcast to every row) are log
+    probabilities. Returns a scalar tensor. We take log-probabilities (log_softmax of logits)
+    instead of probabilities plus an epsilon inside the log: no bias, and no log(0).
+    """
+    # PAPER: CE(p, q) = E_b [ - sum_z p_b(z) log q_b(z) ]
+    return -(p * log_q).sum(-1).mean()
+
+
+def mico_loss(p: torch.Tensor, log_q: torch.Tensor, log_q_psi: torch.Tensor, lam: float):
+    """The MICO objective on a batch of clicked (query, document) pairs.
+
+    Args: p (B, K) = P(Z|y_b) of the clicked documents; log_q (B, K) = log Q(Z|x_b) of their
+    queries; log_q_psi (K,) = log softmax(psi), the learned marginal; lam = lambda.
+    Returns (loss, h_z_cond, h_z), each a scalar tensor.
+    """
+    # BEGIN SOLUTION (exercise 1)
+    # Exercise 1: compute h_z_cond (Eq. M2), h_z (Eq. M3) and the loss of Eq. (M4).
+    # PAPER: we want the mutual information between a query X and the cluster Z of the document it
+    # clicked, Z ~ P(Z|Y):  (M1) I(X; Z) = H(Z) - H(Z|X).
+    # H(Z|X) is bounded above by the cross-entropy between the document's cluster posterior and the
+    # query's routing posterior; it is tight when Q(z|x) = E[P(z|Y) | X = x], so minimising it
+    # teaches the router where a query's clicked documents live, and pulls each document towards
+    # clusters its queries can predict (the two views teach each other: co-training).
+    # Eq. (M2) [R: numbering ours]: H(Z|X) <= H_c = E_(x,y) [ - sum_z P(z|y) log Q(z|x) ]
+    h_z_cond = cross_entropy_p_q(p, log_q)
+    # PAPER: H(Z) = H(p_bar) with p_bar(z) = E_y P(z|y). We estimate it by the cross-entropy of the
+    # batch's p_bar against the learned marginal q_psi (>= H(p_bar), equal when q_psi = p_bar; the
+    # inner step keeps them close). By linearity the batch mean of -sum_z P(z|y_b) log q_psi(z)
+    # is exactly -sum_z p_bar_batch(z) log q_psi(z), which is what the official code computes.
+    # Eq. (M3) [R: numbering ours]: H(Z) ~ H(p_bar, q_psi) = - sum_z p_bar(z) log q_psi(z)
+    h_z = cross_entropy_p_q(p, log_q_psi)
+    # PAPER: H(Z) is largest for equal-sized clusters, so lambda > 1 over-weights it and acts as
+    # the cluster-balance regulariser (balanced shards = predictable search cost and latency).
+    # Eq. (M4) [R: numbering ours]: loss = H_c - lambda * H(p_bar, q_psi)   (lambda = 1: -I(X; Z))
+    loss = h_z_cond - lam * h_z
+    # END SOLUTION
+    return loss, h_z_cond, h_z
+
+
+def fit_marginal(psi: nn.Parameter, p: torch.Tensor, lr: float, steps: int,
+                 clip: float = 1.0) -> float:
+    """Inner step: fit q_psi = softmax(psi) to the batch's cluster distribution p_bar.
+
+    Args: psi (K,) parameter, changed in place; p (B, K) document posteriors (detached here, so
+    fitting the marginal never moves the encoders); lr, steps: Adam settings; clip: grad-norm clip.
+    Returns the last CE(p_bar, q_psi) before its step, a float.
+    """
+    p = p.detach()  # (B, K)
+    # PAPER [V-code]: a fresh Adam for psi on every batch (the official code does the same, so no
+    # optimiser state is carried from batch to batch).
+    opt = torch.optim.Adam([psi], lr=lr)
+    for _ in range(steps):
+        # DEVIATION: the official code calls backward() again on the first inner loss when
+        # num_steps_prior > 1 (a stale gradient); we recompute the loss at every inner step.
+        # Eq. (M3): min_psi CE(p_bar, q_psi), whose minimum is q_psi = p_bar
+        q_z_loss = cross_entropy_p_q(p, F.log_softmax(psi, dim=-1))
+        opt.zero_grad()
+        q_z_loss.backward()
+        torch.nn.utils.clip_grad_norm_([psi], clip)
+        opt.step()
+    return float(q_z_loss.detach())
+
+
+def assign_documents(doc_logits: torch.Tensor) -> np.ndarray:
+    """Offline indexing: each document goes to its single most likely cluster, argmax_z P(z|y).
+
+    Args: doc_logits (D, K). Returns doc_cluster (D,) int.
+    """
+    return doc_logits.argmax(-1).cpu().numpy()  # (D,)
+
+
+def route_queries(query_scores: np.ndarray) -> np.ndarray:
+    """Online routing: rank the K clusters of each query by score, best first.
+
+    Args: query_scores (N, K), e.g. Q(z|x) or minus the distance to a centroid.
+    Returns routes (N, K) int: routes[i, :m] are the m clusters query i searches.
+    """
+    # PLUMBING: a stable sort, so ties break towards the lower cluster id (reproducible).
+    return np.argsort(-query_scores, axis=1, kind="stable")  # (N, K)
+
+
+def selective_search_curve(doc_cluster: np.ndarray, routes: np.ndarray, target_doc: np.ndarray,
+                           K: int) -> dict:
+    """Coverage, search cost and latency cost when every query searches its top-m clusters.
+
+    Args: doc_cluster (D,) cluster of each document; routes (N, K) cluster ranking of each test
+    query; target_doc (N,) the document each query clicked; K clusters.
+    Returns a dict of numpy arrays indexed by m - 1 (m = 1..K):
+      coverage (K,): share of (query, clicked doc) pairs whose document is in the searched clusters;
+      cost (K,):     mean share of all documents scanned (sum of the searched clusters' sizes / D);
+      latency (K,):  mean size of the largest searched cluster / D (shards run in parallel).
+    """
+    # BEGIN SOLUTION (exercise 2)
+    # Exercise 2: compute coverage@m, cost@m and latency@m for m = 1..K, vectorised over queries.
+    D = len(doc_cluster)
+    sizes = np.bincount(doc_cluster, minlength=K)  # (K,)
+    routed_sizes = sizes[routes]  # (N, K): size of each query's m-th cluster
+    # PAPER [V-code]: total search cost@m = mean_x sum_{z in top-m(x)} |cluster z| (here / D)
+    cost = np.cumsum(routed_sizes, axis=1).mean(0) / D  # (K,)
+    # PAPER [V-code]: latency cost@m = mean_x max_{z in top-m(x)} |cluster z| (here / D)
+    latency = np.maximum.accumulate(routed_sizes, axis=1).mean(0) / D  # (K,)
+    # PAPER [V-code]: coverage@m = share of pairs whose document's cluster is in the top-m
+    rank_of_target = (routes == doc_cluster[target_doc][:, None]).argmax(1)  # (N,) 0-based rank
+    coverage = (rank_of_target[:, None] < np.arange(1, K + 1)[None, :]).mean(0)  # (K,)
+    # END SOLUTION
+    return dict(coverage=coverage, cost=cost, latency=latency)
+
+
+def curve_auc(cost: np.ndarray, coverage: np.ndarray) -> float:
+    """Area under the coverage-vs-cost curve, with (0, 0) prepended (trapezoid rule).
+
+    Args: cost (K,) and coverage (K,), both non-decreasing in m. Returns a float in [0, 1];
+    a random partition gives about 0.5, a perfect one (coverage 1 at almost no cost) about 1.
+    """
+    # PAPER [V-code]: the official model-selection metric, sklearn.metrics.auc on these points.
+    x = np.concatenate([[0.0], cost])  # (K+1,)
+    y = np.concatenate([[0.0], coverage])  # (K+1,)
+    return float(np.sum((x[1:] - x[:-1]) * (y[1:] + y[:-1]) / 2))
+
+
+def coverage_at_cost(cost: np.ndarray, coverage: np.ndarray, budget: float) -> float:
+    """Coverage at a fixed share of documents scanned, linearly interpolated on the curve.
+
+    Args: cost (K,), coverage (K,), budget in [0, 1]. Returns a float. This compares clusterings
+    with different cluster sizes at the same price, which "coverage at m clusters" does not.
+    """
+    x = np.concatenate([[0.0], cost])  # (K+1,)
+    y = np.concatenate([[0.0], coverage])  # (K+1,)
+    return float(np.interp(budget, x, y))
+
+
+def balance(doc_cluster: np.ndarray, K: int) -> dict:
+    """Cluster-size balance: normalised entropy of the size distribution (1 = equal sizes,
+    0 = one cluster holds everything), largest / mean size, and the number of empty clusters.
+
+    Args: doc_cluster (D,), K. Returns a dict of floats.
+    """
+    sizes = np.bincount(doc_cluster, minlength=K).astype(float)  # (K,)
+    frac = sizes / sizes.sum()  # (K,)
+    nz = frac[frac > 0]
+    entropy = float(-(nz * np.log(nz)).sum() / math.log(K))
+    return dict(entropy=entropy, max_over_mean=float(sizes.max() / sizes.mean()),
+                empty=int((sizes == 0).sum()))
+
+
+def train_step(model: MICO, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+               cfg: Config) -> dict:
+    """One MICO update on a batch of clicked pairs: the inner marginal fit, then the outer step.
+
+    Args: model; opt, the outer optimiser over model.encoder_parameters(); x (B, V) queries;
+    y (B, V) their clicked documents; cfg (lam, lr_prior, steps_prior, clip).
+    Returns floats: loss, h_z_cond, h_z (after the inner step) and q_z_loss (before it).
+    """
+    p = model.doc_logits(y).softmax(-1)  # (B, K) = P(Z|y)
+    # PAPER [V-code]: 1) inner step: fit q_psi to this batch's p_bar (p is detached inside).
+    q_z_loss = fit_marginal(model.psi, p, cfg.lr_prior, cfg.steps_prior)
+    # PAPER [V-code]: 2) outer step on the encoders, against the refreshed marginal.
+    log_q = F.log_softmax(model.query_logits(x), dim=-1)  # (B, K) = log Q(Z|x)
+    # DEVIATION: psi is detached here and left out of the outer optimiser. The official code picks
+    # the outer parameters by "'q_z' in name", which also matches psi, so its outer step pushes psi
+    # towards *raising* h_z until the next inner step pulls it back. Only the inner step moves psi.
+    log_q_psi = F.log_softmax(model.psi, dim=-1).detach()  # (K,)
+    loss, h_z_cond, h_z = mico_loss(p, log_q, log_q_psi, cfg.lam)
+    opt.zero_grad()
+    loss.backward()
+    # PAPER [V-code]: clip the gradient norm of the encoders at `clip` (1.0).
+    torch.nn.utils.clip_grad_norm_(model.encoder_parameters(), cfg.clip)
+    opt.step()
+    return dict(loss=loss.item(), h_z_cond=h_z_cond.item(), h_z=h_z.item(), q_z_loss=q_z_loss)
+
+
+# %% 7. Baselines: k-means on LSA vectors, random balanced clusters, the true topics
+def kmeans_baseline(data: dict, cfg: Config) -> tuple[np.ndarray, np.ndarray]:
+    """Topical sharding without the click log: k-means on TF-IDF/LSA document vectors; a query is
+    routed to the centroids nearest to its own LSA vector.
+
+    Returns doc_cluster (D,) and query_scores (N, K) = minus the distance to each centroid.
+    """
+    from sklearn.cluster import KMeans
+    from sklearn.feature_extraction.text import TfidfTransformer
+
+    # PLUMBING: fit TF-IDF and LSA on documents and training queries, so queries live in the same
+    # space as the centroids and query-only synonyms get a direction (a fair baseline: fitting on
+    # documents alone would drop every synonym and make the baseline a strawman).
+    fit_rows = np.concatenate([data["Cd"], data["Cq"][data["train"]]])  # (D + N_train, V)
+    tfidf = TfidfTransformer().fit(fit_rows)
+
+    def tfidf_tensor(C: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(tfidf.transform(C).toarray().astype(np.float32))  # (rows, V)
+
+    # DEVIATION: LSA by torch.svd_lowrank (randomised SVD, the algorithm of sklearn's
+    # TruncatedSVD) because it obeys torch.set_num_threads; numpy's multi-threaded BLAS made this
+    # step ten times slower on a shared, busy 2-core machine.
+    _, _, V_lsa = torch.svd_lowrank(tfidf_tensor(fit_rows), q=cfg.lsa_dim, niter=4)  # (V, lsa)
+    ed = F.normalize(tfidf_tensor(data["Cd"]) @ V_lsa, dim=1).numpy()  # (D, lsa_dim)
+    eq = F.normalize(tfidf_tensor(data["Cq"]) @ V_lsa, dim=1).numpy()  # (N, lsa_dim)
+    km = KMeans(cfg.K, n_init=cfg.kmeans_init, random_state=cfg.seed).fit(ed)
+    dist = ((eq[:, None, :] - km.cluster_centers_[None, :, :]) ** 2).sum(-1)  # (N, K)
+    return km.labels_.astype(int), -dist
+
+
+def random_baseline(D: int, N: int, K: int, rng: np.random.Generator):
+    """The floor: documents dealt into K equal clusters at random; each query searches clusters in
+    a random order. Coverage equals cost up to noise. Returns doc_cluster (D,), scores (N, K)."""
+    doc_cluster = rng.permutation(np.arange(D) % K)  # (D,)
+    return doc_cluster, rng.random((N, K))
+
+
+def oracle_baseline(doc_topic: np.ndarray, click: np.ndarray, K: int):
+    """The ceiling (only when K = #topics): true topics as clusters, each query routed to its true
+    topic first. Returns doc_cluster (D,), scores (N, K)."""
+    scores = np.zeros((len(click), K))  # (N, K)
+    scores[np.arange(len(click)), doc_topic[click] % K] = 1.0
+    return doc_topic % K, scores
+
+
+# %% 8. Training
+def evaluate_mico(model: MICO, data: dict, idx: np.ndarray, K: int) -> tuple[dict, np.ndarray]:
+    """Index every document, route the queries `idx`, return (curve dict, doc_cluster (D,))."""
+    with torch.no_grad():
+        doc_cluster = assign_documents(model.doc_logits(torch.from_numpy(data["Xd"])))  # (D,)
+        q_logits = model.query_logits(torch.from_numpy(data["Xq"][idx]))  # (n, K)
+    routes = route_queries(q_logits.numpy())  # (n, K)
+    return selective_search_curve(doc_cluster, routes, data["click"][idx], K), doc_cluster
+
+
+def summarise(name: str, curve: dict, doc_cluster: np.ndarray, K: int, budget: float) -> dict:
+    """PLUMBING: the numbers of one method's row in the results table."""
+    out = dict(cov1=float(curve["coverage"][0]), cost1=float(curve["cost"][0]),
+               cov2=float(curve["coverage"][1]), cost2=float(curve["cost"][1]),
+               lat1=float(curve["latency"][0]),
+               cov_at_budget=coverage_at_cost(curve["cost"], curve["coverage"], budget),
+               auc=curve_auc(curve["cost"], curve["coverage"]))
+    out.update({f"balance_{k}": v for k, v in balance(doc_cluster, K).items()})
+    return {f"{name}_{k}": v for k, v in out.items()}
+
+
+def train(cfg: Config) -> dict:
+    """Train MICO on the click log, compare with the baselines on unseen test queries, write
+    summary.json and the plots. Returns {"history", "metrics", "summary"}."""
+    if cfg.quick:
+        cfg = dataclasses.replace(cfg, **QUICK)
+    t0 = time.time()
+    rng = set_seed(cfg.seed)
+    data = make_dataset(cfg, rng)
+    D, V = data["Xd"].shape
+    K = cfg.K
+    Xd, Xq = torch.from_numpy(data["Xd"]), torch.from_numpy(data["Xq"])
+    train_q = torch.from_numpy(data["train"])  # (N_train,)
+    click = torch.from_numpy(data["click"])  # (N,)
+
+    model = MICO(V, cfg)
+    # DEVIATION: psi is not in the outer optimiser (see train_step); constant lr, no warm-up
+    # (paper: 1000 linear warm-up steps over a whole epoch; our runs are 2000 steps in all and
+    # trained without one).
+    opt = torch.optim.Adam(model.encoder_parameters(), lr=cfg.lr)
+    gen = torch.Generator().manual_seed(cfg.seed)  # PLUMBING: batch sampling
+
+    history = {"step": [], "loss": [], "h_z_cond": [], "h_z": [], "q_z_loss": [],
+               "eval_step": [], "val_auc": [], "used_clusters": []}
+    best = (-1.0, None, -1)  # (val AUC, state_dict, step) for model selection
+    bar = tqdm(range(cfg.steps), desc="mico", leave=False, mininterval=1.0)
+    for step in bar:
+        b = train_q[torch.randint(len(train_q), (cfg.batch,), generator=gen)]  # (B,)
+        out = train_step(model, opt, Xq[b], Xd[click[b]], cfg)
+        history["step"].append(step)
+        for k, v in out.items():
+            history[k].append(v)
+        if (step + 1) % cfg.log_every == 0 or step == cfg.steps - 1:
+            # PAPER [V-code]: model selection by the validation AUC of the coverage-cost curve.
+            curve, doc_cluster = evaluate_mico(model, data, data["val"], K)
+            val_auc = curve_auc(curve["cost"], curve["coverage"])
+            used = int((np.bincount(doc_cluster, minlength=K) > 0).sum())
+            history["eval_step"].append(step + 1)
+            history["val_auc"].append(val_auc)
+            history["used_clusters"].append(used)
+            if val_auc > best[0]:
+                best = (val_auc, {k: v.clone() for k, v in model.state_dict().items()}, step + 1)
+            tqdm.write(f"step {step + 1:5d} | loss {out['loss']:+.4f} | h_z_cond "
+                       f"{out['h_z_cond']:.4f} | h_z {out['h_z']:.4f} | val AUC {val_auc:.4f} "
+                       f"| clusters used {used}/{K}")
+    bar.close()
+    model.load_state_dict(best[1])
+
+    # PLUMBING: evaluate every method on the same unseen test queries.
+    test = data["test"]
+    target = data["click"][test]  # (N_test,)
+    budget = 1.0 / K * 1.5  # the cost of searching about 1.5 average-sized clusters
+    curves, clusterings = {}, {}
+    curves["MICO"], clusterings["MICO"] = evaluate_mico(model, data, test, K)
+    km_docs, km_scores = kmeans_baseline(data, cfg)
+    curves["k-means"] = selective_search_curve(km_docs, route_queries(km_scores[test]), target, K)
+    clusterings["k-means"] = km_docs
+    rnd_docs, rnd_scores = random_baseline(D, len(test), K, rng)
+    curves["random"] = selective_search_curve(rnd_docs, route_queries(rnd_scores), target, K)
+    clusterings["random"] = rnd_docs
+    if K == cfg.n_topics:
+        or_docs, or_scores = oracle_baseline(data["doc_topic"], data["click"][test], K)
+        curves["oracle"] = selective_search_curve(or_docs, route_queries(or_scores), target, K)
+        clusterings["oracle"] = or_docs
+
+    metrics = {"best_step": best[2], "best_val_auc": best[0],
+               "final_loss": history["loss"][-1], "final_h_z_cond": history["h_z_cond"][-1],
+               "final_h_z": history["h_z"][-1], "budget": budget}
+    for name in curves:
+        key = name.replace("-", "")
+        metrics.update(summarise(key, curves[name], clusterings[name], K, budget))
+
+    wall = time.time() - t0
+    summary = {
+        "folder": FOLDER,
+        "seed": cfg.seed,
+        "config": dataclasses.asdict(cfg),
+        "wall_seconds": wall,
+        "metrics": metrics,
+        "headline": [
+            {"metric": "coverage @ 1 cluster (test queries)", "higher_is_better": True,
+             "method": {"name": "MICO", "value": metrics["MICO_cov1"]},
+             "baseline": {"name": "k-means (LSA)", "value": metrics["kmeans_cov1"]}},
+            {"metric": "coverage @ 2 clusters", "higher_is_better": True,
+             "method": {"name": "MICO", "value": metrics["MICO_cov2"]},
+             "baseline": {"name": "k-means (LSA)", "value": metrics["kmeans_cov2"]}},
+            {"metric": f"coverage @ {budget:.1%} of docs scanned", "higher_is_better": True,
+             "method": {"name": "MICO", "value": metrics["MICO_cov_at_budget"]},
+             "baseline": {"name": "k-means (LSA)", "value": metrics["kmeans_cov_at_budget"]}},
+            {"metric": "AUC of coverage vs cost", "higher_is_better": True,
+             "method": {"name": "MICO", "value": metrics["MICO_auc"]},
+             "baseline": {"name": "k-means (LSA)", "value": metrics["kmeans_auc"]}},
+            {"metric": "cost @ 1 cluster (share of docs)", "higher_is_better": False,
+             "method": {"name": "MICO", "value": metrics["MICO_cost1"]},
+             "baseline": {"name": "k-means (LSA)", "value": metrics["kmeans_cost1"]}},
+            {"metric": "cluster-size entropy / log K", "higher_is_better": True,
+             "method": {"name": "MICO", "value": metrics["MICO_balance_entropy"]},
+             "baseline": {"name": "k-means (LSA)", "value": metrics["kmeans_balance_entropy"]}},
+        ],
+    }
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    plot(history, curves, clusterings, K, budget, out)
+
+    print(f"\nselective search on {len(test)} unseen test queries, {D} documents, K = {K}")
+    print(f"| method  | cov@1 | cost@1 | lat@1 | cov@2 | cost@2 | cov@{budget:.1%} |  AUC  "
+          "| size entropy | max/mean | empty |")
+    for name in curves:
+        m = {k.split("_", 1)[1]: v for k, v in metrics.items()
+             if k.startswith(name.replace("-", "") + "_")}
+        print(f"| {name:7s} | {m['cov1']:.3f} | {m['cost1']:.3f}  | {m['lat1']:.3f} "
+              f"| {m['cov2']:.3f} | {m['cost2']:.3f}  | {m['cov_at_budget']:.3f}     "
+              f"| {m['auc']:.3f} | {m['balance_entropy']:.3f}        "
+              f"| {m['balance_max_over_mean']:.2f}     | {m['balance_empty']:5d} |")
+    print(f"(MICO model from step {best[2]}, val AUC {best[0]:.4f}; wall {wall:.1f} s)")
+    print(f"wrote {out / 'summary.json'}, {out / 'recall_cost.png'}, {out / 'training.png'}")
+    return {"history": history, "metrics": metrics, "summary": summary}
+
+
+# %% 9. Plots
+def plot(history: dict, curves: dict, clusterings: dict, K: int, budget: float, out: Path):
+    """PLUMBING: recall-cost curves + cluster sizes, and the training curves. savefig only."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    style = {"MICO": "C3", "k-means": "C0", "random": "0.5", "oracle": "C2"}
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for name, c in curves.items():
+        x = np.concatenate([[0.0], c["cost"]])
+        y = np.concatenate([[0.0], c["coverage"]])
+        ls = ":" if name in ("random", "oracle") else "-"
+        ax.plot(x, y, ls, marker="o", ms=3, color=style[name],
+                label=f"{name} (AUC {curve_auc(c['cost'], c['coverage']):.3f})")
+    ax.axvline(budget, color="k", lw=0.8, ls="--")
+    ax.text(budget, 0.03, f" {budget:.1%} of docs", fontsize=8)
+    ax.set_xlabel("share of documents scanned (top-m clusters, m = 1..K)")
+    ax.set_ylabel("coverage of clicked documents")
+    ax.set_title("selective search on unseen queries")
+    ax.legend(loc="lower right", fontsize=8)
+    width = 0.4
+    for off, name in ((-width / 2, "MICO"), (width / 2, "k-means")):
+        sizes = np.sort(np.bincount(clusterings[name], minlength=K))[::-1]
+        ax2.bar(np.arange(K) + off, sizes, width, color=style[name], label=name)
+    ax2.axhline(len(clusterings["MICO"]) / K, color="k", lw=0.8, ls="--", label="D / K")
+    ax2.set_xlabel("cluster (sorted by size)")
+    ax2.set_ylabel("documents")
+    ax2.set_title("cluster sizes")
+    ax2.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "recall_cost.png", dpi=110)
+    plt.close(fig)
+
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
+    ax.plot(history["step"], history["h_z_cond"], lw=0.8, label="h_z_cond = CE(P(Z|Y), Q(Z|X))")
+    ax.plot(history["step"], history["h_z"], lw=0.8, label="h_z = CE(p_bar, q_psi)")
+    ax.axhline(math.log(K), color="k", lw=0.6, ls="--", label="log K")
+    ax.set_xlabel("step")
+    ax.set_ylabel("nats")
+    ax.set_title("the two terms of the objective (training batches)")
+    ax.legend(fontsize=8)
+    ax2.plot(history["eval_step"], history["val_auc"], marker="o", color="C3")
+    ax2.set_xlabel("step")
+    ax2.set_ylabel("AUC of coverage vs cost")
+    ax2.set_title("validation queries (model selection)")
+    fig.tight_layout()
+    fig.savefig(out / "training.png", dpi=110)
+    plt.close(fig)
+
+
+# %% 10. Entry point
+def main(argv=None) -> dict:
+    cfg = parse_args(argv)
+    # PLUMBING: tiny matrices; one thread is as fast and leaves the other core to neighbours.
+    torch.set_num_threads(1)
+    return train(cfg)
+
+
+if __name__ == "__main__":
+    main()

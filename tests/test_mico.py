@@ -1,0 +1,396 @@
+"""Tests for mico/train.py: hand values, invariants, equivalences, smoke run, the effect."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mico import train as mico
+
+pytestmark = pytest.mark.mico
+
+LOG2 = math.log(2.0)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """As main() does: one torch thread (tiny matrices; the machine is shared)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _cfg(**kw):
+    return mico.Config(**kw)
+
+
+# --------------------------------------------------------------------------- cross-entropy (M2/M3)
+def test_cross_entropy_matches_hand_values():
+    p = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    log_uniform = torch.log(torch.full((2, 2), 0.5))
+    assert mico.cross_entropy_p_q(p, log_uniform).item() == pytest.approx(LOG2, abs=1e-6)
+    # p = [.5, .5], q = [.2, .8]: -(.5 log .2 + .5 log .8); swapping p and q would give log 2.
+    p = torch.tensor([[0.5, 0.5]])
+    q = torch.tensor([[0.2, 0.8]])
+    want = -(0.5 * math.log(0.2) + 0.5 * math.log(0.8))
+    assert mico.cross_entropy_p_q(p, q.log()).item() == pytest.approx(want, abs=1e-6)
+    # the batch mean, not the sum: two rows with CE log 2 and `want` average to their mean
+    p2 = torch.tensor([[1.0, 0.0], [0.5, 0.5]])
+    q2 = torch.tensor([[0.5, 0.5], [0.2, 0.8]]).log()
+    assert mico.cross_entropy_p_q(p2, q2).item() == pytest.approx((LOG2 + want) / 2, abs=1e-6)
+
+
+def test_cross_entropy_is_zero_for_matching_one_hots():
+    p = torch.eye(3)
+    log_q = F.log_softmax(torch.eye(3) * 60.0, dim=-1)  # one-hot up to e^-60
+    assert mico.cross_entropy_p_q(p, log_q).item() == pytest.approx(0.0, abs=1e-12)
+
+
+def test_cross_entropy_against_a_marginal_is_linear_in_p():
+    g = torch.Generator().manual_seed(0)
+    p = torch.softmax(torch.randn(7, 5, generator=g), -1)
+    log_q_psi = F.log_softmax(torch.randn(5, generator=g), -1)
+    p_bar = p.mean(0)
+    want = -(p_bar * log_q_psi).sum()
+    assert mico.cross_entropy_p_q(p, log_q_psi).item() == pytest.approx(want.item(), abs=1e-6)
+
+
+# --------------------------------------------------------------------------- the objective (M4)
+@pytest.mark.exercise
+def test_mico_loss_matches_hand_values_on_2x2():
+    p = torch.tensor([[0.9, 0.1], [0.2, 0.8]])
+    q = torch.tensor([[0.7, 0.3], [0.4, 0.6]])
+    q_psi = torch.tensor([0.25, 0.75])
+    lam = 3.0
+    loss, h_z_cond, h_z = mico.mico_loss(p, q.log(), q_psi.log(), lam)
+    hc = -((0.9 * math.log(0.7) + 0.1 * math.log(0.3))
+           + (0.2 * math.log(0.4) + 0.8 * math.log(0.6))) / 2
+    # p_bar = [0.55, 0.45]
+    hz = -(0.55 * math.log(0.25) + 0.45 * math.log(0.75))
+    assert h_z_cond.item() == pytest.approx(hc, abs=1e-6)
+    assert h_z.item() == pytest.approx(hz, abs=1e-6)
+    assert loss.item() == pytest.approx(hc - lam * hz, abs=1e-6)
+
+
+@pytest.mark.exercise
+@pytest.mark.parametrize("K,lam", [(2, 2.0), (16, 5.0), (4, 0.5)])
+def test_mico_loss_uniform_everything_is_one_minus_lambda_log_k(K, lam):
+    log_u = torch.full((6, K), -math.log(K))
+    loss, h_z_cond, h_z = mico.mico_loss(log_u.exp(), log_u, log_u[0], lam)
+    assert h_z_cond.item() == pytest.approx(math.log(K), abs=1e-6)
+    assert h_z.item() == pytest.approx(math.log(K), abs=1e-6)
+    assert loss.item() == pytest.approx((1 - lam) * math.log(K), abs=1e-5)
+
+
+@pytest.mark.exercise
+@pytest.mark.parametrize("K,lam", [(2, 2.0), (16, 5.0)])
+def test_mico_loss_perfect_balanced_coassignment_is_minus_lambda_log_k(K, lam):
+    z = torch.arange(2 * K) % K  # every cluster used twice
+    p = F.one_hot(z, K).float()
+    log_q = F.log_softmax(60.0 * p, dim=-1)  # the query predicts its document's cluster
+    log_q_psi = torch.full((K,), -math.log(K))
+    loss, h_z_cond, h_z = mico.mico_loss(p, log_q, log_q_psi, lam)
+    assert h_z_cond.item() == pytest.approx(0.0, abs=1e-6)
+    assert h_z.item() == pytest.approx(math.log(K), abs=1e-6)
+    assert loss.item() == pytest.approx(-lam * math.log(K), abs=1e-5)
+    uniform, _, _ = mico.mico_loss(torch.full((2 * K, K), 1 / K),
+                                   torch.full((2 * K, K), -math.log(K)), log_q_psi, lam)
+    assert loss.item() < uniform.item()
+
+
+@pytest.mark.exercise
+def test_mico_loss_is_invariant_to_relabelling_clusters():
+    g = torch.Generator().manual_seed(1)
+    p = torch.softmax(torch.randn(8, 6, generator=g), -1)
+    log_q = F.log_softmax(torch.randn(8, 6, generator=g), -1)
+    log_q_psi = F.log_softmax(torch.randn(6, generator=g), -1)
+    perm = torch.randperm(6, generator=g)
+    a = mico.mico_loss(p, log_q, log_q_psi, 2.0)
+    b = mico.mico_loss(p[:, perm], log_q[:, perm], log_q_psi[perm], 2.0)
+    for u, v in zip(a, b):
+        assert u.item() == pytest.approx(v.item(), abs=1e-6)
+    # ...but relabelling only one view changes h_z_cond (the views must agree on labels)
+    c = mico.mico_loss(p[:, perm], log_q, log_q_psi, 2.0)
+    assert abs(c[1].item() - a[1].item()) > 1e-3
+
+
+# --------------------------------------------------------------------------- the model and steps
+def _tiny_model(**kw):
+    torch.manual_seed(0)
+    cfg = _cfg(K=4, hidden=8, **kw)
+    return mico.MICO(12, cfg), cfg
+
+
+def test_posteriors_are_distributions_and_trunk_is_shared():
+    model, _ = _tiny_model()
+    x = torch.rand(5, 12)
+    for logits in (model.doc_logits(x), model.query_logits(x)):
+        assert logits.shape == (5, 4)
+        torch.testing.assert_close(logits.softmax(-1).sum(-1), torch.ones(5))
+    assert model.query_trunk is model.doc_trunk
+    names = {n for n, _ in model.named_parameters()}
+    assert "psi" in names and len(model.encoder_parameters()) == len(names) - 1
+    sep, _ = _tiny_model(separate_encoders=True)
+    assert sep.query_trunk is not sep.doc_trunk
+
+
+def test_inner_step_fits_the_marginal_and_touches_only_psi():
+    model, _ = _tiny_model()
+    y = torch.rand(64, 12)
+    p = model.doc_logits(y).softmax(-1)  # (B, K), still attached to the encoder
+    p_bar = p.detach().mean(0)
+    mico.fit_marginal(model.psi, p, lr=0.1, steps=300)
+    for prm in model.encoder_parameters():
+        assert prm.grad is None
+    q_psi = model.psi.detach().softmax(-1)
+    torch.testing.assert_close(q_psi, p_bar, atol=1e-3, rtol=0)
+    # h_z = CE(p_bar, q_psi) >= H(p_bar), with near equality once fitted
+    h_pbar = -(p_bar * p_bar.log()).sum().item()
+    h_z = mico.cross_entropy_p_q(p.detach(), F.log_softmax(model.psi.detach(), -1)).item()
+    assert h_pbar - 1e-6 <= h_z <= h_pbar + 1e-4
+
+
+def test_one_inner_step_moves_the_marginal_towards_the_batch_average():
+    psi = torch.nn.Parameter(torch.zeros(3))
+    p = torch.tensor([[0.7, 0.2, 0.1], [0.5, 0.3, 0.2]])  # p_bar = [.6, .25, .15]
+    p_bar = p.mean(0)
+
+    def kl():
+        q = psi.detach().softmax(-1)
+        return (p_bar * (p_bar / q).log()).sum().item()
+
+    before = kl()
+    mico.fit_marginal(psi, p, lr=0.1, steps=1)
+    assert kl() < before
+    # a fresh Adam's first step is lr * sign(gradient): +0.1 where p_bar > 1/3, -0.1 elsewhere
+    torch.testing.assert_close(psi.detach(), torch.tensor([0.1, -0.1, -0.1]), atol=1e-5, rtol=0)
+
+
+def test_outer_step_updates_encoders_but_not_psi():
+    model, cfg = _tiny_model()
+    opt = torch.optim.Adam(model.encoder_parameters(), lr=1e-2)
+    x, y = torch.rand(16, 12), torch.rand(16, 12)
+    # what the inner step alone does to psi, on a copy
+    psi_ref = torch.nn.Parameter(model.psi.detach().clone())
+    mico.fit_marginal(psi_ref, model.doc_logits(y).softmax(-1), cfg.lr_prior, cfg.steps_prior)
+    enc_before = [prm.detach().clone() for prm in model.encoder_parameters()]
+    out = mico.train_step(model, opt, x, y, cfg)
+    torch.testing.assert_close(model.psi.detach(), psi_ref.detach())
+    # the outer loss sends no gradient into psi: its .grad is the inner step's alone
+    torch.testing.assert_close(model.psi.grad, psi_ref.grad)
+    assert all(not torch.equal(a, b.detach())
+               for a, b in zip(enc_before, model.encoder_parameters()))
+    assert set(out) == {"loss", "h_z_cond", "h_z", "q_z_loss"}
+    assert out["loss"] == pytest.approx(out["h_z_cond"] - cfg.lam * out["h_z"], abs=1e-5)
+
+
+def test_gradients_reach_the_right_heads():
+    model, cfg = _tiny_model()
+    x, y = torch.rand(16, 12), torch.rand(16, 12)
+    p = model.doc_logits(y).softmax(-1)
+    log_q = F.log_softmax(model.query_logits(x), -1)
+    log_q_psi = F.log_softmax(model.psi, -1).detach()
+    _, h_z_cond, h_z = mico.mico_loss(p, log_q, log_q_psi, cfg.lam)
+    heads = [model.doc_head.weight, model.query_head.weight, model.psi]
+    g_hz = torch.autograd.grad(h_z, heads, retain_graph=True, allow_unused=True)
+    g_hc = torch.autograd.grad(h_z_cond, heads, allow_unused=True)
+    # the entropy term reaches the document head only; the query head learns from H_c alone
+    assert g_hz[0] is not None and g_hz[0].abs().sum() > 0
+    assert g_hz[1] is None and g_hz[2] is None
+    assert g_hc[0].abs().sum() > 0 and g_hc[1].abs().sum() > 0
+
+
+# --------------------------------------------------------------------------- serving and metrics
+def test_assignment_puts_every_document_in_one_cluster():
+    logits = torch.tensor([[0.1, 2.0, -1.0], [3.0, 0.0, 0.0], [0.0, 0.0, 5.0], [1.0, 0.5, 0.2]])
+    dc = mico.assign_documents(logits)
+    np.testing.assert_array_equal(dc, [1, 0, 2, 0])
+    assert np.bincount(dc, minlength=3).sum() == 4
+
+
+def test_routing_is_a_ranking_and_top_m_is_distinct():
+    scores = np.random.default_rng(0).random((50, 7))
+    routes = mico.route_queries(scores)
+    assert routes.shape == (50, 7)
+    for r, s in zip(routes, scores):
+        assert sorted(r) == list(range(7))
+        assert np.all(np.diff(s[r]) <= 0)  # best first
+        for m in range(1, 8):
+            assert len(set(r[:m])) == m
+    np.testing.assert_array_equal(mico.route_queries(np.array([[0.2, 0.9, 0.5]])), [[1, 2, 0]])
+
+
+@pytest.mark.exercise
+def test_curve_matches_hand_values_on_a_tiny_index():
+    # 5 docs in clusters [0, 0, 1, 2, 2] -> sizes [2, 1, 2]
+    doc_cluster = np.array([0, 0, 1, 2, 2])
+    routes = np.array([[1, 0, 2], [2, 1, 0]])
+    target = np.array([0, 3])  # query 0 wants cluster 0 (rank 2), query 1 cluster 2 (rank 1)
+    c = mico.selective_search_curve(doc_cluster, routes, target, 3)
+    np.testing.assert_allclose(c["coverage"], [0.5, 1.0, 1.0])
+    np.testing.assert_allclose(c["cost"], [(1 + 2) / 2 / 5, (3 + 3) / 2 / 5, 1.0])
+    np.testing.assert_allclose(c["latency"], [(1 + 2) / 2 / 5, (2 + 2) / 2 / 5, 0.4])
+
+
+def _naive_curve(doc_cluster, routes, target, K):
+    D = len(doc_cluster)
+    sizes = [int(np.sum(doc_cluster == k)) for k in range(K)]
+    cov, cost, lat = np.zeros(K), np.zeros(K), np.zeros(K)
+    for m in range(1, K + 1):
+        for r, t in zip(routes, target):
+            searched = list(r[:m])
+            cov[m - 1] += doc_cluster[t] in searched
+            cost[m - 1] += sum(sizes[z] for z in searched) / D
+            lat[m - 1] += max(sizes[z] for z in searched) / D
+    n = len(target)
+    return dict(coverage=cov / n, cost=cost / n, latency=lat / n)
+
+
+@pytest.mark.exercise
+def test_vectorised_curve_equals_naive_loop_and_is_monotone():
+    rng = np.random.default_rng(3)
+    K, D, N = 6, 40, 30
+    doc_cluster = rng.integers(0, K, D)
+    doc_cluster[0] = 5  # keep at least cluster 5 used; some others may be empty
+    routes = mico.route_queries(rng.random((N, K)))
+    target = rng.integers(0, D, N)
+    got = mico.selective_search_curve(doc_cluster, routes, target, K)
+    want = _naive_curve(doc_cluster, routes, target, K)
+    for k in ("coverage", "cost", "latency"):
+        np.testing.assert_allclose(got[k], want[k], atol=1e-12)
+        assert np.all(np.diff(got[k]) >= -1e-12)
+    assert got["coverage"][-1] == pytest.approx(1.0)
+    assert got["cost"][-1] == pytest.approx(1.0)
+    assert np.all(got["coverage"] <= 1.0)
+
+
+def test_curve_and_metrics_invariant_to_cluster_relabelling():
+    rng = np.random.default_rng(4)
+    K = 5
+    doc_cluster = rng.integers(0, K, 30)
+    routes = mico.route_queries(rng.random((20, K)))
+    target = rng.integers(0, 30, 20)
+    perm = rng.permutation(K)
+    a = mico.selective_search_curve(doc_cluster, routes, target, K)
+    b = mico.selective_search_curve(perm[doc_cluster], perm[routes], target, K)
+    for k in a:
+        np.testing.assert_allclose(a[k], b[k])
+    assert mico.balance(doc_cluster, K) == pytest.approx(mico.balance(perm[doc_cluster], K))
+
+
+def test_random_balanced_partition_gives_coverage_close_to_cost():
+    rng = np.random.default_rng(0)
+    K, D, N = 8, 800, 4000
+    doc_cluster, scores = mico.random_baseline(D, N, K, rng)
+    assert np.all(np.bincount(doc_cluster, minlength=K) == D // K)
+    c = mico.selective_search_curve(doc_cluster, mico.route_queries(scores),
+                                    rng.integers(0, D, N), K)
+    np.testing.assert_allclose(c["coverage"], c["cost"], atol=0.03)
+    assert mico.curve_auc(c["cost"], c["coverage"]) == pytest.approx(0.5, abs=0.03)
+
+
+def test_auc_matches_hand_trapezoid_and_sklearn():
+    assert mico.curve_auc(np.array([0.5, 1.0]), np.array([0.8, 1.0])) == pytest.approx(
+        0.5 * 0.8 / 2 + 0.5 * (0.8 + 1.0) / 2)
+    from sklearn.metrics import auc
+
+    rng = np.random.default_rng(5)
+    cost = np.sort(rng.random(9))
+    cov = np.sort(rng.random(9))
+    want = auc(np.concatenate([[0.0], cost]), np.concatenate([[0.0], cov]))
+    assert mico.curve_auc(cost, cov) == pytest.approx(want, abs=1e-12)
+
+
+def test_coverage_at_cost_interpolates():
+    cost, cov = np.array([0.5, 1.0]), np.array([0.8, 1.0])
+    assert mico.coverage_at_cost(cost, cov, 0.25) == pytest.approx(0.4)
+    assert mico.coverage_at_cost(cost, cov, 0.75) == pytest.approx(0.9)
+    assert mico.coverage_at_cost(cost, cov, 1.0) == pytest.approx(1.0)
+
+
+def test_balance_extremes():
+    eq = mico.balance(np.arange(12) % 4, 4)
+    assert eq["entropy"] == pytest.approx(1.0) and eq["max_over_mean"] == pytest.approx(1.0)
+    assert eq["empty"] == 0
+    one = mico.balance(np.zeros(12, dtype=int), 4)
+    assert one["entropy"] == pytest.approx(0.0) and one["max_over_mean"] == pytest.approx(4.0)
+    assert one["empty"] == 3
+    mid = mico.balance(np.array([0, 0, 1, 1]), 4)  # two of four clusters: log 2 / log 4
+    assert mid["entropy"] == pytest.approx(0.5)
+
+
+# --------------------------------------------------------------------------- data and baselines
+def test_dataset_is_a_real_click_log():
+    cfg = _cfg(n_docs=200, n_queries=400)
+    d = mico.make_dataset(cfg, np.random.default_rng(0))
+    T, S = cfg.n_topics, cfg.n_styles
+    n_doc_words = T * cfg.topic_words
+    n_style = S * cfg.style_words
+    assert d["Cd"].shape == (200, n_doc_words + n_style + T * cfg.synonyms)
+    np.testing.assert_array_equal(d["Cd"].sum(1), cfg.doc_topic_len + cfg.doc_style_len)
+    assert d["Cd"][:, n_doc_words + n_style:].sum() == 0  # synonyms never in documents
+    assert d["Cq"][:, n_doc_words:n_doc_words + n_style].sum() == 0  # no boilerplate in queries
+    assert set(d["Cq"].sum(1)) <= {2.0, 3.0, 4.0}
+    for i in range(400):  # every query word belongs to its clicked document's topic
+        t = d["doc_topic"][d["click"][i]]
+        words = np.nonzero(d["Cq"][i])[0]
+        topic_word = words < n_doc_words
+        assert np.all(words[topic_word] // cfg.topic_words == t)
+        assert np.all((words[~topic_word] - n_doc_words - n_style) // cfg.synonyms == t)
+    idx = np.concatenate([d["train"], d["val"], d["test"]])
+    assert sorted(idx) == list(range(400)) and len(d["test"]) == 80
+    np.testing.assert_allclose(np.linalg.norm(d["Xd"], axis=1) ** 2,
+                               (d["Cd"] ** 2).sum(1) / d["Cd"].sum(1), rtol=1e-5)
+
+
+def test_kmeans_and_oracle_baselines_shapes_and_ceiling():
+    cfg = _cfg(n_docs=300, n_queries=300, kmeans_init=1, lsa_dim=16)
+    d = mico.make_dataset(cfg, np.random.default_rng(0))
+    docs, scores = mico.kmeans_baseline(d, cfg)
+    assert docs.shape == (300,) and scores.shape == (300, cfg.K)
+    assert docs.min() >= 0 and docs.max() < cfg.K
+    o_docs, o_scores = mico.oracle_baseline(d["doc_topic"], d["click"], cfg.K)
+    c = mico.selective_search_curve(o_docs, mico.route_queries(o_scores), d["click"], cfg.K)
+    assert c["coverage"][0] == 1.0
+
+
+# --------------------------------------------------------------------------- smoke run and effect
+def test_quick_run_smoke(tmp_path):
+    r1 = mico.train(_cfg(quick=True, out_dir=str(tmp_path / "a")))
+    loss = np.array(r1["history"]["loss"])
+    assert np.all(np.isfinite(loss))
+    assert loss[-20:].mean() < loss[:20].mean() - 0.05
+    s = json.loads((tmp_path / "a" / "summary.json").read_text())
+    assert set(s) == {"folder", "seed", "config", "wall_seconds", "metrics", "headline"}
+    assert s["folder"] == "mico" and s["config"]["steps"] == mico.QUICK["steps"]
+    for row in s["headline"]:
+        assert set(row) == {"metric", "higher_is_better", "method", "baseline"}
+        assert np.isfinite(row["method"]["value"]) and np.isfinite(row["baseline"]["value"])
+    assert (tmp_path / "a" / "recall_cost.png").exists()
+    assert (tmp_path / "a" / "training.png").exists()
+    r2 = mico.train(_cfg(quick=True, out_dir=str(tmp_path / "b")))
+    assert r1["history"]["loss"] == r2["history"]["loss"]
+    assert r1["metrics"] == r2["metrics"]
+
+
+@pytest.mark.slow
+def test_mico_beats_kmeans_with_balanced_clusters(tmp_path):
+    m = mico.train(_cfg(steps=1000, out_dir=str(tmp_path)))["metrics"]
+    assert m["MICO_cov1"] > m["kmeans_cov1"] + 0.3
+    assert m["MICO_cost1"] <= m["kmeans_cost1"] + 0.02
+    assert m["MICO_auc"] > m["kmeans_auc"] + 0.05
+    assert m["MICO_balance_empty"] <= 1
+    assert m["MICO_balance_entropy"] > 0.95
+
+
+def test_cli_rejects_bad_arguments(capsys):
+    for argv in (["--steps", "-3"], ["--device", "tpu"], ["--bogus"], ["--lam", "-1"]):
+        with pytest.raises(SystemExit) as e:
+            mico.parse_args(argv)
+        assert e.value.code != 0
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "error" in err
