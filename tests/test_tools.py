@@ -187,3 +187,18 @@ def test_index_shows_the_first_sentence_of_the_claim_cut_to_length():
     assert run_all.first_sentence("Ratio 0.5 wins. Next.") == "Ratio 0.5 wins."
     long = run_all.first_sentence("x" * 300 + ".", limit=50)
     assert len(long) == 50 and long.endswith("…")
+
+
+def test_rows_are_matched_across_seeds_by_name_not_position():
+    def summary(seed, rows):
+        return {"seed": seed, "folder": "f", "wall_seconds": 1.0, "_run": {},
+                "headline": [{"metric": m, "higher_is_better": True,
+                              "method": {"name": "A", "value": a},
+                              "baseline": {"name": "B", "value": b}} for m, a, b in rows]}
+
+    table = "\n".join(run_all.folder_table([
+        summary(0, [("acc", 0.9, 0.5), ("f1", 0.8, 0.7)]),
+        summary(1, [("f1", 0.6, 0.7)]),  # an older run: one row fewer, in another position
+    ]))
+    assert "| acc ↑ | A | 0.9 ± 0 | B | 0.5 ± 0 | 1/1 seeds |" in table
+    assert "| f1 ↑ | A | 0.7 ± 0.14 | B | 0.7 ± 0 | 1/2 seeds |" in table

@@ -67,13 +67,27 @@ def load_summaries(runs_dir: Path, folder: str) -> list[dict]:
     return out
 
 
+def group_rows(summaries: list[dict]) -> dict[tuple, list[dict]]:
+    """Headline rows matched across seeds by (metric, method, baseline), in first-seen order.
+
+    A row that only some runs report (the folder's code changed between runs) is shown over the
+    seeds that have it, never paired with another row.
+    """
+    groups: dict[tuple, list[dict]] = {}
+    for s in summaries:
+        for row in s["headline"]:
+            key = (row["metric"], row["method"]["name"], row["baseline"]["name"])
+            groups.setdefault(key, []).append(row)
+    return groups
+
+
 def folder_table(summaries: list[dict]) -> list[str]:
     """Markdown table of a folder's headline rows over seeds."""
     seeds = [s["seed"] for s in summaries]
     lines = ["| metric | method | mean ± std | baseline | mean ± std | method ahead |",
              "|---|---|---|---|---|---|"]
-    for i, row in enumerate(summaries[0]["headline"]):
-        rows = [s["headline"][i] for s in summaries]
+    for rows in group_rows(summaries).values():
+        row = rows[0]
         arrow = "↑" if row["higher_is_better"] else "↓"
         lines.append(
             f"| {row['metric']} {arrow} | {row['method']['name']} "
@@ -135,8 +149,8 @@ def write_reports(root: Path, runs_dir: Path, folders: list[str]) -> None:
         if readme.is_file():
             readme.write_text(replace_between(readme.read_text(), RESULTS_START, RESULTS_END,
                                               table))
-        first = summaries[0]["headline"][0]
-        rows = [s["headline"][0] for s in summaries]
+        rows = next(iter(group_rows(summaries).values()))
+        first = rows[0]
         walls = [s["_run"].get("wall_seconds", s["wall_seconds"]) for s in summaries]
         index.append(
             f"| [`{folder}/`]({folder}/README.md) | {paper} | {claim} "

@@ -1,0 +1,424 @@
+"""Tests for excessmtl/train.py: hand values, invariants, equivalences, and a smoke run."""
+
+import dataclasses
+import json
+import math
+
+import pytest
+import torch
+
+from excessmtl import train as excessmtl
+
+pytestmark = pytest.mark.excessmtl
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The models are tiny: one thread is faster, and the machine is shared."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def feed(weighting, grads, losses=None):
+    """Drive a weighting with given per-task gradients (m, P); returns its alpha after the step."""
+    m = grads.shape[0]
+    losses = torch.ones(m) if losses is None else losses
+    weighting(losses, grads)
+    return weighting.alpha.clone()
+
+
+def tiny_setup(seed=0, noise=2.0):
+    """A small regression model, its data, and its per-task losses (with a graph)."""
+    cfg = excessmtl.Config(n_train=256, n_test=64, seed=seed)
+    data = excessmtl.make_dataset(cfg, torch.Generator().manual_seed(seed))
+    torch.manual_seed(seed)
+    model = excessmtl.make_model(cfg)
+    y = excessmtl.noisy_targets(data, noise, 0, cfg.sigma_clean)
+    return cfg, data, model, y
+
+
+# --------------------------------------------------------------------------------------------
+# 1. Hand-computed values
+# --------------------------------------------------------------------------------------------
+@pytest.mark.exercise
+def test_first_step_estimate_is_the_l1_norm_of_the_gradient():
+    g = torch.tensor([[3.0, 0.0, -4.0]])  # (1, 3)
+    e_hat, S = excessmtl.excess_risk_estimate(g, torch.zeros_like(g))
+    assert e_hat.item() == pytest.approx(7.0, abs=1e-4)
+    assert torch.allclose(S, torch.tensor([[9.0, 0.0, 16.0]]))
+
+
+@pytest.mark.exercise
+def test_estimate_matches_hand_value_on_a_two_step_history():
+    S = torch.zeros(2, 2)
+    e1, S = excessmtl.excess_risk_estimate(torch.tensor([[3.0, 0.0], [0.0, 4.0]]), S)
+    assert torch.allclose(e1, torch.tensor([3.0, 4.0]), atol=1e-5)
+    e2, S = excessmtl.excess_risk_estimate(torch.tensor([[1.0, 0.0], [0.0, 2.0]]), S)
+    # S_1 = [10, 0], S_2 = [0, 20]; e_hat = [1/sqrt(10), 4/sqrt(20)]
+    assert torch.allclose(S, torch.tensor([[10.0, 0.0], [0.0, 20.0]]))
+    assert torch.allclose(e2, torch.tensor([0.316228, 0.894427]), atol=1e-5)
+
+
+@pytest.mark.exercise
+def test_estimate_is_zero_when_the_gradient_is_zero():
+    S = torch.tensor([[5.0, 1.0], [0.0, 0.0]])  # a history, and none
+    e_hat, S_new = excessmtl.excess_risk_estimate(torch.zeros(2, 2), S)
+    assert torch.equal(e_hat, torch.zeros(2))
+    assert torch.equal(S_new, S)
+
+
+@pytest.mark.exercise
+def test_constant_gradient_estimate_decays_as_one_over_sqrt_t():
+    g = torch.tensor([[1.0, -2.0, 0.5]])  # ||g||_1 = 3.5
+    S = torch.zeros_like(g)
+    seen = {}
+    for t in range(1, 10):
+        e_hat, S = excessmtl.excess_risk_estimate(g, S)
+        seen[t] = e_hat.item()
+    for t in (1, 4, 9):
+        assert seen[t] == pytest.approx(3.5 / math.sqrt(t), rel=1e-5)
+
+
+@pytest.mark.exercise
+def test_eg_update_matches_hand_value():
+    # the GroupDRO step of the notes: alpha = [.5, .5], losses [2, .5], eta = .1
+    new = excessmtl.eg_update(torch.tensor([0.5, 0.5]), torch.tensor([2.0, 0.5]), 0.1)
+    assert torch.allclose(new, torch.tensor([0.537430, 0.462570]), atol=1e-6)
+
+
+@pytest.mark.exercise
+def test_eg_update_is_multiplicative_with_the_given_step_size():
+    alpha = torch.tensor([0.2, 0.3, 0.5])
+    score = torch.tensor([1.5, -0.4, 0.7])
+    eta = 0.8
+    new = excessmtl.eg_update(alpha, score, eta)
+    for i in range(3):
+        for j in range(3):
+            expect = alpha[i] / alpha[j] * math.exp(eta * (score[i] - score[j]))
+            assert (new[i] / new[j]).item() == pytest.approx(expect.item(), rel=1e-5)
+
+
+@pytest.mark.exercise
+def test_eg_update_stays_on_the_simplex_and_is_detached():
+    gen = torch.Generator().manual_seed(0)
+    alpha = torch.softmax(torch.randn(5, generator=gen), 0)
+    for _ in range(20):
+        score = (5 * torch.randn(5, generator=gen)).requires_grad_()
+        alpha = excessmtl.eg_update(alpha, score, 0.3)
+        assert not alpha.requires_grad
+        assert (alpha >= 0).all()
+        assert alpha.sum().item() == pytest.approx(1.0, abs=1e-6)
+
+
+def test_excessmtl_two_step_weights_match_hand_values():
+    w = excessmtl.ExcessMTL(2, eta=1.0)
+    a1 = feed(w, torch.tensor([[3.0, 0.0], [0.0, 4.0]]))
+    assert torch.allclose(a1, torch.tensor([0.5, 0.5]))  # no update at the first step
+    a2 = feed(w, torch.tensor([[1.0, 0.0], [0.0, 2.0]]))
+    # r = [1/sqrt(10) / 3, 4/sqrt(20) / 4] = [0.105409, 0.223607]
+    assert torch.allclose(w.r, torch.tensor([0.105409, 0.223607]), atol=1e-5)
+    assert torch.allclose(a2, torch.tensor([0.470485, 0.529515]), atol=1e-5)
+
+
+def test_warmup_averages_the_first_estimates_and_holds_alpha():
+    w = excessmtl.ExcessMTL(2, eta=1.0, warmup=3)
+    grads = [torch.tensor([[2.0], [1.0]]), torch.tensor([[1.0], [1.0]]),
+             torch.tensor([[3.0], [2.0]])]
+    S = torch.zeros(2, 1)
+    total = torch.zeros(2)
+    for g in grads:
+        assert torch.equal(feed(w, g), torch.full((2,), 0.5))
+        e_hat, S = excessmtl.excess_risk_estimate(g, S)
+        total += e_hat
+    g4 = torch.tensor([[1.0], [1.0]])
+    a4 = feed(w, g4)
+    e4, _ = excessmtl.excess_risk_estimate(g4, S)
+    r = e4 / (total / 3)
+    assert torch.allclose(w.r, r, atol=1e-6)
+    assert torch.allclose(a4, torch.softmax(r, 0), atol=1e-6)
+
+
+def test_dwa_weights_match_hand_value():
+    # w = [1/2, 2/2] = [.5, 1]; softmax([.25, .5])
+    got = excessmtl.dwa_weights(torch.tensor([1.0, 2.0]), torch.tensor([2.0, 2.0]), 2.0)
+    e = [math.exp(0.25), math.exp(0.5)]
+    assert torch.allclose(got, torch.tensor([e[0] / sum(e), e[1] / sum(e)]), atol=1e-6)
+
+
+def test_dwa_gives_the_slower_task_more_weight_and_waits_two_steps():
+    w = excessmtl.DynamicWeightAverage(2, T=2.0)
+    a = [feed(w, torch.zeros(2, 1), torch.tensor(L)) for L in ([4.0, 4.0], [2.0, 3.9], [1.0, 3.8])]
+    assert torch.equal(a[0], torch.full((2,), 0.5)) and torch.equal(a[1], torch.full((2,), 0.5))
+    assert a[2][1] > a[2][0]  # task 1 barely moved (3.9/4), task 0 halved
+
+
+def test_uw_loss_matches_hand_value_and_is_minimised_at_s_equal_log_loss():
+    losses = torch.tensor([1.0, 4.0])
+    s = torch.tensor([0.0, math.log(4.0)], requires_grad=True)
+    total = excessmtl.uw_loss(losses, s)
+    # 1/2 + 4/8 + 0/2 + log(4)/2
+    assert total.item() == pytest.approx(1.0 + math.log(4.0) / 2, abs=1e-6)
+    total.backward()
+    assert torch.allclose(s.grad, torch.zeros(2), atol=1e-6)  # exp(s_i) = l_i is stationary
+
+
+def test_uw_alpha_is_inverse_variance():
+    w = excessmtl.UncertaintyWeighting(2, s_init=0.0)
+    with torch.no_grad():
+        w.s.copy_(torch.tensor([0.0, math.log(3.0)]))
+    feed(w, torch.zeros(2, 1))
+    assert torch.allclose(w.alpha, torch.tensor([0.75, 0.25]), atol=1e-6)
+
+
+def test_equal_weighting_is_the_plain_sum():
+    losses = torch.tensor([0.3, 2.0, 5.0])
+    w = excessmtl.EqualWeighting(3)
+    assert w(losses).item() == pytest.approx(7.3, rel=1e-6)
+    assert torch.allclose(w.alpha, torch.full((3,), 1 / 3))
+
+
+def test_groupdro_moves_weight_to_the_largest_loss():
+    w = excessmtl.GroupDRO(3, eta=0.1)
+    losses = torch.tensor([2.0, 0.5, 1.0])
+    total = w(losses)
+    expect = torch.softmax(0.1 * losses, 0)
+    assert torch.allclose(w.alpha, expect, atol=1e-6)
+    assert total.item() == pytest.approx(3 * float((expect * losses).sum()), rel=1e-6)
+
+
+# --------------------------------------------------------------------------------------------
+# 2. Invariants
+# --------------------------------------------------------------------------------------------
+def test_constant_loss_offset_changes_groupdro_but_not_excessmtl():
+    """A task with a high but irreducible loss gets no extra weight from ExcessMTL."""
+    cfg, data, model, y = tiny_setup(noise=0.1)
+    shared = list(model.encoder.parameters())
+    runs = {}
+    for offset in (0.0, 10.0):
+        exc, dro = excessmtl.ExcessMTL(3, eta=0.1), excessmtl.GroupDRO(3, eta=0.1)
+        for step in range(3):
+            losses = excessmtl.task_losses(model, data["x_train"][step * 64:(step + 1) * 64],
+                                           y[step * 64:(step + 1) * 64])
+            losses = losses + torch.tensor([offset, 0.0, 0.0])  # constant offset on task 0
+            grads = excessmtl.per_task_grads(losses, shared)
+            exc(losses, grads)
+            dro(losses, grads)
+        runs[offset] = (exc.alpha, dro.alpha)
+    assert torch.allclose(runs[0.0][0], runs[10.0][0], atol=1e-7)
+    assert not torch.allclose(runs[0.0][0], torch.full((3,), 1 / 3))  # ExcessMTL did move
+    assert runs[0.0][1][0] < 0.6 < 0.9 < runs[10.0][1][0]  # GroupDRO chases the offset
+
+
+def test_scaling_a_loss_leaves_excessmtl_weights_unchanged_but_not_groupdro():
+    gen = torch.Generator().manual_seed(1)
+    grads = [torch.randn(3, 6, generator=gen) for _ in range(5)]
+    losses = [torch.rand(3, generator=gen) + 0.5 for _ in range(5)]
+    c = torch.tensor([10.0, 1.0, 1.0])
+    out = []
+    for scale in (torch.ones(3), c):
+        exc, dro = excessmtl.ExcessMTL(3, eta=0.7), excessmtl.GroupDRO(3, eta=0.7)
+        for g, L in zip(grads, losses):
+            feed(exc, g * scale[:, None], L * scale)
+            feed(dro, g * scale[:, None], L * scale)
+        out.append((exc.alpha, dro.alpha))
+    assert torch.allclose(out[0][0], out[1][0], atol=1e-5)
+    assert not torch.allclose(out[0][1], out[1][1], atol=1e-2)
+
+
+def test_identical_gradients_keep_excessmtl_weights_uniform():
+    gen = torch.Generator().manual_seed(2)
+    w = excessmtl.ExcessMTL(4, eta=2.0)
+    for _ in range(10):
+        g = torch.randn(1, 7, generator=gen).expand(4, 7)
+        feed(w, g)
+    assert torch.allclose(w.alpha, torch.full((4,), 0.25), atol=1e-7)
+
+
+def test_larger_ratio_gains_weight_by_exp_eta_times_the_ratio_gap():
+    w = excessmtl.ExcessMTL(2, eta=0.6)
+    feed(w, torch.tensor([[1.0, 0.0], [0.0, 1.0]]))
+    before = w.alpha.clone()
+    feed(w, torch.tensor([[2.0, 0.0], [0.0, 0.5]]))
+    r = w.r
+    assert r[0] > r[1]
+    ratio = (w.alpha[0] / w.alpha[1]) / (before[0] / before[1])
+    assert ratio.item() == pytest.approx(math.exp(0.6 * (r[0] - r[1]).item()), rel=1e-5)
+
+
+@pytest.mark.slow
+def test_weights_stay_on_the_simplex_during_training():
+    cfg = dataclasses.replace(excessmtl.Config(quick=True), **excessmtl.QUICK)
+    data = excessmtl.make_dataset(cfg, torch.Generator().manual_seed(0))
+    for method in excessmtl.METHODS:
+        run = excessmtl.train_one(dataclasses.replace(cfg, steps=15, log_every=100), data,
+                                  method, 4.0)
+        alpha = torch.tensor(run["history"]["alpha"])  # (steps, m)
+        assert (alpha >= 0).all(), method
+        assert torch.allclose(alpha.sum(1), torch.ones(len(alpha)), atol=1e-5), method
+        if method == "excessmtl":  # the estimate saw the encoder's gradients only, no head's
+            P = sum(p.numel() for p in excessmtl.make_model(cfg).encoder.parameters())
+            assert run["weighting"].S.shape == (3, P)
+
+
+def test_per_task_grads_cover_exactly_the_shared_encoder():
+    cfg, data, model, y = tiny_setup()
+    losses = excessmtl.task_losses(model, data["x_train"], y)
+    shared = list(model.encoder.parameters())
+    grads = excessmtl.per_task_grads(losses, shared)
+    P = sum(p.numel() for p in shared)
+    assert grads.shape == (3, P)
+    assert P == cfg.d_in * cfg.hidden + cfg.hidden + cfg.hidden * cfg.d_latent + cfg.d_latent
+    # equivalence: one ordinary backward per task, reading the encoder's .grad
+    for i in range(3):
+        model.zero_grad()
+        losses[i].backward(retain_graph=True)
+        manual = torch.cat([p.grad.reshape(-1) for p in shared])
+        assert torch.allclose(grads[i], manual, atol=1e-6)
+        # the heads of the other tasks get no gradient from task i
+        for j, head in enumerate(model.heads):
+            if j != i:
+                assert head.weight.grad is None or torch.all(head.weight.grad == 0)
+
+
+def test_evaluate_reports_the_clean_and_noisy_tasks_separately():
+    cfg, data, model, _ = tiny_setup()
+    out = excessmtl.evaluate(model, data, noisy_task=1)
+    with torch.no_grad():
+        pred = torch.cat(model(data["x_test"]), dim=1)  # (N, m)
+    mse = ((pred - data["y_test"]) ** 2).mean(0)  # (m,)
+    assert out["task_excess"] == pytest.approx(mse.tolist(), rel=1e-5)
+    assert out["noisy_excess"] == pytest.approx(mse[1].item(), rel=1e-5)
+    assert out["clean_excess"] == pytest.approx((mse[0] + mse[2]).item() / 2, rel=1e-5)
+
+
+@pytest.mark.slow
+def test_noise_goes_only_to_the_noisy_task():
+    cfg = excessmtl.Config(n_train=4000, n_test=10)
+    data = excessmtl.make_dataset(cfg, torch.Generator().manual_seed(0))
+    y = excessmtl.noisy_targets(data, 3.0, 1, 0.1)
+    resid = (y - data["f_train"]).std(0)  # (m,)
+    assert resid[1].item() == pytest.approx(3.0, rel=0.05)
+    assert resid[0].item() == pytest.approx(0.1, rel=0.05)
+    assert resid[2].item() == pytest.approx(0.1, rel=0.05)
+    dcfg = excessmtl.Config(toy="digits", n_train=4000, n_test=10)
+    d = excessmtl.make_dataset(dcfg, torch.Generator().manual_seed(0))
+    yd = excessmtl.noisy_targets(d, 0.5, 0, 0.0)
+    assert torch.equal(yd[:, 1], d["f_train"][:, 1])
+    # half flipped to a uniform class, which is the true class 1 time in 10: ~45% differ
+    assert (yd[:, 0] != d["f_train"][:, 0]).float().mean().item() == pytest.approx(0.45, abs=0.03)
+
+
+# --------------------------------------------------------------------------------------------
+# 3. Equivalences
+# --------------------------------------------------------------------------------------------
+def test_vectorised_estimate_matches_the_official_per_task_loop():
+    gen = torch.Generator().manual_seed(3)
+    m, P = 3, 8
+    S = torch.zeros(m, P)
+    grad_sum = torch.zeros(m, P)  # the official code's accumulator, updated task by task
+    for _ in range(6):
+        g = torch.randn(m, P, generator=gen) * torch.tensor([[0.1], [1.0], [5.0]])
+        e_hat, S = excessmtl.excess_risk_estimate(g, S)
+        w = torch.zeros(m)
+        for i in range(m):
+            grad_sum[i] += g[i] ** 2
+            h_i = torch.sqrt(grad_sum[i] + 1e-7)
+            w[i] = g[i] * (1 / h_i) @ g[i]
+        assert torch.allclose(e_hat, w, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_eta_zero_excessmtl_trains_exactly_like_equal_weighting():
+    cfg = dataclasses.replace(excessmtl.Config(), **excessmtl.QUICK)
+    cfg = dataclasses.replace(cfg, eta_excess=0.0, steps=20, log_every=100)
+    data = excessmtl.make_dataset(cfg, torch.Generator().manual_seed(0))
+    a = excessmtl.train_one(cfg, data, "excessmtl", 4.0)
+    b = excessmtl.train_one(cfg, data, "ew", 4.0)
+    assert a["history"]["loss"] == b["history"]["loss"]
+    assert a["metrics"]["task_excess"] == b["metrics"]["task_excess"]
+
+
+# --------------------------------------------------------------------------------------------
+# 4. Smoke runs and the claim in miniature
+# --------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("quick")
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield out, excessmtl.train(excessmtl.Config(quick=True, out_dir=str(out)))
+    torch.set_num_threads(before)
+
+
+@pytest.mark.slow
+def test_quick_run_loss_is_finite_and_decreasing(quick_run):
+    _, result = quick_run
+    assert len(result["runs"]) == 2 * len(excessmtl.METHODS)
+    for key, run in result["runs"].items():
+        loss = run["history"]["loss"]
+        assert all(math.isfinite(v) for v in loss), key
+        if key[0] != "uw":  # UW's total includes s/2 terms; its task losses still fall
+            assert loss[-1] < loss[0], key
+        assert sum(run["history"]["task_losses"][-1]) < sum(run["history"]["task_losses"][0])
+
+
+@pytest.mark.slow
+def test_quick_run_writes_summary_with_the_contract_schema(quick_run):
+    out, result = quick_run
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary) == {"folder", "seed", "config", "wall_seconds", "metrics", "headline"}
+    assert summary["folder"] == "excessmtl"
+    assert summary["config"]["steps"] == excessmtl.QUICK["steps"]
+    assert len(summary["headline"]) == 3
+    for row in summary["headline"]:
+        assert set(row) == {"metric", "higher_is_better", "method", "baseline"}
+        assert math.isfinite(row["method"]["value"]) and math.isfinite(row["baseline"]["value"])
+    assert (out / "excessmtl.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_quick_run_shows_groupdro_chasing_the_noisy_task(quick_run):
+    _, result = quick_run
+    m = result["runs"]
+    assert m[("groupdro", 4.0)]["metrics"]["noisy_weight"] > 0.9
+    assert m[("excessmtl", 4.0)]["metrics"]["noisy_weight"] < 0.5
+    assert (m[("groupdro", 4.0)]["metrics"]["clean_excess"]
+            > 3 * m[("excessmtl", 4.0)]["metrics"]["clean_excess"])
+
+
+@pytest.mark.slow
+def test_same_seed_same_numbers(quick_run, tmp_path):
+    _, first = quick_run
+    cfg = excessmtl.Config(quick=True, out_dir=str(tmp_path), methods="groupdro,excessmtl")
+    again = excessmtl.train(cfg)
+    for key in again["runs"]:
+        assert again["runs"][key]["history"]["loss"] == first["runs"][key]["history"]["loss"]
+    other = excessmtl.train(dataclasses.replace(cfg, seed=1))
+    k = ("excessmtl", 4.0)
+    assert other["runs"][k]["history"]["loss"] != first["runs"][k]["history"]["loss"]
+
+
+@pytest.mark.slow
+def test_digits_toy_runs(tmp_path):
+    cfg = excessmtl.Config(quick=True, toy="digits", out_dir=str(tmp_path), n_train=1000,
+                           noise_levels="0,0.6", methods="ew,excessmtl")
+    result = excessmtl.train(cfg)
+    for run in result["runs"].values():
+        assert len(run["metrics"]["task_excess"]) == 2
+        assert 0.0 <= run["metrics"]["clean_excess"] <= 1.0
+        assert run["history"]["loss"][-1] < run["history"]["loss"][0]
+
+
+BAD_ARGVS = [["--steps", "-3"], ["--device", "tpu"], ["--bogus"], ["--methods", "ew,nope"],
+             ["--noise-levels", "a,b"], ["--noisy-task", "3"],
+             ["--toy", "digits", "--noise-levels", "2"], ["--eta-excess", "-1"]]
+
+
+@pytest.mark.parametrize("argv", BAD_ARGVS)
+def test_bad_arguments_exit_with_an_error(argv, capsys):
+    with pytest.raises(SystemExit) as err:
+        excessmtl.parse_args(argv)
+    assert err.value.code != 0
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
