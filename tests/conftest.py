@@ -13,6 +13,8 @@ import os
 import sys
 from pathlib import Path
 
+import pytest
+
 # Multi-threaded BLAS on tiny matrices is slow, and ruinous on a busy 2-core machine (one folder's
 # k-means step: 10 s with default threads, 1.6 s with one). The tests are about values, not speed.
 for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
@@ -26,3 +28,15 @@ if PAPERS_DIR:
 def pytest_report_header(config):
     where = Path(PAPERS_DIR).resolve() if PAPERS_DIR else "the repo root (reference solutions)"
     return f"paper folders imported from: {where}"
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """Tests call train() directly, skipping main() where each folder sets its thread count.
+
+    Tiny models run several times faster on one thread, and a busy machine makes the default
+    (one thread per core) far slower still, so every test runs on one.
+    """
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.set_num_threads(1)

@@ -1,0 +1,908 @@
+"""GaLM: graph-aware language-model pre-training on a large graph corpus, in miniature.
+
+Citation: Han Xie, Da Zheng, Jun Ma, Houyu Zhang, Vassilis N. Ioannidis, Xiang Song, Qing Ping,
+Sheng Wang, Yi Xu, Belinda Zeng, Trishul Chilimbi, Carl Yang. "Graph-Aware Language Model
+Pre-Training on a Large Graph Corpus Can Help Multiple Graph Applications". KDD 2023, pp. 5270-5281.
+arXiv:2306.02592. Implemented: the pre-training framework of Figure 3 (a: GaLM, the LM trained with
+graph-aware supervision; b: GaLM_co, warm up a GNN on the frozen graph-aware LM, then co-train both)
+and the fine-tuning variants on an application graph with a different schema.
+
+Only the abstract, the opening of the introduction and the caption of Figure 3 were readable, and
+there is no official code. The losses, the GNN and the fine-tuning variants below are therefore our
+reconstruction from GraphStorm and LM-GNN (same Amazon team); they are tagged [R] wherever they
+appear. Equation numbers (R1)-(R4) are ours, not the paper's.
+
+The idea: a text encoder only sees words; in a text-rich graph, edges tell us which texts mean the
+same thing even when they share no word. We pre-train a language model (LM) on a large corpus graph
+by asking it to predict the graph's links from node texts (GaLM), optionally followed by co-training
+it with a relational GNN (GaLM_co). The LM reads text, so it does not care which node or edge types
+a later application graph has: we carry the LM over to a small graph with a *different* schema,
+attach a freshly initialised GNN and decoder for that schema, and fine-tune on its link-prediction
+task. In the toy, products name their category with a word `pw{c}` and queries/users with a synonym
+`qw{c}`; the two never co-occur in any text, so only the corpus's click edges can teach the LM that
+they mean the same thing. Text-only MLM pre-training cannot learn that; GaLM can.
+
+Notation (paper / notes -> code):
+    G = (V, E, phi, psi)   Graph (a networkx MultiDiGraph plus tensors)   node / edge type maps
+    t_v                    graph.texts[v]             token ids of node v's text, (T,)
+    h_v = Pool(LM(t_v))    TextEncoder(...)           LM embedding, (D,)
+    z_v                    RGCN(...)                  GNN embedding, (D,)
+    W_0, W_r               RGCN.W_0, RGCN.W_r[r]      self and per-relation weights, (D, D)
+    w_r                    DistMult.w[r]              DistMult relation vector, (D,)
+    s(u, r, v)             distmult_score             link score
+    v'                     sample_negatives           corrupted tail of the tail's node type
+Dimensions: N nodes, T tokens per text, D hidden size, B edges per batch, K negatives per edge,
+E edges, V vocabulary size.
+
+What the miniature leaves out: BERT-base becomes a 2-layer, 32-wide BertModel over a ~90-word
+vocabulary; the Amazon graph corpus becomes a generated graph of 2,730 nodes (queries, products,
+brands) and the application graph 700 nodes (users, items); full-graph message passing instead of
+fan-out sampling; one GNN layer; the "large public datasets" of the paper are not used.
+
+Run:   python galm/train.py            (about 40-60 s on one CPU core)
+Ends:  a table of downstream MRR, one row per pre-training (none, mlm, galm, galm_co) and one column
+       per fine-tuning variant (frozen_gnn, lm_ft, co); galm rows well above none and mlm.
+"""
+
+# %% 1. Imports
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import networkx as nx
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+from transformers import BertConfig, BertModel
+
+FOLDER = "galm"
+PRETRAIN_MODES = ("none", "mlm", "galm", "galm_co")
+FINETUNE_MODES = ("frozen_gnn", "lm_ft", "co")
+
+
+# %% 2. Config
+# PLUMBING: one field per knob; the CLI is generated from these fields.
+@dataclass
+class Config:
+    seed: int = field(default=0, metadata={"help": "random seed (same seed, same numbers)"})
+    quick: bool = field(default=False, metadata={"help": "a run of a few seconds for tests"})
+    out_dir: str = field(default=f"runs/{FOLDER}", metadata={"help": "where outputs go"})
+    device: str = field(default="cpu", metadata={"help": "cpu only in this folder"})
+    steps: int = field(default=200, metadata={
+        "help": "pre-training steps (GaLM link prediction; the MLM baseline gets the same)"})
+    # --- graph corpus (pre-training) ---
+    n_categories: int = field(default=16, metadata={"help": "latent product categories C"})
+    n_colours: int = field(default=6, metadata={"help": "colour words"})
+    n_materials: int = field(default=6, metadata={"help": "material words"})
+    n_brands: int = field(default=30, metadata={"help": "brand nodes in the corpus"})
+    n_fillers: int = field(default=10, metadata={"help": "meaningless filler words"})
+    n_products: int = field(default=1500, metadata={"help": "product nodes in the corpus"})
+    n_queries: int = field(default=1200, metadata={"help": "query nodes in the corpus"})
+    clicks_per_query: int = field(default=3, metadata={"help": "click edges per query"})
+    p_same_colour: float = field(default=0.7, metadata={
+        "help": "probability that a clicked product has the query's colour"})
+    # --- application graph (fine-tuning, different schema) ---
+    n_users: int = field(default=300, metadata={"help": "user nodes in the application graph"})
+    n_items: int = field(default=400, metadata={"help": "item nodes in the application graph"})
+    train_frac: float = field(default=0.2, metadata={
+        "help": "fraction of 'buys' edges used for fine-tuning (the rest is the test set)"})
+    # --- models ---
+    hidden: int = field(default=32, metadata={"help": "LM hidden size D (paper: BERT-base, 768)"})
+    lm_layers: int = field(default=2, metadata={"help": "transformer layers (paper: 12)"})
+    lm_heads: int = field(default=2, metadata={"help": "attention heads (paper: 12)"})
+    # --- pre-training ---
+    batch_edges: int = field(default=128, metadata={"help": "positive edges per GaLM step"})
+    num_neg: int = field(default=4, metadata={"help": "negatives per edge in pre-training"})
+    lp_loss: str = field(default="bce", metadata={
+        "help": "link-prediction loss: bce (Eq. R2) or contrastive (Eq. R3)"})
+    pretrain_lr: float = field(default=3e-3, metadata={"help": "Adam lr for GaLM and MLM"})
+    mlm_batch: int = field(default=256, metadata={"help": "texts per MLM step"})
+    mlm_prob: float = field(default=0.2, metadata={"help": "MLM masking rate (BERT: 0.15)"})
+    warmup_steps: int = field(default=40, metadata={
+        "help": "GaLM_co step ii: GNN warm-up steps with the LM frozen"})
+    co_steps: int = field(default=40, metadata={"help": "GaLM_co step iii: co-training steps"})
+    co_lr: float = field(default=1e-3, metadata={"help": "Adam lr for GaLM_co warm-up/co-training"})
+    lm_train_nodes: int = field(default=256, metadata={
+        "help": "nodes whose LM embedding gets a gradient per co-training step"})
+    # --- fine-tuning ---
+    finetune_steps: int = field(default=150, metadata={"help": "fine-tuning steps per variant"})
+    finetune_lr: float = field(default=3e-3, metadata={"help": "Adam lr for fine-tuning"})
+    finetune_neg: int = field(default=8, metadata={"help": "negatives per edge in fine-tuning"})
+    hits_k: int = field(default=10, metadata={"help": "k of Hits@k"})
+    # --- experiment switches (exercises) ---
+    leak_targets: bool = field(default=False, metadata={
+        "help": "(exercise) pass messages over the target edges too: the leak the notes warn of"})
+    shared_words: bool = field(default=False, metadata={
+        "help": "(exercise) queries/users use the product word pw{c}: text alone links them"})
+    log_every: int = field(default=50, metadata={"help": "steps between log lines"})
+
+
+# What --quick changes (it wins over the defaults above).
+QUICK = dict(steps=30, n_products=300, n_queries=240, n_users=80, n_items=120, warmup_steps=6,
+             co_steps=6, finetune_steps=20, batch_edges=64, mlm_batch=64, log_every=10)
+DEVICES = ("cpu",)
+LOSSES = ("bce", "contrastive")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a user mistake is one line on stderr and exit code 2, never a traceback."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def parse_args(argv=None) -> Config:
+    p = _Parser(prog=f"{FOLDER}/train.py", description=__doc__.splitlines()[0])
+    for f in dataclasses.fields(Config):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in (bool, "bool"):
+            p.add_argument(flag, action="store_true", help=f.metadata["help"])
+        else:
+            choices = {"device": DEVICES, "lp_loss": LOSSES}.get(f.name)
+            p.add_argument(flag, type=type(f.default), default=f.default,
+                           help=f.metadata["help"], choices=choices)
+    cfg = Config(**vars(p.parse_args(argv)))
+    at_least_one = ("steps", "n_categories", "n_colours", "n_materials", "n_brands", "n_fillers",
+                    "n_products", "n_queries", "clicks_per_query", "n_users", "n_items", "hidden",
+                    "lm_layers", "lm_heads", "batch_edges", "num_neg", "mlm_batch",
+                    "lm_train_nodes", "finetune_steps", "finetune_neg", "hits_k", "log_every")
+    for name in at_least_one:
+        if getattr(cfg, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
+    for name in ("warmup_steps", "co_steps"):
+        if getattr(cfg, name) < 0:
+            p.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
+    for name in ("p_same_colour", "mlm_prob", "train_frac"):
+        if not 0.0 < getattr(cfg, name) < 1.0:
+            p.error(f"--{name.replace('_', '-')} must be in (0, 1), got {getattr(cfg, name)}")
+    for name in ("pretrain_lr", "co_lr", "finetune_lr"):
+        if getattr(cfg, name) <= 0:
+            p.error(f"--{name.replace('_', '-')} must be > 0, got {getattr(cfg, name)}")
+    if cfg.hidden % cfg.lm_heads:
+        p.error(f"--hidden ({cfg.hidden}) must be divisible by --lm-heads ({cfg.lm_heads})")
+    if cfg.n_brands < cfg.n_categories:
+        p.error("--n-brands must be >= --n-categories (every category needs a brand)")
+    return cfg
+
+
+# %% 3. Seeding
+def set_seed(seed: int) -> np.random.Generator:
+    """PLUMBING: seeds random, numpy and torch; returns the numpy Generator the graphs are built
+    from. Training randomness (batches, negatives) uses torch.Generators made from the seed."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    return np.random.default_rng(seed)
+
+
+# %% 4. Toy data: a large graph corpus and a small application graph with another schema
+# PLUMBING: the vocabulary. Word-level, no tokenizer download: each word is one token id.
+PAD, CLS, MASK = "[PAD]", "[CLS]", "[MASK]"
+MAX_LEN = 6  # [CLS] + at most 5 words
+
+
+def build_vocab(cfg: Config) -> dict[str, int]:
+    words = [PAD, CLS, MASK, "brand"]
+    words += [f"pw{c}" for c in range(cfg.n_categories)]  # category word used by product texts
+    words += [f"qw{c}" for c in range(cfg.n_categories)]  # its synonym used by queries and users
+    words += [f"col{k}" for k in range(cfg.n_colours)]
+    words += [f"mat{j}" for j in range(cfg.n_materials)]
+    words += [f"br{b}" for b in range(cfg.n_brands)]
+    words += [f"f{x}" for x in range(cfg.n_fillers)]
+    return {w: i for i, w in enumerate(words)}
+
+
+def tokenize(text: str, vocab: dict[str, int], max_len: int = MAX_LEN) -> list[int]:
+    """'pw3 col1' -> [CLS, pw3, col1, PAD, ...] as ids, length max_len."""
+    ids = [vocab[CLS]] + [vocab[w] for w in text.split()]
+    assert len(ids) <= max_len, text
+    return ids + [vocab[PAD]] * (max_len - len(ids))
+
+
+# PAPER [R]: the two schemas. A relation is (name, head type, tail type). The application graph
+# shares no node type and no relation with the corpus (Figure 1 of the paper: different schemas).
+CORPUS_SCHEMA = {"click": ("query", "product"), "made_by": ("product", "brand"),
+                 "co_purchase": ("product", "product")}
+DOWNSTREAM_SCHEMA = {"buys": ("user", "item"), "also_viewed": ("item", "item")}
+
+
+@dataclass
+class Graph:
+    """A heterogeneous text graph: the networkx MultiDiGraph and the tensors the models read.
+
+    nx_graph: node attrs ntype, text, category, colour; edge key = relation name.
+    texts: (N, T) token ids; node_type: list of N type names; type_nodes[t]: (N_t,) node ids;
+    edges[r]: (2, E_r) [heads; tails] of the edges visible for training;
+    test_edges[r]: (2, E_test) held-out edges (application graph only); schema: r -> (head, tail).
+    """
+    nx_graph: nx.MultiDiGraph
+    texts: torch.Tensor
+    node_type: list
+    type_nodes: dict
+    edges: dict
+    test_edges: dict
+    schema: dict
+
+
+def _product_text(rng, cfg, c, k, b) -> str:
+    return f"pw{c} col{k} mat{rng.integers(cfg.n_materials)} br{b} f{rng.integers(cfg.n_fillers)}"
+
+
+def _query_text(rng, cfg, c, k) -> str:
+    # PLUMBING: --shared-words (exercise 5) gives queries the products' word, so text suffices.
+    word = f"pw{c}" if cfg.shared_words else f"qw{c}"
+    return f"f{rng.integers(cfg.n_fillers)} {word} col{k}"
+
+
+def _to_graph(G: nx.MultiDiGraph, vocab, schema, test_keys=()) -> Graph:
+    """PLUMBING: networkx graph -> tensors. Edges whose key is in test_keys go to test_edges."""
+    n = G.number_of_nodes()
+    texts = torch.tensor([tokenize(G.nodes[v]["text"], vocab) for v in range(n)])  # (N, T)
+    node_type = [G.nodes[v]["ntype"] for v in range(n)]
+    types = sorted(set(node_type))
+    type_nodes = {t: torch.tensor([v for v in range(n) if node_type[v] == t]) for t in types}
+    edges, test_edges = {}, {}
+    for r in schema:
+        for key, store in ((r, edges), (f"test_{r}", test_edges)):
+            pairs = [(u, v) for u, v, k in G.edges(keys=True) if k == key]
+            if pairs or key == r:
+                store[r] = torch.tensor(pairs, dtype=torch.long).reshape(-1, 2).T  # (2, E)
+    return Graph(G, texts, node_type, type_nodes, edges, test_edges, dict(schema))
+
+
+def make_corpus(cfg: Config, rng: np.random.Generator, vocab) -> Graph:
+    """The large pre-training graph: products, brands, queries; click / made_by / co_purchase.
+
+    Products: "pw{c} col{k} mat{j} br{b} f{x}". Brands: "brand br{b}". Queries: "f{x} qw{c} col{k}".
+    A query clicks products of its category (same colour with probability p_same_colour); a
+    product clicked twice by the same query is one edge (the MultiDiGraph key is the relation).
+    """
+    G = nx.MultiDiGraph()
+    C, K = cfg.n_categories, cfg.n_colours
+    # Each brand sells one "home" category (brand b -> category b mod C), so made_by is informative.
+    brands_of = [[b for b in range(cfg.n_brands) if b % C == c] for c in range(C)]
+    cat = rng.integers(C, size=cfg.n_products)  # (P,)
+    col = rng.integers(K, size=cfg.n_products)  # (P,)
+    for p in range(cfg.n_products):
+        b = int(rng.choice(brands_of[cat[p]]))
+        G.add_node(p, ntype="product", text=_product_text(rng, cfg, cat[p], col[p], b),
+                   category=int(cat[p]), colour=int(col[p]), brand=b)
+    brand_id = {b: cfg.n_products + b for b in range(cfg.n_brands)}
+    for b, v in brand_id.items():
+        G.add_node(v, ntype="brand", text=f"brand br{b}", category=b % C, colour=-1)
+    for p in range(cfg.n_products):
+        G.add_edge(p, brand_id[G.nodes[p]["brand"]], key="made_by")
+    by_cat = [np.flatnonzero(cat == c) for c in range(C)]
+    by_cat_col = {(c, k): np.flatnonzero((cat == c) & (col == k))
+                  for c in range(C) for k in range(K)}
+    for p in range(cfg.n_products):  # one co_purchase per product, within its category
+        pool = by_cat[cat[p]][by_cat[cat[p]] != p]
+        if len(pool):
+            G.add_edge(p, int(rng.choice(pool)), key="co_purchase")
+    q0 = cfg.n_products + cfg.n_brands
+    for q in range(cfg.n_queries):
+        c, k = int(rng.integers(C)), int(rng.integers(K))
+        G.add_node(q0 + q, ntype="query", text=_query_text(rng, cfg, c, k), category=c, colour=k)
+        for _ in range(cfg.clicks_per_query):
+            same = by_cat_col[(c, k)]
+            pool = same if (len(same) and rng.random() < cfg.p_same_colour) else by_cat[c]
+            if len(pool):
+                G.add_edge(q0 + q, int(rng.choice(pool)), key="click")
+    return _to_graph(G, vocab, CORPUS_SCHEMA)
+
+
+def make_downstream(cfg: Config, rng: np.random.Generator, vocab) -> Graph:
+    """The small application graph with a different schema: users buy items, items also_viewed.
+
+    Items are new products from the same generator; users read like queries ("f{x} qw{c} col{k}").
+    Each user buys up to 2 items of exactly its category and colour. train_frac of the buys edges
+    are visible for fine-tuning; the rest are held out as the test set.
+    """
+    G = nx.MultiDiGraph()
+    C, K = cfg.n_categories, cfg.n_colours
+    cat = rng.integers(C, size=cfg.n_items)  # (I,)
+    col = rng.integers(K, size=cfg.n_items)  # (I,)
+    u0 = cfg.n_items
+    for i in range(cfg.n_items):
+        b = int(rng.choice([b for b in range(cfg.n_brands) if b % C == cat[i]]))
+        G.add_node(i, ntype="item", text=_product_text(rng, cfg, cat[i], col[i], b),
+                   category=int(cat[i]), colour=int(col[i]))
+    same = [np.flatnonzero((cat == cat[i]) & (col == col[i])) for i in range(cfg.n_items)]
+    for i in range(cfg.n_items):
+        others = same[i][same[i] != i]
+        for j in rng.choice(others, size=min(2, len(others)), replace=False):
+            G.add_edge(i, int(j), key="also_viewed")
+    buys = []
+    for u in range(cfg.n_users):
+        anchor = int(rng.integers(cfg.n_items))  # the user wants this item's category+colour
+        c, k = int(cat[anchor]), int(col[anchor])
+        G.add_node(u0 + u, ntype="user", text=_query_text(rng, cfg, c, k), category=c, colour=k)
+        for i in rng.choice(same[anchor], size=min(2, len(same[anchor])), replace=False):
+            buys.append((u0 + u, int(i)))
+    order = rng.permutation(len(buys))
+    n_train = max(1, int(round(cfg.train_frac * len(buys))))
+    for rank, e in enumerate(order):
+        G.add_edge(*buys[e], key="buys" if rank < n_train else "test_buys")
+    return _to_graph(G, vocab, DOWNSTREAM_SCHEMA)
+
+
+# %% 5. Models: the LM (node-text encoder), the relational GNN, the DistMult decoder
+class TextEncoder(nn.Module):
+    """h_v = MeanPool(BERT(t_v)) over the non-[PAD] tokens. ids (N, T) -> (N, D)."""
+
+    def __init__(self, vocab_size: int, cfg: Config, max_len: int = MAX_LEN):
+        super().__init__()
+        # DEVIATION: a 2-layer, 32-wide BERT from a config (no hub weights, no internet); the paper
+        # starts from a general pre-trained LM. Our "general LM" is the random init, so "no
+        # pre-training" here means no pre-training at all. Dropout 0 keeps the tiny runs stable.
+        bert_cfg = BertConfig(vocab_size=vocab_size, hidden_size=cfg.hidden,
+                              num_hidden_layers=cfg.lm_layers, num_attention_heads=cfg.lm_heads,
+                              intermediate_size=2 * cfg.hidden, max_position_embeddings=max_len,
+                              type_vocab_size=1, hidden_dropout_prob=0.0,
+                              attention_probs_dropout_prob=0.0)
+        self.bert = BertModel(bert_cfg, add_pooling_layer=False)
+
+    def token_states(self, ids: torch.Tensor) -> torch.Tensor:
+        mask = (ids != 0).long()  # (N, T); id 0 is [PAD]
+        return self.bert(input_ids=ids, attention_mask=mask).last_hidden_state  # (N, T, D)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        mask = (ids != 0).float().unsqueeze(-1)  # (N, T, 1)
+        states = self.token_states(ids)  # (N, T, D)
+        # PAPER [R]: Pool = mean over real tokens (GraphStorm also offers [CLS] pooling).
+        return (states * mask).sum(1) / mask.sum(1).clamp(min=1.0)  # (N, D)
+
+
+def message_passing_relations(schema: dict) -> list[str]:
+    """PAPER [R]: every relation r and its reverse rev_r pass messages, so that tail-only nodes
+    (products, items, brands) receive messages too."""
+    return [name for r in schema for name in (r, f"rev_{r}")]
+
+
+def with_reverses(edges: dict) -> dict:
+    """{r: (2, E)} -> {r: (2, E), rev_r: (2, E) flipped}."""
+    out = {}
+    for r, e in edges.items():
+        out[r] = e  # (2, E)
+        out[f"rev_{r}"] = e.flip(0)  # (2, E)
+    return out
+
+
+class RGCN(nn.Module):
+    """One relational graph-convolution layer that starts as the identity.
+
+    Eq. (R4) [R]: z_v = h_v + W_0 h_v + sum_r mean_{u in N_r(v)} W_r h_u.
+    W_0 and every W_r start at zero, so z = h at initialisation: a freshly attached GNN does not
+    scramble the pre-trained LM embedding (the job the paper's warm-up step also does).
+    """
+
+    def __init__(self, dim: int, relations: list[str]):
+        super().__init__()
+        self.W_0 = nn.Linear(dim, dim, bias=False)
+        self.W_r = nn.ModuleDict({r: nn.Linear(dim, dim, bias=False) for r in relations})
+        for lin in [self.W_0, *self.W_r.values()]:
+            nn.init.zeros_(lin.weight)
+
+    def forward(self, h: torch.Tensor, edges: dict) -> torch.Tensor:
+        """h (N, D); edges {r: (2, E_r) [src; dst]}, every r in self.W_r. Returns z (N, D)."""
+        # DEVIATION: no nonlinearity sigma around the sum: with a single layer followed by a
+        # DistMult decoder a ReLU would zero half the pre-trained coordinates and break the
+        # identity start; the notes' prototype used the same residual, linear form.
+        # Eq. (R4) [R]: z_v = h_v + W_0 h_v + sum_r mean_{u in N_r(v)} W_r h_u
+        z = h + self.W_0(h)  # (N, D)
+        for r, e in edges.items():
+            z = z + relation_mean_message(h, e, self.W_r[r])  # (N, D)
+        return z
+
+
+def relation_mean_message(h: torch.Tensor, edges: torch.Tensor, W_r: nn.Module) -> torch.Tensor:
+    """mean_{u in N_r(v)} W_r h_u for every node v (zero for a node without r-in-neighbours).
+
+    h (N, D); edges (2, E) [src u; dst v]; W_r maps (., D) -> (., D). Returns (N, D).
+    """
+    # BEGIN SOLUTION (exercise 1)
+    # Exercise 1: the per-relation mean aggregation of Eq. (R4) (index_add_, no 0/0 for isolated v).
+    src, dst = edges[0], edges[1]  # (E,), (E,)
+    msg = W_r(h[src])  # (E, D)
+    total = torch.zeros_like(h).index_add_(0, dst, msg)  # (N, D)
+    ones = torch.ones(dst.shape[0], dtype=h.dtype)  # (E,)
+    deg = torch.zeros(h.shape[0], dtype=h.dtype).index_add_(0, dst, ones)  # (N,) in-degree
+    # Eq. (R4) [R]: mean_{u in N_r(v)} W_r h_u; a node without r-in-neighbours gets 0 / 1 = 0
+    return total / deg.clamp(min=1.0).unsqueeze(1)  # (N, D)
+    # END SOLUTION
+
+
+class DistMult(nn.Module):
+    """One learnable vector w_r per supervised relation (init ones = plain dot product)."""
+
+    def __init__(self, dim: int, relations: list[str]):
+        super().__init__()
+        self.w = nn.ParameterDict({r: nn.Parameter(torch.ones(dim)) for r in relations})
+
+
+class LinkModel(nn.Module):
+    """LM (+ optional GNN) + DistMult decoder. State-dict keys start with lm., gnn., decoder."""
+
+    def __init__(self, lm: TextEncoder, gnn: RGCN | None, decoder: DistMult):
+        super().__init__()
+        self.lm, self.gnn, self.decoder = lm, gnn, decoder
+
+
+# %% 6. The paper's core: scores, losses, negatives, the target-edge split, the lm_train_nodes trick
+def distmult_score(h_u: torch.Tensor, w_r: torch.Tensor, h_v: torch.Tensor) -> torch.Tensor:
+    """Eq. (R1) [R]: s(u, r, v) = sum_k h_u[k] * w_r[k] * h_v[k].
+
+    h_u (..., D), w_r (D,), h_v (..., D), broadcast against each other. Returns (...,).
+    """
+    # Eq. (R1) [R]: s(u, r, v) = sum_k h_u[k] * w_r[k] * h_v[k]
+    return (h_u * w_r * h_v).sum(-1)  # (...,)
+
+
+def link_bce_loss(pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
+    """Eq. (R2) [R]: binary cross-entropy over positive and corrupted edges, mean over all scores:
+    L = mean( [-log sigma(s(u,r,v))]_pos  ++  [-log(1 - sigma(s(u,r,v')))]_neg ).
+
+    pos (B,) scores of true edges; neg (B, K) scores of corrupted edges. Returns a scalar.
+    """
+    # BEGIN SOLUTION (exercise 2)
+    # Exercise 2: the BCE link-prediction loss of Eq. (R2), one mean over all B + B*K terms.
+    # -log sigma(s) = softplus(-s) and -log(1 - sigma(s)) = softplus(s), numerically stable.
+    # Eq. (R2) [R]: L = mean( softplus(-s+) over positives ++ softplus(s(u,r,v')) over negatives )
+    terms = torch.cat([F.softplus(-pos).reshape(-1), F.softplus(neg).reshape(-1)])  # (B + B*K,)
+    return terms.mean()
+    # END SOLUTION
+
+
+def link_contrastive_loss(pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
+    """Eq. (R3) [R]: L = mean_B -log( e^{s+} / (e^{s+} + sum_{v'} e^{s(u,r,v')}) ).
+
+    pos (B,), neg (B, K). Returns a scalar.
+    """
+    logits = torch.cat([pos.unsqueeze(1), neg], dim=1)  # (B, 1 + K)
+    # Eq. (R3) [R]: -log softmax of the positive = logsumexp(s+, s(v'_1..K)) - s+
+    return (torch.logsumexp(logits, dim=1) - pos).mean()
+
+
+LINK_LOSSES = {"bce": link_bce_loss, "contrastive": link_contrastive_loss}
+
+
+def sample_negatives(tail_pool: torch.Tensor, n: int, k: int, gen: torch.Generator) -> torch.Tensor:
+    """PAPER [R]: corrupt the tail with K nodes drawn uniformly from the nodes of the *tail's type*
+    (a product is never "negative" against a brand: that would be too easy and teach nothing).
+
+    tail_pool (P,) node ids of the tail type. Returns (n, k) node ids.
+    """
+    return tail_pool[torch.randint(len(tail_pool), (n, k), generator=gen)]  # (n, k)
+
+
+def split_target_edges(edges: torch.Tensor, n_target: int, gen: torch.Generator):
+    """PAPER [R]: split edges (2, E) at random into n_target supervision edges and the rest, which
+    alone may pass messages. Message passing over the edge being predicted leaks the label: the
+    GNN learns to spot the direct edge and collapses at test time (the notes measured this).
+    Returns (target (2, n_target), message (2, E - n_target)).
+    """
+    perm = torch.randperm(edges.shape[1], generator=gen)  # (E,)
+    return edges[:, perm[:n_target]], edges[:, perm[n_target:]]
+
+
+def embed_with_subset(lm: TextEncoder, texts: torch.Tensor, subset: torch.Tensor) -> torch.Tensor:
+    """The lm_train_nodes trick (GraphStorm; [R] for the paper): LM embeddings of all N nodes are
+    computed without gradient, then recomputed *with* gradient for the sampled subset only, so the
+    co-training cost is the subset's, while forward values equal the all-no-grad values.
+
+    texts (N, T); subset (S,) node ids. Returns h (N, D); LM gradients flow through subset only.
+    """
+    # BEGIN SOLUTION (exercise 3)
+    # Exercise 3: all embeddings without gradient, then the subset's rows recomputed with gradient.
+    with torch.no_grad():
+        h_all = lm(texts)  # (N, D)
+    h_sub = lm(texts[subset])  # (S, D)
+    return h_all.index_copy(0, subset, h_sub)  # (N, D)
+    # END SOLUTION
+
+
+def mrr_and_hits(scores: torch.Tensor, true_idx: torch.Tensor, k: int,
+                 filter_mask: torch.Tensor | None = None) -> tuple[float, float]:
+    """Mean reciprocal rank and Hits@k of the true candidate.
+
+    scores (Q, M) for Q queries over M candidates; true_idx (Q,); filter_mask (Q, M) True for other
+    known positives, which are removed from the ranking ("filtered" setting). Ties count half, so a
+    constant scorer gets the middle rank, not rank 1.
+    """
+    true = scores.gather(1, true_idx.unsqueeze(1))  # (Q, 1)
+    others = torch.ones_like(scores, dtype=torch.bool)  # (Q, M)
+    others.scatter_(1, true_idx.unsqueeze(1), False)
+    if filter_mask is not None:
+        others &= ~filter_mask
+    greater = ((scores > true) & others).sum(1).float()  # (Q,)
+    equal = ((scores == true) & others).sum(1).float()  # (Q,)
+    rank = 1.0 + greater + 0.5 * equal  # (Q,)
+    return float((1.0 / rank).mean()), float((rank <= k).float().mean())
+
+
+def mask_tokens(ids: torch.Tensor, prob: float, mask_id: int, gen: torch.Generator):
+    """Text-only baseline (BERT MLM): replace a fraction `prob` of the real words (never [CLS] or
+    [PAD]) by [MASK]. ids (N, T). Returns (masked ids (N, T), labels (N, T) with -100 = ignore)."""
+    real = ids > 2  # (N, T); ids 0, 1, 2 are [PAD], [CLS], [MASK]
+    pick = (torch.rand(ids.shape, generator=gen) < prob) & real  # (N, T)
+    if not pick.any():  # at least one target per batch
+        first = real.nonzero()[0]
+        pick[first[0], first[1]] = True
+    # DEVIATION: always [MASK] (BERT's 80/10/10 random/keep mix is unnecessary at this size).
+    masked = ids.masked_fill(pick, mask_id)  # (N, T)
+    labels = ids.masked_fill(~pick, -100)  # (N, T)
+    return masked, labels
+
+
+# %% 7. Training: pre-training (none / MLM / GaLM / GaLM_co) and fine-tuning (F1 / F2 / F3)
+def _bar(n: int, desc: str):
+    return tqdm(range(n), desc=desc, leave=False, dynamic_ncols=True, mininterval=0.5)
+
+
+def _log(tag: str, step: int, loss: float, every: int, n: int):
+    if step % every == 0 or step == n - 1:
+        tqdm.write(f"[{tag}] step {step:4d} | loss {loss:.4f}")
+
+
+def lp_batch_loss(z: torch.Tensor, w_r: torch.Tensor, target: torch.Tensor, neg: torch.Tensor,
+                  loss_fn) -> torch.Tensor:
+    """Score B target edges (2, B) against their corrupted tails (B, K) on embeddings z (N, D)."""
+    h_u = z[target[0]]  # (B, D)
+    pos = distmult_score(h_u, w_r, z[target[1]])  # (B,)
+    negs = distmult_score(h_u.unsqueeze(1), w_r, z[neg])  # (B, K)
+    return loss_fn(pos, negs)
+
+
+def pretrain_mlm(lm: TextEncoder, corpus: Graph, cfg: Config, gen: torch.Generator) -> list:
+    """Baseline: text-only masked-language-model pre-training on the corpus texts (no edges)."""
+    head = nn.Linear(cfg.hidden, lm.bert.config.vocab_size)  # (D -> V), discarded afterwards
+    opt = torch.optim.Adam([*lm.parameters(), *head.parameters()], lr=cfg.pretrain_lr)
+    losses = []
+    for step in _bar(cfg.steps, "mlm"):
+        rows = torch.randint(len(corpus.texts), (cfg.mlm_batch,), generator=gen)  # (B,)
+        masked, labels = mask_tokens(corpus.texts[rows], cfg.mlm_prob, 2, gen)  # (B, T) each
+        logits = head(lm.token_states(masked))  # (B, T, V)
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                               ignore_index=-100)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+        _log("mlm", step, losses[-1], cfg.log_every, cfg.steps)
+    return losses
+
+
+def pretrain_galm(lm: TextEncoder, decoder: DistMult, corpus: Graph, cfg: Config,
+                  gen: torch.Generator) -> list:
+    """PAPER: GaLM (Figure 3a) - we further train the LM alone with graph-aware supervision.
+
+    [R] The supervision is link prediction on the corpus: each step takes B edges of one relation
+    (cycling click, made_by, co_purchase), K tails of the right node type as negatives, embeds the
+    texts of the nodes involved with the LM and scores them with DistMult.
+    """
+    opt = torch.optim.Adam([*lm.parameters(), *decoder.parameters()], lr=cfg.pretrain_lr)
+    loss_fn, rels, losses = LINK_LOSSES[cfg.lp_loss], list(corpus.schema), []
+    for step in _bar(cfg.steps, "galm"):
+        r = rels[step % len(rels)]
+        target, _ = split_target_edges(corpus.edges[r], cfg.batch_edges, gen)  # (2, B)
+        neg = sample_negatives(corpus.type_nodes[corpus.schema[r][1]], target.shape[1],
+                               cfg.num_neg, gen)  # (B, K)
+        # PLUMBING: encode each node of the batch once.
+        nodes, inverse = torch.cat([target.reshape(-1), neg.reshape(-1)]).unique(
+            return_inverse=True)  # (U,), (2B + BK,)
+        h = lm(corpus.texts[nodes])  # (U, D)
+        B = target.shape[1]
+        local_t, local_n = inverse[:2 * B].reshape(2, B), inverse[2 * B:].reshape(B, -1)
+        loss = lp_batch_loss(h, decoder.w[r], local_t, local_n, loss_fn)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+        _log("galm", step, losses[-1], cfg.log_every, cfg.steps)
+    return losses
+
+
+def graph_lp_step(h: torch.Tensor, gnn: RGCN, decoder: DistMult, graph: Graph, r: str,
+                  n_target: int, n_neg: int, gen: torch.Generator, loss_fn, leak: bool = False):
+    """One link-prediction step through the GNN on node embeddings h (N, D).
+
+    PAPER [R]: n_target edges of relation r are the supervision; the message-passing graph is every
+    other visible edge (plus reverses) - never the targets themselves (unless leak, exercise 4).
+    """
+    target, rest = split_target_edges(graph.edges[r], n_target, gen)  # (2, B), (2, E - B)
+    visible = dict(graph.edges)
+    visible[r] = graph.edges[r] if leak else rest
+    z = gnn(h, with_reverses(visible))  # (N, D)
+    neg = sample_negatives(graph.type_nodes[graph.schema[r][1]], target.shape[1], n_neg, gen)
+    return lp_batch_loss(z, decoder.w[r], target, neg, loss_fn)
+
+
+def gnn_warmup(lm: TextEncoder, gnn: RGCN, decoder: DistMult, corpus: Graph, cfg: Config,
+               gen: torch.Generator) -> list:
+    """PAPER: GaLM_co step ii - warm up the GNN aggregator with the graph-aware LM frozen.
+
+    The LM embeddings are fixed node features (computed once); only GNN and decoder train.
+    """
+    with torch.no_grad():
+        h = lm(corpus.texts)  # (N, D)
+    opt = torch.optim.Adam([*gnn.parameters(), *decoder.parameters()], lr=cfg.co_lr)
+    loss_fn, rels, losses = LINK_LOSSES[cfg.lp_loss], list(corpus.schema), []
+    for step in _bar(cfg.warmup_steps, "galm_co warm-up"):
+        r = rels[step % len(rels)]
+        loss = graph_lp_step(h, gnn, decoder, corpus, r, cfg.batch_edges, cfg.num_neg, gen,
+                             loss_fn, cfg.leak_targets)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+        _log("galm_co warm-up", step, losses[-1], cfg.log_every, cfg.warmup_steps)
+    return losses
+
+
+def co_train(lm: TextEncoder, gnn: RGCN, decoder: DistMult, corpus: Graph, cfg: Config,
+             gen: torch.Generator) -> list:
+    """PAPER: GaLM_co step iii - co-train the LM and the warmed-up GNN end-to-end: the
+    link-prediction loss back-propagates through the GNN into the LM.
+
+    [R] Per step only lm_train_nodes random nodes get LM gradients (embed_with_subset).
+    """
+    params = [*lm.parameters(), *gnn.parameters(), *decoder.parameters()]
+    opt = torch.optim.Adam(params, lr=cfg.co_lr)
+    loss_fn, rels, losses = LINK_LOSSES[cfg.lp_loss], list(corpus.schema), []
+    n = len(corpus.texts)
+    for step in _bar(cfg.co_steps, "galm_co co-train"):
+        r = rels[step % len(rels)]
+        subset = torch.randperm(n, generator=gen)[:cfg.lm_train_nodes]  # (S,)
+        h = embed_with_subset(lm, corpus.texts, subset)  # (N, D)
+        loss = graph_lp_step(h, gnn, decoder, corpus, r, cfg.batch_edges, cfg.num_neg, gen,
+                             loss_fn, cfg.leak_targets)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+        _log("galm_co co-train", step, losses[-1], cfg.log_every, cfg.co_steps)
+    return losses
+
+
+def transfer_lm(pretrained_lm_state: dict, model: LinkModel) -> list[str]:
+    """PAPER [R]: schema transfer. The LM reads text and is schema-agnostic, so it carries the
+    pre-trained knowledge: we copy exactly the LM's weights. GNN and decoder weights are per
+    relation (click, made_by, ...) and mean nothing for buys / also_viewed, so they are
+    re-initialised for the new schema (identity GNN, ones for w_r). Returns the copied keys."""
+    model.lm.load_state_dict(pretrained_lm_state, strict=True)
+    return [f"lm.{k}" for k in pretrained_lm_state]
+
+
+def finetune(lm_state: dict, graph: Graph, variant: str, cfg: Config, vocab_size: int,
+             seed: int) -> dict:
+    """Fine-tune on the application graph's `buys` link prediction, then evaluate on test edges.
+
+    PAPER [R] variants ("a variety of fine-tuning methods"):
+      frozen_gnn (F1): LM frozen (embeddings computed once), new GNN + decoder trained.
+      lm_ft      (F2): LM + decoder fine-tuned, no GNN.
+      co         (F3): LM + new GNN + decoder co-trained end-to-end.
+    Returns {"losses", "mrr", "hits", "model"}.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    lm = TextEncoder(vocab_size, cfg)
+    gnn = None if variant == "lm_ft" else RGCN(cfg.hidden, message_passing_relations(graph.schema))
+    model = LinkModel(lm, gnn, DistMult(cfg.hidden, ["buys"]))
+    transfer_lm(lm_state, model)
+    if variant == "frozen_gnn":
+        model.lm.requires_grad_(False)
+        with torch.no_grad():
+            h_frozen = model.lm(graph.texts)  # (N, D)
+        params = [*model.gnn.parameters(), *model.decoder.parameters()]
+    else:
+        params = list(model.parameters())
+    opt = torch.optim.Adam(params, lr=cfg.finetune_lr)
+    loss_fn, losses = LINK_LOSSES[cfg.lp_loss], []
+    n_train = graph.edges["buys"].shape[1]
+    for _step in _bar(cfg.finetune_steps, f"finetune {variant}"):
+        h = h_frozen if variant == "frozen_gnn" else model.lm(graph.texts)  # (N, D)
+        if model.gnn is None:
+            # No GNN, no message passing: every training edge can be a supervision edge.
+            target = graph.edges["buys"][:, torch.randperm(n_train, generator=gen)]  # (2, E)
+            neg = sample_negatives(graph.type_nodes["item"], n_train, cfg.finetune_neg, gen)
+            loss = lp_batch_loss(h, model.decoder.w["buys"], target, neg, loss_fn)
+        else:
+            # Half the training edges are targets, the other half pass messages (new each step).
+            loss = graph_lp_step(h, model.gnn, model.decoder, graph, "buys",
+                                 max(1, n_train // 2), cfg.finetune_neg, gen, loss_fn,
+                                 cfg.leak_targets)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    mrr, hits = evaluate(model, graph, cfg.hits_k)
+    return {"losses": losses, "mrr": mrr, "hits": hits, "model": model}
+
+
+@torch.no_grad()
+def synonym_alignment(lm: TextEncoder, vocab: dict, n_categories: int) -> dict:
+    """Diagnostic: does the LM know that qw{c} means pw{c}? Embeds the one-word texts and returns
+    the top-1 accuracy of retrieving pw{c} from qw{c} (chance 1/C) and the cosine gap
+    mean cos(pw_c, qw_c) - mean cos(pw_c, qw_c'), c != c'."""
+    pw = torch.tensor([tokenize(f"pw{c}", vocab) for c in range(n_categories)])  # (C, T)
+    qw = torch.tensor([tokenize(f"qw{c}", vocab) for c in range(n_categories)])  # (C, T)
+    a, b = F.normalize(lm(pw), dim=-1), F.normalize(lm(qw), dim=-1)  # (C, D) each
+    cos = b @ a.T  # (C, C) rows: qw, columns: pw
+    eye = torch.eye(n_categories, dtype=torch.bool)  # (C, C)
+    acc = (cos.argmax(1) == torch.arange(n_categories)).float().mean()
+    gap = cos[eye].mean() - cos[~eye].mean()
+    return {"top1": float(acc), "cos_gap": float(gap), "cos": cos.numpy(),
+            "pw": a.numpy(), "qw": b.numpy()}
+
+
+def train(cfg: Config) -> dict:
+    """Pre-train one LM per mode from the same init, fine-tune each with every variant, evaluate.
+
+    Writes summary.json and galm.png to cfg.out_dir. Returns {"history", "metrics", "summary"}.
+    """
+    if cfg.quick:
+        cfg = dataclasses.replace(cfg, **QUICK)
+    t0 = time.time()
+    rng = set_seed(cfg.seed)
+    vocab = build_vocab(cfg)
+    corpus = make_corpus(cfg, rng, vocab)
+    app = make_downstream(cfg, rng, vocab)
+    if "buys" not in app.test_edges or app.test_edges["buys"].shape[1] == 0:
+        raise SystemExit(f"{FOLDER}/train.py: error: no held-out buys edges; raise --n-users or "
+                         "lower --train-frac")
+    print(f"corpus: {len(corpus.texts)} nodes, "
+          + ", ".join(f"{r} {e.shape[1]}" for r, e in corpus.edges.items())
+          + f" | application: {len(app.texts)} nodes, buys train {app.edges['buys'].shape[1]}"
+          f" / test {app.test_edges['buys'].shape[1]}, "
+          f"also_viewed {app.edges['also_viewed'].shape[1]}")
+
+    # PAPER: every pre-training mode starts from the same randomly initialised "general" LM.
+    torch.manual_seed(cfg.seed)
+    init_lm = TextEncoder(len(vocab), cfg)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    lms, history = {}, {"pretrain": {}, "finetune": {}}
+
+    lms["none"] = copy.deepcopy(init_lm)
+
+    lm = copy.deepcopy(init_lm)
+    history["pretrain"]["mlm"] = pretrain_mlm(lm, corpus, cfg, gen)
+    lms["mlm"] = lm
+
+    lm, decoder = copy.deepcopy(init_lm), DistMult(cfg.hidden, list(corpus.schema))
+    history["pretrain"]["galm"] = pretrain_galm(lm, decoder, corpus, cfg, gen)
+    lms["galm"] = lm
+
+    # PAPER: GaLM_co (Figure 3b) = GaLM (step i, reused), then GNN warm-up, then co-training.
+    lm = copy.deepcopy(lms["galm"])
+    gnn = RGCN(cfg.hidden, message_passing_relations(corpus.schema))
+    history["pretrain"]["galm_co_warmup"] = gnn_warmup(lm, gnn, decoder, corpus, cfg, gen)
+    history["pretrain"]["galm_co_cotrain"] = co_train(lm, gnn, decoder, corpus, cfg, gen)
+    lms["galm_co"] = lm
+
+    metrics, results, align = {}, {}, {}
+    for pt in PRETRAIN_MODES:
+        a = synonym_alignment(lms[pt], vocab, cfg.n_categories)
+        align[pt] = a
+        metrics[f"synonym_top1/{pt}"] = a["top1"]
+        metrics[f"synonym_cos_gap/{pt}"] = a["cos_gap"]
+        state = lms[pt].state_dict()
+        for j, ft in enumerate(FINETUNE_MODES):
+            # Paired comparison: every pre-training sees the same fine-tuning randomness.
+            out = finetune(state, app, ft, cfg, len(vocab), seed=cfg.seed * 1000 + j)
+            results[(pt, ft)] = out
+            history["finetune"][f"{pt}/{ft}"] = out["losses"]
+            metrics[f"mrr/{pt}/{ft}"] = out["mrr"]
+            metrics[f"hits{cfg.hits_k}/{pt}/{ft}"] = out["hits"]
+            tqdm.write(f"[finetune] {pt:>7} + {ft:<10} | loss {out['losses'][-1]:.4f} | "
+                       f"MRR {out['mrr']:.3f} | Hits@{cfg.hits_k} {out['hits']:.3f}")
+    galm_losses = history["pretrain"]["galm"]
+    metrics["galm_loss_first"], metrics["galm_loss_last"] = galm_losses[0], galm_losses[-1]
+
+    # The claim: graph-aware pre-training (GaLM, and GaLM_co) beats no pre-training and text-only
+    # MLM pre-training on the new-schema graph, whichever way we fine-tune. 3 rows per variant
+    # cover the whole 4 x 3 table of MRRs.
+    headline = []
+    for ft in FINETUNE_MODES:
+        for method, base in (("galm", "none"), ("galm", "mlm"), ("galm_co", "none")):
+            headline.append({"metric": f"MRR ({ft})", "higher_is_better": True,
+                             "method": {"name": method, "value": metrics[f"mrr/{method}/{ft}"]},
+                             "baseline": {"name": base, "value": metrics[f"mrr/{base}/{ft}"]}})
+    summary = {"folder": FOLDER, "seed": cfg.seed, "config": dataclasses.asdict(cfg),
+               "wall_seconds": time.time() - t0, "metrics": metrics, "headline": headline}
+    out_dir = Path(cfg.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plot(metrics, align, history, cfg, out_dir / "galm.png")
+    summary["wall_seconds"] = time.time() - t0
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(results_table(metrics, cfg))
+    print(f"wall time {summary['wall_seconds']:.1f} s | wrote {out_dir / 'summary.json'}")
+    return {"history": history, "metrics": metrics, "summary": summary}
+
+
+# %% 8. Evaluation and plots
+@torch.no_grad()
+def evaluate(model: LinkModel, graph: Graph, k: int) -> tuple[float, float]:
+    """MRR and Hits@k of every held-out buys edge (user, item) against all items (filtered: the
+    user's other true items are removed from the ranking). All training edges pass messages; the
+    test edges never do."""
+    z = model.lm(graph.texts)  # (N, D)
+    if model.gnn is not None:
+        z = model.gnn(z, with_reverses(graph.edges))  # (N, D)
+    items = graph.type_nodes["item"]  # (M,)
+    col_of = torch.full((len(graph.texts),), -1, dtype=torch.long)
+    col_of[items] = torch.arange(len(items))  # global node id -> item column
+    test = graph.test_edges["buys"]  # (2, Q)
+    scores = distmult_score(z[test[0]].unsqueeze(1), model.decoder.w["buys"], z[items])  # (Q, M)
+    known = torch.cat([graph.edges["buys"], test], dim=1)  # (2, E_all)
+    filt = torch.zeros_like(scores, dtype=torch.bool)  # (Q, M)
+    for q in range(test.shape[1]):
+        filt[q, col_of[known[1, known[0] == test[0, q]]]] = True
+    return mrr_and_hits(scores, col_of[test[1]], k, filt)
+
+
+def results_table(metrics: dict, cfg: Config) -> str:
+    head = "| pre-training | " + " | ".join(FINETUNE_MODES) + " | synonym top-1 |"
+    rows = [head, "|" + " --- |" * (len(FINETUNE_MODES) + 2)]
+    for pt in PRETRAIN_MODES:
+        cells = [f"{metrics[f'mrr/{pt}/{ft}']:.3f}" for ft in FINETUNE_MODES]
+        rows.append(f"| {pt} | " + " | ".join(cells) + f" | {metrics[f'synonym_top1/{pt}']:.2f} |")
+    return "\nDownstream MRR (application graph, held-out buys edges)\n" + "\n".join(rows)
+
+
+def plot(metrics: dict, align: dict, history: dict, cfg: Config, path: Path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(1, 3, figsize=(15, 4))
+    x, width = np.arange(len(FINETUNE_MODES)), 0.2
+    for i, pt in enumerate(PRETRAIN_MODES):
+        ax[0].bar(x + (i - 1.5) * width, [metrics[f"mrr/{pt}/{ft}"] for ft in FINETUNE_MODES],
+                  width, label=pt)
+    ax[0].set_xticks(x, ["F1 frozen LM + GNN", "F2 LM only", "F3 LM + GNN co-train"])
+    top = max(metrics[f"mrr/{pt}/{ft}"] for pt in PRETRAIN_MODES for ft in FINETUNE_MODES)
+    ax[0].set_ylim(0, 1.3 * top)
+    ax[0].set_ylabel("downstream MRR (held-out buys edges)")
+    ax[0].set_title("Fine-tuning on a new-schema graph")
+    ax[0].legend(title="pre-training", ncol=4, loc="upper center", fontsize=8)
+    for name in ("mlm", "galm"):
+        ax[1].plot(history["pretrain"][name], label=name)
+    n0 = len(history["pretrain"]["galm"])
+    for name in ("galm_co_warmup", "galm_co_cotrain"):
+        ys = history["pretrain"][name]
+        ax[1].plot(range(n0, n0 + len(ys)), ys, label=name)
+        n0 += len(ys)
+    ax[1].set_yscale("log")
+    ax[1].set_xlabel("pre-training step")
+    ax[1].set_ylabel("loss (log scale)")
+    ax[1].set_title("Pre-training losses (link prediction cycles 3 relations)")
+    ax[1].legend()
+    ax[2].bar(PRETRAIN_MODES, [align[pt]["top1"] for pt in PRETRAIN_MODES], color="tab:gray")
+    ax[2].axhline(1.0 / cfg.n_categories, ls="--", color="k", label="chance")
+    ax[2].set_ylabel("top-1 accuracy")
+    ax[2].set_title("LM retrieves pw{c} from its synonym qw{c}")
+    ax[2].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# %% 9. Entry point
+def main(argv=None) -> dict:
+    cfg = parse_args(argv)
+    # PLUMBING: tiny models are fastest on one thread (and the machine is shared).
+    torch.set_num_threads(1)
+    return train(cfg)
+
+
+if __name__ == "__main__":
+    main()

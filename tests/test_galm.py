@@ -1,0 +1,439 @@
+"""Tests for galm/train.py: hand values, invariants, equivalences, a smoke run."""
+
+import dataclasses
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from galm import train as galm
+
+pytestmark = pytest.mark.galm
+
+
+# ---------------------------------------------------------------------------------------------
+# Fixtures: one torch thread (as main() does; the tiny models are slower with more), and the
+# quick-config graphs (built once)
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def qcfg():
+    return dataclasses.replace(galm.Config(), **galm.QUICK)
+
+
+@pytest.fixture(scope="module")
+def graphs(qcfg):
+    rng = np.random.default_rng(0)
+    vocab = galm.build_vocab(qcfg)
+    return vocab, galm.make_corpus(qcfg, rng, vocab), galm.make_downstream(qcfg, rng, vocab)
+
+
+def _edge_set(e):
+    return {tuple(x) for x in e.T.tolist()}
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. Hand values: scores, losses, metrics
+# ---------------------------------------------------------------------------------------------
+def test_distmult_hand_value_symmetry_and_dot_product():
+    h_u, h_v, w = torch.tensor([1.0, 2.0]), torch.tensor([3.0, -1.0]), torch.tensor([2.0, 1.0])
+    assert galm.distmult_score(h_u, w, h_v).item() == pytest.approx(1 * 2 * 3 + 2 * 1 * -1)
+    assert galm.distmult_score(h_v, w, h_u).item() == pytest.approx(4.0)
+    assert galm.distmult_score(h_u, torch.ones(2), h_v).item() == pytest.approx(h_u @ h_v)
+
+
+def test_distmult_broadcasts_over_negatives():
+    g = torch.Generator().manual_seed(0)
+    h_u, w, h_n = torch.randn(3, 4, generator=g), torch.randn(4, generator=g), torch.randn(
+        3, 5, 4, generator=g)
+    s = galm.distmult_score(h_u.unsqueeze(1), w, h_n)
+    naive = torch.tensor([[float((h_u[b] * w * h_n[b, k]).sum()) for k in range(5)]
+                          for b in range(3)])
+    assert s.shape == (3, 5)
+    torch.testing.assert_close(s, naive)
+
+
+@pytest.mark.exercise
+def test_link_bce_loss_hand_values():
+    zero = galm.link_bce_loss(torch.zeros(3), torch.zeros(3, 4))
+    assert zero.item() == pytest.approx(math.log(2), abs=1e-6)
+    # one positive with score 2, one negative with score -1: 0.5 (log(1+e^-2) + log(1+e^-1))
+    v = galm.link_bce_loss(torch.tensor([2.0]), torch.tensor([[-1.0]]))
+    assert v.item() == pytest.approx(0.5 * (0.126928 + 0.313262), abs=1e-6)
+    # a perfect scorer gets (near) zero loss; a reversed one a large loss
+    assert galm.link_bce_loss(torch.full((4,), 30.0), torch.full((4, 3), -30.0)).item() < 1e-9
+    assert galm.link_bce_loss(torch.full((4,), -30.0), torch.full((4, 3), 30.0)).item() > 29
+
+
+@pytest.mark.exercise
+def test_link_bce_loss_matches_torch_bce_over_all_scores():
+    g = torch.Generator().manual_seed(1)
+    pos, neg = torch.randn(5, generator=g) * 3, torch.randn(5, 7, generator=g) * 3
+    logits = torch.cat([pos, neg.reshape(-1)])
+    labels = torch.cat([torch.ones(5), torch.zeros(35)])
+    ref = F.binary_cross_entropy_with_logits(logits, labels)
+    torch.testing.assert_close(galm.link_bce_loss(pos, neg), ref)
+
+
+def test_contrastive_loss_hand_value_and_library_equivalence():
+    v = galm.link_contrastive_loss(torch.tensor([2.0]), torch.tensor([[-1.0, 0.0]]))
+    assert v.item() == pytest.approx(math.log(1 + math.exp(-3) + math.exp(-2)), abs=1e-6)
+    assert galm.link_contrastive_loss(torch.tensor([40.0]), torch.tensor([[0.0, -5.0]])) < 1e-9
+    g = torch.Generator().manual_seed(2)
+    pos, neg = torch.randn(6, generator=g), torch.randn(6, 3, generator=g)
+    ref = F.cross_entropy(torch.cat([pos[:, None], neg], 1), torch.zeros(6, dtype=torch.long))
+    torch.testing.assert_close(galm.link_contrastive_loss(pos, neg), ref)
+
+
+def test_mrr_and_hits_hand_values():
+    scores = torch.tensor([[0.9, 0.5, 0.7]])
+    mrr, hits1 = galm.mrr_and_hits(scores, torch.tensor([1]), k=1)
+    assert mrr == pytest.approx(1 / 3) and hits1 == 0.0
+    assert galm.mrr_and_hits(scores, torch.tensor([1]), k=3)[1] == 1.0
+    assert galm.mrr_and_hits(scores, torch.tensor([0]), k=1) == (pytest.approx(1.0), 1.0)
+    # two queries: ranks 1 and 3 -> MRR (1 + 1/3) / 2, Hits@2 = 1/2
+    two = torch.tensor([[0.9, 0.5, 0.7], [0.1, 0.2, 0.3]])
+    mrr, hits2 = galm.mrr_and_hits(two, torch.tensor([0, 0]), k=2)
+    assert mrr == pytest.approx((1 + 1 / 3) / 2) and hits2 == 0.5
+
+
+def test_mrr_filters_known_positives_and_counts_ties_half():
+    scores = torch.tensor([[0.9, 0.5, 0.7]])
+    filt = torch.tensor([[True, False, False]])  # item 0 is another true item of this user
+    assert galm.mrr_and_hits(scores, torch.tensor([1]), 10, filt)[0] == pytest.approx(1 / 2)
+    # a constant scorer does not get rank 1: ties count half -> rank 1 + 0.5 * 2 = 2
+    assert galm.mrr_and_hits(torch.zeros(1, 3), torch.tensor([2]), 10)[0] == pytest.approx(0.5)
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. The GNN
+# ---------------------------------------------------------------------------------------------
+def _linear(matrix):
+    lin = nn.Linear(matrix.shape[1], matrix.shape[0], bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(matrix)
+    return lin
+
+
+@pytest.mark.exercise
+def test_relation_mean_message_by_hand_on_three_nodes():
+    # nodes a=0, b=1, c=2; relation r has edges a->c and b->c; W_r = [[1, 1], [0, 2]]
+    h = torch.tensor([[1.0, 2.0], [3.0, -1.0], [5.0, 5.0]])
+    W_r = _linear(torch.tensor([[1.0, 1.0], [0.0, 2.0]]))
+    edges = torch.tensor([[0, 1], [2, 2]])
+    m = galm.relation_mean_message(h, edges, W_r)
+    # W_r h_a = [3, 4], W_r h_b = [2, -2]; mean = [2.5, 1.0]; a and b receive nothing
+    torch.testing.assert_close(m, torch.tensor([[0.0, 0.0], [0.0, 0.0], [2.5, 1.0]]))
+    assert torch.isfinite(m).all()
+    # neighbour order does not matter
+    torch.testing.assert_close(galm.relation_mean_message(h, edges.flip(1), W_r), m)
+
+
+@pytest.mark.exercise
+def test_relation_mean_message_matches_naive_loop():
+    g = torch.Generator().manual_seed(3)
+    h = torch.randn(7, 4, generator=g)
+    edges = torch.randint(7, (2, 15), generator=g)
+    W_r = _linear(torch.randn(4, 4, generator=g))
+    out = galm.relation_mean_message(h, edges, W_r)
+    for v in range(7):
+        srcs = edges[0, edges[1] == v]
+        want = W_r(h[srcs]).mean(0) if len(srcs) else torch.zeros(4)
+        torch.testing.assert_close(out[v], want)
+
+
+def test_rgcn_is_identity_at_init_and_hand_value_after():
+    gnn = galm.RGCN(2, ["r", "rev_r"])
+    h = torch.tensor([[1.0, 2.0], [3.0, -1.0], [5.0, 5.0]])
+    edges = galm.with_reverses({"r": torch.tensor([[0, 1], [2, 2]])})
+    torch.testing.assert_close(gnn(h, edges), h)
+    with torch.no_grad():
+        gnn.W_0.weight.copy_(torch.eye(2) * 0.5)
+        gnn.W_r["r"].weight.copy_(torch.tensor([[1.0, 1.0], [0.0, 2.0]]))
+        gnn.W_r["rev_r"].weight.copy_(torch.eye(2))
+    z = gnn(h, edges)
+    # a: h + 0.5 h + rev message from c = [1, 2] * 1.5 + [5, 5]
+    torch.testing.assert_close(z[0], torch.tensor([6.5, 8.0]))
+    # c: h * 1.5 + mean over r of W_r h_a, W_r h_b = [7.5, 7.5] + [2.5, 1.0]
+    torch.testing.assert_close(z[2], torch.tensor([10.0, 8.5]))
+
+
+def test_with_reverses_adds_flipped_edges():
+    e = torch.tensor([[0, 1], [2, 3]])
+    out = galm.with_reverses({"buys": e})
+    assert set(out) == {"buys", "rev_buys"}
+    assert torch.equal(out["rev_buys"], torch.tensor([[2, 3], [0, 1]]))
+
+
+def test_split_target_edges_is_a_disjoint_partition():
+    e = torch.stack([torch.arange(20), torch.arange(20) + 100])
+    target, rest = galm.split_target_edges(e, 7, torch.Generator().manual_seed(0))
+    assert target.shape == (2, 7) and rest.shape == (2, 13)
+    assert _edge_set(target).isdisjoint(_edge_set(rest))
+    assert _edge_set(target) | _edge_set(rest) == _edge_set(e)
+
+
+def _spy_on_gnn(monkeypatch):
+    seen = []
+    original = galm.RGCN.forward
+
+    def spy(self, h, edges):
+        seen.append({r: e.clone() for r, e in edges.items()})
+        return original(self, h, edges)
+
+    monkeypatch.setattr(galm.RGCN, "forward", spy)
+    return seen
+
+
+@pytest.mark.parametrize("leak", [False, True])
+def test_message_passing_never_sees_target_or_test_edges(monkeypatch, graphs, qcfg, leak):
+    vocab, _, app = graphs
+    seen = _spy_on_gnn(monkeypatch)
+    cfg = dataclasses.replace(qcfg, finetune_steps=3, leak_targets=leak)
+    lm_state = galm.TextEncoder(len(vocab), cfg).state_dict()
+    galm.finetune(lm_state, app, "co", cfg, len(vocab), seed=0)
+    train_buys, test_buys = _edge_set(app.edges["buys"]), _edge_set(app.test_edges["buys"])
+    assert len(seen) == 4  # 3 training steps + the evaluation
+    for step_edges in seen:
+        mp = _edge_set(step_edges["buys"])
+        rev = {(v, u) for u, v in _edge_set(step_edges["rev_buys"])}
+        assert mp == rev and mp.isdisjoint(test_buys) and mp <= train_buys
+    n_train = len(train_buys)
+    training_sizes = [len(_edge_set(s["buys"])) for s in seen[:-1]]
+    if leak:  # the exercise switch really leaks: every training edge passes messages
+        assert training_sizes == [n_train] * 3
+    else:  # half of the training edges are held back as targets in each step
+        assert training_sizes == [n_train - n_train // 2] * 3
+    assert len(_edge_set(seen[-1]["buys"])) == n_train  # at test time all training edges pass
+
+
+def test_graph_lp_step_excludes_exactly_its_targets(monkeypatch, graphs):
+    _, corpus, _ = graphs
+    seen = _spy_on_gnn(monkeypatch)
+    gnn = galm.RGCN(4, galm.message_passing_relations(corpus.schema))
+    dec = galm.DistMult(4, list(corpus.schema))
+    h = torch.randn(len(corpus.texts), 4)
+    gen = torch.Generator().manual_seed(0)
+    galm.graph_lp_step(h, gnn, dec, corpus, "click", 10, 2, gen, galm.link_bce_loss)
+    gen = torch.Generator().manual_seed(0)
+    target, _ = galm.split_target_edges(corpus.edges["click"], 10, gen)
+    mp = seen[0]
+    assert _edge_set(mp["click"]).isdisjoint(_edge_set(target))
+    assert len(_edge_set(mp["click"])) == corpus.edges["click"].shape[1] - 10
+    for r in ("made_by", "co_purchase"):  # other relations are not targets: all of them pass
+        assert torch.equal(mp[r], corpus.edges[r])
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Negatives, the LM, MLM masking, the lm_train_nodes trick
+# ---------------------------------------------------------------------------------------------
+def test_negatives_have_the_tail_node_type(graphs):
+    _, corpus, app = graphs
+    gen = torch.Generator().manual_seed(0)
+    for g in (corpus, app):
+        for r, (_, tail) in g.schema.items():
+            neg = galm.sample_negatives(g.type_nodes[tail], 50, 6, gen)
+            assert neg.shape == (50, 6)
+            assert {g.node_type[v] for v in neg.reshape(-1).tolist()} == {tail}, r
+
+
+def test_pooled_embedding_ignores_padding(qcfg):
+    torch.manual_seed(0)
+    lm = galm.TextEncoder(20, qcfg, max_len=8)
+    short = torch.tensor([[1, 5, 7, 9, 0, 0]])
+    longer = torch.tensor([[1, 5, 7, 9, 0, 0, 0, 0]])
+    torch.testing.assert_close(lm(short), lm(longer))
+    assert not torch.allclose(lm(short), lm(torch.tensor([[1, 5, 7, 0, 0, 0]])))
+
+
+def test_mask_tokens_never_masks_cls_or_pad():
+    ids = torch.tensor([[1, 10, 11, 12, 0, 0]] * 200)
+    masked, labels = galm.mask_tokens(ids, 0.5, 2, torch.Generator().manual_seed(0))
+    picked = masked == 2
+    assert picked[:, [0, 4, 5]].sum() == 0 and picked.any()
+    assert torch.equal(labels[picked], ids[picked]) and (labels[~picked] == -100).all()
+    assert 0.4 < picked[:, 1:4].float().mean() < 0.6
+
+
+@pytest.mark.exercise
+def test_embed_with_subset_values_and_gradient_routing(qcfg):
+    torch.manual_seed(0)
+    lm = galm.TextEncoder(20, qcfg)
+    texts = torch.randint(3, 20, (9, galm.MAX_LEN))
+    subset = torch.tensor([2, 5])
+    h = galm.embed_with_subset(lm, texts, subset)
+    with torch.no_grad():
+        full = lm(texts)
+    torch.testing.assert_close(h, full, atol=1e-5, rtol=1e-5)
+    assert h.requires_grad
+    # gradient through the non-subset rows reaches no LM parameter
+    others = torch.tensor([0, 1, 3, 4, 6, 7, 8])
+    h[others].sum().backward()
+    assert all(p.grad is None or p.grad.abs().sum() == 0 for p in lm.parameters())
+    # through the subset rows it does
+    galm.embed_with_subset(lm, texts, subset)[subset].pow(2).sum().backward()
+    assert lm.bert.embeddings.word_embeddings.weight.grad.abs().sum() > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. The graph builders
+# ---------------------------------------------------------------------------------------------
+def test_corpus_schema_and_sizes(graphs, qcfg):
+    _, corpus, _ = graphs
+    counts = {t: len(v) for t, v in corpus.type_nodes.items()}
+    assert counts == {"product": qcfg.n_products, "brand": qcfg.n_brands,
+                      "query": qcfg.n_queries}
+    assert set(corpus.edges) == {"click", "made_by", "co_purchase"}
+    assert corpus.edges["made_by"].shape[1] == qcfg.n_products
+    assert corpus.edges["co_purchase"].shape[1] == qcfg.n_products
+    # each query clicks 1..clicks_per_query distinct products (a repeated click is one edge)
+    per_query = torch.bincount(corpus.edges["click"][0])[corpus.type_nodes["query"]]
+    assert per_query.min() >= 1 and per_query.max() <= qcfg.clicks_per_query
+    for r, (head, tail) in corpus.schema.items():
+        assert {corpus.node_type[u] for u in corpus.edges[r][0].tolist()} == {head}
+        assert {corpus.node_type[v] for v in corpus.edges[r][1].tolist()} == {tail}
+    G = corpus.nx_graph
+    assert G.number_of_nodes() == len(corpus.texts)
+    assert G.number_of_edges() == sum(e.shape[1] for e in corpus.edges.values())
+    for u, v, r in G.edges(keys=True):  # clicks and co-purchases stay within a category
+        if r in ("click", "co_purchase"):
+            assert G.nodes[u]["category"] == G.nodes[v]["category"]
+
+
+def test_synonyms_never_share_a_text(graphs, qcfg):
+    vocab, corpus, app = graphs
+    pw = {vocab[f"pw{c}"] for c in range(qcfg.n_categories)}
+    qw = {vocab[f"qw{c}"] for c in range(qcfg.n_categories)}
+    for g in (corpus, app):
+        for row, t in zip(g.texts.tolist(), g.node_type):
+            words = set(row)
+            assert not (words & pw and words & qw)
+            assert bool(words & qw) == (t in ("query", "user"))
+
+
+def test_downstream_schema_split_and_labels(graphs, qcfg):
+    _, corpus, app = graphs
+    assert {t: len(v) for t, v in app.type_nodes.items()} == {"item": qcfg.n_items,
+                                                             "user": qcfg.n_users}
+    assert set(app.type_nodes).isdisjoint(corpus.type_nodes)
+    assert set(app.schema).isdisjoint(corpus.schema)
+    train, test = _edge_set(app.edges["buys"]), _edge_set(app.test_edges["buys"])
+    assert train.isdisjoint(test)
+    assert len(train) == round(qcfg.train_frac * (len(train) + len(test)))
+    G = app.nx_graph
+    for u, i in train | test:  # a user buys only items of exactly its category and colour
+        assert app.node_type[u] == "user" and app.node_type[i] == "item"
+        assert (G.nodes[u]["category"], G.nodes[u]["colour"]) == \
+            (G.nodes[i]["category"], G.nodes[i]["colour"])
+    assert set(app.test_edges) == {"buys"}
+
+
+def test_graph_builders_are_deterministic_per_seed(qcfg):
+    vocab = galm.build_vocab(qcfg)
+
+    def build(seed):
+        rng = np.random.default_rng(seed)
+        return galm.make_corpus(qcfg, rng, vocab), galm.make_downstream(qcfg, rng, vocab)
+
+    (c0, a0), (c1, a1), (c2, _) = build(0), build(0), build(1)
+    assert torch.equal(c0.texts, c1.texts) and torch.equal(a0.texts, a1.texts)
+    for r in c0.edges:
+        assert torch.equal(c0.edges[r], c1.edges[r])
+    assert torch.equal(a0.test_edges["buys"], a1.test_edges["buys"])
+    assert not torch.equal(c0.texts, c2.texts)
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. Schema transfer, frozen / warm-up / co-training parameter updates
+# ---------------------------------------------------------------------------------------------
+def test_transfer_copies_exactly_the_lm_and_no_corpus_relation(graphs, qcfg):
+    vocab, corpus, app = graphs
+    torch.manual_seed(1)
+    src = galm.TextEncoder(len(vocab), qcfg)
+    pre_gnn = galm.RGCN(qcfg.hidden, galm.message_passing_relations(corpus.schema))
+    model = galm.LinkModel(galm.TextEncoder(len(vocab), qcfg),
+                           galm.RGCN(qcfg.hidden, galm.message_passing_relations(app.schema)),
+                           galm.DistMult(qcfg.hidden, ["buys"]))
+    copied = galm.transfer_lm(src.state_dict(), model)
+    sd = model.state_dict()
+    assert set(copied) == {k for k in sd if k.startswith("lm.")}
+    for k in copied:
+        assert torch.equal(sd[k], src.state_dict()[k[3:]])
+    assert not any(r in k for k in sd for r in corpus.schema)
+    with pytest.raises(RuntimeError):  # per-relation GNN weights do not fit the new schema
+        model.gnn.load_state_dict(pre_gnn.state_dict(), strict=True)
+
+
+def test_frozen_variant_trains_gnn_and_leaves_lm_untouched(graphs, qcfg):
+    vocab, _, app = graphs
+    torch.manual_seed(0)
+    state = galm.TextEncoder(len(vocab), qcfg).state_dict()
+    cfg = dataclasses.replace(qcfg, finetune_steps=3)
+    model = galm.finetune(state, app, "frozen_gnn", cfg, len(vocab), seed=0)["model"]
+    for k, p in model.lm.state_dict().items():
+        assert torch.equal(p, state[k]), k
+    assert all(p.grad is None for p in model.lm.parameters())
+    assert any(p.abs().sum() > 0 for p in model.gnn.parameters())
+    # the co-training variant does change the LM
+    model = galm.finetune(state, app, "co", cfg, len(vocab), seed=0)["model"]
+    assert any(not torch.equal(p, state[k]) for k, p in model.lm.state_dict().items())
+
+
+def test_warmup_leaves_lm_untouched_and_cotraining_changes_it(graphs, qcfg):
+    vocab, corpus, _ = graphs
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(qcfg, warmup_steps=2, co_steps=2)
+    lm = galm.TextEncoder(len(vocab), cfg)
+    gnn = galm.RGCN(cfg.hidden, galm.message_passing_relations(corpus.schema))
+    dec = galm.DistMult(cfg.hidden, list(corpus.schema))
+    before = {k: v.clone() for k, v in lm.state_dict().items()}
+    gen = torch.Generator().manual_seed(0)
+    galm.gnn_warmup(lm, gnn, dec, corpus, cfg, gen)
+    assert all(torch.equal(v, before[k]) for k, v in lm.state_dict().items())
+    assert all(p.grad is None for p in lm.parameters())
+    assert any(p.abs().sum() > 0 for p in gnn.parameters())
+    galm.co_train(lm, gnn, dec, corpus, cfg, gen)
+    assert any(not torch.equal(v, before[k]) for k, v in lm.state_dict().items())
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. Smoke run of the whole pipeline
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_quick_run_schema_decreasing_loss_and_determinism(tmp_path):
+    out = galm.train(galm.Config(quick=True, out_dir=str(tmp_path / "a")))
+    hist, m = out["history"], out["metrics"]
+    for name, losses in hist["pretrain"].items():
+        assert np.all(np.isfinite(losses)), name
+    g = hist["pretrain"]["galm"]
+    assert np.mean(g[-5:]) < 0.5 * np.mean(g[:5])
+    mlm = hist["pretrain"]["mlm"]
+    assert np.mean(mlm[-5:]) < np.mean(mlm[:5])
+    for name, losses in hist["finetune"].items():
+        assert np.mean(losses[-3:]) < np.mean(losses[:3]), name
+    assert all(0.0 < v <= 1.0 for k, v in m.items() if k.startswith(("mrr/", "hits")))
+    summary = json.loads((tmp_path / "a" / "summary.json").read_text())
+    assert set(summary) == {"folder", "seed", "config", "wall_seconds", "metrics", "headline"}
+    assert summary["folder"] == "galm" and summary["config"]["steps"] == galm.QUICK["steps"]
+    assert len(summary["headline"]) == 9
+    for row in summary["headline"]:
+        method, base = row["method"]["name"], row["baseline"]["name"]
+        assert row["higher_is_better"] is True and (method, base) in (
+            ("galm", "none"), ("galm", "mlm"), ("galm_co", "none"))
+        ft = row["metric"][5:-1]
+        assert row["method"]["value"] == m[f"mrr/{method}/{ft}"]
+        assert row["baseline"]["value"] == m[f"mrr/{base}/{ft}"]
+    assert (tmp_path / "a" / "galm.png").stat().st_size > 0
+    again = galm.train(galm.Config(quick=True, out_dir=str(tmp_path / "b")))["metrics"]
+    assert again == m
