@@ -102,7 +102,7 @@ def _pytest(args, papers_dir=None):
     env.pop("PAPERS_DIR", None)
     if papers_dir:
         env["PAPERS_DIR"] = str(papers_dir)
-    return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *args],
+    return subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", *args],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 
@@ -120,7 +120,8 @@ def test_student_copy_fails_the_exercise_tests_and_the_reference_passes(tmp_path
     stu = _pytest([test_file, "-m", "exercise"], papers_dir=tmp_path)
     assert stu.returncode == 1, stu.stdout[-2000:]
     assert "NotImplementedError: Exercise 1" in stu.stdout
-    assert str(tmp_path) in stu.stdout  # the report header names where the folders came from
+    # the report header names where the folders came from
+    assert f"paper folders imported from: {tmp_path.resolve()}" in stu.stdout
 
 
 # --------------------------------------------------------------------------------------------
