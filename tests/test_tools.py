@@ -203,3 +203,16 @@ def test_rows_are_matched_across_seeds_by_name_not_position():
     ]))
     assert "| acc ↑ | A | 0.9 ± 0 | B | 0.5 ± 0 | 1/1 seeds |" in table
     assert "| f1 ↑ | A | 0.7 ± 0.14 | B | 0.7 ± 0 | 1/2 seeds |" in table
+
+
+@pytest.mark.slow
+def test_report_only_rebuilds_the_tables_without_running(mini_repo, capsys):
+    assert run_all.main(["--root", str(mini_repo), "--folders", "example_paper",
+                         "--seeds", "0"]) == 0
+    (mini_repo / "RESULTS.md").unlink()
+    log = mini_repo / "runs" / "run_all" / "example_paper" / "seed0" / "log.txt"
+    before = log.stat().st_mtime_ns
+    assert run_all.main(["--root", str(mini_repo), "--report-only"]) == 0
+    assert "| accuracy ↑ | logistic |" in (mini_repo / "RESULTS.md").read_text()
+    assert log.stat().st_mtime_ns == before  # nothing was run again
+    assert "[1/" not in capsys.readouterr().out.split("wrote")[-1]

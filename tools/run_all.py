@@ -3,6 +3,7 @@
     python tools/run_all.py                      # all ten folders, seeds 0 1 2 (about an hour)
     python tools/run_all.py --folders smile mico # just these; the other folders keep their results
     python tools/run_all.py --quick              # smoke check: --quick runs, no file is rewritten
+    python tools/run_all.py --report-only        # rewrite the tables from the runs already made
 
 Each run is `python <folder>/train.py --seed S --out-dir runs/run_all/<folder>/seed<S>` from the
 repo root, its output kept in `log.txt` beside its `summary.json`. Then, from every summary under
@@ -188,6 +189,8 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--quick", action="store_true",
                    help="pass --quick, write to runs/run_all_quick, rewrite no README")
+    p.add_argument("--report-only", action="store_true",
+                   help="run nothing; rewrite RESULTS.md and the README tables from runs/run_all")
     p.add_argument("--root", default=str(ROOT), help="repo root (default: this repo)")
     p.add_argument("--python", default=sys.executable, help="interpreter for the runs")
     args = p.parse_args(argv)
@@ -199,7 +202,7 @@ def main(argv=None) -> int:
         print(f"run_all.py: error: no train.py in {', '.join(missing)}", file=sys.stderr)
         return 2
     runs_dir = root / "runs" / ("run_all_quick" if args.quick else "run_all")
-    jobs = [(f, s) for f in folders for s in args.seeds]
+    jobs = [] if args.report_only else [(f, s) for f in folders for s in args.seeds]
     failed = []
     for k, (folder, seed) in enumerate(jobs, 1):
         out = runs_dir / folder / f"seed{seed}"
@@ -216,7 +219,9 @@ def main(argv=None) -> int:
             if summaries:
                 print(f"\n{folder}\n" + "\n".join(folder_table(summaries)))
     else:
-        report_folders = list(PAPER_FOLDERS) + [f for f in folders if f not in PAPER_FOLDERS]
+        ran = sorted(p.name for p in runs_dir.iterdir() if p.is_dir()) if runs_dir.is_dir() else []
+        report_folders = list(PAPER_FOLDERS) + [f for f in dict.fromkeys(folders + ran)
+                                                if f not in PAPER_FOLDERS]
         write_reports(root, runs_dir, report_folders)
         print(f"wrote {root / 'RESULTS.md'} and the README tables")
     if failed:

@@ -1,0 +1,359 @@
+"""Tests for ecd/train.py: DPO loss, response-only log-probs, evolver/teacher/checker, smoke run."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from ecd import train as ecd
+
+pytestmark = pytest.mark.ecd
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The models are tiny: one thread is faster (and train.main() sets the same)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def tiny_cfg(**kw):
+    return ecd.Config(hidden=16, layers=1, **kw)
+
+
+@pytest.fixture(scope="module")
+def perfect_chains():
+    rng = np.random.default_rng(0)
+    return ecd.make_chains(200, rng, 3, 0.0, ecd.evolution_ops())
+
+
+def tiny_batch(n=4, seed=0):
+    rng = np.random.default_rng(seed)
+    chains = ecd.make_chains(n, rng, 3, 0.0, ecd.evolution_ops())
+    # built by hand, not by make_ecd_pairs, so that exercise 2 is gradable without exercise 3
+    return [(ins[1], res[1], res[0]) for ins, res in chains]
+
+
+# --- tier 1: hand-computed values ---------------------------------------------------------------
+@pytest.mark.exercise
+def test_dpo_loss_matches_hand_value():
+    t = torch.tensor
+    losses, rw, rl = ecd.dpo_loss(t([-1.0]), t([-3.0]), t([-2.0]), t([-2.0]), beta=0.1)
+    # h = (-1 + 2) - (-3 + 2) = 2;  loss = log(1 + exp(-0.2))
+    assert losses.item() == pytest.approx(0.598139, abs=1e-6)
+    assert rw.item() == pytest.approx(0.1, abs=1e-7)  # beta * (-1 - -2)
+    assert rl.item() == pytest.approx(-0.1, abs=1e-7)  # beta * (-3 - -2)
+    same, _, _ = ecd.dpo_loss(t([-5.0]), t([-5.0]), t([-5.0]), t([-5.0]), beta=0.1)
+    assert same.item() == pytest.approx(math.log(2), abs=1e-6)
+
+
+@pytest.mark.exercise
+def test_dpo_gradient_matches_hand_value():
+    pc = torch.tensor([-1.0], requires_grad=True)
+    pr = torch.tensor([-3.0], requires_grad=True)
+    losses, _, _ = ecd.dpo_loss(pc, pr, torch.tensor([-2.0]), torch.tensor([-2.0]), beta=0.1)
+    losses.sum().backward()
+    # dL/dpc = -beta * sigma(-beta h) with h = 2
+    assert pc.grad.item() == pytest.approx(-0.045017, abs=1e-6)
+    assert pr.grad.item() == pytest.approx(0.045017, abs=1e-6)
+
+
+@pytest.mark.exercise
+def test_dpo_rewards_are_detached():
+    x = [torch.tensor([v], requires_grad=True) for v in (-1.0, -3.0, -2.0, -2.0)]
+    _, rw, rl = ecd.dpo_loss(*x, 0.1)
+    assert not rw.requires_grad and not rl.requires_grad
+
+
+def test_sft_loss_is_mean_response_token_nll():
+    torch.manual_seed(0)
+    model = ecd.make_model(tiny_cfg()).eval()
+    pairs = tiny_batch(4)
+    ids, mask = ecd.encode([(x, yw) for x, yw, _ in pairs], ecd.seq_len(3))
+    with torch.no_grad():
+        loss = ecd.sft_loss(model, ids, mask).item()
+        want = -ecd.seq_logps(model, ids, mask).sum().item() / sum(len(yw) + 1 for _, yw, _ in
+                                                                    pairs)
+    assert loss > 0 and loss == pytest.approx(want, rel=1e-5)
+
+
+def test_checker_unit_cases():
+    ins = [("COUNT", 3), ("UPPER", None), ("START", 2)]
+    assert ecd.check(ins, ["W2", "W5", "W1"]) == [True, True, True]
+    assert ecd.check(ins, ["w2", "W5", "W1"]) == [True, False, True]
+    assert ecd.check(ins, ["W3", "W5", "W1"]) == [True, True, False]
+    assert ecd.check(ins, ["W2", "W5"]) == [False, True, True]
+    assert ecd.check(ins, ["W2", "START_a2", "W1"]) == [False, False, False]  # not a word
+    assert ecd.check(ins, []) == [False, True, False]
+    ins2 = [("COUNT", 4), ("INCLUDE", 1), ("EXCLUDE", 3), ("EXCLUDE", 5), ("NOREP", None),
+            ("END", 0)]
+    assert ecd.check(ins2, ["w1", "w2", "W4", "w0"]) == [True] * 6
+    assert ecd.check(ins2, ["w2", "w3", "W2", "w5"]) == [True, False, False, False, False, False]
+    assert ecd.satisfied(ins2, ["w1", "w2", "W4", "w0"])
+
+
+def test_instruction_tokens():
+    toks = ecd.instr_tokens([("COUNT", 3), ("UPPER", None), ("START", 2), ("EXCLUDE", 0)])
+    assert toks == ["<bos>", "COUNT_3", "UPPER", "START_a2", "EXCLUDE_a0", "<sep>"]
+    assert all(t in ecd.TOK for t in toks)
+
+
+# --- tier 2: invariants -------------------------------------------------------------------------
+def test_dpo_policy_equals_reference_gives_log2_and_zero_rewards():
+    g = torch.Generator().manual_seed(0)
+    pw, pl = -10 * torch.rand(8, generator=g), -10 * torch.rand(8, generator=g)
+    losses, rw, rl = ecd.dpo_loss(pw, pl, pw.clone(), pl.clone(), beta=2.0)
+    assert torch.allclose(losses, torch.full((8,), math.log(2)), atol=1e-6)
+    assert torch.all(rw == 0) and torch.all(rl == 0)
+
+
+def test_dpo_loss_matches_naive_formula():
+    g = torch.Generator().manual_seed(1)
+    x = -20 * torch.rand(4, 16, generator=g, dtype=torch.float64)
+    beta = 0.7
+    losses, _, _ = ecd.dpo_loss(x[0], x[1], x[2], x[3], beta)
+    for i in range(16):
+        h = (x[0, i] - x[2, i]) - (x[1, i] - x[3, i])
+        naive = -math.log(1.0 / (1.0 + math.exp(-beta * h.item())))
+        assert losses[i].item() == pytest.approx(naive, rel=1e-9, abs=1e-12)
+
+
+def test_encode_masks_exactly_the_response_and_eos():
+    pairs = tiny_batch(4)
+    T = ecd.seq_len(3)
+    ids, mask = ecd.encode([(x, yw) for x, yw, _ in pairs], T)
+    for i, (x, yw, _) in enumerate(pairs):
+        p = len(ecd.instr_tokens(x))
+        assert mask[i].sum().item() == len(yw) + 1
+        assert mask[i, :p].sum() == 0 and mask[i, p + len(yw) + 1:].sum() == 0
+        assert ids[i, p + len(yw)].item() == ecd.EOS
+        assert ids[i, p - 1].item() == ecd.SEP
+
+
+@pytest.mark.exercise
+def test_seq_logps_matches_hand_loop():
+    torch.manual_seed(0)
+    model = ecd.make_model(tiny_cfg()).eval()
+    pairs = tiny_batch(4)
+    ids, mask = ecd.encode([(x, yl) for x, _, yl in pairs], ecd.seq_len(3))
+    with torch.no_grad():
+        got = ecd.seq_logps(model, ids, mask)  # (B,)
+        logits = model(input_ids=ids).logits.log_softmax(-1)  # (B, T, V)
+    for i in range(len(ids)):
+        want = 0.0
+        for t in range(1, ids.shape[1]):
+            if mask[i, t] == 1:
+                want += logits[i, t - 1, ids[i, t]].item()
+        assert got[i].item() == pytest.approx(want, abs=1e-4)
+
+
+@pytest.mark.exercise
+def test_prompt_and_padding_contribute_nothing():
+    torch.manual_seed(0)
+    model = ecd.make_model(tiny_cfg()).eval()
+    pairs = tiny_batch(4)
+    ids, mask = ecd.encode([(x, yw) for x, yw, _ in pairs], ecd.seq_len(3))
+    with torch.no_grad():
+        per_tok = ecd.token_logps(model, ids, mask)  # (B, T-1)
+        base = ecd.seq_logps(model, ids, mask)
+        # (a) entries at prompt / padding targets are exactly zero, response entries are not
+        assert torch.all(per_tok[mask[:, 1:] == 0] == 0)
+        assert torch.all(per_tok[mask[:, 1:] == 1] < 0)
+        # (b) changing the tokens after <eos> (the padding) leaves log pi(y|x) unchanged
+        junk = ids.clone()
+        junk[mask.cumsum(1) >= mask.sum(1, keepdim=True)] = ecd.TOK["W3"]
+        junk[mask == 1] = ids[mask == 1]  # keep the response (incl. eos) itself
+        assert not torch.equal(junk, ids)
+        assert torch.allclose(ecd.seq_logps(model, junk, mask), base, atol=1e-5)
+
+
+def test_identical_pair_gives_zero_gradient():
+    torch.manual_seed(0)
+    model = ecd.make_model(tiny_cfg())
+    x, yw, yl = tiny_batch(1)[0]
+    T = ecd.seq_len(3)
+
+    def grads(rejected):
+        model.zero_grad()
+        ids, mask = ecd.encode([(x, yw), (x, rejected)], T)
+        lp = ecd.seq_logps(model, ids, mask)  # (2,)
+        losses, _, _ = ecd.dpo_loss(lp[:1], lp[1:], torch.tensor([-3.0]), torch.tensor([-9.0]),
+                                    beta=2.0)
+        losses.sum().backward()
+        return max(p.grad.abs().max().item() for p in model.parameters())
+
+    assert grads(yw) < 1e-6  # chosen == rejected: the two terms cancel on every parameter
+    assert grads(yl) > 1e-3  # a real pair does move the model
+
+
+def test_reference_frozen_and_unchanged():
+    torch.manual_seed(0)
+    policy = ecd.make_model(tiny_cfg())
+    ref = ecd.make_model(tiny_cfg())
+    ref.load_state_dict(policy.state_dict())
+    ref.eval().requires_grad_(False)
+    before = {k: v.clone() for k, v in ref.state_dict().items()}
+    pairs = ecd.encode_pairs(tiny_batch(8), ecd.seq_len(3))
+    ecd.train_dpo(policy, ref, pairs, steps=3, lr=1e-2, beta=1.0, batch_size=4,
+                  gen=torch.Generator().manual_seed(0), log_every=100)
+    assert all(p.grad is None for p in ref.parameters())
+    assert all(torch.equal(before[k], v) for k, v in ref.state_dict().items())
+    assert any(not torch.equal(before[k], v) for k, v in policy.state_dict().items())
+
+
+def test_train_dpo_widens_the_margin_of_its_pairs():
+    torch.manual_seed(0)
+    policy = ecd.make_model(tiny_cfg())
+    ref = ecd.make_model(tiny_cfg())
+    ref.load_state_dict(policy.state_dict())
+    ref.eval().requires_grad_(False)
+    pairs = ecd.encode_pairs(tiny_batch(8), ecd.seq_len(3))
+
+    def margin(model):  # mean of log pi(y_w|x) - log pi(y_l|x), measured independently
+        return (ecd.batched_seq_logps(model, pairs["c_ids"], pairs["c_mask"])
+                - ecd.batched_seq_logps(model, pairs["r_ids"], pairs["r_mask"])).mean().item()
+
+    hist = ecd.train_dpo(policy, ref, pairs, steps=5, lr=1e-2, beta=1.0, batch_size=8,
+                         gen=torch.Generator().manual_seed(0), log_every=100)
+    assert margin(policy) > margin(ref) + 0.5
+    assert hist["loss"][0] == pytest.approx(math.log(2), abs=1e-5)
+    assert hist["loss"][-1] < hist["loss"][0]
+
+
+def test_one_dpo_step_increases_margin():
+    torch.manual_seed(0)
+    policy = ecd.make_model(tiny_cfg())
+    pairs = ecd.encode_pairs(tiny_batch(8), ecd.seq_len(3))
+    ids = torch.cat([pairs["c_ids"], pairs["r_ids"]])  # (2B, T)
+    mask = torch.cat([pairs["c_mask"], pairs["r_mask"]])  # (2B, T)
+    ref = ecd.batched_seq_logps(policy, ids, mask)  # (2B,)
+    opt = torch.optim.SGD(policy.parameters(), lr=1e-2)
+    lp = ecd.seq_logps(policy, ids, mask)
+    losses, rw, rl = ecd.dpo_loss(lp[:8], lp[8:], ref[:8], ref[8:], beta=1.0)
+    losses.mean().backward()
+    opt.step()
+    after = ecd.batched_seq_logps(policy, ids, mask)
+    margin = (after[:8] - ref[:8]) - (after[8:] - ref[8:])
+    assert margin.mean().item() > 0
+
+
+def test_evolver_adds_exactly_one_constraint_per_round(perfect_chains):
+    for instrs, resps in perfect_chains:
+        assert instrs[0][0][0] == "COUNT" and len(instrs[0]) == 1
+        for k in range(1, len(instrs)):
+            assert instrs[k][:-1] == instrs[k - 1]  # parent is a prefix, COUNT never changes
+            assert len(instrs[k]) == len(instrs[k - 1]) + 1
+            assert len(resps[k]) == instrs[0][0][1]
+
+
+@pytest.mark.exercise
+def test_ecd_negatives_miss_exactly_the_new_constraint(perfect_chains):
+    pairs = ecd.make_ecd_pairs(perfect_chains)
+    assert len(pairs) == 3 * len(perfect_chains)
+    for x, yw, yl in pairs:
+        assert ecd.satisfied(x, yw)
+        assert ecd.satisfied(x[:-1], yl)  # the parent answer was right for the parent
+        assert ecd.check(x, yl) == [True] * (len(x) - 1) + [False]
+    assert ecd.mean_violations(pairs) == 1.0
+
+
+@pytest.mark.exercise
+def test_all_ancestors_uses_every_earlier_answer(perfect_chains):
+    chains = perfect_chains[:5]
+    pairs = ecd.make_ecd_pairs(chains, all_ancestors=True)
+    assert len(pairs) == 5 * (1 + 2 + 3)
+    instrs, resps = chains[0]
+    assert pairs[:6] == [(instrs[1], resps[1], resps[0]), (instrs[2], resps[2], resps[0]),
+                         (instrs[2], resps[2], resps[1]), (instrs[3], resps[3], resps[0]),
+                         (instrs[3], resps[3], resps[1]), (instrs[3], resps[3], resps[2])]
+
+
+def test_random_negatives_are_easy_and_aligned(perfect_chains):
+    pairs = ecd.make_ecd_pairs(perfect_chains)
+    pool = [r for _, res in perfect_chains for r in res]
+    rand = ecd.make_random_pairs(pairs, pool, np.random.default_rng(0))
+    for (x, yw, _), (x2, yw2, neg) in zip(pairs, rand):
+        assert x2 == x and yw2 == yw and not ecd.satisfied(x, neg)
+    assert ecd.mean_violations(rand) > 1.5 > ecd.mean_violations(pairs)
+
+
+def test_teacher_error_repeats_the_parent():
+    rng = np.random.default_rng(0)
+    instr = [("COUNT", 3), ("UPPER", None)]
+    parent = ["w1", "w2", "w3"]
+    outs = [ecd.teacher(instr, parent, rng, err=0.3) for _ in range(2000)]
+    repeated = np.mean([o == parent for o in outs])
+    assert 0.26 < repeated < 0.34
+    assert all(o == ["W1", "W2", "W3"] for o in outs if o != parent)  # minimal repair
+    assert ecd.teacher(instr, parent, rng, err=0.0) == ["W1", "W2", "W3"]
+
+
+def test_repair_is_minimal():
+    rng = np.random.default_rng(0)
+    parent = ["w1", "w2", "w3"]
+    assert ecd.repair([("COUNT", 3), ("START", 5)], parent, rng) == ["w5", "w2", "w3"]
+    assert ecd.repair([("COUNT", 3), ("UPPER", None)], parent, rng) == ["W1", "W2", "W3"]
+    for _ in range(20):
+        inc = ecd.repair([("COUNT", 3), ("INCLUDE", 7)], parent, rng)
+        assert "w7" in inc and sum(a != b for a, b in zip(inc, parent)) == 1
+        exc = ecd.repair([("COUNT", 3), ("EXCLUDE", 2)], parent, rng)
+        assert exc[0] == "w1" and exc[2] == "w3" and exc[1] != "w2"
+
+
+def test_repair_refuses_contradictions():
+    rng = np.random.default_rng(0)
+    assert ecd.repair([("COUNT", 2), ("EXCLUDE", 3), ("INCLUDE", 3)], ["w3", "w1"], rng) is None
+    out = ecd.repair([("COUNT", 2), ("EXCLUDE", 3), ("START", 5)], ["w3", "w3"], rng)
+    assert out[0] == "w5" and out[1] != "w3"
+
+
+def test_imperfect_teacher_yields_identical_pairs():
+    chains = ecd.make_chains(200, np.random.default_rng(0), 3, 0.3, ecd.evolution_ops())
+    pairs = ecd.make_ecd_pairs(chains)
+    frac = np.mean([yw == yl for _, yw, yl in pairs])
+    assert 0.2 < frac < 0.4
+
+
+def test_generate_is_deterministic_and_stops_at_eos():
+    torch.manual_seed(0)
+    model = ecd.make_model(tiny_cfg())
+    instrs = [x for x, _, _ in tiny_batch(6)]
+    a = ecd.generate(model, instrs, 3, False, torch.Generator().manual_seed(0))
+    b = ecd.generate(model, instrs, 3, False, torch.Generator().manual_seed(0))
+    assert a == b and all(len(s) == 3 for s in a)
+    assert all("<eos>" not in ans and len(ans) <= ecd.MAX_NEW for s in a for ans in s)
+
+
+def test_parse_args_rejects_bad_values():
+    for bad in (["--steps", "-3"], ["--device", "tpu"], ["--bogus"], ["--teacher-err", "1.5"],
+                ["--beta", "0"]):
+        with pytest.raises(SystemExit) as e:
+            ecd.parse_args(bad)
+        assert e.value.code == 2
+    assert ecd.parse_args(["--quick", "--all-ancestors"]).all_ancestors
+
+
+# --- tier 4: smoke run --------------------------------------------------------------------------
+@pytest.mark.slow
+def test_quick_run_smoke_and_determinism(tmp_path):
+    out = ecd.train(ecd.Config(quick=True, out_dir=str(tmp_path / "a")))
+    losses = out["sft_losses"]
+    assert all(math.isfinite(x) for x in losses)
+    assert np.mean(losses[-10:]) < np.mean(losses[:10]) - 0.5
+    for h in out["dpo_history"].values():
+        assert all(math.isfinite(x) for x in h["loss"])
+        assert h["loss"][0] == pytest.approx(math.log(2), abs=1e-4)  # policy starts at reference
+    s = json.loads((tmp_path / "a" / "summary.json").read_text())
+    assert set(s) == {"folder", "seed", "config", "wall_seconds", "metrics", "headline"}
+    assert s["folder"] == "ecd" and s["config"]["steps"] == ecd.QUICK["steps"]
+    for row in s["headline"]:
+        assert set(row) == {"metric", "higher_is_better", "method", "baseline"}
+        assert 0.0 <= row["method"]["value"] <= 1.0
+    assert (tmp_path / "a" / "ecd.png").exists()
+    again = ecd.train(ecd.Config(quick=True, out_dir=str(tmp_path / "b")))
+    assert again["sft_losses"] == losses
+    assert again["metrics"] == out["metrics"]
