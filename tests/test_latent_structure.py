@@ -1,0 +1,352 @@
+"""Tests for latent_structure/train.py: every loss by hand, invariants, naive loops, a smoke run."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from latent_structure import train as latent_structure
+
+pytestmark = pytest.mark.latent_structure
+LS = latent_structure
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: one thread is faster and fair to a shared machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def unit(*rows):
+    return F.normalize(torch.tensor(rows, dtype=torch.float64), dim=-1)
+
+
+def rand_unit(n, e, seed):
+    g = torch.Generator().manual_seed(seed)
+    return F.normalize(torch.randn(n, e, generator=g, dtype=torch.float64), dim=-1)
+
+
+# ---------------------------------------------------------------- Brownian bridge (Eq. 1)
+@pytest.mark.exercise
+def test_bridge_mean_matches_hand_value():
+    mu = LS.bridge_mean(unit([1.0, 0.0]), unit([0.0, 1.0]), 0.25)
+    # (0.25, 0.75) / sqrt(0.25^2 + 0.75^2) = (0.316228, 0.948683)
+    assert torch.allclose(mu, torch.tensor([[0.316228, 0.948683]], dtype=mu.dtype), atol=1e-6)
+
+
+@pytest.mark.exercise
+def test_bridge_mean_endpoints_and_unit_norm():
+    z_v, z_t = rand_unit(5, 4, 0), rand_unit(5, 4, 1)
+    assert torch.allclose(LS.bridge_mean(z_v, z_t, 1.0), z_v, atol=1e-12)
+    assert torch.allclose(LS.bridge_mean(z_v, z_t, 0.0), z_t, atol=1e-12)
+    mu = LS.bridge_mean(z_v, z_t, 0.3)
+    assert torch.allclose(mu.norm(dim=-1), torch.ones(5, dtype=mu.dtype), atol=1e-6)
+
+
+@pytest.mark.exercise
+def test_bridge_loss_hand_value_and_zero_on_the_bridge():
+    z_v, z_t = unit([1.0, 0.0]), unit([0.0, 1.0])
+    # ||(1,0) - (0.316228, 0.948683)||^2 = 2 - 2 * 0.316228
+    assert LS.bridge_loss(z_v, z_t, unit([1.0, 0.0]), 0.25).item() == pytest.approx(1.367544,
+                                                                                    abs=1e-6)
+    mu = LS.bridge_mean(z_v, z_t, 0.25)
+    assert LS.bridge_loss(z_v, z_t, mu, 0.25).item() == pytest.approx(0.0, abs=1e-12)
+
+
+def test_bridge_loss_equals_the_closed_form_on_the_sphere():
+    # 2 - 2 <z^a, mu>, with
+    # <z^a, mu> = (t<z_V,z^a> + (1-t)<z_T,z^a>) / sqrt(t^2 + (1-t)^2 + 2t(1-t)<z_V,z_T>)
+    z_v, z_t, z_a, t = rand_unit(7, 5, 2), rand_unit(7, 5, 3), rand_unit(7, 5, 4), 0.25
+    dot = lambda a, b: (a * b).sum(-1)  # noqa: E731
+    cos = (t * dot(z_v, z_a) + (1 - t) * dot(z_t, z_a)) / torch.sqrt(
+        t**2 + (1 - t) ** 2 + 2 * t * (1 - t) * dot(z_v, z_t))
+    assert LS.bridge_loss(z_v, z_t, z_a, t).item() == pytest.approx((2 - 2 * cos).mean().item(),
+                                                                    abs=1e-9)
+
+
+# ---------------------------------------------------------------- geometric consistency (4.3)
+def gc_naive(z_v, z_t):
+    n = len(z_v)
+    tot = 0.0
+    for j in range(n):
+        for k in range(n):
+            tot += (float(z_v[j] @ z_t[k]) - float(z_v[k] @ z_t[j])) ** 2
+            tot += (float(z_v[j] @ z_v[k]) - float(z_t[j] @ z_t[k])) ** 2
+    return tot / n
+
+
+def gc_aug_naive(z_v, z_t, z_v_a, z_t_a):
+    n = len(z_v)
+    tot = 0.0
+    for j in range(n):
+        for k in range(n):
+            tot += (float(z_v[j] @ z_v[k]) - float(z_v_a[j] @ z_v_a[k])) ** 2
+            tot += (float(z_t[j] @ z_t[k]) - float(z_t_a[j] @ z_t_a[k])) ** 2
+        tot += (float(z_v[j] @ z_t[j]) - float(z_v_a[j] @ z_t_a[j])) ** 2
+    return tot / n
+
+
+@pytest.mark.exercise
+def test_gc_loss_hand_value_for_a_rotation():
+    # z_T = z_V rotated by 90 degrees: S_VT = [[0,-1],[1,0]] is antisymmetric -> (4 + 4) / 2 = 4
+    z_v, z_t = unit([1.0, 0.0], [0.0, 1.0]), unit([0.0, 1.0], [-1.0, 0.0])
+    assert LS.gc_loss(z_v, z_t).item() == pytest.approx(4.0, abs=1e-9)
+
+
+@pytest.mark.exercise
+def test_gc_loss_zero_for_identical_or_symmetric_similarity():
+    z_v = rand_unit(6, 2, 5)
+    assert LS.gc_loss(z_v, z_v.clone()).item() == pytest.approx(0.0, abs=1e-12)
+    swap = torch.tensor([[0.0, 1.0], [1.0, 0.0]], dtype=z_v.dtype)  # symmetric orthogonal R
+    assert LS.gc_loss(z_v, z_v @ swap).item() == pytest.approx(0.0, abs=1e-12)
+    # a non-symmetric rotation is penalised
+    rot = torch.tensor([[0.6, -0.8], [0.8, 0.6]], dtype=z_v.dtype)
+    assert LS.gc_loss(z_v, z_v @ rot).item() > 0.1
+
+
+@pytest.mark.exercise
+def test_gc_loss_matches_naive_double_loop():
+    z_v, z_t = rand_unit(6, 4, 6), rand_unit(6, 4, 7)
+    assert LS.gc_loss(z_v, z_t).item() == pytest.approx(gc_naive(z_v, z_t), rel=1e-9)
+
+
+def test_gc_aug_loss_hand_value_naive_loop_and_zero():
+    z_v = z_t = z_v_a = unit([1.0, 0.0], [0.0, 1.0])
+    z_t_a = unit([1.0, 0.0], [1.0, 0.0])
+    # text in-modal: S_TT = I vs all-ones -> 2 off-diagonal squares = 2;
+    # pair term: (1-1)^2 + (1-0)^2 = 1 -> 2 / 2 + 1 / 2 = 1.5
+    assert LS.gc_aug_loss(z_v, z_t, z_v_a, z_t_a).item() == pytest.approx(1.5, abs=1e-9)
+    a, b, c, d = (rand_unit(5, 3, s) for s in (8, 9, 10, 11))
+    assert LS.gc_aug_loss(a, b, c, d).item() == pytest.approx(gc_aug_naive(a, b, c, d), rel=1e-9)
+    assert LS.gc_aug_loss(a, b, a, b).item() == pytest.approx(0.0, abs=1e-12)
+
+
+# ---------------------------------------------------------------- feature separation (4.1)
+def test_ortho_loss_zero_for_orthogonal_two_for_equal_and_hand_value():
+    z = unit([1.0, 0.0], [0.0, 1.0])
+    zi = unit([0.0, 1.0], [1.0, 0.0])
+    assert LS.ortho_loss(z, zi, z, zi).item() == pytest.approx(0.0, abs=1e-12)
+    assert LS.ortho_loss(z, z, z, z).item() == pytest.approx(2.0, abs=1e-12)
+    # <(1,0),(0.6,0.8)>^2 = 0.36 for the image, 0 for the text -> mean over one pair = 0.36
+    got = LS.ortho_loss(unit([1.0, 0.0]), unit([0.6, 0.8]), unit([1.0, 0.0]), unit([0.0, 1.0]))
+    assert got.item() == pytest.approx(0.36, abs=1e-9)
+
+
+@pytest.mark.exercise
+def test_uniformity_hand_values():
+    # antipodal: ||u - v||^2 = 4 -> log exp(-2 * 4) = -8
+    assert LS.uniformity_loss(unit([1.0, 0.0], [-1.0, 0.0]), 2.0).item() == pytest.approx(-8.0)
+    assert LS.uniformity_loss(unit([1.0, 0.0], [1.0, 0.0]), 2.0).item() == pytest.approx(0.0,
+                                                                                         abs=1e-9)
+    # three orthonormal vectors: every pair at squared distance 2 -> log exp(-2 t) with t = 1
+    e3 = torch.eye(3, dtype=torch.float64)
+    assert LS.uniformity_loss(e3, 1.0).item() == pytest.approx(-2.0, abs=1e-9)
+
+
+@pytest.mark.exercise
+def test_uniformity_matches_naive_loop_and_prefers_spread_points():
+    z = rand_unit(6, 3, 12)
+    vals = [math.exp(-2.0 * float(((z[j] - z[k]) ** 2).sum())) for j in range(6) for k in range(6)
+            if j != k]
+    assert LS.uniformity_loss(z, 2.0).item() == pytest.approx(math.log(np.mean(vals)), rel=1e-9)
+    collapsed = F.normalize(z[:1] + 0.05 * rand_unit(6, 3, 13), dim=-1)
+    assert LS.uniformity_loss(z, 2.0) < LS.uniformity_loss(collapsed, 2.0)
+
+
+def test_indep_contrastive_uses_the_augmented_view_as_positive():
+    # anchor e1, e2; augmented view swapped -> logits [[0,1],[1,0]], CE = log(1 + e) per row
+    zi = unit([1.0, 0.0], [0.0, 1.0])
+    zi_a = unit([0.0, 1.0], [1.0, 0.0])
+    got = LS.indep_contrastive_loss(zi, zi_a, zi, zi, tau=1.0)
+    want = math.log(1 + math.e) + math.log(1 + math.exp(-1.0))  # image term + text term
+    assert got.item() == pytest.approx(want, abs=1e-9)
+
+
+def test_sep_loss_is_the_unweighted_sum_and_info_weight_drops_terms():
+    z_v, zi_v, zi_v_a, z_t, zi_t, zi_t_a = (rand_unit(5, 4, s) for s in range(20, 26))
+    parts = (LS.ortho_loss(z_v, zi_v, z_t, zi_t),
+             LS.indep_contrastive_loss(zi_v, zi_v_a, zi_t, zi_t_a, 0.1),
+             LS.uniformity_loss(zi_v, 2.0) + LS.uniformity_loss(zi_t, 2.0))
+    got = LS.sep_loss(z_v, zi_v, zi_v_a, z_t, zi_t, zi_t_a, 0.1, 2.0)
+    assert got.item() == pytest.approx(sum(p.item() for p in parts), rel=1e-9)
+    only_ortho = LS.sep_loss(z_v, zi_v, zi_v_a, z_t, zi_t, zi_t_a, 0.1, 2.0, info_weight=0.0)
+    assert only_ortho.item() == pytest.approx(parts[0].item(), rel=1e-9)
+
+
+def test_sep_gradient_routing():
+    """L^i_Con and L^i_Uni never reach the shared head P; L_Ortho reaches both heads."""
+    torch.manual_seed(0)
+    tower = LS.Tower()
+    x = torch.randn(8, LS.D_IN)
+    x_a = x + 0.1 * torch.randn(8, LS.D_IN)
+    _, z, zi = tower(x)
+    _, _, zi_a = tower(x_a)
+    info = LS.indep_contrastive_loss(zi, zi_a, zi, zi_a, 0.1) + LS.uniformity_loss(zi, 2.0)
+    g_shared = torch.autograd.grad(info, tower.shared_head.weight, allow_unused=True)[0]
+    assert g_shared is None or torch.all(g_shared == 0)
+    g_ind, g_bb = torch.autograd.grad(info, [tower.indep_head.weight, tower.backbone[0].weight],
+                                      retain_graph=True)
+    assert g_ind.abs().sum() > 0 and g_bb.abs().sum() > 0
+    ortho = LS.ortho_loss(z, zi, z, zi)
+    g_p, g_q = torch.autograd.grad(ortho, [tower.shared_head.weight, tower.indep_head.weight])
+    assert g_p.abs().sum() > 0 and g_q.abs().sum() > 0
+
+
+def test_tower_outputs_unit_norm_features():
+    torch.manual_seed(1)
+    h, z, zi = LS.Tower()(torch.randn(10, LS.D_IN))
+    assert h.shape == (10, 16) and z.shape == (10, 16) and zi.shape == (10, 16)
+    assert torch.allclose(z.norm(dim=-1), torch.ones(10), atol=1e-6)
+    assert torch.allclose(zi.norm(dim=-1), torch.ones(10), atol=1e-6)
+
+
+# ---------------------------------------------------------------- base contrastive loss (4)
+def info_nce_naive(q, k, tau):
+    tot = 0.0
+    for j in range(len(q)):
+        num = math.exp(float(q[j] @ k[j]) / tau)
+        den = sum(math.exp(float(q[j] @ k[m]) / tau) for m in range(len(q)))
+        tot += -math.log(num / den)
+    return tot / len(q)
+
+
+def test_info_nce_hand_values_and_naive_loop():
+    z = unit(*[[1.0, 0.0]] * 4)
+    assert LS.info_nce(z, z, 0.1).item() == pytest.approx(math.log(4), abs=1e-9)
+    e = unit([1.0, 0.0], [0.0, 1.0])
+    # tau = 1: -log(e / (e + 1)) per row
+    assert LS.info_nce(e, e, 1.0).item() == pytest.approx(math.log(1 + math.exp(-1)), abs=1e-9)
+    q, k = rand_unit(6, 4, 30), rand_unit(6, 4, 31)
+    assert LS.info_nce(q, k, 0.2).item() == pytest.approx(info_nce_naive(q, k, 0.2), rel=1e-9)
+    # the direction matters: row j of q must pick k_j
+    assert LS.info_nce(q, k, 0.2).item() != pytest.approx(LS.info_nce(k, q, 0.2).item())
+
+
+def test_contrastive_loss_is_symmetric_clip_or_quarter_of_four_terms():
+    z_v, z_t, z_v_a, z_t_a = (rand_unit(6, 4, s) for s in (40, 41, 42, 43))
+    sym = (info_nce_naive(z_v, z_t, 0.1) + info_nce_naive(z_t, z_v, 0.1)) / 2
+    assert LS.contrastive_loss(z_v, z_t, tau=0.1).item() == pytest.approx(sym, rel=1e-9)
+    four = (info_nce_naive(z_v, z_t, 0.1) + info_nce_naive(z_t, z_v, 0.1)
+            + info_nce_naive(z_v, z_v_a, 0.1) + info_nce_naive(z_t, z_t_a, 0.1)) / 4
+    got = LS.contrastive_loss(z_v, z_t, z_v_a, z_t_a, tau=0.1)
+    assert got.item() == pytest.approx(four, rel=1e-9)
+
+
+def test_align_loss_and_gap_hand_values():
+    z_v, z_t = unit([1.0, 0.0], [0.0, 1.0]), unit([0.6, 0.8], [0.0, 1.0])
+    # pair 1: ||(0.4, -0.8)||^2 = 0.8; pair 2: 0 -> mean 0.4; gap = mean(sqrt 0.8, 0)
+    assert LS.align_loss(z_v, z_t).item() == pytest.approx(0.4, abs=1e-9)
+    assert LS.modality_gap(z_v, z_t) == pytest.approx(math.sqrt(0.8) / 2, abs=1e-9)
+
+
+def test_variant_loss_adds_exactly_the_named_regulariser():
+    f = {k: rand_unit(6, 4, i) for i, k in enumerate(
+        ["z_v", "z_t", "zi_v", "zi_t", "z_v_a", "z_t_a", "zi_v_a", "zi_t_a"])}
+    cfg = LS.Config(lam_sep=0.7, lam_br=1.3, lam_gc=0.4, lam_align=2.0)
+    base = LS.contrastive_loss(f["z_v"], f["z_t"], tau=cfg.tau).item()
+    sep = LS.sep_loss(f["z_v"], f["zi_v"], f["zi_v_a"], f["z_t"], f["zi_t"], f["zi_t_a"],
+                      cfg.tau, cfg.uni_t).item()
+    br = LS.bridge_loss(f["z_v"], f["z_t"], f["z_v_a"], cfg.bridge_t).item()
+    gc = (LS.gc_loss(f["z_v"], f["z_t"])
+          + LS.gc_aug_loss(f["z_v"], f["z_t"], f["z_v_a"], f["z_t_a"])).item()
+    al = LS.align_loss(f["z_v"], f["z_t"]).item()
+    want = {"clip": base, "align": base + 2.0 * al, "sep": base + 0.7 * sep,
+            "br": base + 1.3 * br, "gc": base + 0.4 * gc, "all": base + 0.7 * sep + 1.3 * br
+            + 0.4 * gc}
+    for name, value in want.items():
+        assert LS.variant_loss(name, cfg, f)[0].item() == pytest.approx(value, rel=1e-9), name
+
+
+# ---------------------------------------------------------------- Theorem 3.1 on the toy
+def test_information_gap_is_ln2_for_the_toy():
+    assert LS.information_gap(LS.toy_pmf()) == pytest.approx(math.log(2), abs=1e-9)
+    terms = LS.theorem_gap_terms(LS.toy_pmf())
+    assert terms["H_Y_given_Z"] == pytest.approx(math.log(2), abs=1e-9)
+    assert terms["H_Y_given_X"] == pytest.approx(0.0, abs=1e-12)
+    assert terms["excess_ce"] >= terms["delta_p"] - 1e-12  # the theorem's inequality (tight here)
+    assert terms["aligned_acc_ceiling"] == pytest.approx(0.5)
+
+
+def test_information_gap_vanishes_when_the_private_bit_is_constant():
+    pmf = LS.toy_pmf().copy()
+    pmf[:, 1, :] = 0.0  # a = 0 always: the image knows nothing the text does not
+    pmf /= pmf.sum()
+    assert LS.information_gap(pmf) == pytest.approx(0.0, abs=1e-9)
+    assert LS.theorem_gap_terms(pmf)["aligned_acc_ceiling"] == pytest.approx(1.0)
+    skew = LS.toy_pmf().copy()
+    skew[:, 1, :] *= 3.0  # P(a = 1) = 3/4: Delta_p = H(a) = -(1/4 ln 1/4 + 3/4 ln 3/4)
+    skew /= skew.sum()
+    assert LS.information_gap(skew) == pytest.approx(
+        -(0.25 * math.log(0.25) + 0.75 * math.log(0.75)), abs=1e-9)
+
+
+def test_toy_data_matches_its_pmf():
+    """Only the image carries the bit a: a probe on raw x_V solves Y, one on raw x_T cannot."""
+    from sklearn.linear_model import LogisticRegression
+
+    rng = np.random.default_rng(0)
+    tr, te = LS.make_dataset(LS.Config(), 2000, rng), LS.make_dataset(LS.Config(), 1000, rng)
+    assert np.array_equal(tr["y"], 2 * tr["c"] + tr["a"])
+    accs = {}
+    for m in ("x_v", "x_t"):
+        clf = LogisticRegression(max_iter=2000).fit(tr[m], tr["y"])
+        accs[m] = (clf.predict(te[m]) == te["y"]).mean()
+    assert accs["x_v"] > 0.95 and accs["x_t"] < 0.6
+
+
+# ---------------------------------------------------------------- CLI and smoke run
+@pytest.mark.parametrize("argv", [["--steps", "-3"], ["--device", "tpu"], ["--bogus"],
+                                  ["--variants", "clip,nope"], ["--bridge-t", "1.5"]])
+def test_bad_arguments_exit_with_code_2(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        LS.parse_args(argv)
+    assert e.value.code == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+@pytest.fixture(scope="module")
+def quick_runs(tmp_path_factory):
+    a = LS.train(LS.Config(quick=True, out_dir=str(tmp_path_factory.mktemp("a"))))
+    b = LS.train(LS.Config(quick=True, out_dir=str(tmp_path_factory.mktemp("b"))))
+    return a, b
+
+
+def test_smoke_run_finite_decreasing_loss_and_schema(quick_runs):
+    out, _ = quick_runs
+    for name in LS.VARIANTS:
+        loss = out["history"][name]["loss"]
+        assert all(math.isfinite(v) for v in loss)
+        assert np.mean(loss[-10:]) < np.mean(loss[:10]), name
+    summary = json.loads((__import__("pathlib").Path(out["summary"]["config"]["out_dir"])
+                          / "summary.json").read_text())
+    assert set(summary) == {"folder", "seed", "config", "wall_seconds", "metrics", "headline"}
+    assert summary["folder"] == "latent_structure" and summary["config"]["quick"]
+    assert summary["config"]["steps"] == LS.QUICK["steps"]
+    for row in summary["headline"]:
+        assert set(row) == {"metric", "higher_is_better", "method", "baseline"}
+        assert math.isfinite(row["method"]["value"]) and math.isfinite(row["baseline"]["value"])
+    assert summary["metrics"]["delta_p"] == pytest.approx(math.log(2))
+
+
+def test_same_seed_same_numbers(quick_runs):
+    a, b = quick_runs
+    assert a["metrics"] == b["metrics"]
+    assert a["history"]["sep"]["loss"] == b["history"]["sep"]["loss"]
+
+
+@pytest.mark.slow
+def test_default_config_shows_the_claim(tmp_path):
+    """Seed 0, default config, three variants: forcing alignment shrinks the gap and costs probe
+    accuracy; separation recovers the image-only information."""
+    out = LS.train(LS.Config(out_dir=str(tmp_path), variants="clip,align,sep"))
+    r = out["results"]
+    assert r["align"]["gap"] < r["clip"]["gap"]
+    assert r["align"]["probe_acc"] < r["clip"]["probe_acc"]
+    assert r["sep"]["probe_acc"] > r["clip"]["probe_acc"] + 0.1
+    assert r["sep"]["probe_acc"] > 0.95

@@ -1,0 +1,531 @@
+"""Tests for smile/train.py: routing, capacity, load balancing, the two-hop All2All, the cost model,
+the distributed path (gloo, 2 nodes x 2 GPUs) against the single-process layer, and a smoke run."""
+
+import dataclasses
+import json
+import math
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from smile import train as smile
+
+pytestmark = pytest.mark.smile
+
+
+def small_cfg(**kw):
+    base = dict(nodes=2, gpus_per_node=2, d_model=8, d_ff=16, n_heads=2, vocab=16, seq_len=8,
+                batch=8, cf=1.0, cf1=1.0, cf2=1.0)
+    base.update(kw)
+    return smile.Config(**base)
+
+
+# ---------------------------------------------------------------- tier 1: hand values
+def test_capacity_formula():
+    assert smile.capacity(128, 8, 1.25) == 20  # ceil(1.25 * 128 / 8)
+    assert smile.capacity(128, 2, 1.25) == 80
+    assert smile.capacity(10, 4, 1.0) == 3  # ceil(2.5)
+    assert smile.capacity(10, 4, None) == 10  # no drops
+    assert smile.capacity(3, 8, 1.0) == 1
+
+
+def test_top1_route_hand_example():
+    # 5 tokens, 2 experts, capacity 2. Argmax: 0, 1, 0, 0, 1 -> expert 0 gets tokens 0, 2, (3
+    # dropped); expert 1 gets tokens 1, 4.
+    logits = torch.tensor([[[2.0, 0.0], [0.0, 1.0], [1.0, 0.0], [3.0, 0.0], [0.0, 0.5]]])
+    r = smile.top1_route(logits, 2)
+    assert r.expert.tolist() == [[0, 1, 0, 0, 1]]
+    assert r.loc.tolist() == [[0, 0, 1, 2, 1]]
+    assert r.keep.tolist() == [[True, True, True, False, True]]
+    want = torch.zeros(1, 5, 2, 2)
+    want[0, 0, 0, 0] = want[0, 1, 1, 0] = want[0, 2, 0, 1] = want[0, 4, 1, 1] = 1
+    assert torch.equal(r.dispatch, want)
+    gate = torch.sigmoid(torch.tensor([2.0, 1.0, 1.0, 3.0, 0.5]))  # 2-way softmax = sigmoid
+    assert torch.allclose(r.gate[0], gate)
+    assert torch.allclose(r.combine, want * gate[None, :, None, None])
+    assert torch.allclose(r.probs.sum(-1), torch.ones(1, 5))
+
+
+def test_top1_route_skips_padding():
+    logits = torch.zeros(1, 4, 2)
+    logits[..., 1] = 1.0  # everyone wants expert 1
+    valid = torch.tensor([[False, True, False, True]])
+    r = smile.top1_route(logits, 1, valid=valid)
+    # the first *valid* token (index 1) takes the only slot; padding is never routed
+    assert r.keep.tolist() == [[False, True, False, False]]
+    assert r.dispatch[0, 1, 1, 0] == 1 and r.dispatch.sum() == 1
+
+
+def test_lb_loss_hand_values():
+    p = torch.tensor([[[.9, .1], [.8, .2], [.3, .7], [.4, .6]]])
+    # f = [.5, .5], P = [.6, .4] -> 2 * (.5 * .6 + .5 * .4) = 1.0
+    assert torch.allclose(smile.load_balancing_loss(p, p.argmax(-1), 1.0), torch.tensor([1.0]))
+    # everything to expert 0 with p = [1, 0]: E * 1 * 1 = 2 (the maximum), times alpha = 0.1
+    p0 = torch.tensor([[[1.0, 0.0]] * 4])
+    out = smile.load_balancing_loss(p0, p0.argmax(-1), 0.1)
+    assert torch.allclose(out, torch.tensor([0.2]))
+    # alpha scales linearly
+    assert torch.allclose(smile.load_balancing_loss(p, p.argmax(-1), 0.01), torch.tensor([0.01]))
+
+
+@pytest.mark.exercise
+def test_exercise1_lb_loss_is_alpha_at_uniform_routing():
+    E, T = 4, 8
+    probs = torch.full((3, T, E), 1 / E)  # (G, T, E) uniform probabilities
+    expert = torch.arange(T).remainder(E).expand(3, T)  # perfectly balanced argmax
+    out = smile.load_balancing_loss(probs, expert, 0.01)
+    assert out.shape == (3,)
+    assert torch.allclose(out, torch.full((3,), 0.01))
+
+
+@pytest.mark.exercise
+def test_exercise1_lb_loss_hand_value_and_valid_mask():
+    p = torch.tensor([[[.9, .1], [.8, .2], [.3, .7], [.4, .6]]])
+    assert torch.allclose(smile.load_balancing_loss(p, p.argmax(-1), 1.0), torch.tensor([1.0]))
+    # a padding slot (last) must not count: f = [2/3, 1/3], P = [2/3, 1/3]
+    # -> 2 * (4/9 + 1/9) = 10/9
+    valid = torch.tensor([[True, True, True, False]])
+    out = smile.load_balancing_loss(p, p.argmax(-1), 1.0, valid=valid)
+    assert torch.allclose(out, torch.tensor([10 / 9]))
+    # two devices are independent
+    p2 = torch.cat([p, torch.tensor([[[1.0, 0.0]] * 4])])
+    assert torch.allclose(smile.load_balancing_loss(p2, p2.argmax(-1), 1.0),
+                          torch.tensor([1.0, 2.0]))
+
+
+@pytest.mark.exercise
+def test_exercise1_lb_gradient_flows_only_through_P():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 6, 3, requires_grad=True)
+    probs = logits.softmax(-1)
+    probs.retain_grad()
+    expert = probs.argmax(-1)
+    smile.load_balancing_loss(probs, expert, 0.5).sum().backward()
+    f = torch.nn.functional.one_hot(expert, 3).float().mean(1)  # (G, E)
+    # d/dp_i(x) of alpha * E * sum_i f_i * mean_x p_i(x) = alpha * E * f_i / T
+    want = (0.5 * 3 * f / 6)[:, None, :].expand(2, 6, 3)
+    assert torch.allclose(probs.grad, want)
+
+
+# ---------------------------------------------------------------- cost model
+@pytest.mark.exercise
+def test_exercise2_alltoall_cost_matches_worked_example():
+    # the worked example in the notes: M = 8, d = 1024, bf16, cf = 1
+    for N, T, flat_ms, smile_ms in ((2, 4096, 0.78, 0.72), (8, 4096, 1.75, 1.28),
+                                    (16, 512, 1.37, 0.32)):
+        c = smile.alltoall_cost(N, 8, T, 1024, 2, 1.0, 1.0, 1.0)
+        assert c["flat_time"] * 1e3 == pytest.approx(flat_ms, abs=0.006)
+        assert c["smile_time"] * 1e3 == pytest.approx(smile_ms, abs=0.006)
+        assert c["flat_slow_msgs"] == (N - 1) * 8 and c["smile_slow_msgs"] == N - 1
+        assert c["flat_fast_msgs"] == 7 and c["smile_fast_msgs"] == 7
+
+
+@pytest.mark.exercise
+def test_exercise2_slow_bytes_equal_and_hand_example():
+    # N = 2, M = 2, T = 4, d = 1, 1 byte, cf = 1: S = 4 bytes; flat sends S/P = 1 byte to each of
+    # (N-1) M = 2 GPUs on the other node; SMILE sends S1/N = 2 bytes to 1 GPU.
+    c = smile.alltoall_cost(2, 2, 4, 1, 1, 1.0, 1.0, 1.0)
+    assert (c["flat_slow_msgs"], c["flat_slow_bytes"]) == (2, 2.0)
+    assert (c["smile_slow_msgs"], c["smile_slow_bytes"]) == (1, 2.0)
+    assert (c["flat_fast_msgs"], c["flat_fast_bytes"]) == (1, 1.0)
+    assert (c["smile_fast_msgs"], c["smile_fast_bytes"]) == (1, 2.0)
+    a_s, a_f = smile.ALPHA_SLOW, smile.ALPHA_FAST
+    b_s, b_f = 1 / smile.BW_SLOW, 1 / smile.BW_FAST
+    assert c["flat_time"] == pytest.approx(2 * (a_s + b_s) + (a_f + b_f))
+    assert c["smile_time"] == pytest.approx((a_s + 2 * b_s) + (a_f + 2 * b_f))
+    big = smile.alltoall_cost(16, 8, 2048, 512, 2, 1.25, 1.25, 1.0)
+    assert big["flat_slow_bytes"] == pytest.approx(big["smile_slow_bytes"])
+
+
+def test_modelled_ratio_grows_with_nodes():
+    ratios = [smile.alltoall_cost(N, 8, 512, 1024)["flat_time"]
+              / smile.alltoall_cost(N, 8, 512, 1024)["smile_time"] for N in (2, 4, 8, 16, 32)]
+    assert all(b > a for a, b in zip(ratios, ratios[1:])) and ratios[0] > 1
+
+
+def test_message_counts_hand_example():
+    # N = 2, M = 2. GPU 0 = (node 0, local 0).
+    flat = torch.tensor([[5, 1, 0, 3],    # GPU 0: fast to 1, slow to 3 only (2 is empty)
+                         [0, 0, 2, 2],    # GPU 1: slow to 2 and 3
+                         [1, 1, 1, 0],    # GPU 2: slow to 0 and 1, nothing fast
+                         [0, 0, 4, 9]])   # GPU 3: fast to 2
+    m = smile.message_counts(flat, 2, 2, "flat")
+    assert m["slow_msgs"] == pytest.approx((1 + 2 + 2 + 0) / 4)
+    assert m["slow_tokens"] == pytest.approx((3 + 4 + 2 + 0) / 4)
+    assert m["fast_msgs"] == pytest.approx((1 + 0 + 0 + 1) / 4)
+    assert m["fast_tokens"] == pytest.approx((1 + 0 + 0 + 4) / 4)
+    inter = torch.tensor([[3, 2], [4, 0], [1, 1], [0, 6]])  # (P, N): own node is not a message
+    m = smile.message_counts(inter, 2, 2, "inter")
+    assert m["slow_msgs"] == pytest.approx((1 + 0 + 1 + 0) / 4)
+    assert m["slow_tokens"] == pytest.approx((2 + 0 + 1 + 0) / 4)
+    intra = torch.tensor([[3, 2], [4, 0], [1, 1], [0, 6]])  # (P, M): own GPU is not a message
+    m = smile.message_counts(intra, 2, 2, "intra")
+    assert m["fast_msgs"] == pytest.approx((1 + 1 + 1 + 0) / 4)
+    assert m["slow_msgs"] == 0
+
+
+# ---------------------------------------------------------------- tier 2: invariants
+def test_route_invariants_random():
+    torch.manual_seed(1)
+    logits = torch.randn(4, 50, 5)
+    valid = torch.rand(4, 50) > 0.3
+    r = smile.top1_route(logits, 7, valid=valid)
+    per_token = r.dispatch.sum((2, 3))  # (G, S)
+    assert set(per_token.unique().tolist()) <= {0.0, 1.0}  # at most one expert, one slot
+    assert torch.equal(per_token.bool(), r.keep)
+    assert r.dispatch.sum(1).max() <= 1  # every (expert, slot) holds at most one token
+    assert (r.dispatch.sum((1, 3)) <= 7).all()  # capacity
+    assert not (r.keep & ~valid).any()
+    # kept tokens per expert = min(capacity, routed tokens)
+    routed = torch.nn.functional.one_hot(r.expert, 5) * valid[..., None]
+    assert torch.equal(r.dispatch.sum((1, 3)), routed.sum(1).clamp(max=7).float())
+
+
+def test_drops_are_first_come():
+    logits = torch.zeros(1, 10, 3)
+    logits[..., 2] = 1.0
+    r = smile.top1_route(logits, 4)
+    assert r.keep[0].tolist() == [True] * 4 + [False] * 6
+    assert r.loc[0].tolist() == list(range(10))
+
+
+def test_simulated_all2all_definition_and_involution():
+    N, M, C = 2, 3, 2
+    comm = smile.SimulatedComm(N, M)
+    P = N * M
+    buf = torch.randn(P, N, C, 4)
+    out = comm.inter(buf)
+    for n_dst in range(N):
+        for m in range(M):
+            for n_src in range(N):
+                assert torch.equal(out[n_dst * M + m, n_src], buf[n_src * M + m, n_dst])
+    assert torch.equal(comm.inter(out), buf)
+    buf2 = torch.randn(P, M, C, 4)
+    out2 = comm.intra(buf2)
+    for n in range(N):
+        for m_dst in range(M):
+            for m_src in range(M):
+                assert torch.equal(out2[n * M + m_dst, m_src], buf2[n * M + m_src, m_dst])
+    assert torch.equal(comm.intra(out2), buf2)
+    buf3 = torch.randn(P, P, C, 4)
+    assert torch.equal(comm.world(buf3)[4, 1], buf3[1, 4])
+
+
+def _naive_smile(layer, x, cf1, cf2):
+    """Per-token loop: the bi-level routing rule written out, no dispatch tensors."""
+    N, M = layer.N, layer.M
+    P, T, D = x.shape
+    C1 = math.ceil(cf1 * T / N)
+    C2 = math.ceil(cf2 * N * C1 / M)
+    y = torch.zeros_like(x)
+    with torch.no_grad():
+        # level 1 on each source GPU; remember (token, g1) in each (destination node) bucket
+        arrivals = {g: [] for g in range(P)}  # receiving GPU -> list of (src, t, g1), in order
+        for n_src in range(N):  # arrival order at the receiver: by source node, then position
+            for m in range(M):
+                g = n_src * M + m
+                fill = [0] * N
+                for t in range(T):
+                    p1 = torch.softmax(layer.w_node.weight @ x[g, t], -1)
+                    n = int(p1.argmax())
+                    if fill[n] < C1:
+                        arrivals[n * M + m].append((g, t, p1[n], fill[n], n_src))
+                    fill[n] += 1
+        for recv, items in arrivals.items():
+            items.sort(key=lambda it: (it[4], it[3]))
+            fill = [0] * M
+            node = recv // M
+            for g, t, g1, _, _ in items:
+                p2 = torch.softmax(layer.w_gpu.weight @ x[g, t], -1)
+                m = int(p2.argmax())
+                if fill[m] < C2:
+                    e = node * M + m
+                    ex = layer.experts
+                    h = torch.nn.functional.gelu(x[g, t] @ ex.w1[e] + ex.b1[e])
+                    y[g, t] = g1 * p2[m] * (h @ ex.w2[e] + ex.b2[e])
+                fill[m] += 1
+    return y
+
+
+def _naive_switch(layer, x, cf):
+    P, T, D = x.shape
+    C = math.ceil(cf * T / layer.E)
+    y = torch.zeros_like(x)
+    with torch.no_grad():
+        for g in range(P):
+            fill = [0] * layer.E
+            for t in range(T):
+                p = torch.softmax(layer.w_router.weight @ x[g, t], -1)
+                e = int(p.argmax())
+                if fill[e] < C:
+                    ex = layer.experts
+                    h = torch.nn.functional.gelu(x[g, t] @ ex.w1[e] + ex.b1[e])
+                    y[g, t] = p[e] * (h @ ex.w2[e] + ex.b2[e])
+                fill[e] += 1
+    return y
+
+
+def test_smile_layer_matches_per_token_loop_with_drops():
+    torch.manual_seed(0)
+    # T = 10: C1 = ceil(0.8 * 10 / 2) = 4, C2 = ceil(1.0 * 2 * 4 / 3) = 3 (not ceil(10 / 3) = 4)
+    cfg = small_cfg(nodes=2, gpus_per_node=3, cf1=0.8, cf2=1.0)
+    layer = smile.SmileMoE(cfg)
+    x = torch.randn(6, 10, 8)
+    y, lb, stats = layer(x, smile.SimulatedComm(2, 3))
+    assert stats["dropped"] > 0  # capacities this small must drop tokens at some level
+    want = _naive_smile(layer, x, 0.8, 1.0)
+    assert torch.allclose(y, want, atol=1e-6)
+    assert ((y.abs().sum(-1) == 0).sum()).item() == stats["dropped"]  # dropped tokens: y = 0
+
+
+def test_switch_layer_matches_per_token_loop_with_drops():
+    torch.manual_seed(0)
+    cfg = small_cfg(nodes=2, gpus_per_node=2, cf=0.75)
+    layer = smile.SwitchMoE(cfg)
+    x = torch.randn(4, 12, 8)
+    y, lb, stats = layer(x, smile.SimulatedComm(2, 2))
+    assert stats["dropped"] > 0
+    assert torch.allclose(y, _naive_switch(layer, x, 0.75), atol=1e-6)
+
+
+def test_dispatch_then_combine_is_identity_times_gates():
+    torch.manual_seed(2)
+    cfg = small_cfg(cf1=1.0, cf2=0.7)
+    layer = smile.SmileMoE(cfg)
+    layer.experts = torch.nn.Identity()
+    x = torch.randn(4, 16, 8)
+    y, _, _ = layer(x, smile.SimulatedComm(2, 2))
+    with torch.no_grad():
+        g1 = torch.softmax(layer.w_node(x), -1).amax(-1)
+        g2 = torch.softmax(layer.w_gpu(x), -1).amax(-1)
+    kept = y.abs().sum(-1) > 0
+    assert kept.any() and (~kept).any()
+    assert torch.allclose(y[kept], ((g1 * g2)[..., None] * x)[kept], atol=1e-6)
+    assert (g1 * g2 <= 1).all() and (g1 * g2 > 0).all()
+
+
+def test_smile_with_one_node_reduces_to_flat_switch():
+    torch.manual_seed(3)
+    x = torch.randn(4, 16, 8)
+    for no_drop, cf in ((True, 1.0), (False, 1.0), (False, 0.6)):
+        s = smile.SmileMoE(small_cfg(nodes=1, gpus_per_node=4, cf1=1.0, cf2=cf))
+        w = smile.SwitchMoE(small_cfg(nodes=1, gpus_per_node=4, cf=cf))
+        with torch.no_grad():
+            w.w_router.weight.copy_(s.w_gpu.weight)
+        w.experts.load_state_dict(s.experts.state_dict())
+        comm = smile.SimulatedComm(1, 4)
+        ys, lbs, sts = s(x, comm, no_drop)
+        yw, lbw, stw = w(x, comm, no_drop)
+        assert torch.allclose(ys, yw, atol=1e-6)
+        assert sts["dropped"] == stw["dropped"]
+        # g1 = 1 with a single node, so its LB term is exactly alpha1 (one expert, f = P = 1)
+        assert torch.allclose(lbs, lbw + s.alpha1)
+
+
+def test_smile_lb_is_sum_of_level_terms():
+    torch.manual_seed(4)
+    x = torch.randn(4, 16, 8)
+    comm = smile.SimulatedComm(2, 2)
+    base = smile.SmileMoE(small_cfg(alpha1=0.3, alpha2=0.0, cf1=1.0, cf2=1.0))
+    _, lb1, _ = base(x, comm)
+    with torch.no_grad():
+        p1 = torch.softmax(base.w_node(x), -1)
+    assert torch.allclose(lb1, smile.load_balancing_loss(p1, p1.argmax(-1), 0.3))
+    base.alpha1, base.alpha2 = 0.0, 0.7
+    _, lb2, _ = base(x, comm)
+    base.alpha1 = 0.3
+    _, lb12, _ = base(x, comm)
+    assert lb2.abs().sum() > 0
+    assert torch.allclose(lb12, lb1 + lb2)
+
+
+def test_smile_level2_lb_counts_only_tokens_the_gpu_received():
+    torch.manual_seed(6)
+    N, M, T = 2, 2, 12
+    x = torch.randn(N * M, T, 8)
+    layer = smile.SmileMoE(small_cfg(alpha1=0.0, alpha2=1.0, cf1=2.0, cf2=2.0))  # no drops
+    _, lb, _ = layer(x, smile.SimulatedComm(N, M))
+    with torch.no_grad():
+        n_star = layer.w_node(x).argmax(-1)  # (P, T)
+        want = []
+        for recv in range(N * M):
+            n, m = divmod(recv, M)
+            got = torch.cat([x[n_src * M + m][n_star[n_src * M + m] == n] for n_src in range(N)])
+            p2 = torch.softmax(layer.w_gpu(got), -1)  # only real tokens, no padding slots
+            f = torch.nn.functional.one_hot(p2.argmax(-1), M).float().mean(0)
+            want.append(M * (f * p2.mean(0)).sum())
+    assert torch.allclose(lb, torch.stack(want), atol=1e-6)
+
+
+def test_per_node_router_uses_the_receiving_nodes_router():
+    torch.manual_seed(7)
+    x = torch.randn(4, 12, 8)
+    comm = smile.SimulatedComm(2, 2)
+    torch.manual_seed(0)
+    shared = smile.SmileMoE(small_cfg())
+    torch.manual_seed(0)
+    per = smile.SmileMoE(small_cfg(per_node_router=True))
+    assert per.w_gpu_nodes.shape == (2, 2, 8)
+    assert torch.allclose(shared(x, comm)[0], per(x, comm)[0])  # identical copies at init
+    with torch.no_grad():
+        per.w_gpu_nodes[1] = -per.w_gpu_nodes[1]  # node 1 now prefers the other GPU
+        shared.w_gpu.weight.copy_(per.w_gpu_nodes[0])
+    ys, yp = shared(x, comm)[0], per(x, comm)[0]
+    # a token's output differs exactly when it went to node 1 (and was not dropped)
+    to_node1 = (per.w_node(x).argmax(-1) == 1) & (yp.abs().sum(-1) > 0)
+    assert to_node1.any()
+    assert torch.allclose(ys[~to_node1 & (ys.abs().sum(-1) > 0)],
+                          yp[~to_node1 & (ys.abs().sum(-1) > 0)], atol=1e-6)
+    assert not torch.allclose(ys[to_node1], yp[to_node1])
+
+
+def test_gradients_reach_routers_through_gates_and_lb_only_routers():
+    torch.manual_seed(5)
+    x = torch.randn(4, 16, 8)
+    comm = smile.SimulatedComm(2, 2)
+    layer = smile.SmileMoE(small_cfg(alpha1=0.0, alpha2=0.0, cf1=2.0, cf2=2.0))
+    y, lb, _ = layer(x, comm)
+    (y ** 2).sum().backward()  # a task loss, no LB term
+    assert layer.w_node.weight.grad.abs().sum() > 0  # through g1
+    assert layer.w_gpu.weight.grad.abs().sum() > 0  # through g2
+    layer.zero_grad(set_to_none=True)
+    layer.alpha1, layer.alpha2 = 0.01, 0.01
+    _, lb, _ = layer(x, comm)
+    lb.sum().backward()
+    assert layer.w_node.weight.grad.abs().sum() > 0
+    assert layer.w_gpu.weight.grad.abs().sum() > 0
+    assert layer.experts.w1.grad is None  # the LB loss never touches the experts
+
+
+# ---------------------------------------------------------------- tier 3: distributed == single
+def _dist_worker(rank, world, N, M, init, out_dir):
+    """One gloo rank: the SMILE and Switch layers over real groups; dumps outputs and grads."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    import datetime
+
+    groups = smile.make_bilevel_groups(N, M, datetime.timedelta(seconds=30))
+    comm = smile.DistComm(N, M, groups, torch.device("cpu"))
+    res = {}
+    # the All2All round trip (inter then intra, then their reverses) is the identity
+    buf = torch.randn(1, N, 3, 5)
+    res["roundtrip_inter"] = torch.equal(comm.inter(comm.inter(buf)), buf)
+    buf2 = torch.randn(1, M, 3, 5)
+    res["roundtrip_intra"] = torch.equal(comm.intra(comm.intra(buf2)), buf2)
+    # All2All autograd: grad of sum(w * A2A(x)) is A2A(w)
+    xa = torch.randn(1, N, 2, 3, dtype=torch.double, requires_grad=True)
+    w = torch.randn(1, N, 2, 3, dtype=torch.double)
+    (comm.inter(xa) * w).sum().backward()
+    res["a2a_grad_ok"] = torch.equal(xa.grad, comm.inter(w))
+    for kind in ("smile", "switch"):
+        torch.manual_seed(0)
+        cfg = small_cfg(nodes=N, gpus_per_node=M, cf=0.75, cf1=0.9, cf2=0.8)
+        layer = (smile.SmileMoE if kind == "smile" else smile.SwitchMoE)(cfg)
+        x_all = torch.randn(N * M, 12, 8)  # the same tokens on every rank
+        w_all = torch.randn(N * M, 12, 8)  # upstream gradient
+        layer.experts.localize(rank)
+        x = x_all[rank:rank + 1].clone().requires_grad_(True)
+        y, lb, stats = layer(x, comm)
+        ((y * w_all[rank:rank + 1]).sum() + lb.sum()).backward()
+        res[kind] = {"y": y.detach(), "lb": lb.detach(), "x_grad": x.grad,
+                     "dropped": stats["dropped"],
+                     "grads": {n: p.grad.clone() for n, p in layer.named_parameters()}}
+    torch.save(res, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_distributed_matches_single_process(tmp_path):
+    """gloo, 2 nodes x 2 GPUs: per-rank outputs and all gradients equal the simulation."""
+    N, M = 2, 2
+    init = f"file://{tmp_path / 'rdzv'}"
+    mp.spawn(_dist_worker, args=(N * M, N, M, init, str(tmp_path)), nprocs=N * M, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(N * M)]
+    assert all(r["roundtrip_inter"] and r["roundtrip_intra"] and r["a2a_grad_ok"] for r in ranks)
+    for kind in ("smile", "switch"):
+        torch.manual_seed(0)
+        cfg = small_cfg(nodes=N, gpus_per_node=M, cf=0.75, cf1=0.9, cf2=0.8)
+        layer = (smile.SmileMoE if kind == "smile" else smile.SwitchMoE)(cfg)
+        x_all = torch.randn(N * M, 12, 8).requires_grad_(True)
+        w_all = torch.randn(N * M, 12, 8)
+        y, lb, stats = layer(x_all, smile.SimulatedComm(N, M))
+        ((y * w_all).sum() + lb.sum()).backward()
+        assert stats["dropped"] > 0  # the comparison covers drops
+        assert sum(r[kind]["dropped"] for r in ranks) == stats["dropped"]
+        for r, res in enumerate(ranks):
+            got = res[kind]
+            assert torch.allclose(got["y"][0], y[r].detach(), atol=1e-6)
+            assert torch.allclose(got["lb"], lb[r:r + 1].detach(), atol=1e-7)
+            assert torch.allclose(got["x_grad"][0], x_all.grad[r], atol=1e-6)
+            for n, p in layer.named_parameters():
+                g = got["grads"][n]
+                if n.startswith("experts."):  # each rank holds expert `rank` only
+                    assert torch.allclose(g[0], p.grad[r], atol=1e-6), n
+        for n, p in layer.named_parameters():
+            if not n.startswith("experts."):  # replicated routers: grads sum over ranks
+                total = sum(res[kind]["grads"][n] for res in ranks)
+                assert torch.allclose(total, p.grad, atol=1e-6), n
+
+
+@pytest.mark.slow
+def test_distributed_training_run_and_failed_worker(tmp_path):
+    # (not quick=True: QUICK would override steps)
+    cfg = smile.Config(distributed=True, nodes=2, gpus_per_node=2, steps=4, batch=16,
+                       variants="switch,smile", val_batches=1, out_dir=str(tmp_path))
+    out = smile.train(cfg)
+    m = out["metrics"]
+    for k in ("switch", "smile"):
+        assert m[f"max_abs_diff_logits_{k}"] < 1e-5 and m[f"max_abs_diff_grads_{k}"] < 1e-5
+        assert math.isfinite(m[f"val_{k}"]) and m[f"loss_last_{k}"] < m[f"loss_first_{k}"]
+    # SMILE's inter hop carries the slow traffic, Switch's world hop does
+    assert m["a2a_ms_world_smile"] == 0 and m["a2a_ms_inter_switch"] == 0
+    assert m["slow_bytes_per_step_smile"] > 0 and m["slow_bytes_per_step_switch"] > 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert set(summary) == {"folder", "seed", "config", "wall_seconds", "metrics", "headline"}
+    # a worker that raises stops the whole run with its error, no hang
+    bad = dataclasses.replace(cfg, fail_rank=1, dist_timeout=20, out_dir=str(tmp_path / "bad"))
+    with pytest.raises(smile.RunError, match="deliberate failure"):
+        smile.train(bad)
+
+
+# ---------------------------------------------------------------- tier 4: smoke run
+@pytest.mark.slow
+def test_quick_train_smoke(tmp_path):
+    out = smile.train(smile.Config(quick=True, out_dir=str(tmp_path)))
+    for k in smile.VARIANTS:
+        h = out["history"][k]
+        assert all(math.isfinite(v) for v in h["loss"] + h["val"])
+        assert h["val"][-1] < h["val"][0] and h["loss"][-1] < h["loss"][0]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert set(summary) == {"folder", "seed", "config", "wall_seconds", "metrics", "headline"}
+    assert summary["folder"] == "smile" and summary["config"]["steps"] == smile.QUICK["steps"]
+    for row in summary["headline"]:
+        assert {"metric", "higher_is_better", "method", "baseline"} <= set(row)
+    assert summary["metrics"]["slow_msgs_real_switch"] > summary["metrics"]["slow_msgs_real_smile"]
+    assert (tmp_path / "smile.png").stat().st_size > 0
+
+
+def test_same_seed_same_numbers(tmp_path):
+    cfg = smile.Config(variants="smile", steps=2, batch=16, val_batches=1, out_dir=str(tmp_path))
+    a = smile.train(cfg)["history"]["smile"]
+    b = smile.train(cfg)["history"]["smile"]
+    assert a["loss"] == b["loss"] and a["val"] == b["val"] and a["drop"] == b["drop"]
+    other = smile.make_languages(dataclasses.replace(cfg, seed=1))
+    assert not torch.equal(other, smile.make_languages(cfg))  # the seed reaches the data
+
+
+def test_cli_errors_are_one_line(capsys):
+    for argv in (["--steps", "-3"], ["--device", "tpu"], ["--bogus"], ["--variants", "moe"],
+                 ["--batch", "30"]):
+        with pytest.raises(SystemExit) as e:
+            smile.parse_args(argv)
+        assert e.value.code != 0
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "error" in err
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit):
+            smile.parse_args(["--device", "cuda"])
+        assert "CUDA is not available" in capsys.readouterr().err
