@@ -1,0 +1,356 @@
+"""X-Former: hand values, mask invariants, gradient routing, a check against transformers' Q-Former,
+and a smoke run. The invariants are those of shared/papers/xformer.md section 5."""
+
+import dataclasses
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from xformer import train as xf
+
+pytestmark = pytest.mark.xformer
+
+TINY = xf.Config(n_images=40, n_train=30, pretrain_steps=1, lm_pretrain_steps=1, steps=2,
+                 stage2_steps=2, batch=6)
+
+
+@pytest.fixture(scope="module")
+def world():
+    """Tiny data and the (barely) pre-trained frozen encoders, shared by the tests below."""
+    torch.manual_seed(0)
+    data = xf.make_dataset(TINY)
+    enc = xf.pretrain_encoders(TINY, data, torch.Generator().manual_seed(0))
+    return data, enc
+
+
+def qformer(xformer=True, placement="every"):
+    torch.manual_seed(1)
+    cfg = dataclasses.replace(TINY, placement=placement)
+    return xf.QFormer(cfg, TINY.width, TINY.width, xformer).eval()
+
+
+# --------------------------------------------------------------------------------------------
+# ITC
+# --------------------------------------------------------------------------------------------
+@pytest.mark.exercise
+def test_itc_loss_matches_hand_value_with_max_over_queries():
+    # image 0 has queries (1,0), (0,1); image 1 has (0,1), (-1,0); texts t0 = (1,0), t1 = (.6,.8)
+    img = torch.tensor([[[1.0, 0.0], [0.0, 1.0]], [[0.0, 1.0], [-1.0, 0.0]]])
+    txt = torch.tensor([[1.0, 0.0], [0.6, 0.8]])
+    loss, sim = xf.itc_loss(img, txt, temp=1.0, label_smoothing=0.0)
+    assert sim.flatten().tolist() == pytest.approx([1.0, 0.8, 0.0, 0.8])
+
+    def ce(logits, y):
+        return -logits[y] + math.log(sum(math.exp(v) for v in logits))
+
+    rows = ce([1.0, 0.8], 0) + ce([0.0, 0.8], 1)
+    cols = ce([1.0, 0.0], 0) + ce([0.8, 0.8], 1)
+    assert float(loss) == pytest.approx(0.5 * (rows + cols) / 2)
+
+
+@pytest.mark.exercise
+def test_itc_loss_matches_a_naive_loop_with_label_smoothing():
+    g = torch.Generator().manual_seed(0)
+    B, Nq, E, eps, temp = 4, 3, 5, 0.1, 0.2
+    img = F.normalize(torch.randn(B, Nq, E, generator=g), dim=-1)
+    txt = F.normalize(torch.randn(B, E, generator=g), dim=-1)
+    loss, _ = xf.itc_loss(img, txt, temp, label_smoothing=eps)
+    s = [[max(float(img[b, q] @ txt[c]) for q in range(Nq)) / temp for c in range(B)]
+         for b in range(B)]
+
+    def smoothed_ce(logits, y):  # (1 - eps) * NLL(y) + eps * mean_k NLL(k)
+        lse = math.log(sum(math.exp(v) for v in logits))
+        nll = [lse - v for v in logits]
+        return (1 - eps) * nll[y] + eps * sum(nll) / len(nll)
+
+    i2t = sum(smoothed_ce(s[b], b) for b in range(B)) / B
+    t2i = sum(smoothed_ce([s[b][c] for b in range(B)], c) for c in range(B)) / B
+    assert float(loss) == pytest.approx(0.5 * (i2t + t2i), rel=1e-5)
+
+
+# --------------------------------------------------------------------------------------------
+# ITM hard negatives and loss
+# --------------------------------------------------------------------------------------------
+@pytest.mark.exercise
+def test_hard_negatives_are_never_the_positive_or_an_identical_caption():
+    captions = torch.tensor([[1, 5, 9], [1, 5, 9], [1, 6, 9], [1, 7, 10], [1, 8, 11], [1, 6, 9]])
+    B = len(captions)
+    sim = torch.zeros(B, B)
+    sim += 20 * torch.eye(B)  # the positives are by far the most similar ...
+    sim[0, 1] = sim[1, 0] = sim[2, 5] = sim[5, 2] = 20  # ... and so are the identical captions
+    same = (captions[:, None] == captions[None]).all(-1)
+    for seed in range(30):
+        neg_t, neg_i = xf.sample_hard_negatives(sim, captions, torch.Generator().manual_seed(seed))
+        rows = torch.arange(B)
+        assert not same[rows, neg_t].any() and not same[neg_i, rows].any()
+
+
+@pytest.mark.exercise
+def test_hard_negatives_follow_the_similarity():
+    # image 0 is far more similar to text 3 than to any other valid text: it should pick it
+    captions = torch.arange(5)[:, None].repeat(1, 3)  # all different
+    sim = torch.zeros(5, 5)
+    sim[0, 3] = 8.0
+    picks = [int(xf.sample_hard_negatives(sim, captions, torch.Generator().manual_seed(s))[0][0])
+             for s in range(40)]
+    assert picks.count(3) >= 36  # softmax weight of text 3 is e^8 / (e^8 + 3) ~ 0.9995
+
+
+def test_itm_loss_averages_the_head_over_queries_with_positive_first_labels():
+    # query 0 says "match" strongly, query 1 says "no match" as strongly: the mean is 0 -> log 2
+    logits = torch.tensor([[[0.0, 10.0], [0.0, -10.0]]]).repeat(3, 1, 1)  # (3B=3, Nq=2, 2)
+    assert float(xf.itm_loss(logits)) == pytest.approx(math.log(2))
+    good = torch.tensor([[[0.0, 5.0]], [[5.0, 0.0]], [[5.0, 0.0]]])  # row 0 positive, 1-2 neg
+    assert float(xf.itm_loss(good)) == pytest.approx(math.log(1 + math.exp(-5)), rel=1e-5)
+    assert float(xf.itm_loss(good.flip(-1))) > 4.0
+
+
+def test_itg_loss_predicts_the_next_token_and_ignores_padding():
+    V = len(xf.WORDS)
+    ids = torch.tensor([[xf.BOS, 5, 9, xf.EOS, xf.PAD]])
+    logits = torch.zeros(1, 5, V)
+    assert float(xf.itg_loss(logits, ids, 0.0)) == pytest.approx(math.log(V))
+    # put all the mass on the next token at each position: the loss drops to ~0
+    for k in range(4):
+        logits[0, k, ids[0, k + 1]] = 30.0
+    assert float(xf.itg_loss(logits, ids, 0.0)) < 1e-6
+    # the position predicting PAD is ignored: changing it changes nothing
+    logits[0, 3] = torch.randn(V)
+    assert float(xf.itg_loss(logits, ids, 0.0)) < 1e-6
+
+
+# --------------------------------------------------------------------------------------------
+# Masks: entry by entry, then their effect inside the model
+# --------------------------------------------------------------------------------------------
+def test_attention_masks_entry_by_entry():
+    t, f = True, False
+    itc = [[t, t, f, f, f], [t, t, f, f, f], [f, f, t, t, t], [f, f, t, t, t], [f, f, t, t, t]]
+    itg = [[t, t, f, f, f], [t, t, f, f, f], [t, t, t, f, f], [t, t, t, t, f], [t, t, t, t, t]]
+    assert xf.attention_mask("itc", 2, 3).tolist() == itc
+    assert xf.attention_mask("itg", 2, 3).tolist() == itg
+    assert xf.attention_mask("itm", 2, 3).all()
+
+
+def _inputs(seed=0, B=2, T=5):
+    g = torch.Generator().manual_seed(seed)
+    clip = torch.randn(B, 5, TINY.width, generator=g)
+    mae = torch.randn(B, 9, TINY.width, generator=g)
+    text = torch.randint(5, len(xf.WORDS), (B, T), generator=g)
+    return clip, mae, text
+
+
+@torch.no_grad()
+def test_itc_mask_keeps_queries_and_text_apart():
+    m = qformer()
+    clip, mae, text = _inputs()
+    q1, t1, _ = m(clip, text, "itc", mae)
+    q2, _, _ = m(clip, text.flip(1), "itc", mae)
+    torch.testing.assert_close(q1, q2)  # queries never see the text
+    _, t3, _ = m(torch.randn_like(clip), text, "itc", mae * 2)
+    torch.testing.assert_close(t1, t3)  # the text never sees the image
+
+
+@torch.no_grad()
+def test_itg_mask_is_causal_for_text_and_blind_for_queries():
+    m = qformer()
+    clip, mae, text = _inputs()
+    q1, t1, _ = m(clip, text, "itg", mae)
+    changed = text.clone()
+    changed[:, 3] = (changed[:, 3] + 1 - 5) % (len(xf.WORDS) - 5) + 5
+    q2, t2, _ = m(clip, changed, "itg", mae)
+    torch.testing.assert_close(q1, q2)
+    torch.testing.assert_close(t1[:, :3], t2[:, :3])  # positions before the change: unchanged
+    assert (t1[:, 3] - t2[:, 3]).abs().max() > 1e-4  # the changed position: changed
+    _, t3, _ = m(torch.randn_like(clip), text, "itg", mae)
+    assert (t1 - t3).abs().max() > 1e-4  # the text does see the image
+
+
+@torch.no_grad()
+def test_itm_mask_lets_queries_see_the_text():
+    m = qformer()
+    clip, mae, text = _inputs()
+    q1, _, _ = m(clip, text, "itm", mae)
+    q2, _, _ = m(clip, text.flip(1), "itm", mae)
+    assert (q1 - q2).abs().max() > 1e-4
+
+
+# --------------------------------------------------------------------------------------------
+# Reconstruction, MAE bookkeeping, shapes
+# --------------------------------------------------------------------------------------------
+def test_reconstruction_loss_hand_value_on_masked_patches_only():
+    # 4 one-pixel patches with squared errors 1, 5, 3, 7; patches 0 and 2 are masked -> (1+3)/2
+    pred = torch.tensor([[[1.0], [math.sqrt(5)], [math.sqrt(3)], [math.sqrt(7)]]])
+    target = torch.zeros_like(pred)
+    mask = torch.tensor([[1.0, 0.0, 1.0, 0.0]])
+    assert float(xf.reconstruction_loss(pred, target, mask)) == pytest.approx(2.0)
+    # what it predicts on the visible patches does not matter
+    pred2 = pred.clone()
+    pred2[0, 1] = pred2[0, 3] = 100.0
+    assert float(xf.reconstruction_loss(pred2, target, mask)) == pytest.approx(2.0)
+    # per-patch mean over the pixels (1 / d_p)
+    wide = torch.ones(1, 2, 4)  # errors of 1 on 4 pixels
+    assert float(xf.reconstruction_loss(wide, torch.zeros_like(wide),
+                                        torch.tensor([[1.0, 0.0]]))) == pytest.approx(1.0)
+
+
+def test_mae_masking_bookkeeping(world):
+    data, enc = world
+    L = (32 // TINY.mae_patch) ** 2
+    images = data["images"][:3]
+    with torch.no_grad():
+        M, mask, ids_restore = xf.mae_encode(enc["mae"], images, 0.5,
+                                             torch.rand(3, L, generator=torch.Generator()))
+        keep = int(L * 0.5)
+        assert M.shape == (3, 1 + keep, TINY.width)
+        assert mask.sum(1).tolist() == [L - keep] * 3
+        assert (ids_restore.sort(1).values == torch.arange(L)).all()  # a permutation
+        _, mask0, ids0 = xf.mae_encode(enc["mae"], images, 0.0, torch.arange(L).expand(3, L))
+        assert mask0.sum() == 0 and (ids0 == torch.arange(L)).all()
+
+
+def test_dual_cross_attention_shapes_and_decoder_output(world):
+    data, enc = world
+    dual = xf.DualCrossAttention(TINY.width, TINY.width, 4)
+    q = torch.randn(2, TINY.n_query, TINY.width)
+    M = torch.randn(2, 9, TINY.width)
+    q2, M2 = dual(q, M)
+    assert q2.shape == q.shape and M2.shape == M.shape
+    L = (32 // TINY.mae_patch) ** 2
+    ids = torch.arange(L).expand(2, L)
+    out = enc["mae"].decoder(M2, ids).logits
+    assert out.shape == (2, L, TINY.mae_patch ** 2 * 3)
+
+
+# --------------------------------------------------------------------------------------------
+# Gradient routing and the reduction to BLIP-2
+# --------------------------------------------------------------------------------------------
+def test_reconstruction_gradient_reaches_queries_and_clip_cross_attention_only(world):
+    data, enc = world
+    m = qformer().train()
+    terms = xf.stage1_loss(m, enc, torch.arange(6), data, TINY, torch.Generator().manual_seed(0))
+    terms["rec"].backward()
+    assert m.query_tokens.grad.abs().sum() > 0
+    assert m.layers[0].cross_attn.query.weight.grad.abs().sum() > 0
+    for frozen in (enc["clip"], enc["mae"], enc["lm"]):
+        assert all(p.grad is None and not p.requires_grad for p in frozen.parameters())
+    assert m.itm_head.weight.grad is None  # L_REC does not touch the ITM head
+
+
+def test_a_training_step_leaves_the_frozen_models_bit_identical(world):
+    data, enc = world
+    before = {k: {n: t.clone() for n, t in enc[k].state_dict().items()}
+              for k in ("clip", "mae", "lm")}
+    m = qformer().train()
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
+    terms = xf.stage1_loss(m, enc, torch.arange(6), data, TINY, torch.Generator().manual_seed(0))
+    terms["total"].backward()
+    opt.step()
+    stage2 = xf.Stage2(m, enc["lm"], TINY.width)
+    stage2(enc["clip_tokens"][:4], enc["mae_full"][:4], data["caption"][:4]).backward()
+    assert all(p.grad is None for p in enc["lm"].parameters())
+    assert stage2.fc.weight.grad is not None
+    for k, sd in before.items():
+        for n, t in enc[k].state_dict().items():
+            assert torch.equal(t, sd[n]), f"{k}.{n} changed"
+
+
+@torch.no_grad()
+def test_without_the_dual_block_the_model_is_blip2():
+    blip2, xformer = qformer(xformer=False), qformer(xformer=True)
+    clip, mae, text = _inputs()
+    q1, t1, _ = blip2(clip, text, "itm", mae)
+    q2, t2, _ = blip2(clip, text, "itm", mae * 3 + 1)
+    torch.testing.assert_close(q1, q2)
+    torch.testing.assert_close(t1, t2)
+    extra = set(dict(xformer.named_parameters())) - set(dict(blip2.named_parameters()))
+    assert extra and all(".dual." in n for n in extra)
+    assert set(dict(blip2.named_parameters())) <= set(dict(xformer.named_parameters()))
+    # ... and X-Former's outputs do depend on the MAE tokens, in both placements
+    for placement in xf.PLACEMENTS:
+        m = qformer(True, placement)
+        assert (m(clip, text, "itm", mae)[0] - m(clip, text, "itm", mae * 3 + 1)[0]).abs().max() \
+            > 1e-4
+
+
+# --------------------------------------------------------------------------------------------
+# Stage 2
+# --------------------------------------------------------------------------------------------
+def test_prefix_lm_loss_labels_and_hand_value():
+    V = len(xf.WORDS)
+    ids = torch.tensor([[xf.BOS, 6, xf.EOS, xf.PAD]])
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(1, 2 + 4, V, generator=g)
+    loss, labels = xf.prefix_lm_loss(logits, ids, n_prefix=2)
+    assert labels.tolist() == [[-100, -100, xf.BOS, 6, xf.EOS, -100]]
+    # by hand: positions 1, 2, 3 predict BOS, 6, EOS; the prefix and the PAD are not scored
+    logp = logits.log_softmax(-1)[0]
+    hand = -(logp[1, xf.BOS] + logp[2, 6] + logp[3, xf.EOS]) / 3
+    assert float(loss) == pytest.approx(float(hand), rel=1e-6)
+
+
+# --------------------------------------------------------------------------------------------
+# Cross-check against transformers' Blip2QFormerModel
+# --------------------------------------------------------------------------------------------
+@torch.no_grad()
+def test_handwritten_qformer_matches_transformers_blip2_qformer():
+    from transformers import Blip2QFormerConfig, Blip2QFormerModel
+
+    d = TINY.width
+    mine = qformer(xformer=False)
+    hf = Blip2QFormerModel(Blip2QFormerConfig(
+        hidden_size=d, num_hidden_layers=TINY.n_layers, num_attention_heads=4,
+        intermediate_size=2 * d, cross_attention_frequency=1, encoder_hidden_size=d,
+        use_qformer_text_input=True, hidden_act="gelu", layer_norm_eps=1e-12,
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)).eval()
+
+    def put(dst_linear_or_ln, src):
+        dst_linear_or_ln.weight.copy_(src.weight)
+        dst_linear_or_ln.bias.copy_(src.bias)
+
+    put(hf.layernorm, mine.ln_emb)
+    for hl, ml in zip(hf.encoder.layer, mine.layers):
+        for h_att, m_att in ((hl.attention, ml.self_attn), (hl.crossattention, ml.cross_attn)):
+            for name in ("query", "key", "value"):
+                put(getattr(h_att.attention, name), getattr(m_att, name))
+            put(h_att.output.dense, m_att.dense)
+            put(h_att.output.LayerNorm, m_att.ln)
+        for inter, out, ffn in ((hl.intermediate_query, hl.output_query, ml.ffn_query),
+                                (hl.intermediate, hl.output, ml.ffn_text)):
+            put(inter.dense, ffn.fc1)
+            put(out.dense, ffn.fc2)
+            put(out.LayerNorm, ffn.ln)
+    clip, _, text = _inputs(B=2, T=5)
+    Nq = TINY.n_query
+    embeds = torch.cat([mine.query_tokens.expand(2, -1, -1),
+                        mine.word_emb(text) + mine.pos_emb(torch.arange(5))], 1)
+    for kind in ("itc", "itm", "itg"):
+        q, t, _ = mine(clip, text, kind)
+        mask = xf.attention_mask(kind, Nq, 5)[None, None].expand(2, 1, -1, -1)
+        ref = hf(query_embeds=embeds, query_length=Nq, attention_mask=mask,
+                 encoder_hidden_states=mine.ln_vision(clip)).last_hidden_state
+        torch.testing.assert_close(torch.cat([q, t], 1), ref, rtol=1e-4, atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------
+# Smoke run
+# --------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_quick_run_is_finite_decreasing_and_deterministic(tmp_path):
+    a = xf.train(xf.Config(quick=True, out_dir=str(tmp_path / "a")))
+    b = xf.train(xf.Config(quick=True, out_dir=str(tmp_path / "b")))
+    for name, run in a["runs"].items():
+        loss = np.array(run["history"]["total"])
+        assert np.isfinite(loss).all(), name
+        assert loss[-3:].mean() < loss[:3].mean(), name
+        if "stage2" in run["history"]:
+            assert run["history"]["stage2"][-1] < run["history"]["stage2"][0], name
+    assert a["metrics"] == b["metrics"]
+    summary = json.loads((tmp_path / "a" / "summary.json").read_text())
+    assert set(summary) == {"folder", "seed", "config", "wall_seconds", "metrics", "headline"}
+    assert summary["folder"] == "xformer" and len(summary["headline"]) == 3
+    assert a["runs"]["no L_REC"]["zero_shot_count"] is None  # the ablation stops after the probe
+    assert (tmp_path / "a" / "xformer.png").stat().st_size > 1000
