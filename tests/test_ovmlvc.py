@@ -1,0 +1,333 @@
+"""Tests for ovmlvc/train.py: hand values, invariants, equivalences, and a smoke run."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from sklearn.metrics import average_precision_score
+
+from ovmlvc import train as ovmlvc
+
+pytestmark = pytest.mark.ovmlvc
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models: one thread is much faster than two on a shared 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def models():
+    """A briefly pre-trained toy LLM (it must know the attributes) and an untrained toy CLIP."""
+    torch.manual_seed(0)
+    clip, llm = ovmlvc.make_clip(), ovmlvc.make_llm()
+    ovmlvc.pretrain_llm(llm, ovmlvc.Config(pre_steps=300))
+    clip.eval().requires_grad_(False)
+    llm.eval().requires_grad_(False)
+    return clip, llm
+
+
+# ---------------------------------------------------------------- tier 1: hand-computed values
+@pytest.mark.exercise
+def test_expected_embedding_matches_hand_value():
+    # pi = softmax(log [1, 2, 1]) = [0.25, 0.5, 0.25]; e = 0.25 [1, 0] + 0.5 [0, 1] + 0.25 [2, 2]
+    logits = torch.log(torch.tensor([[1.0, 2.0, 1.0]]))
+    wte = torch.tensor([[1.0, 0.0], [0.0, 1.0], [2.0, 2.0]])
+    e = ovmlvc.expected_embedding(logits, wte)
+    assert torch.allclose(e, torch.tensor([[0.75, 1.0]]), atol=1e-6)
+    # A very peaked distribution returns (almost) the arg-max token's own embedding.
+    e_peak = ovmlvc.expected_embedding(torch.tensor([[0.0, 0.0, 50.0]]), wte)
+    assert torch.allclose(e_peak, wte[2:], atol=1e-5)
+
+
+@pytest.mark.exercise
+def test_bce_hand_values():
+    base = torch.tensor([0])
+    # logit 0 -> p = 0.5 -> loss log 2 whatever the label
+    for y in (0.0, 1.0):
+        loss = ovmlvc.bce_base_loss(torch.zeros(1, 1), torch.tensor([[y]]), base)
+        assert loss.item() == pytest.approx(math.log(2), abs=1e-6)
+    # y = 1, logit 1 -> -log sigmoid(1) = 0.3133; y = 0, logit 1 -> -log(1 - sigmoid(1)) = 1.3133
+    pos = ovmlvc.bce_base_loss(torch.ones(1, 1), torch.ones(1, 1), base).item()
+    neg = ovmlvc.bce_base_loss(torch.ones(1, 1), torch.zeros(1, 1), base).item()
+    assert pos == pytest.approx(0.31326, abs=1e-4)
+    assert neg == pytest.approx(1.31326, abs=1e-4)
+    # 2 x 2 example: the mean of the four hand entries
+    logits = torch.tensor([[0.0, 1.0], [1.0, -2.0]])
+    y = torch.tensor([[1.0, 1.0], [0.0, 0.0]])
+    sig = lambda z: 1 / (1 + math.exp(-z))  # noqa: E731
+    hand = (-math.log(0.5) - math.log(sig(1)) - math.log(1 - sig(1)) - math.log(1 - sig(-2))) / 4
+    assert ovmlvc.bce_base_loss(logits, y, torch.tensor([0, 1])).item() == pytest.approx(hand,
+                                                                                        abs=1e-6)
+
+
+@pytest.mark.exercise
+def test_bce_ignores_novel_columns_in_loss_and_gradient():
+    logits = torch.tensor([[0.3, -1.0, 2.0], [1.5, 0.2, -0.7]], requires_grad=True)
+    y = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]])
+    base = torch.tensor([0, 2])  # column 1 is "novel"
+    loss = ovmlvc.bce_base_loss(logits, y, base)
+    hand = F.binary_cross_entropy_with_logits(logits[:, [0, 2]], y[:, [0, 2]])
+    assert loss.item() == pytest.approx(hand.item(), abs=1e-6)
+    loss.backward()
+    assert torch.all(logits.grad[:, 1] == 0)
+    assert torch.all(logits.grad[:, [0, 2]] != 0)
+    # Changing a novel label or logit changes nothing.
+    y2, l2 = y.clone(), logits.detach().clone()
+    y2[:, 1], l2[:, 1] = 1 - y2[:, 1], 9.0
+    assert ovmlvc.bce_base_loss(l2, y2, base).item() == pytest.approx(loss.item(), abs=1e-7)
+
+
+def test_label_scores_hand_value():
+    f_v = torch.tensor([[1.0, 0.0], [0.6, 0.8]])
+    f_t = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])
+    logits = ovmlvc.label_scores(f_v, f_t, torch.tensor(math.log(2.0)), torch.tensor(-1.0))
+    # logit = s / tau + b with 1 / tau = 2, b = -1
+    want = torch.tensor([[1.0, -1.0, -3.0], [0.2, 0.6, -2.2]])
+    assert torch.allclose(logits, want, atol=1e-6)
+
+
+def test_feature_distill_loss_hand_values():
+    g = torch.tensor([[[1.0, 0.0], [0.0, 2.0]]])  # (B=1, T=2, D=2)
+    assert ovmlvc.feature_distill_loss(g, g).item() == pytest.approx(0.0, abs=1e-7)
+    assert ovmlvc.feature_distill_loss(g, -g).item() == pytest.approx(2.0, abs=1e-6)
+    g_clip = torch.tensor([[[0.0, 1.0], [0.0, 5.0]]])  # frame 1 orthogonal, frame 2 aligned
+    assert ovmlvc.feature_distill_loss(g, g_clip).item() == pytest.approx(0.5, abs=1e-6)
+
+
+def test_wise_ft_interpolates_weights():
+    th_clip = {"w": torch.tensor([0.0, 4.0])}
+    th_ft = {"w": torch.tensor([4.0, 0.0])}
+    assert torch.allclose(ovmlvc.wise_ft(th_clip, th_ft, 0.25)["w"], torch.tensor([3.0, 1.0]))
+    assert torch.equal(ovmlvc.wise_ft(th_clip, th_ft, 1.0)["w"], th_clip["w"])
+    assert torch.equal(ovmlvc.wise_ft(th_clip, th_ft, 0.0)["w"], th_ft["w"])
+
+
+@pytest.mark.exercise
+def test_average_precision_hand_value_and_perfect_ranking():
+    y = np.array([1, 0, 1, 0])
+    assert ovmlvc.average_precision(np.array([0.9, 0.8, 0.7, 0.1]), y) == pytest.approx(
+        (1 + 2 / 3) / 2, abs=1e-9)
+    assert ovmlvc.average_precision(np.array([0.9, 0.1, 0.8, 0.2]), y) == pytest.approx(1.0)
+    # worst ranking: positives last -> (1/3 + 2/4) / 2
+    assert ovmlvc.average_precision(np.array([0.1, 0.9, 0.2, 0.8]), y) == pytest.approx(
+        (1 / 3 + 2 / 4) / 2)
+
+
+# ---------------------------------------------------------------- tier 3: equivalences
+@pytest.mark.exercise
+def test_average_precision_matches_sklearn():
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        y = rng.integers(0, 2, 50)
+        y[0] = 1
+        s = rng.normal(size=50) + y  # continuous scores: no ties
+        assert ovmlvc.average_precision(s, y) == pytest.approx(
+            average_precision_score(y, s), abs=1e-9)
+    scores, ys = rng.normal(size=(40, 3)), rng.integers(0, 2, (40, 3))
+    ys[0] = 1
+    want = np.mean([average_precision_score(ys[:, c], scores[:, c]) for c in (0, 2)])
+    assert ovmlvc.mean_ap(scores, ys, [0, 2]) == pytest.approx(want, abs=1e-9)
+
+
+def test_manual_clip_text_forward_equals_transformers():
+    torch.manual_seed(1)
+    clip = ovmlvc.make_clip().eval()
+    W = ovmlvc.WID
+    ids = torch.tensor([
+        [ovmlvc.SOS, W["red"], W["column"], ovmlvc.EOS, ovmlvc.PAD, ovmlvc.PAD],
+        [ovmlvc.SOS, W["chili"], ovmlvc.EOS, ovmlvc.PAD, ovmlvc.PAD, ovmlvc.PAD],
+        [ovmlvc.SOS, W["fact"], W["blue"], W["is"], W["bar"], ovmlvc.EOS],
+    ])
+    eos = (ids == ovmlvc.EOS).int().argmax(1)
+    with torch.no_grad():
+        ours = ovmlvc.clip_text_from_embeds(
+            clip, clip.text_model.embeddings.token_embedding(ids), eos)
+        theirs = clip.get_text_features(input_ids=ids).pooler_output
+    assert torch.allclose(ours, theirs, atol=1e-5)
+
+
+def test_soft_generation_batched_equals_one_label_at_a_time(models):
+    _, llm = models
+    prefix = torch.randn(3, 64)
+    ids = torch.tensor([ovmlvc.WID[lb] for lb in ["tomato", "chili", "upward"]])
+    with torch.no_grad():
+        a_all, pi_all = ovmlvc.soft_generate(llm, prefix, ids, 2)
+        for i in range(3):
+            a_i, pi_i = ovmlvc.soft_generate(llm, prefix, ids[i:i + 1], 2)
+            assert torch.allclose(a_all[i], a_i[0], atol=1e-5)
+            assert torch.allclose(pi_all[i], pi_i[0], atol=1e-5)
+
+
+# ---------------------------------------------------------------- tier 2: invariants
+def test_soft_attributes_are_the_llm_world_knowledge(models):
+    clip, llm = models
+    enc = ovmlvc.LLMLabelEncoder(clip, llm, k=2, keep_label_token=False)
+    ids = torch.tensor([ovmlvc.WID[lb] for lb in ovmlvc.LABELS])
+    with torch.no_grad():
+        _, pi = ovmlvc.soft_generate(llm, enc.prefix, ids, 2)  # (C, K, V)
+    for c, lb in enumerate(ovmlvc.LABELS):
+        said = [ovmlvc.WORDS[int(i)] for i in pi[c].argmax(-1)]
+        assert said == ovmlvc.describe(lb), lb
+
+
+def test_gradient_reaches_prefix_and_prompting_tf_but_not_frozen_models(models):
+    clip, llm = models
+    enc = ovmlvc.LLMLabelEncoder(clip, llm, k=2, keep_label_token=False)
+    f_t = enc(ovmlvc.BASE)
+    assert f_t.shape == (len(ovmlvc.BASE), 64)
+    f_v = F.normalize(torch.randn(5, 64), dim=-1)
+    y = (torch.rand(5, len(ovmlvc.BASE)) < 0.3).float()
+    logits = ovmlvc.label_scores(f_v, f_t, torch.tensor(2.3), torch.tensor(-3.0))
+    ovmlvc.bce_base_loss(logits, y, torch.arange(len(ovmlvc.BASE))).backward()
+    assert all(p.grad is None for p in llm.parameters())
+    assert all(p.grad is None for p in clip.parameters())
+    assert enc.prefix.grad is not None and enc.prefix.grad.abs().sum() > 0
+    for p in enc.prompt_tf.parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0
+    # Only the prefix and the prompting transformer are trainable parameters of the encoder.
+    n_train = sum(p.numel() for p in enc.parameters())
+    assert n_train == enc.prefix.numel() + sum(p.numel() for p in enc.prompt_tf.parameters())
+
+
+def test_plain_baseline_never_updates_novel_alias_embeddings(models):
+    clip, _ = models
+    enc = ovmlvc.PlainLabelEncoder(clip)
+    f_t = enc(ovmlvc.BASE)
+    (f_t @ torch.randn(64)).sum().backward()
+    grad = enc.clip.text_model.embeddings.token_embedding.weight.grad
+    for lb in ovmlvc.NOVEL:
+        assert torch.all(grad[ovmlvc.WID[lb]] == 0)
+    assert grad[ovmlvc.WID["tomato"]].abs().sum() > 0
+
+
+def test_training_loop_never_touches_novel_labels(models):
+    """Two real stage-1 steps of the plain baseline: novel alias embeddings stay bit-identical."""
+    clip, _ = models
+    gen = torch.Generator().manual_seed(0)
+    frames, y = ovmlvc.make_videos(8, gen)
+    with torch.no_grad():
+        g, u = ovmlvc.frame_features(clip, frames)
+    data = dict(frames_train=frames, y_train=y, g_train=g, u_train=u)
+    model = ovmlvc.Stage1Model(ovmlvc.PlainLabelEncoder(clip), ovmlvc.VideoEncoder(clip, False))
+    emb = model.label_enc.clip.text_model.embeddings.token_embedding.weight
+    before = emb.detach().clone()
+    asked = []
+    encode = model.label_enc.forward
+    model.label_enc.forward = lambda labels: (asked.append(list(labels)), encode(labels))[1]
+    cfg = ovmlvc.Config(steps=2, batch=4, log_every=100)
+    ovmlvc.train_stage1("spy", model, data, cfg, 0.0, torch.Generator().manual_seed(0))
+    assert asked and all(labels == ovmlvc.BASE for labels in asked)
+    for lb in ovmlvc.NOVEL:
+        assert torch.equal(emb[ovmlvc.WID[lb]], before[ovmlvc.WID[lb]])
+    assert not torch.equal(emb[ovmlvc.WID["tomato"]], before[ovmlvc.WID["tomato"]])
+
+
+def test_adding_novel_labels_leaves_base_scores_unchanged(models):
+    clip, llm = models
+    enc = ovmlvc.LLMLabelEncoder(clip, llm, k=2, keep_label_token=False)
+    f_v = F.normalize(torch.randn(7, 64), dim=-1)
+    ls, b = torch.tensor(2.3), torch.tensor(-3.0)
+    with torch.no_grad():
+        p_base = torch.sigmoid(ovmlvc.label_scores(f_v, enc(ovmlvc.BASE), ls, b))
+        p_all = torch.sigmoid(ovmlvc.label_scores(f_v, enc(ovmlvc.BASE + ovmlvc.NOVEL), ls, b))
+    assert p_all.shape == (7, 16)
+    assert torch.allclose(p_all[:, : len(ovmlvc.BASE)], p_base, atol=1e-6)
+    # A softmax over the database (single-label CLIP heads) would NOT have this property.
+    s_base = torch.softmax(ovmlvc.label_scores(f_v, enc(ovmlvc.BASE), ls, b), -1)
+    s_all = torch.softmax(ovmlvc.label_scores(f_v, enc(ovmlvc.LABELS), ls, b), -1)
+    assert not torch.allclose(s_all[:, : len(ovmlvc.BASE)], s_base, atol=1e-3)
+
+
+def test_temporal_module_is_identity_at_init_and_learns_after_a_step():
+    torch.manual_seed(0)
+    clip = ovmlvc.make_clip().eval().requires_grad_(False)
+    frames, _ = ovmlvc.make_videos(4, torch.Generator().manual_seed(0))
+    ve = ovmlvc.VideoEncoder(clip, finetune=False)
+    with torch.no_grad():
+        g, u = ve.frames_to_g(frames)
+    f_v = ve(g, u)
+    assert torch.allclose(f_v, F.normalize(g.mean(1), dim=-1), atol=1e-6)
+    # ...but the branch is live: one optimiser step moves f_v away from the CLIP mean.
+    opt = torch.optim.SGD(ve.parameters(), lr=1.0)
+    (ve(g, u) @ torch.randn(64)).sum().backward()
+    assert ve.branch.readout.weight.grad.abs().sum() > 0
+    opt.step()
+    clip_mean = F.normalize(g.mean(1), dim=-1)
+    assert not torch.allclose(ve(g, u), clip_mean, atol=1e-4)
+    # The gate alpha scales the trained branch: f_v = normalize(mean_t g + alpha * R[TT(...)]),
+    # written out here by hand from the branch's parts; alpha = 0 (or gate_off) is CLIP again.
+    assert torch.allclose(ve(g, u, gate_off=True), clip_mean, atol=1e-6)
+    with torch.no_grad():
+        br = ve.branch
+        tt = br.readout(br.temporal(br.proj(u) + ve.t_pos).flatten(1))  # (B, D)
+        for alpha in (0.0, 0.5, 2.0):
+            ve.gate.fill_(alpha)
+            want = F.normalize(g.mean(1) + alpha * tt, dim=-1)
+            assert torch.allclose(ve(g, u), want, atol=1e-5)
+
+
+def test_regulariser_is_zero_at_clip_weights():
+    torch.manual_seed(0)
+    clip = ovmlvc.make_clip().eval().requires_grad_(False)
+    frames, _ = ovmlvc.make_videos(3, torch.Generator().manual_seed(1))
+    ve = ovmlvc.VideoEncoder(clip, finetune=True)
+    g_ft, _ = ve.frames_to_g(frames)
+    with torch.no_grad():
+        g_clip, _ = ovmlvc.frame_features(clip, frames)
+    assert ovmlvc.feature_distill_loss(g_ft, g_clip).item() == pytest.approx(0.0, abs=1e-6)
+    assert all(p.requires_grad for p in ve.vit.parameters())
+    assert not any(p.requires_grad for p in clip.parameters())  # the teacher stays frozen
+
+
+def test_shapes_and_toy_labels():
+    gen = torch.Generator().manual_seed(0)
+    frames, y = ovmlvc.make_videos(30, gen)
+    assert frames.shape == (30, ovmlvc.T_FRAMES, 3, 16, 16) and y.shape == (30, 16)
+    n_ent, n_act = y[:, :12].sum(1), y[:, 12:].sum(1)
+    assert torch.all((n_ent >= 1) & (n_ent <= 2)) and torch.all((n_act >= 1) & (n_act <= 2))
+    assert set(ovmlvc.BASE).isdisjoint(ovmlvc.NOVEL) and len(ovmlvc.BASE) == 12
+    # every colour and every shape of a novel entity appears in some base entity
+    base_attr = {a for lb in ovmlvc.BASE if lb in ovmlvc.ALIASES for a in ovmlvc.ALIASES[lb]}
+    assert all(set(ovmlvc.ALIASES[lb]) <= base_attr for lb in ovmlvc.NOVEL)
+    clip = ovmlvc.make_clip().eval()
+    with torch.no_grad():
+        g, u = ovmlvc.frame_features(clip, frames[:2])
+    assert g.shape == (2, ovmlvc.T_FRAMES, 64) and u.shape == (2, ovmlvc.T_FRAMES, 4 * 64)
+    assert torch.allclose(g.norm(dim=-1), torch.ones(2, ovmlvc.T_FRAMES), atol=1e-5)
+
+
+def test_bad_arguments_give_one_line_error(capsys):
+    for argv in (["--steps", "-3"], ["--device", "tpu"], ["--bogus"], ["--wise-alpha", "2"]):
+        with pytest.raises(SystemExit) as e:
+            ovmlvc.parse_args(argv)
+        assert e.value.code != 0
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "error" in err
+
+
+# ---------------------------------------------------------------- tier 4: smoke run
+@pytest.mark.slow
+def test_quick_run_smoke_schema_and_determinism(tmp_path):
+    out1 = ovmlvc.train(ovmlvc.Config(quick=True, out_dir=str(tmp_path / "a")))
+    for name, h in out1["history"].items():
+        loss = np.array(h["loss"])
+        assert np.all(np.isfinite(loss)), name
+        assert loss[-5:].mean() < loss[:3].mean(), name
+    assert out1["pretrain"]["llm"][-1] < out1["pretrain"]["llm"][0]
+    summary = json.loads((tmp_path / "a" / "summary.json").read_text())
+    assert set(summary) == {"folder", "seed", "config", "wall_seconds", "metrics", "headline"}
+    assert summary["folder"] == "ovmlvc" and summary["config"]["quick"] is True
+    for row in summary["headline"]:
+        assert set(row) == {"metric", "higher_is_better", "method", "baseline"}
+        assert 0.0 <= row["method"]["value"] <= 1.0 and 0.0 <= row["baseline"]["value"] <= 1.0
+    assert (tmp_path / "a" / "ovmlvc_map.png").exists()
+    out2 = ovmlvc.train(ovmlvc.Config(quick=True, out_dir=str(tmp_path / "b")))
+    assert out1["metrics"] == out2["metrics"]
