@@ -151,6 +151,7 @@ def test_run_all_writes_mean_and_std_into_results_and_readmes(mini_repo, capsys)
     results = (mini_repo / "RESULTS.md").read_text()
     assert f"| accuracy ↑ | logistic | {expected} | majority |" in results
     assert "| 3/3 seeds |" in results
+    assert "CPU time per run" in results and "wall time per run" in results
     readme = (mini_repo / "example_paper" / "README.md").read_text()
     block = readme.split("<!-- results:start -->")[1].split("<!-- results:end -->")[0]
     assert expected in block and "3/3 seeds" in block

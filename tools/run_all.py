@@ -26,6 +26,7 @@ import json
 import os
 import platform
 import re
+import resource
 import statistics
 import subprocess
 import sys
@@ -98,7 +99,9 @@ def folder_table(summaries: list[dict]) -> list[str]:
     when = max((s["_run"].get("date", "") for s in summaries), default="")
     loads = [s["_run"]["load_avg"] for s in summaries if "load_avg" in s["_run"]]
     load = f", load average {statistics.fmean(loads):.1f} at the end of the runs" if loads else ""
-    lines += ["", f"Seeds {', '.join(map(str, seeds))}; wall time per run {fmt(walls)} s "
+    cpus = [s["_run"]["cpu_seconds"] for s in summaries if "cpu_seconds" in s["_run"]]
+    cpu = f"CPU time per run {fmt(cpus)} s, " if len(cpus) == len(summaries) else ""
+    lines += ["", f"Seeds {', '.join(map(str, seeds))}; {cpu}wall time per run {fmt(walls)} s "
               f"(the whole command, on {summaries[0]['_run'].get('machine', 'this machine')}"
               f"{load}); "
               f"run on {when or 'an unknown date'} by `python tools/run_all.py --folders "
@@ -171,10 +174,14 @@ def run_one(root: Path, folder: str, seed: int, out: Path, quick: bool, python: 
     if quick:
         cmd.append("--quick")
     env = dict(os.environ, MPLBACKEND="Agg", TQDM_DISABLE="1", HF_HUB_OFFLINE="1")
-    t0 = time.time()
+    t0, cpu0 = time.time(), resource.getrusage(resource.RUSAGE_CHILDREN)
     with open(out / "log.txt", "w") as log:
         rc = subprocess.call(cmd, cwd=root, stdout=log, stderr=subprocess.STDOUT, env=env)
+    cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    # CPU time (user + system) of the run: unlike wall time, it hardly depends on other jobs.
+    cpu = (cpu1.ru_utime + cpu1.ru_stime) - (cpu0.ru_utime + cpu0.ru_stime)
     meta = {"cmd": " ".join(cmd), "returncode": rc, "wall_seconds": time.time() - t0,
+            "cpu_seconds": cpu,
             "date": dt.date.today().isoformat(), "load_avg": os.getloadavg()[0],
             "machine": f"{os.cpu_count()} CPU cores, {platform.machine()}"}
     (out / "run.json").write_text(json.dumps(meta, indent=2))
