@@ -130,7 +130,7 @@ def write_reports(root: Path, runs_dir: Path, folders: list[str]) -> None:
                "against its baseline on the toy's headline metric, mean ± sample std over "
                "seeds, and how many seeds show the paper's direction\n(↑ higher is better, "
                "↓ lower is better).", ""]
-    index = ["| folder | paper | the idea | CPU time per run | headline (method vs baseline) "
+    index = ["| folder | paper | the idea | wall time per run | headline (method vs baseline) "
              "| seeds |", "|---|---|---|---|---|---|"]
     for folder in folders:
         fdir = root / folder

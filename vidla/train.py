@@ -562,7 +562,7 @@ def train(cfg: Config) -> dict:
                  "higher_is_better": True,
                  "method": {"name": "VidLA", "value": results["VidLA"][bucket]["t2v"]["R@1"]},
                  "baseline": {"name": "meanP", "value": results["meanP"][bucket]["t2v"]["R@1"]}}
-                for bucket, n in BUCKETS.items()]
+                for bucket, n in reversed(BUCKETS.items())]  # longest first: the index shows row 1
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     plot(results, history, models["VidLA"].global_mask[0, 0], cfg, out)
