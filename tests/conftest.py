@@ -30,13 +30,20 @@ def pytest_report_header(config):
     return f"paper folders imported from: {where}"
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(autouse=True, scope="session")
 def _one_torch_thread():
     """Tests call train() directly, skipping main() where each folder sets its thread count.
 
     Tiny models run several times faster on one thread, and a busy machine makes the default
-    (one thread per core) far slower still, so every test runs on one.
+    (one thread per core) far slower still, so every test runs on one. Session scope: it is set
+    up before any module-scoped fixture (some of which train models), after collection has
+    imported torch.
     """
     torch = sys.modules.get("torch")
-    if torch is not None:
-        torch.set_num_threads(1)
+    if torch is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

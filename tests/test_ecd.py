@@ -12,15 +12,6 @@ from ecd import train as ecd
 pytestmark = pytest.mark.ecd
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The models are tiny: one thread is faster (and train.main() sets the same)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def tiny_cfg(**kw):
     return ecd.Config(hidden=16, layers=1, **kw)
 

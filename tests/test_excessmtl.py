@@ -12,15 +12,6 @@ from excessmtl import train as excessmtl
 pytestmark = pytest.mark.excessmtl
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The models are tiny: one thread is faster, and the machine is shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def feed(weighting, grads, losses=None):
     """Drive a weighting with given per-task gradients (m, P); returns its alpha after the step."""
     m = grads.shape[0]
@@ -346,10 +337,7 @@ def test_eta_zero_excessmtl_trains_exactly_like_equal_weighting():
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("quick")
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield out, excessmtl.train(excessmtl.Config(quick=True, out_dir=str(out)))
-    torch.set_num_threads(before)
+    return out, excessmtl.train(excessmtl.Config(quick=True, out_dir=str(out)))
 
 
 @pytest.mark.slow

@@ -16,17 +16,8 @@ pytestmark = pytest.mark.galm
 
 
 # ---------------------------------------------------------------------------------------------
-# Fixtures: one torch thread (as main() does; the tiny models are slower with more), and the
-# quick-config graphs (built once)
+# Fixtures: the quick-config graphs (built once)
 # ---------------------------------------------------------------------------------------------
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def qcfg():
     return dataclasses.replace(galm.Config(), **galm.QUICK)

@@ -14,15 +14,6 @@ pytestmark = pytest.mark.latent_structure
 LS = latent_structure
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one thread is faster and fair to a shared machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def unit(*rows):
     return F.normalize(torch.tensor(rows, dtype=torch.float64), dim=-1)
 

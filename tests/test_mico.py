@@ -15,15 +15,6 @@ pytestmark = pytest.mark.mico
 LOG2 = math.log(2.0)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """As main() does: one torch thread (tiny matrices; the machine is shared)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _cfg(**kw):
     return mico.Config(**kw)
 

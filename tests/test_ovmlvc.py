@@ -14,15 +14,6 @@ from ovmlvc import train as ovmlvc
 pytestmark = pytest.mark.ovmlvc
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: one thread is much faster than two on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def models():
     """A briefly pre-trained toy LLM (it must know the attributes) and an untrained toy CLIP."""

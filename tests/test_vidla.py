@@ -16,16 +16,6 @@ pytestmark = pytest.mark.vidla
 NEG = float("-inf")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # train.main() sets one thread; tests call train() directly, and tiny models on a busy 2-core
-    # machine run many times slower with two threads.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def tiny_cfg(**kw):
     base = dict(width=16, layers=2, heads=2, frames=4, U=2, V=1, r=2)
     base.update(kw)
