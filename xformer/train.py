@@ -265,6 +265,14 @@ def mae_encode(mae, images: torch.Tensor, mask_ratio: float, noise: torch.Tensor
     return out.last_hidden_state, out.mask, out.ids_restore
 
 
+@torch.no_grad()
+def mae_encode_random_mask(mae, images: torch.Tensor, mask_ratio: float, gen: torch.Generator):
+    """mae_encode with a fresh random mask per image, drawn from gen (as in stages 1 and 2)."""
+    L = (mae.config.image_size // mae.config.patch_size) ** 2
+    noise = torch.rand(len(images), L, generator=gen)  # (B, L)
+    return mae_encode(mae, images, mask_ratio, noise)
+
+
 def copy_sequences(caption: torch.Tensor) -> torch.Tensor:
     """LM pre-training text `[X] three red circles [BOS] three red circles [EOS]`, (N, 9)."""
     words = caption[:, 1:4]  # (N, 3)
@@ -576,11 +584,8 @@ def stage1_loss(model: QFormer, enc: dict, idx: torch.Tensor, data: dict, cfg: C
     mae_tok = mae_mask = ids_restore = None
     if model.xformer:
         # PAPER: the frozen MAE encoder sees the image with 50% of its patches masked.
-        with torch.no_grad():
-            L = enc["mae_full"].shape[1] - 1
-            noise = torch.rand(B, L, generator=gen)  # (B, L)
-            mae_tok, mae_mask, ids_restore = mae_encode(enc["mae"], data["images"][idx],
-                                                        cfg.mae_mask_ratio, noise)
+        mae_tok, mae_mask, ids_restore = mae_encode_random_mask(
+            enc["mae"], data["images"][idx], cfg.mae_mask_ratio, gen)
     # ITC: one pass under the uni-modal mask = BLIP-2's query-only and text-only passes.
     q_out, t_out, mae_new = model(clip_tok, text, "itc", mae_tok)
     img_emb = F.normalize(model.vision_proj(q_out), dim=-1)  # (B, Nq, E)
@@ -672,7 +677,6 @@ def train_one(name: str, cfg: Config, data: dict, enc: dict, xformer: bool, lamb
     opt = torch.optim.AdamW(params, lr=cfg.lr_stage2, weight_decay=0.05)
     hist["stage2"] = []
     mae_full = enc["mae_full"]
-    L = mae_full.shape[1] - 1
     for step in tqdm(range(cfg.stage2_steps), desc=f"stage 2 {name}", leave=False):
         idx = train_idx[torch.randint(len(train_idx), (cfg.batch,), generator=gen)]  # (B,)
         mae_tok = mae_full[idx]  # (B, 1+L, d_mae)
@@ -680,10 +684,8 @@ def train_one(name: str, cfg: Config, data: dict, enc: dict, xformer: bool, lamb
             # [R] Stage 2 keeps stage 1's MAE masking while training (the dual block was trained
             # on masked MAE tokens; the mask also acts as augmentation); the summaries do not say.
             # Evaluation always sees the full image. --stage2-mask-ratio 0 trains on it too.
-            with torch.no_grad():
-                noise = torch.rand(len(idx), L, generator=gen)  # (B, L)
-                mae_tok, _, _ = mae_encode(enc["mae"], data["images"][idx],
-                                           cfg.stage2_mask_ratio, noise)
+            mae_tok, _, _ = mae_encode_random_mask(enc["mae"], data["images"][idx],
+                                                   cfg.stage2_mask_ratio, gen)
         loss = stage2(enc["clip_tokens"][idx], mae_tok, data["caption"][idx])
         opt.zero_grad()
         loss.backward()
