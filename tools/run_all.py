@@ -69,6 +69,11 @@ def load_summaries(runs_dir: Path, folder: str) -> list[dict]:
     return out
 
 
+def wall_times(summaries: list[dict]) -> list[float]:
+    """Each run's wall time: the whole command as run_all timed it, else train()'s own."""
+    return [s["_run"].get("wall_seconds", s["wall_seconds"]) for s in summaries]
+
+
 def group_rows(summaries: list[dict]) -> dict[tuple, list[dict]]:
     """Headline rows matched across seeds by (metric, method, baseline), in first-seen order.
 
@@ -95,7 +100,7 @@ def folder_table(summaries: list[dict]) -> list[str]:
             f"| {row['metric']} {arrow} | {row['method']['name']} "
             f"| {fmt([r['method']['value'] for r in rows])} | {row['baseline']['name']} "
             f"| {fmt([r['baseline']['value'] for r in rows])} | {wins(rows)} seeds |")
-    walls = [s["_run"].get("wall_seconds", s["wall_seconds"]) for s in summaries]
+    walls = wall_times(summaries)
     when = max((s["_run"].get("date", "") for s in summaries), default="")
     loads = [s["_run"]["load_avg"] for s in summaries if "load_avg" in s["_run"]]
     load = f", load average {statistics.fmean(loads):.1f} at the end of the runs" if loads else ""
@@ -134,31 +139,29 @@ def write_reports(root: Path, runs_dir: Path, folders: list[str]) -> None:
              "| seeds |", "|---|---|---|---|---|---|"]
     for folder in folders:
         fdir = root / folder
-        title, claim = ("", "")
-        if (fdir / "README.md").is_file():
-            title, claim = read_title((fdir / "README.md").read_text())
-        paper = title.split(":")[0] if title else folder
-        claim = first_sentence(claim)
-        summaries = load_summaries(runs_dir, folder)
         if not fdir.is_dir():
             index.append(f"| `{folder}/` | - | not implemented yet | - | - | - |")
             continue
+        readme = fdir / "README.md"
+        title, claim = read_title(readme.read_text()) if readme.is_file() else ("", "")
+        paper = title.split(":")[0] if title else folder
+        claim = first_sentence(claim)
+        summaries = load_summaries(runs_dir, folder)
         if not summaries:
             index.append(f"| [`{folder}/`]({folder}/README.md) | {paper} | {claim} "
                          "| not run yet | - | - |")
             continue
         table = folder_table(summaries)
         results += [f"## {folder}: {paper}", "", *table, ""]
-        readme = fdir / "README.md"
         if readme.is_file():
             readme.write_text(replace_between(readme.read_text(), RESULTS_START, RESULTS_END,
                                               table))
         rows = next(iter(group_rows(summaries).values()))
         first = rows[0]
-        walls = [s["_run"].get("wall_seconds", s["wall_seconds"]) for s in summaries]
         index.append(
             f"| [`{folder}/`]({folder}/README.md) | {paper} | {claim} "
-            f"| {statistics.fmean(walls):.0f} s | {first['metric']}: {first['method']['name']} "
+            f"| {statistics.fmean(wall_times(summaries)):.0f} s "
+            f"| {first['metric']}: {first['method']['name']} "
             f"{fmt([r['method']['value'] for r in rows])} vs {first['baseline']['name']} "
             f"{fmt([r['baseline']['value'] for r in rows])} | {wins(rows)} |")
     (root / "RESULTS.md").write_text("\n".join(results).rstrip() + "\n")
