@@ -191,19 +191,55 @@ def test_index_shows_the_first_sentence_of_the_claim_cut_to_length():
     assert len(long) == 50 and long.endswith("…")
 
 
-def test_rows_are_matched_across_seeds_by_name_not_position():
-    def summary(seed, rows):
-        return {"seed": seed, "folder": "f", "wall_seconds": 1.0, "_run": {},
-                "headline": [{"metric": m, "higher_is_better": True,
-                              "method": {"name": "A", "value": a},
-                              "baseline": {"name": "B", "value": b}} for m, a, b in rows]}
+def _summary(seed, rows, folder="f"):
+    """A summary.json as a folder writes it; rows are (metric, method, baseline[, expect])."""
+    return {"seed": seed, "folder": folder, "wall_seconds": 1.0, "_run": {},
+            "headline": [{"metric": r[0], "higher_is_better": True,
+                          "expect": r[3] if len(r) > 3 else "better",
+                          "method": {"name": "A", "value": r[1]},
+                          "baseline": {"name": "B", "value": r[2]}} for r in rows]}
 
+
+def test_rows_are_matched_across_seeds_by_name_not_position():
     table = "\n".join(run_all.folder_table([
-        summary(0, [("acc", 0.9, 0.5), ("f1", 0.8, 0.7)]),
-        summary(1, [("f1", 0.6, 0.7)]),  # an older run: one row fewer, in another position
+        _summary(0, [("acc", 0.9, 0.5), ("f1", 0.8, 0.7)]),
+        _summary(1, [("f1", 0.6, 0.7)]),  # an older run: one row fewer, in another position
     ]))
-    assert "| acc ↑ | A | 0.9 ± 0 | B | 0.5 ± 0 | 1/1 seeds |" in table
-    assert "| f1 ↑ | A | 0.7 ± 0.14 | B | 0.7 ± 0 | 1/2 seeds |" in table
+    assert "| acc ↑ | A | 0.9 ± 0 | B | 0.5 ± 0 | better | 1/1 seeds |" in table
+    assert "| f1 ↑ | A | 0.7 ± 0.14 | B | 0.7 ± 0 | better | 1/2 seeds |" in table
+
+
+def test_a_row_is_counted_as_held_by_what_it_expects():
+    table = "\n".join(run_all.folder_table([
+        _summary(0, [("acc", 0.9, 0.5), ("ctl", 0.500, 0.505, "level"),
+                     ("neg", 0.1, 0.9, "report")]),
+        _summary(1, [("acc", 0.4, 0.5), ("ctl", 0.50, 0.60, "level"),
+                     ("neg", 0.9, 0.1, "report")]),
+    ]))
+    assert "| acc ↑ | A | 0.65 ± 0.35 | B | 0.5 ± 0 | better | 1/2 seeds |" in table
+    # within 2 % on seed 0 (0.5 vs 0.505), not on seed 1 (0.5 vs 0.6): one of two
+    assert "| level | 1/2 seeds |" in table
+    # a report row claims nothing, so it is never counted as held or failed
+    assert "| report | - (not a claim) |" in table
+    assert run_all.held(_summary(0, [("m", 1.0, 1.019, "level")])["headline"][0]) is True
+    assert run_all.held(_summary(0, [("m", 1.0, 1.03, "level")])["headline"][0]) is False
+
+
+def test_index_shows_the_first_better_row_not_a_control(tmp_path):
+    root = tmp_path
+    (root / "f").mkdir()
+    (root / "f" / "README.md").write_text("# F: a claim\n\nThe claim.\n")
+    for seed in (0, 1, 7):
+        out = root / "runs" / "run_all" / "f" / f"seed{seed}"
+        out.mkdir(parents=True)
+        rows = [("ctl", 0.5, 0.5, "level"), ("main", 0.9, 0.2)] if seed != 7 else \
+            [("ctl", 0.5, 0.5, "level"), ("main", 123.0, 0.2)]  # seed 7 is not reported
+        (out / "summary.json").write_text(json.dumps(_summary(seed, rows)))
+    (root / "README.md").write_text("<!-- index:start -->\n<!-- index:end -->\n")
+    run_all.write_reports(root, root / "runs" / "run_all", ["f"], [0, 1])
+    index = (root / "README.md").read_text()
+    assert "main: A 0.9 ± 0 vs B 0.2 ± 0 | 2/2 |" in index
+    assert "ctl:" not in index and "123" not in (root / "RESULTS.md").read_text()
 
 
 @pytest.mark.slow
@@ -217,3 +253,23 @@ def test_report_only_rebuilds_the_tables_without_running(mini_repo, capsys):
     assert "| accuracy ↑ | logistic |" in (mini_repo / "RESULTS.md").read_text()
     assert log.stat().st_mtime_ns == before  # nothing was run again
     assert "[1/" not in capsys.readouterr().out.split("wrote")[-1]
+
+
+@pytest.mark.slow
+def test_tune_runs_apart_and_rewrites_no_file(mini_repo, capsys):
+    before = {p: p.read_text() for p in (mini_repo / "README.md",
+                                         mini_repo / "example_paper" / "README.md")}
+    assert run_all.main(["--root", str(mini_repo), "--folders", "example_paper", "--tune",
+                         "--seeds", "100", "--extra", "--lam 0.1", "--tag", "lam0.1"]) == 0
+    run = mini_repo / "runs" / "tune" / "lam0.1" / "example_paper" / "seed100"
+    assert json.loads((run / "summary.json").read_text())["config"]["lam"] == 0.1
+    assert not (mini_repo / "runs" / "run_all").exists()
+    assert not (mini_repo / "RESULTS.md").exists()
+    assert all(p.read_text() == text for p, text in before.items())
+    assert "| accuracy ↑ | logistic |" in capsys.readouterr().out
+
+
+def test_extra_flags_are_refused_outside_tuning(mini_repo):
+    with pytest.raises(SystemExit):
+        run_all.main(["--root", str(mini_repo), "--folders", "example_paper",
+                      "--extra", "--lam 0.1"])

@@ -1,16 +1,22 @@
-"""Run every paper folder for seeds 0, 1, 2 and write the results the READMEs show.
+"""Run every paper folder for seeds 0-4 and write the results the READMEs show.
 
-    python tools/run_all.py                      # all ten folders, seeds 0 1 2 (about an hour)
+    python tools/run_all.py                      # all ten folders, seeds 0-4 (about 1.5 hours)
     python tools/run_all.py --folders smile mico # just these; the other folders keep their results
     python tools/run_all.py --quick              # smoke check: --quick runs, no file is rewritten
     python tools/run_all.py --report-only        # rewrite the tables from the runs already made
+    python tools/run_all.py --folders ecd --tune # tuning seeds 100-102 into runs/tune/; prints only
+    python tools/run_all.py --folders ecd --tune --extra "--lr 1e-3" --tag lr1e-3   # a sweep point
+
+Defaults are chosen on the tuning seeds (100, 101, 102) and reported on seeds 0-4
+(shared/EXPERIMENTS.md): `--tune` never rewrites a README, and the reports read only seeds 0-4
+(or the `--seeds` given), so a tuning run can never leak into a reported table.
 
 Each run is `python <folder>/train.py --seed S --out-dir runs/run_all/<folder>/seed<S>` from the
 repo root, its output kept in `log.txt` beside its `summary.json`. Then, from every summary under
 `runs/run_all/` (this call's and earlier calls'):
 
-- `RESULTS.md`: per folder, each headline row as mean +- std over seeds (sample std), how many
-  seeds show the paper's direction, and the wall time;
+- `RESULTS.md`: per folder, each headline row as mean +- std over seeds (sample std), what the
+  row claims (`expect`) and on how many seeds that held, and the CPU and wall time;
 - each folder README: the same table between `<!-- results:start -->` and `<!-- results:end -->`;
 - the root README: the index table between `<!-- index:start -->` and `<!-- index:end -->`.
 
@@ -47,20 +53,35 @@ def fmt(values: list[float]) -> str:
     return f"{mean:.4g} ± {std:.2g}"
 
 
+LEVEL_TOL = 0.02  # "level" = method and baseline within 2 % of the larger (EXPERIMENTS.md, 4)
+
+
+def held(row: dict) -> bool | None:
+    """Did one seed's row show what it claims? None for a "report" row (it claims nothing)."""
+    m, b = row["method"]["value"], row["baseline"]["value"]
+    expect = row.get("expect", "better")
+    if expect == "report":
+        return None
+    if expect == "level":
+        return abs(m - b) <= LEVEL_TOL * max(abs(m), abs(b), 1e-12)
+    return (m > b) if row["higher_is_better"] else (m < b)
+
+
 def wins(row_per_seed: list[dict]) -> str:
-    """How many seeds show the method ahead of the baseline in the claimed direction."""
-    won = 0
-    for row in row_per_seed:
-        m, b = row["method"]["value"], row["baseline"]["value"]
-        won += (m > b) if row["higher_is_better"] else (m < b)
-    return f"{won}/{len(row_per_seed)}"
+    """On how many seeds the row held, per its `expect`; "-" for a report row."""
+    results = [held(row) for row in row_per_seed]
+    if any(r is None for r in results):
+        return "-"
+    return f"{sum(results)}/{len(results)}"
 
 
-def load_summaries(runs_dir: Path, folder: str) -> list[dict]:
-    """Every seed<k>/summary.json of one folder, in seed order, with the run's wall time."""
+def load_summaries(runs_dir: Path, folder: str, seeds=None) -> list[dict]:
+    """Every seed<k>/summary.json of one folder (only `seeds`, if given), in seed order."""
     out = []
     for path in sorted((runs_dir / folder).glob("seed*/summary.json"),
                        key=lambda p: int(p.parent.name[4:])):
+        if seeds is not None and int(path.parent.name[4:]) not in seeds:
+            continue
         summary = json.loads(path.read_text())
         meta = path.parent / "run.json"
         summary["_run"] = json.loads(meta.read_text()) if meta.exists() else {}
@@ -72,6 +93,12 @@ def load_summaries(runs_dir: Path, folder: str) -> list[dict]:
 def wall_times(summaries: list[dict]) -> list[float]:
     """Each run's wall time: the whole command as run_all timed it, else train()'s own."""
     return [s["_run"].get("wall_seconds", s["wall_seconds"]) for s in summaries]
+
+
+def cpu_time(summaries: list[dict]) -> str:
+    """Mean CPU seconds (user + sys) per run, the number a loaded machine does not distort."""
+    cpus = [s["_run"]["cpu_seconds"] for s in summaries if "cpu_seconds" in s["_run"]]
+    return f"{statistics.fmean(cpus):.0f} s" if cpus else "-"
 
 
 def group_rows(summaries: list[dict]) -> dict[tuple, list[dict]]:
@@ -91,15 +118,17 @@ def group_rows(summaries: list[dict]) -> dict[tuple, list[dict]]:
 def folder_table(summaries: list[dict]) -> list[str]:
     """Markdown table of a folder's headline rows over seeds."""
     seeds = [s["seed"] for s in summaries]
-    lines = ["| metric | method | mean ± std | baseline | mean ± std | method ahead |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| metric | method | mean ± std | baseline | mean ± std | expect | held on |",
+             "|---|---|---|---|---|---|---|"]
     for rows in group_rows(summaries).values():
         row = rows[0]
         arrow = "↑" if row["higher_is_better"] else "↓"
+        record = wins(rows)
         lines.append(
             f"| {row['metric']} {arrow} | {row['method']['name']} "
             f"| {fmt([r['method']['value'] for r in rows])} | {row['baseline']['name']} "
-            f"| {fmt([r['baseline']['value'] for r in rows])} | {wins(rows)} seeds |")
+            f"| {fmt([r['baseline']['value'] for r in rows])} | {row.get('expect', '?')} "
+            f"| {record + ' seeds' if record != '-' else '- (not a claim)'} |")
     walls = wall_times(summaries)
     when = max((s["_run"].get("date", "") for s in summaries), default="")
     loads = [s["_run"]["load_avg"] for s in summaries if "load_avg" in s["_run"]]
@@ -128,15 +157,17 @@ def replace_between(text: str, start: str, end: str, body: list[str]) -> str:
     return pattern.sub(lambda _: "\n".join([start, *body, end]), text, count=1)
 
 
-def write_reports(root: Path, runs_dir: Path, folders: list[str]) -> None:
+def write_reports(root: Path, runs_dir: Path, folders: list[str], seeds: list[int]) -> None:
     """RESULTS.md, each folder README's results block, the root README's index table."""
     results = ["# Results", "",
                "Made by `python tools/run_all.py`; do not edit by hand. Each row: the method "
                "against its baseline on the toy's headline metric, mean ± sample std over "
-               "seeds, and how many seeds show the paper's direction\n(↑ higher is better, "
-               "↓ lower is better).", ""]
-    index = ["| folder | paper | the idea | wall time per run | headline (method vs baseline) "
-             "| seeds |", "|---|---|---|---|---|---|"]
+               "seeds, what the row claims and on how many seeds that held\n(↑ higher is "
+               "better, ↓ lower is better; `better`: the method should beat the baseline, "
+               f"`level`: a control, within {LEVEL_TOL:.0%}, `report`: a diagnostic or a "
+               "reported negative, not a claim).", ""]
+    index = ["| folder | paper | the idea | CPU time per run | headline (method vs baseline) "
+             "| held on |", "|---|---|---|---|---|---|"]
     for folder in folders:
         fdir = root / folder
         if not fdir.is_dir():
@@ -146,7 +177,7 @@ def write_reports(root: Path, runs_dir: Path, folders: list[str]) -> None:
         title, claim = read_title(readme.read_text()) if readme.is_file() else ("", "")
         paper = title.split(":")[0] if title else folder
         claim = first_sentence(claim)
-        summaries = load_summaries(runs_dir, folder)
+        summaries = load_summaries(runs_dir, folder, seeds)
         if not summaries:
             index.append(f"| [`{folder}/`]({folder}/README.md) | {paper} | {claim} "
                          "| not run yet | - | - |")
@@ -156,11 +187,13 @@ def write_reports(root: Path, runs_dir: Path, folders: list[str]) -> None:
         if readme.is_file():
             readme.write_text(replace_between(readme.read_text(), RESULTS_START, RESULTS_END,
                                               table))
-        rows = next(iter(group_rows(summaries).values()))
+        groups = list(group_rows(summaries).values())
+        # The index shows the folder's first "better" row: its main claim, never a control.
+        rows = next((g for g in groups if g[0].get("expect", "better") == "better"), groups[0])
         first = rows[0]
         index.append(
             f"| [`{folder}/`]({folder}/README.md) | {paper} | {claim} "
-            f"| {statistics.fmean(wall_times(summaries)):.0f} s "
+            f"| {cpu_time(summaries)} "
             f"| {first['metric']}: {first['method']['name']} "
             f"{fmt([r['method']['value'] for r in rows])} vs {first['baseline']['name']} "
             f"{fmt([r['baseline']['value'] for r in rows])} | {wins(rows)} |")
@@ -170,12 +203,16 @@ def write_reports(root: Path, runs_dir: Path, folders: list[str]) -> None:
         top.write_text(replace_between(top.read_text(), INDEX_START, INDEX_END, index))
 
 
-def run_one(root: Path, folder: str, seed: int, out: Path, quick: bool, python: str) -> dict:
+def run_one(root: Path, folder: str, seed: int, out: Path, quick: bool, python: str,
+            extra: list[str] = ()) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.json").unlink(missing_ok=True)  # never report a previous run's numbers
     cmd = [python, str(Path(folder) / "train.py"), "--seed", str(seed), "--out-dir", str(out)]
     if quick:
         cmd.append("--quick")
+    cmd += list(extra)
+    # The environment a student has (no thread variables forced): the CPU time we report is the
+    # CPU time the plain command costs. Each main() picks its own torch thread count.
     env = dict(os.environ, MPLBACKEND="Agg", TQDM_DISABLE="1", HF_HUB_OFFLINE="1")
     t0, cpu0 = time.time(), resource.getrusage(resource.RUSAGE_CHILDREN)
     with open(out / "log.txt", "w") as log:
@@ -196,14 +233,23 @@ def run_one(root: Path, folder: str, seed: int, out: Path, quick: bool, python: 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--folders", nargs="+", help="folders to run (default: all that exist)")
-    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--seeds", nargs="+", type=int, default=None,
+                   help="seeds to run and report (default: 0 1 2 3 4; with --tune: 100 101 102)")
     p.add_argument("--quick", action="store_true",
                    help="pass --quick, write to runs/run_all_quick, rewrite no README")
+    p.add_argument("--tune", action="store_true",
+                   help="tuning seeds 100 101 102 into runs/tune/<tag>; print, rewrite nothing")
+    p.add_argument("--extra", default="", help='extra train.py flags, e.g. "--lr 1e-3"')
+    p.add_argument("--tag", default="default", help="name of this sweep point under runs/tune/")
     p.add_argument("--report-only", action="store_true",
                    help="run nothing; rewrite RESULTS.md and the README tables from runs/run_all")
     p.add_argument("--root", default=str(ROOT), help="repo root (default: this repo)")
     p.add_argument("--python", default=sys.executable, help="interpreter for the runs")
     args = p.parse_args(argv)
+    if args.seeds is None:
+        args.seeds = [100, 101, 102] if args.tune else [0, 1, 2, 3, 4]
+    if args.extra and not args.tune:
+        p.error("--extra is for tuning sweeps (--tune); reported runs use the default command")
     root = Path(args.root).resolve()
     known = [f for f in PAPER_FOLDERS if (root / f).is_dir()]
     folders = args.folders or known
@@ -211,28 +257,31 @@ def main(argv=None) -> int:
     if missing:
         print(f"run_all.py: error: no train.py in {', '.join(missing)}", file=sys.stderr)
         return 2
-    runs_dir = root / "runs" / ("run_all_quick" if args.quick else "run_all")
+    if args.tune:
+        runs_dir = root / "runs" / "tune" / re.sub(r"[^\w.=-]+", "_", args.tag)
+    else:
+        runs_dir = root / "runs" / ("run_all_quick" if args.quick else "run_all")
     jobs = [] if args.report_only else [(f, s) for f in folders for s in args.seeds]
     failed = []
     for k, (folder, seed) in enumerate(jobs, 1):
         out = runs_dir / folder / f"seed{seed}"
         print(f"[{k}/{len(jobs)}] {folder} seed {seed} ... ", end="", flush=True)
-        meta = run_one(root, folder, seed, out, args.quick, args.python)
+        meta = run_one(root, folder, seed, out, args.quick, args.python, args.extra.split())
         if meta["returncode"] == 0:
             print(f"ok ({meta['wall_seconds']:.1f} s)", flush=True)
         else:
             print(f"FAILED ({meta['returncode']}; see {out / 'log.txt'})", flush=True)
             failed.append(f"{folder} seed {seed}")
-    if args.quick:
+    if args.quick or args.tune:
         for folder in folders:
-            summaries = load_summaries(runs_dir, folder)
+            summaries = load_summaries(runs_dir, folder, args.seeds)
             if summaries:
                 print(f"\n{folder}\n" + "\n".join(folder_table(summaries)))
     else:
         ran = sorted(p.name for p in runs_dir.iterdir() if p.is_dir()) if runs_dir.is_dir() else []
         report_folders = list(PAPER_FOLDERS) + [f for f in dict.fromkeys(folders + ran)
                                                 if f not in PAPER_FOLDERS]
-        write_reports(root, runs_dir, report_folders)
+        write_reports(root, runs_dir, report_folders, args.seeds)
         print(f"wrote {root / 'RESULTS.md'} and the README tables")
     if failed:
         print(f"run_all.py: {len(failed)} run(s) failed: {', '.join(failed)}", file=sys.stderr)

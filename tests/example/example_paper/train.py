@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -74,13 +75,38 @@ def parse_args(argv=None) -> Config:
             p.add_argument(flag, action="store_true", help=f.metadata["help"])
         else:
             kind = type(f.default)
-            p.add_argument(flag, type=kind, default=f.default, help=f.metadata["help"],
+            p.add_argument(flag, type=kind, default=f.default,
+                           help=f.metadata["help"] + " (default: %(default)s)",
                            choices=DEVICES if f.name == "device" else None)
     cfg = Config(**vars(p.parse_args(argv)))
+    if not 0 <= cfg.seed < 2**32:
+        p.error(f"--seed must be in [0, 2**32), got {cfg.seed}")
     for name in ("steps", "n", "log_every"):
         if getattr(cfg, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
     return cfg
+
+
+def in_notebook() -> bool:
+    """PLUMBING: True inside a Jupyter kernel, where sys.argv holds the kernel's own arguments."""
+    return "ipykernel" in sys.modules
+
+
+def prepare_out_dir(path: str) -> Path:
+    """PLUMBING: create the run folder and prove it is writable *before* any training.
+
+    A mistyped --out-dir must cost the user one line, not a finished run and a traceback.
+    """
+    out = Path(path)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise SystemExit(f"{FOLDER}/train.py: error: --out-dir {path!r} is not a writable "
+                         f"folder ({e.strerror or e})") from None
+    return out
 
 
 # %% 3. Seeding
@@ -144,7 +170,7 @@ def train(cfg: Config) -> dict:
         "wall_seconds": time.time() - t0,
         "metrics": metrics,
         "headline": [
-            {"metric": "accuracy", "higher_is_better": True,
+            {"metric": "accuracy", "higher_is_better": True, "expect": "better",
              "method": {"name": "logistic", "value": acc},
              "baseline": {"name": "majority", "value": base}},
         ],
@@ -156,9 +182,57 @@ def train(cfg: Config) -> dict:
     return {"history": history, "metrics": metrics, "summary": summary}
 
 
-# %% 7. Entry point
+# %% 7. The run's last lines
+# PLUMBING: what `expect` means (../CONTRIBUTING.md, section 2): "better" = the method should
+# beat the baseline; "level" = a control, the two should be within 2 %; "report" = a diagnostic
+# or a reported negative, not a claim.
+EXPECT = {"better": "method should beat baseline", "level": "control: within 2 % expected",
+          "report": "diagnostic, not a claim"}
+
+
+def seed_record(row: dict) -> str:
+    """How often this row held over the seeds in RESULTS.md (written by tools/run_all.py)."""
+    results = Path(__file__).resolve().parents[1] / "RESULTS.md"
+    if not results.is_file():
+        return "no RESULTS.md beside this folder"
+    arrow = "↑" if row["higher_is_better"] else "↓"
+    for line in results.read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if (len(cells) >= 6 and cells[0] == f"{row['metric']} {arrow}"
+                and cells[1] == row["method"]["name"] and cells[3] == row["baseline"]["name"]):
+            return f"RESULTS.md: {cells[-1]}"
+    return "row not in RESULTS.md yet"
+
+
+def print_verdict(headline: list[dict], quick: bool, out: Path, t_start: float) -> None:
+    """One plain line per headline row, a --quick warning, and the files this run wrote."""
+    print("\nVerdict (this seed):")
+    for row in headline:
+        m, b = row["method"]["value"], row["baseline"]["value"]
+        better = (m > b) if row["higher_is_better"] else (m < b)
+        level = abs(m - b) <= 0.02 * max(abs(m), abs(b), 1e-12)
+        seen = "level" if level else ("method ahead" if better else "baseline ahead")
+        direction = "higher" if row["higher_is_better"] else "lower"
+        print(f"  [{row['expect']}] {row['metric']} ({direction} is better): "
+              f"{row['method']['name']} {m:.4g} vs {row['baseline']['name']} {b:.4g} -> {seen}; "
+              f"{EXPECT[row['expect']]}; {seed_record(row)}")
+    if quick:
+        print("NOTE: --quick is a smoke run (seconds, tiny data); its numbers are not meant to "
+              "show the paper's effect. Run without --quick for that.")
+    written = sorted(p for p in out.rglob("*") if p.is_file() and p.stat().st_mtime >= t_start)
+    print("Files written:", ", ".join(str(p) for p in written) or "none")
+
+
+# %% 8. Entry point
 def main(argv=None) -> dict:
-    return train(parse_args(argv))
+    if argv is None and in_notebook():
+        argv = ["--quick"]  # PLUMBING: in a notebook, never parse the kernel's sys.argv
+    cfg = parse_args(argv)
+    t_start = time.time()
+    out = prepare_out_dir(cfg.out_dir)  # before training: a bad --out-dir fails in a second
+    result = train(cfg)
+    print_verdict(result["summary"]["headline"], cfg.quick, out, t_start)
+    return result
 
 
 if __name__ == "__main__":
