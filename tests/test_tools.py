@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import re
@@ -16,6 +17,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 TEMPLATE = ROOT / "tests" / "example" / "example_paper"
 sys.path.insert(0, str(ROOT / "tools"))
+import grade  # noqa: E402
 import make_exercises  # noqa: E402
 import run_all  # noqa: E402
 
@@ -107,21 +109,76 @@ def _pytest(args, papers_dir=None):
 
 
 @pytest.mark.slow
-def test_student_copy_fails_the_exercise_tests_and_the_reference_passes(tmp_path):
+def test_student_bundle_stands_alone_fails_unsolved_and_leaves_the_answers_out(tmp_path):
     assert make_exercises.main(["tests/example/example_paper", "--out", str(tmp_path)]) == 0
-    student = tmp_path / "example_paper" / "train.py"
+    bundle = tmp_path / "example_paper"
+    student = bundle / "example_paper" / "train.py"
     assert "NotImplementedError" in student.read_text()
-    # the other files of the folder are copied as they are
-    assert (tmp_path / "example_paper" / "README.md").read_bytes() == \
+    # the README is copied as it is; the teacher notes are not copied at all
+    assert (bundle / "example_paper" / "README.md").read_bytes() == \
         (TEMPLATE / "README.md").read_bytes()
+    assert (TEMPLATE / "TEACHER.md").is_file()
+    assert not (bundle / "example_paper" / "TEACHER.md").exists()
+    assert (bundle / "tests" / "test_example_paper.py").is_file()
     test_file = "tests/example/test_example_paper.py"
     ref = _pytest([test_file, "-m", "exercise"])
     assert ref.returncode == 0, ref.stdout[-2000:]
-    stu = _pytest([test_file, "-m", "exercise"], papers_dir=tmp_path)
+    stu = _pytest([test_file, "-m", "exercise"], papers_dir=bundle)
     assert stu.returncode == 1, stu.stdout[-2000:]
     assert "NotImplementedError: Exercise 1" in stu.stdout
     # the report header names where the folders came from
-    assert f"paper folders imported from: {tmp_path.resolve()}" in stu.stdout
+    assert f"paper folders imported from: {bundle.resolve()}" in stu.stdout
+    # the bundle runs on its own, from its own folder, as a student runs it
+    env = {k: v for k, v in os.environ.items() if k != "PAPERS_DIR"}
+    alone = subprocess.run([sys.executable, "-m", "pytest", "-m", "exercise"], cwd=bundle,
+                           env=env, capture_output=True, text=True, timeout=300)
+    assert alone.returncode == 1 and "3 failed" in alone.stdout, alone.stdout[-2000:]
+    student.write_text((TEMPLATE / "train.py").read_text())  # "solved"
+    alone = subprocess.run([sys.executable, "-m", "pytest", "-m", "exercise"], cwd=bundle,
+                           env=env, capture_output=True, text=True, timeout=300)
+    assert alone.returncode == 0 and "3 passed" in alone.stdout, alone.stdout[-2000:]
+
+
+# --------------------------------------------------------------------------------------------
+# grade
+# --------------------------------------------------------------------------------------------
+def test_splice_takes_only_the_named_exercise_from_the_student():
+    student = SOURCE.replace("z = x ** 2", "z = x ** 3").replace("return 2 * x", "return 0")
+    spliced = grade.splice(SOURCE, student, 3)
+    assert "z = x ** 3" in spliced and "return 2 * x" in spliced  # ex 4 stays the reference
+    assert grade.splice(SOURCE, student, 4).count("return 0") == 1
+    with pytest.raises(ValueError, match="fences"):
+        grade.splice(SOURCE, SOURCE.replace("# BEGIN SOLUTION (exercise 4)", ""), 4)
+
+
+@pytest.mark.slow
+def test_teacher_flow_copies_planted_students_and_a_gradebook(tmp_path, capsys):
+    """Make copies, plant a wrong and a broken solution, grade the class, read the gradebook."""
+    subs = tmp_path / "submissions"
+    for name in ("ada", "bo", "cy", "di"):
+        assert make_exercises.main(["tests/example/example_paper", "--out",
+                                    str(subs / name)]) == 0
+    reference = (TEMPLATE / "train.py").read_text()
+    files = {name: subs / name / "example_paper" / "example_paper" / "train.py"
+             for name in ("ada", "bo", "cy", "di")}
+    files["ada"].write_text(reference)                                    # all correct
+    files["bo"].write_text(reference.replace("X.T @ (p - y)", "X.T @ (y - p)"))  # sign error
+    files["cy"].write_text(reference.replace("    eps = 1e-12\n", "    eps = = 1e-12\n"))
+    # di hands in the untouched copy
+    assert grade.main([str(subs), "--folder", "tests/example/example_paper"]) == 0
+    out = capsys.readouterr().out
+    with open(subs / "gradebook.csv") as f:
+        book = {row["student"]: row for row in csv.DictReader(f)}
+    assert {k: (book[k]["ex1"], book[k]["ex2"], book[k]["total"]) for k in book} == {
+        "ada": ("1.00", "1.00", "2.00"),
+        "bo": ("1.00", "0.00", "1.00"),    # partial credit: the sign error costs ex2 only
+        "cy": ("0.00", "1.00", "1.00"),    # a syntax error in ex1 does not cost ex2
+        "di": ("0.00", "0.00", "0.00")}
+    assert book["ada"]["ex1_reason"] == book["ada"]["ex2_reason"] == ""
+    assert "test_ex2_logistic_gradient" in book["bo"]["ex2_reason"]
+    assert "does not import: SyntaxError" in book["cy"]["ex1_reason"]
+    assert "NotImplementedError: Exercise 1" in book["di"]["ex1_reason"]
+    assert "Traceback" not in out and "cy       0.00    1.00    1.00/2" in out
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,8 +1,14 @@
-"""Write the student copy of a paper folder: every solution region becomes a NotImplementedError.
+"""Write a student bundle of a paper folder: every solution region becomes a NotImplementedError.
 
-    python tools/make_exercises.py smile                 # -> student/smile/
-    python tools/make_exercises.py smile --out /tmp/hw   # -> /tmp/hw/smile/
-    PAPERS_DIR=student pytest tests/test_smile.py -m exercise   # grade it with the same tests
+    python tools/make_exercises.py smile                 # -> student/smile/ (a bundle)
+    python tools/make_exercises.py smile mico --out /tmp/hw   # -> /tmp/hw/smile/, /tmp/hw/mico/
+    cd student/smile && python -m pytest -m exercise     # the student checks their work
+    PAPERS_DIR=student/smile pytest tests/test_smile.py -m exercise   # the teacher, same tests
+    python tools/grade.py submissions/ --folder smile    # the teacher, a whole class
+
+A bundle holds `smile/` (the folder, solutions stripped, the teacher notes `TEACHER.md` left out),
+`tests/test_smile.py` with the shared `tests/conftest.py`, a `pytest.ini` and a short README, so
+it runs on its own.
 
 A region in a .py file of the folder looks like
 
@@ -95,8 +101,56 @@ def strip_solutions(text: str, name: str = "<text>") -> tuple[str, list[int]]:
     return "".join(out), numbers
 
 
-def make_student_copy(folder: Path, out: Path) -> dict[str, list[int]]:
-    """Copy folder to out/<folder name> with the solutions stripped. Returns {file: [numbers]}."""
+TEACHER_FILES = ("TEACHER.md",)  # answers and expected observations: never in a student copy
+
+PYTEST_INI = """\
+# Written by tools/make_exercises.py: run `python -m pytest -m exercise` here to check your work.
+[pytest]
+testpaths = tests
+pythonpath = .
+addopts = -ra --strict-markers --import-mode=importlib -p no:cacheprovider
+markers =
+    slow: takes more than a few seconds
+    exercise(n): grades coding exercise n
+    {folder}: this folder's tests
+filterwarnings =
+    ignore::DeprecationWarning
+    ignore::FutureWarning
+"""
+
+BUNDLE_README = """\
+# {folder}: your exercise copy
+
+Made by `tools/make_exercises.py`. What is here:
+
+- `{folder}/train.py`: the method, with each coding exercise's solution replaced by
+  `raise NotImplementedError("Exercise N: ...")` between its `# BEGIN SOLUTION (exercise N)` and
+  `# END SOLUTION` fences. Write your code there, between the fences; change nothing else.
+- `{folder}/README.md`: the paper, the run command and the exercises (coding and experiment).
+- `tests/`: the same tests your teacher grades with.
+
+Run the method from this folder: `python {folder}/train.py --quick` (seconds), then without
+`--quick`. Check your coding exercises:
+
+```bash
+python -m pytest -m exercise          # all of them
+python -m pytest -m exercise -k ex2   # a test name usually says which one; or read tests/
+```
+
+Exercise numbers in this copy: {numbers}.
+"""
+
+
+def make_student_copy(folder: Path, out: Path, tests_dir: Path | None = None
+                      ) -> dict[str, list[int]]:
+    """Write the student bundle out/<folder>/ and return {file: [exercise numbers]}.
+
+    The bundle stands alone: `<folder>/` (the folder with the solutions stripped and the teacher
+    notes left out), `tests/test_<folder>.py` and `tests/conftest.py` (when `tests_dir` holds
+    them), a `pytest.ini` and a short README. A student checks their work with
+    `cd out/<folder> && python -m pytest -m exercise`; a teacher grades the same copy with
+    `PAPERS_DIR=out/<folder> pytest tests/test_<folder>.py -m exercise` or `tools/grade.py`.
+    """
     if not (folder / "train.py").is_file():
         raise FenceError(f"{folder} is not a paper folder (no train.py)")
     # Check every file before writing anything, so a bad fence leaves no half-made copy.
@@ -105,44 +159,69 @@ def make_student_copy(folder: Path, out: Path) -> dict[str, list[int]]:
         if "__pycache__" in src.parts:
             continue
         stripped[src] = strip_solutions(src.read_text(), str(src.relative_to(folder.parent)))
-    dest = out / folder.name
-    if dest.resolve() == folder.resolve():
-        raise FenceError("--out must not be the folder's own parent (it would overwrite it)")
-    if dest.exists():
-        shutil.rmtree(dest)
-    shutil.copytree(folder, dest, ignore=shutil.ignore_patterns("__pycache__"))
+    bundle = out / folder.name
+    dest = bundle / folder.name
+    if folder.resolve() in (bundle.resolve(), *bundle.resolve().parents) or \
+            bundle.resolve() in folder.resolve().parents:
+        raise FenceError("--out must not contain or be inside the folder itself")
+    if bundle.exists():
+        shutil.rmtree(bundle)
+    shutil.copytree(folder, dest, ignore=shutil.ignore_patterns("__pycache__", *TEACHER_FILES))
     report = {}
     for src, (text, numbers) in stripped.items():
         (dest / src.relative_to(folder)).write_text(text)
         if numbers:
             report[str(src.relative_to(folder))] = numbers
+    if tests_dir is not None and (tests_dir / f"test_{folder.name}.py").is_file():
+        (bundle / "tests").mkdir()
+        for name in (f"test_{folder.name}.py", "conftest.py"):
+            if (tests_dir / name).is_file():
+                shutil.copy2(tests_dir / name, bundle / "tests" / name)
+    (bundle / "pytest.ini").write_text(PYTEST_INI.format(folder=folder.name))
+    numbers = sorted({n for v in report.values() for n in v})
+    (bundle / "README.md").write_text(BUNDLE_README.format(
+        folder=folder.name, numbers=", ".join(map(str, numbers)) or "none"))
     return report
+
+
+def find_tests_dir(folder: Path) -> Path | None:
+    """tests/ beside the folder (a paper folder) or above it (the template under tests/)."""
+    for cand in (folder.parent / "tests", folder.parent, folder.parent.parent, ROOT / "tests"):
+        if (cand / f"test_{folder.name}.py").is_file():
+            return cand
+    return None
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("folder", help="the paper folder, e.g. smile (or a path to one)")
+    p.add_argument("folders", nargs="+", metavar="folder",
+                   help="paper folder(s), e.g. smile (or a path to one)")
     p.add_argument("--out", default=str(ROOT / "student"),
-                   help="directory to write the copy into (default: student/)")
+                   help="directory to write the bundles into (default: student/)")
     args = p.parse_args(argv)
-    folder = Path(args.folder)
-    if not folder.is_dir() and (ROOT / args.folder).is_dir():
-        folder = ROOT / args.folder
-    if not folder.is_dir():
-        print(f"make_exercises.py: error: no folder '{args.folder}'", file=sys.stderr)
-        return 2
-    try:
-        report = make_student_copy(folder, Path(args.out))
-    except FenceError as e:
-        print(f"make_exercises.py: error: {e}", file=sys.stderr)
-        return 2
-    total = sum(len(v) for v in report.values())
-    dest = Path(args.out) / folder.name
-    print(f"wrote {dest} ({total} solution region(s) replaced: "
-          + ", ".join(f"{f} {v}" for f, v in report.items()) + ")")
-    if total == 0:
-        print("note: the folder has no solution regions", file=sys.stderr)
-    print(f"grade with: PAPERS_DIR={args.out} pytest tests/test_{folder.name}.py -m exercise")
+    resolved = []
+    for name in args.folders:
+        folder = Path(name)
+        if not folder.is_dir() and (ROOT / name).is_dir():
+            folder = ROOT / name
+        if not folder.is_dir():
+            print(f"make_exercises.py: error: no folder '{name}'", file=sys.stderr)
+            return 2
+        resolved.append(folder)
+    for folder in resolved:
+        try:
+            report = make_student_copy(folder, Path(args.out), find_tests_dir(folder))
+        except FenceError as e:
+            print(f"make_exercises.py: error: {e}", file=sys.stderr)
+            return 2
+        total = sum(len(v) for v in report.values())
+        bundle = Path(args.out) / folder.name
+        print(f"wrote {bundle} ({total} solution region(s) replaced: "
+              + ", ".join(f"{f} {v}" for f, v in report.items()) + ")")
+        if total == 0:
+            print("note: the folder has no solution regions", file=sys.stderr)
+        print(f"  student: cd {bundle} && python -m pytest -m exercise")
+        print(f"  teacher: PAPERS_DIR={bundle} pytest tests/test_{folder.name}.py -m exercise")
     return 0
 
 

@@ -9,18 +9,29 @@ from example_paper import train as example
 pytestmark = pytest.mark.example_paper
 
 
-@pytest.mark.exercise
-def test_logistic_loss_matches_hand_value():
-    # w = 0 gives p = 1/2 for every example: the loss is log 2, the gradient X^T (1/2 - y) / N
+@pytest.mark.exercise(1)
+def test_ex1_logistic_loss_matches_hand_value():
+    # w = 0 gives p = 1/2 for every example: the loss is log 2 (plus lam/2 ||w||^2 = 0)
     X = np.array([[1.0, 2.0], [3.0, -1.0]])
     y = np.array([1.0, 0.0])
-    loss, grad = example.logistic_loss(np.zeros(2), X, y, lam=0.0)
+    loss, _ = example.logistic_loss(np.zeros(2), X, y, lam=0.0)
     assert loss == pytest.approx(np.log(2.0))
+    # the penalty: w = (1, 0), lam = 2 adds 1 to the data term
+    loss_w, _ = example.logistic_loss(np.array([1.0, 0.0]), X, y, lam=2.0)
+    data = -np.mean([np.log(example.sigmoid(1.0)), np.log(1 - example.sigmoid(3.0))])
+    assert loss_w == pytest.approx(data + 1.0)
+
+
+@pytest.mark.exercise(2)
+def test_ex2_logistic_gradient_matches_hand_value():
+    X = np.array([[1.0, 2.0], [3.0, -1.0]])
+    y = np.array([1.0, 0.0])
+    _, grad = example.logistic_loss(np.zeros(2), X, y, lam=0.0)
     assert grad == pytest.approx([(1 * -0.5 + 3 * 0.5) / 2, (2 * -0.5 + -1 * 0.5) / 2])
 
 
-@pytest.mark.exercise
-def test_logistic_loss_gradient_matches_finite_differences():
+@pytest.mark.exercise(2)
+def test_ex2_logistic_gradient_matches_finite_differences():
     rng = np.random.default_rng(0)
     X, y, w = rng.normal(size=(5, 3)), rng.integers(0, 2, 5).astype(float), rng.normal(size=3)
     _, grad = example.logistic_loss(w, X, y, lam=0.3)
@@ -38,3 +49,12 @@ def test_quick_run_decreases_loss_and_is_deterministic(tmp_path):
     assert a["metrics"] == b["metrics"]
     summary = json.loads((tmp_path / "a" / "summary.json").read_text())
     assert set(summary) == {"folder", "seed", "config", "wall_seconds", "metrics", "headline"}
+    assert all(row["expect"] in ("better", "level", "report") for row in summary["headline"])
+
+
+def test_main_ends_with_a_verdict_a_quick_warning_and_the_files(tmp_path, capsys):
+    example.main(["--quick", "--out-dir", str(tmp_path)])
+    out = capsys.readouterr().out.split("Verdict (this seed):")[1]
+    assert "[better] accuracy (higher is better): logistic" in out
+    assert "--quick is a smoke run" in out
+    assert f"Files written: {tmp_path / 'summary.json'}" in out

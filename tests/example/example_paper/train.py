@@ -133,12 +133,15 @@ def logistic_loss(w, X, y, lam):
 
     Args: w (D,), X (N, D), y (N,) in {0, 1}, lam >= 0. Returns (loss: float, grad: (D,)).
     """
-    # BEGIN SOLUTION (exercise 1)
-    # Exercise 1: compute the regularised logistic loss and its gradient.
     # PAPER: Eq. (1), p_i = sigmoid(w . x_i)
     p = sigmoid(X @ w)  # (N,)
+    # BEGIN SOLUTION (exercise 1)
+    # Exercise 1: compute the regularised loss of Eq. (2) from p (a float, named `loss`).
     eps = 1e-12
     loss = -np.mean(y * np.log(p + eps) + (1 - y) * np.log(1 - p + eps)) + 0.5 * lam * w @ w
+    # END SOLUTION
+    # BEGIN SOLUTION (exercise 2)
+    # Exercise 2: compute the gradient of Eq. (2) with respect to w (shape (D,), named `grad`).
     grad = X.T @ (p - y) / len(y) + lam * w  # (D,)
     # END SOLUTION
     return float(loss), grad
