@@ -330,3 +330,25 @@ def test_extra_flags_are_refused_outside_tuning(mini_repo):
     with pytest.raises(SystemExit):
         run_all.main(["--root", str(mini_repo), "--folders", "example_paper",
                       "--extra", "--lam 0.1"])
+
+
+# --------------------------------------------------------------------------------------------
+# make_notebooks
+# --------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_generated_notebook_runs_end_to_end_in_a_kernel(tmp_path):
+    """The file as a notebook: every cell runs, main() ignores the kernel's argv (--quick)."""
+    import make_notebooks
+    import nbformat
+
+    out = tmp_path / "nb"
+    assert make_notebooks.main(["tests/example/example_paper", "--out", str(out),
+                                "--execute"]) == 0
+    nb = nbformat.read(out / "example_paper.ipynb", as_version=4)
+    assert nb.cells[0].cell_type == "markdown"
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert code[-1].source.rstrip().endswith("main()")
+    text = "".join(o.get("text", "") for o in code[-1].outputs)
+    assert "Verdict (this seed):" in text and "--quick is a smoke run" in text
+    assert not any(o.get("output_type") == "error" for c in code for o in c.outputs)
+    assert (out / "runs" / "example_paper" / "summary.json").is_file()  # cwd = notebook's dir
