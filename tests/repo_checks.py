@@ -40,7 +40,11 @@ RESULTS_START, RESULTS_END = "<!-- results:start -->", "<!-- results:end -->"
 
 # Every train.py has these options (CONTRIBUTING.md, section 2).
 CONTRACT_FLAGS = ("--seed", "--quick", "--out-dir", "--device", "--steps")
-BAD_ARGVS = (["--steps", "-3"], ["--device", "tpu"], ["--no-such-flag"])
+# Each must exit non-zero with one line on stderr, before any training: a negative seed, and an
+# --out-dir that cannot be created (a folder inside /dev/null) are caught before the first step.
+BAD_ARGVS = (["--steps", "-3"], ["--device", "tpu"], ["--no-such-flag"], ["--seed", "-1"],
+             ["--out-dir", "/dev/null/run"])
+EXPECTS = ("better", "level", "report")
 
 
 def requirement_names(root: Path = ROOT) -> set[str]:
@@ -250,8 +254,11 @@ def check_import_is_inert(report: dict) -> list[str]:
 def check_help(report: dict) -> list[str]:
     if report["help_code"] != 0:
         return [f"--help exited with {report['help_code']!r}"]
-    return [f"--help does not list {flag}" for flag in CONTRACT_FLAGS
-            if flag not in report["help"]]
+    problems = [f"--help does not list {flag}" for flag in CONTRACT_FLAGS
+                if flag not in report["help"]]
+    if "(default: 0)" not in " ".join(report["help"].split()):
+        problems.append("--help does not show the defaults (no '(default: 0)' for --seed)")
+    return problems
 
 
 def check_bad_args(report: dict) -> list[str]:
@@ -265,4 +272,97 @@ def check_bad_args(report: dict) -> list[str]:
         elif len(err.splitlines()) != 1:
             problems.append(f"'{argv}' printed {len(err.splitlines())} lines on stderr, "
                             f"want exactly one: {err[:300]!r}")
+    return problems
+
+
+# A README's exercise prompts ask; the answers live in TEACHER.md (left out of student copies).
+TELLING = re.compile(r"(?i)(for the teacher|expected observation|\banswers?\s*:|\bexpected\s*:"
+                     r"|\bobserv(e|ed|ation)\s*:)")
+
+
+def check_teacher_split(folder: Path) -> list[str]:
+    """TEACHER.md exists; the README's Exercises section gives no answers away."""
+    problems = []
+    if not (folder / "TEACHER.md").is_file():
+        problems.append(f"{folder.name}/TEACHER.md is missing (answers and expected observations)")
+    text = (folder / "README.md").read_text() if (folder / "README.md").is_file() else ""
+    section = re.search(r"^## Exercises$(.*?)(?=^## |\Z)", text, re.M | re.S)
+    if section:
+        for m in TELLING.finditer(section.group(1)):
+            line = section.group(1)[:m.start()].count("\n") + 1
+            problems.append(f"README '## Exercises' line {line} tells the answer "
+                            f"({m.group(0)!r}): move it to TEACHER.md")
+    return problems
+
+
+SOLUTION_RE = re.compile(r"^[ \t]*# BEGIN SOLUTION \(exercise (\d+)\)", re.M)
+MARK_RE = re.compile(r"@pytest\.mark\.exercise(\((\d+)\))?")
+
+
+def check_exercise_marks(folder: Path, test_file: Path) -> list[str]:
+    """Every coding exercise is graded by tests marked exercise(N) with its number, and only so."""
+    numbers = {int(n) for n in SOLUTION_RE.findall((folder / "train.py").read_text())}
+    if not numbers:
+        return ["train.py has no '# BEGIN SOLUTION (exercise N)' region"]
+    if not test_file.is_file():
+        return [f"{test_file.name} is missing"]
+    marks = MARK_RE.findall(test_file.read_text())
+    problems = []
+    if any(not num for _, num in marks):
+        problems.append("a test is marked @pytest.mark.exercise without its number: "
+                        "write @pytest.mark.exercise(N)")
+    marked = {int(num) for _, num in marks if num}
+    problems += [f"exercise {n} has a solution region but no test marked exercise({n})"
+                 for n in sorted(numbers - marked)]
+    problems += [f"tests are marked exercise({n}) but train.py has no region for it"
+                 for n in sorted(marked - numbers)]
+    return problems
+
+
+def quick_run(folder: Path, timeout: float = 300) -> dict:
+    """`python train.py --quick` in a fresh temporary folder: exit code, stdout, summary."""
+    env = dict(os.environ, MPLBACKEND="Agg", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+               TQDM_DISABLE="1", OMP_NUM_THREADS="1")
+    with tempfile.TemporaryDirectory() as cwd:
+        out = Path(cwd) / "out"
+        proc = subprocess.run([sys.executable, str((folder / "train.py").resolve()), "--quick",
+                               "--out-dir", str(out)], cwd=cwd, env=env, capture_output=True,
+                              text=True, timeout=timeout)
+        summary = out / "summary.json"
+        return {"code": proc.returncode, "stdout": proc.stdout, "stderr": proc.stderr,
+                "out": str(out), "files": sorted(str(p) for p in out.rglob("*") if p.is_file()),
+                "summary": json.loads(summary.read_text()) if summary.is_file() else None}
+
+
+def check_quick_run(run: dict) -> list[str]:
+    """The run's summary schema and `expect`, and its last lines: verdict, warning, files."""
+    problems = [] if run["code"] == 0 else [f"--quick exited {run['code']}: "
+                                            f"{run['stderr'][-500:]}"]
+    s = run["summary"]
+    if s is None:
+        return problems + ["--quick wrote no summary.json"]
+    keys = {"folder", "seed", "config", "wall_seconds", "metrics", "headline"}
+    if set(s) != keys:
+        problems.append(f"summary.json keys {sorted(s)} != {sorted(keys)}")
+    rows = s.get("headline") or []
+    if not rows:
+        problems.append("summary.json has no headline rows")
+    for row in rows:
+        if row.get("expect") not in EXPECTS:
+            problems.append(f"headline row {row.get('metric')!r}: expect={row.get('expect')!r}, "
+                            f"want one of {EXPECTS}")
+    if rows and not any(row.get("expect") == "better" for row in rows):
+        problems.append("no headline row has expect 'better': the root index shows the first one")
+    tail = run["stdout"].split("Verdict (this seed):")
+    if len(tail) < 2:
+        return problems + ["the run does not end with 'Verdict (this seed):'"]
+    lines = tail[-1].strip().splitlines()
+    verdicts = [ln for ln in lines if ln.strip().startswith("[")]
+    if len(verdicts) != len(rows):
+        problems.append(f"{len(verdicts)} verdict line(s) for {len(rows)} headline row(s)")
+    if not any("--quick is a smoke run" in ln for ln in lines):
+        problems.append("a --quick run does not warn that its numbers are not the effect")
+    written = [ln for ln in lines if ln.startswith("Files written:")]
+    if not written or str(Path(run["out"]) / "summary.json") not in written[0]:
+        problems.append("the run does not end by listing the files it wrote (summary.json)")
     return problems

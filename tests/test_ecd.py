@@ -1,5 +1,6 @@
 """Tests for ecd/train.py: DPO loss, response-only log-probs, evolver/teacher/checker, smoke run."""
 
+import dataclasses
 import json
 import math
 
@@ -30,7 +31,7 @@ def tiny_batch(n=4, seed=0):
 
 
 # --- tier 1: hand-computed values ---------------------------------------------------------------
-@pytest.mark.exercise
+@pytest.mark.exercise(1)
 def test_dpo_loss_matches_hand_value():
     t = torch.tensor
     losses, rw, rl = ecd.dpo_loss(t([-1.0]), t([-3.0]), t([-2.0]), t([-2.0]), beta=0.1)
@@ -42,7 +43,7 @@ def test_dpo_loss_matches_hand_value():
     assert same.item() == pytest.approx(math.log(2), abs=1e-6)
 
 
-@pytest.mark.exercise
+@pytest.mark.exercise(1)
 def test_dpo_gradient_matches_hand_value():
     pc = torch.tensor([-1.0], requires_grad=True)
     pr = torch.tensor([-3.0], requires_grad=True)
@@ -53,7 +54,7 @@ def test_dpo_gradient_matches_hand_value():
     assert pr.grad.item() == pytest.approx(0.045017, abs=1e-6)
 
 
-@pytest.mark.exercise
+@pytest.mark.exercise(1)
 def test_dpo_rewards_are_detached():
     x = [torch.tensor([v], requires_grad=True) for v in (-1.0, -3.0, -2.0, -2.0)]
     _, rw, rl = ecd.dpo_loss(*x, 0.1)
@@ -80,11 +81,17 @@ def test_checker_unit_cases():
     assert ecd.check(ins, ["W2", "W5"]) == [False, True, True]
     assert ecd.check(ins, ["W2", "START_a2", "W1"]) == [False, False, False]  # not a word
     assert ecd.check(ins, []) == [False, True, False]
-    ins2 = [("COUNT", 4), ("INCLUDE", 1), ("EXCLUDE", 3), ("EXCLUDE", 5), ("NOREP", None),
-            ("END", 0)]
-    assert ecd.check(ins2, ["w1", "w2", "W4", "w0"]) == [True] * 6
-    assert ecd.check(ins2, ["w2", "w3", "W2", "w5"]) == [True, False, False, False, False, False]
+    ins2 = [("COUNT", 4), ("INCLUDE", 1), ("EXCLUDE", 3), ("EXCLUDE", 5), ("NOREP", None)]
+    assert ecd.check(ins2, ["w1", "w2", "W4", "w0"]) == [True] * 5
+    assert ecd.check(ins2, ["w2", "w3", "W2", "w5"]) == [True, False, False, False, False]
     assert ecd.satisfied(ins2, ["w1", "w2", "W4", "w0"])
+    assert not ecd.satisfied(ins2, ["w1", "w2", "W4", "w3"])  # one broken constraint is enough
+
+
+def test_no_dead_constraint_types():
+    # every constraint type the checker knows is either an evolution op or the seed's COUNT
+    assert set(ecd.OPS) == {"COUNT"} | set(ecd.evolution_ops(norep=True))
+    assert not any(t.startswith("END") for t in ecd.VOCAB)
 
 
 def test_instruction_tokens():
@@ -125,7 +132,7 @@ def test_encode_masks_exactly_the_response_and_eos():
         assert ids[i, p - 1].item() == ecd.SEP
 
 
-@pytest.mark.exercise
+@pytest.mark.exercise(2)
 def test_seq_logps_matches_hand_loop():
     torch.manual_seed(0)
     model = ecd.make_model(tiny_cfg()).eval()
@@ -142,7 +149,7 @@ def test_seq_logps_matches_hand_loop():
         assert got[i].item() == pytest.approx(want, abs=1e-4)
 
 
-@pytest.mark.exercise
+@pytest.mark.exercise(2)
 def test_prompt_and_padding_contribute_nothing():
     torch.manual_seed(0)
     model = ecd.make_model(tiny_cfg()).eval()
@@ -241,7 +248,7 @@ def test_evolver_adds_exactly_one_constraint_per_round(perfect_chains):
             assert len(resps[k]) == instrs[0][0][1]
 
 
-@pytest.mark.exercise
+@pytest.mark.exercise(3)
 def test_ecd_negatives_miss_exactly_the_new_constraint(perfect_chains):
     pairs = ecd.make_ecd_pairs(perfect_chains)
     assert len(pairs) == 3 * len(perfect_chains)
@@ -252,7 +259,7 @@ def test_ecd_negatives_miss_exactly_the_new_constraint(perfect_chains):
     assert ecd.mean_violations(pairs) == 1.0
 
 
-@pytest.mark.exercise
+@pytest.mark.exercise(3)
 def test_all_ancestors_uses_every_earlier_answer(perfect_chains):
     chains = perfect_chains[:5]
     pairs = ecd.make_ecd_pairs(chains, all_ancestors=True)
@@ -320,12 +327,142 @@ def test_generate_is_deterministic_and_stops_at_eos():
 
 
 def test_parse_args_rejects_bad_values():
-    for bad in (["--steps", "-3"], ["--device", "tpu"], ["--bogus"], ["--teacher-err", "1.5"],
-                ["--beta", "0"]):
+    for bad in (["--steps", "-3"], ["--device", "tpu"], ["--bogus"], ["--teacher-errs", "1.5"],
+                ["--teacher-errs", "0.3,x"], ["--beta", "0"], ["--seed", "-1"],
+                ["--seed", str(2**32)], ["--lr-grid", "1e-3,-1"], ["--sft-plus-steps", "-1"]):
         with pytest.raises(SystemExit) as e:
             ecd.parse_args(bad)
         assert e.value.code == 2
     assert ecd.parse_args(["--quick", "--all-ancestors"]).all_ancestors
+
+
+# --- wiring: held-out split, evaluation, generation, the fair control ---------------------------
+@pytest.fixture(scope="module")
+def quick_data():
+    cfg = dataclasses.replace(ecd.Config(), **ecd.QUICK)
+    return cfg, ecd.make_dataset(cfg, np.random.default_rng(0))
+
+
+def test_held_out_instructions_never_appear_in_training(quick_data):
+    cfg, data = quick_data
+    assert len(data["test_instrs"]) == cfg.n_test * 2  # levels 2 and 3 of every test chain
+    test_keys = {ecd.instr_key(x) for x in data["test_instrs"]}
+    test_toks = {tuple(ecd.instr_tokens(x)) for x in data["test_instrs"]}
+    assert len(data["train"]) == 2  # the imperfect and the perfect teacher
+    for d in data["train"].values():
+        train_instrs = [x for ins, _ in d["chains"] for x in ins]
+        assert not test_keys & {ecd.instr_key(x) for x in train_instrs}  # not even reordered
+        assert not test_toks & {tuple(ecd.instr_tokens(x)) for x in train_instrs}
+        assert not test_keys & {ecd.instr_key(x) for x, _ in d["sft"] + d["sft_plus"]}
+    # the test pairs are graded on the same held-out levels
+    assert [x for x, _, _ in data["test_pairs"]] == data["test_instrs"]
+
+
+def test_instr_key_ignores_constraint_order():
+    a = [("COUNT", 3), ("UPPER", None), ("EXCLUDE", 2), ("START", 4)]
+    assert ecd.instr_key(a) == ecd.instr_key([a[0], a[3], a[2], a[1]])
+    assert ecd.instr_key(a) != ecd.instr_key(a[:3])
+
+
+def test_score_answers_counts_a_sample_only_if_every_constraint_holds():
+    instrs = [[("COUNT", 2), ("UPPER", None), ("START", 1)], [("COUNT", 3), ("EXCLUDE", 0)]]
+    answers = [[["W1", "W2"],   # all three hold
+                ["W1", "w2"],   # UPPER fails
+                ["W3", "W2"]],  # START fails
+               [["w1", "w2", "w3"],   # both hold
+                ["w0", "w2", "w3"],   # EXCLUDE fails
+                ["w1", "w2"]]]        # COUNT fails
+    res = ecd.score_answers(instrs, answers)
+    assert res["sat"] == pytest.approx(2 / 6)
+    assert res["sat_COUNT"] == pytest.approx(5 / 6)
+    assert res["sat_UPPER"] == pytest.approx(2 / 3)
+    assert res["sat_EXCLUDE"] == pytest.approx(2 / 3)
+
+
+def test_evaluate_counts_a_sample_only_if_every_constraint_holds(quick_data, monkeypatch):
+    cfg, data = quick_data
+    instrs = data["test_instrs"]
+
+    def fake_generate(model, instrs_, n_samples, greedy, gen):
+        # sample 0 satisfies every constraint; sample 1 breaks only COUNT
+        good = [ecd.repair(x, None, np.random.default_rng(0)) for x in instrs_]
+        return [[g] if greedy else [g, g + [g[0]]] for g in good]
+
+    monkeypatch.setattr(ecd, "generate", fake_generate)
+    torch.manual_seed(0)
+    res = ecd.evaluate(ecd.make_model(tiny_cfg()), data, cfg)
+    assert len(instrs) > 0
+    assert res["sampled_sat"] == pytest.approx(0.5)  # half the samples break one constraint
+    assert res["greedy_sat"] == 1.0
+    assert res["sat_COUNT"] == pytest.approx(0.5) and res["sat_START"] == 1.0
+
+
+class _ScriptedLM(torch.nn.Module):
+    """A fake causal LM: after <sep> it says W1, after W1 it says W2, after W2 <eos>; after any
+    other token it says W7. Generation that reads from the wrong position sees other tokens."""
+
+    def __init__(self):
+        super().__init__()
+        self.next = {ecd.SEP: ecd.TOK["W1"], ecd.TOK["W1"]: ecd.TOK["W2"],
+                     ecd.TOK["W2"]: ecd.EOS}
+
+    def forward(self, input_ids):
+        B, T = input_ids.shape
+        logits = torch.full((B, T, len(ecd.VOCAB)), -1e9)  # (B, T, V)
+        for b in range(B):
+            for t in range(T):
+                logits[b, t, self.next.get(int(input_ids[b, t]), ecd.TOK["W7"])] = 0.0
+        return type("Out", (), {"logits": logits})()
+
+
+def test_generation_starts_right_after_the_prompt():
+    instrs = [[("COUNT", 2)], [("COUNT", 2), ("UPPER", None), ("EXCLUDE", 3)]]  # two lengths
+    gen = torch.Generator().manual_seed(0)
+    for greedy in (True, False):
+        out = ecd.generate(_ScriptedLM(), instrs, 2, greedy, gen)
+        assert out == [[["W1", "W2"]] * (1 if greedy else 2)] * 2
+
+
+def test_sft_plus_data_is_the_chosen_answers_of_distinct_pairs():
+    x = [("COUNT", 2), ("UPPER", None)]
+    pairs = [(x, ["W1", "W2"], ["w1", "w2"]), (x, ["w5", "w6"], ["w5", "w6"]),
+             (x, ["W3", "W4"], ["w3", "w4"])]
+    assert ecd.drop_identical(pairs) == [pairs[0], pairs[2]]
+    assert ecd.sft_plus_data(pairs) == [(x, ["W1", "W2"]), (x, ["W3", "W4"])]
+
+
+@pytest.mark.exercise(4)
+def test_sft_plus_trains_on_chosen_answers_never_rejected(quick_data, monkeypatch):
+    cfg, data = quick_data
+    d = data["train"][0.3]
+    assert len(d["ecd"]) < len(d["ecd_raw"]) and all(yw != yl for _, yw, yl in d["ecd"])
+    assert d["sft_plus"] == [(x, yw) for x, yw, _ in d["ecd"]]
+    # wiring: what run_stage_two hands to the SFT loop decodes to exactly those chosen answers
+    seen = {}
+
+    def spy(model, ids, mask, steps, lr, batch_size, gen, log_every, tag="sft"):
+        seen.update(ids=ids, mask=mask, steps=steps, lr=lr)
+        return [0.0]
+
+    monkeypatch.setattr(ecd, "train_sft", spy)
+    torch.manual_seed(0)
+    model = ecd.make_model(tiny_cfg())
+    ecd.run_stage_two("SFT+", model, model, d, cfg, 0.123)
+    resp = [[ecd.VOCAB[t] for t, m in zip(row.tolist(), mrow.tolist()) if m == 1][:-1]
+            for row, mrow in zip(seen["ids"], seen["mask"])]
+    assert resp == [yw for _, yw, _ in d["ecd"]]
+    rejected_only = {tuple(yl) for _, _, yl in d["ecd"]} - {tuple(yw) for _, yw, _ in d["ecd"]}
+    assert rejected_only and not rejected_only & {tuple(r) for r in resp}
+    assert seen["lr"] == 0.123 and seen["steps"] == 2 * cfg.pref_steps
+
+
+def test_controls_see_the_same_pairs_and_compute(quick_data):
+    cfg, data = quick_data
+    for d in data["train"].values():
+        assert [(x, yw) for x, yw, _ in d["random"]] == [(x, yw) for x, yw, _ in d["ecd"]]
+    # compute match: SFT+ passes as many sequences forward/backward as DPO (2 per pair)
+    assert ecd.sft_plus_steps(cfg) * cfg.batch_size == cfg.pref_steps * 2 * cfg.batch_size
+    assert ecd.sft_plus_steps(dataclasses.replace(cfg, sft_plus_steps=5)) == 5
 
 
 # --- tier 4: smoke run --------------------------------------------------------------------------
@@ -335,6 +472,7 @@ def test_quick_run_smoke_and_determinism(tmp_path):
     losses = out["sft_losses"]
     assert all(math.isfinite(x) for x in losses)
     assert np.mean(losses[-10:]) < np.mean(losses[:10]) - 0.5
+    assert len(out["dpo_history"]) == 4  # 2 teachers x (random, ECD)
     for h in out["dpo_history"].values():
         assert all(math.isfinite(x) for x in h["loss"])
         assert h["loss"][0] == pytest.approx(math.log(2), abs=1e-4)  # policy starts at reference
@@ -342,9 +480,20 @@ def test_quick_run_smoke_and_determinism(tmp_path):
     assert set(s) == {"folder", "seed", "config", "wall_seconds", "metrics", "headline"}
     assert s["folder"] == "ecd" and s["config"]["steps"] == ecd.QUICK["steps"]
     for row in s["headline"]:
-        assert set(row) == {"metric", "higher_is_better", "method", "baseline"}
+        assert set(row) == {"metric", "higher_is_better", "expect", "method", "baseline"}
+        assert row["expect"] in ("better", "level", "report")
         assert 0.0 <= row["method"]["value"] <= 1.0
+    first = next(r for r in s["headline"] if r["expect"] == "better")
+    assert first["baseline"]["name"] == "SFT+"  # the index shows ECD vs the fair control
     assert (tmp_path / "a" / "ecd.png").exists()
     again = ecd.train(ecd.Config(quick=True, out_dir=str(tmp_path / "b")))
     assert again["sft_losses"] == losses
     assert again["metrics"] == out["metrics"]
+
+
+def test_main_rejects_unwritable_out_dir(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(SystemExit) as e:
+        ecd.main(["--quick", "--out-dir", str(blocker / "sub")])
+    assert "not a writable folder" in str(e.value)

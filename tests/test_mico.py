@@ -51,7 +51,7 @@ def test_cross_entropy_against_a_marginal_is_linear_in_p():
 
 
 # --------------------------------------------------------------------------- the objective (M4)
-@pytest.mark.exercise
+@pytest.mark.exercise(1)
 def test_mico_loss_matches_hand_values_on_2x2():
     p = torch.tensor([[0.9, 0.1], [0.2, 0.8]])
     q = torch.tensor([[0.7, 0.3], [0.4, 0.6]])
@@ -67,7 +67,7 @@ def test_mico_loss_matches_hand_values_on_2x2():
     assert loss.item() == pytest.approx(hc - lam * hz, abs=1e-6)
 
 
-@pytest.mark.exercise
+@pytest.mark.exercise(1)
 @pytest.mark.parametrize("K,lam", [(2, 2.0), (16, 5.0), (4, 0.5)])
 def test_mico_loss_uniform_everything_is_one_minus_lambda_log_k(K, lam):
     log_u = torch.full((6, K), -math.log(K))
@@ -77,7 +77,7 @@ def test_mico_loss_uniform_everything_is_one_minus_lambda_log_k(K, lam):
     assert loss.item() == pytest.approx((1 - lam) * math.log(K), abs=1e-5)
 
 
-@pytest.mark.exercise
+@pytest.mark.exercise(1)
 @pytest.mark.parametrize("K,lam", [(2, 2.0), (16, 5.0)])
 def test_mico_loss_perfect_balanced_coassignment_is_minus_lambda_log_k(K, lam):
     z = torch.arange(2 * K) % K  # every cluster used twice
@@ -93,7 +93,7 @@ def test_mico_loss_perfect_balanced_coassignment_is_minus_lambda_log_k(K, lam):
     assert loss.item() < uniform.item()
 
 
-@pytest.mark.exercise
+@pytest.mark.exercise(1)
 def test_mico_loss_is_invariant_to_relabelling_clusters():
     g = torch.Generator().manual_seed(1)
     p = torch.softmax(torch.randn(8, 6, generator=g), -1)
@@ -179,6 +179,28 @@ def test_outer_step_updates_encoders_but_not_psi():
     assert out["loss"] == pytest.approx(out["h_z_cond"] - cfg.lam * out["h_z"], abs=1e-5)
 
 
+def test_train_step_posteriors_are_softmaxes_over_clusters_not_the_batch():
+    import copy
+
+    model, cfg = _tiny_model()
+    before = copy.deepcopy(model)
+    opt = torch.optim.Adam(model.encoder_parameters(), lr=1e-2)
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.rand(5, 12, generator=g), torch.rand(5, 12, generator=g)  # B = 5, K = 4
+    out = mico.train_step(model, opt, x, y, cfg)
+    with torch.no_grad():
+        p = before.doc_logits(y).softmax(-1)  # (B, K): one distribution per document
+        q_logits = before.query_logits(x)  # (B, K)
+        log_psi = F.log_softmax(model.psi, -1)  # psi after the inner step (the outer leaves it)
+        want_hc = mico.cross_entropy_p_q(p, F.log_softmax(q_logits, dim=-1)).item()
+        batch_hc = mico.cross_entropy_p_q(p, F.log_softmax(q_logits, dim=0)).item()
+        want_hz = mico.cross_entropy_p_q(p, log_psi).item()
+        batch_hz = mico.cross_entropy_p_q(before.doc_logits(y).softmax(0), log_psi).item()
+    assert abs(want_hc - batch_hc) > 1e-2 and abs(want_hz - batch_hz) > 1e-3  # the test can fail
+    assert out["h_z_cond"] == pytest.approx(want_hc, abs=1e-5)
+    assert out["h_z"] == pytest.approx(want_hz, abs=1e-5)
+
+
 def test_gradients_reach_the_right_heads():
     model, cfg = _tiny_model()
     x, y = torch.rand(16, 12), torch.rand(16, 12)
@@ -215,7 +237,7 @@ def test_routing_is_a_ranking_and_top_m_is_distinct():
     np.testing.assert_array_equal(mico.route_queries(np.array([[0.2, 0.9, 0.5]])), [[1, 2, 0]])
 
 
-@pytest.mark.exercise
+@pytest.mark.exercise(2)
 def test_curve_matches_hand_values_on_a_tiny_index():
     # 5 docs in clusters [0, 0, 1, 2, 2] -> sizes [2, 1, 2]
     doc_cluster = np.array([0, 0, 1, 2, 2])
@@ -241,7 +263,7 @@ def _naive_curve(doc_cluster, routes, target, K):
     return dict(coverage=cov / n, cost=cost / n, latency=lat / n)
 
 
-@pytest.mark.exercise
+@pytest.mark.exercise(2)
 def test_vectorised_curve_equals_naive_loop_and_is_monotone():
     rng = np.random.default_rng(3)
     K, D, N = 6, 40, 30
@@ -338,6 +360,76 @@ def test_dataset_is_a_real_click_log():
                                (d["Cd"] ** 2).sum(1) / d["Cd"].sum(1), rtol=1e-5)
 
 
+def test_click_profile_sums_training_clicks_only_and_normalises():
+    eq = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [5.0, 5.0]])  # (N=4, E=2)
+    click = np.array([0, 0, 2, 1])  # query 3 (not training) clicks doc 1
+    prof = mico.click_profile(eq, click, np.array([0, 1, 2]), D=3)
+    s = 1 / math.sqrt(2)
+    np.testing.assert_allclose(prof, [[s, s], [0.0, 0.0], [s, s]])  # doc 1: no training click
+    # a different test query changes nothing
+    eq2 = eq.copy()
+    eq2[3] = [-9.0, 2.0]
+    np.testing.assert_allclose(mico.click_profile(eq2, click, np.array([0, 1, 2]), D=3), prof)
+
+
+def test_click_weight_is_chosen_on_validation_queries_not_test():
+    cfg = _cfg(n_docs=200, n_queries=400, kmeans_init=1, lsa_dim=16, K=8,
+               click_weights="0,1,4")
+    d = mico.make_dataset(cfg, np.random.default_rng(0))
+    emb = mico.lsa_embed(d, cfg)
+    w, aucs = mico.select_click_weight(d, cfg, emb)
+    assert set(aucs) == {0.0, 1.0, 4.0} and aucs[w] == max(aucs.values())
+    # scramble what the test queries clicked: the choice and its scores must not move
+    d2 = dict(d, click=d["click"].copy())
+    d2["click"][d["test"]] = np.random.default_rng(1).integers(0, 200, len(d["test"]))
+    w2, aucs2 = mico.select_click_weight(d2, cfg, emb)
+    assert w2 == w and aucs2 == pytest.approx(aucs)
+    # ...while scrambling the validation clicks does move the scores
+    d3 = dict(d, click=d["click"].copy())
+    d3["click"][d["val"]] = np.random.default_rng(1).integers(0, 200, len(d["val"]))
+    assert mico.select_click_weight(d3, cfg, emb)[1] != pytest.approx(aucs)
+
+
+def test_click_aware_kmeans_reads_the_clicks():
+    cfg = _cfg(n_docs=300, n_queries=600, kmeans_init=1, lsa_dim=16)
+    d = mico.make_dataset(cfg, np.random.default_rng(0))
+    emb = mico.lsa_embed(d, cfg)
+    text, _ = mico.kmeans_baseline(d, cfg, 0.0, emb)
+    # w = 0 reads no clicks: the clustering is the same whatever the log says
+    d2 = dict(d, click=np.random.default_rng(5).integers(0, 300, 600))
+    np.testing.assert_array_equal(mico.kmeans_baseline(d2, cfg, 0.0, emb)[0], text)
+    assert not np.array_equal(mico.kmeans_baseline(d2, cfg, 2.0, emb)[0],
+                              mico.kmeans_baseline(d, cfg, 2.0, emb)[0])
+
+
+def test_skewed_clicks_concentrate_on_a_few_documents():
+    cfg = _cfg(n_docs=500, n_queries=4000, click_skew=1.0)
+    d = mico.make_dataset(cfg, np.random.default_rng(0))
+    counts = np.sort(np.bincount(d["click"], minlength=500))[::-1]
+    # Zipf(1) over 500 documents: the top document gets 1 / H_500 ~ 15 % of the clicks
+    assert counts[0] / 4000 == pytest.approx(1 / sum(1 / r for r in range(1, 501)), abs=0.03)
+    assert counts[:10].sum() / 4000 > 0.35
+    flat = mico.make_dataset(_cfg(n_docs=500, n_queries=4000), np.random.default_rng(0))
+    assert np.bincount(flat["click"], minlength=500).max() / 4000 < 0.01
+
+
+def test_summary_balance_counts_documents_and_traffic_separately():
+    doc_cluster = np.array([0, 0, 0, 1])  # sizes [3, 1]
+    target = np.array([3, 3, 3, 0])  # clicks: cluster 1 three times, cluster 0 once
+    routes = np.array([[1, 0]] * 3 + [[0, 1]])
+    curve = mico.selective_search_curve(doc_cluster, routes, target, 2)
+    curve["hit1"] = doc_cluster[target] == routes[:, 0]
+    seen = np.array([True, True, True, False])
+    m = mico.summarise("x", curve, doc_cluster, target, seen, 2, 0.5)
+    h = -(0.75 * math.log(0.75) + 0.25 * math.log(0.25)) / LOG2
+    assert m["x_balance_entropy"] == pytest.approx(h)
+    assert m["x_traffic_entropy"] == pytest.approx(h)
+    assert m["x_cov1_clicked"] == 1.0 and m["x_cov1_unclicked"] == 1.0
+    even = mico.summarise("x", curve, doc_cluster, np.array([3, 0, 3, 0]), seen, 2, 0.5)
+    assert even["x_traffic_entropy"] == pytest.approx(1.0)
+    assert even["x_balance_entropy"] == pytest.approx(h)
+
+
 def test_kmeans_and_oracle_baselines_shapes_and_ceiling():
     cfg = _cfg(n_docs=300, n_queries=300, kmeans_init=1, lsa_dim=16)
     d = mico.make_dataset(cfg, np.random.default_rng(0))
@@ -358,8 +450,12 @@ def test_quick_run_smoke(tmp_path):
     s = json.loads((tmp_path / "a" / "summary.json").read_text())
     assert set(s) == {"folder", "seed", "config", "wall_seconds", "metrics", "headline"}
     assert s["folder"] == "mico" and s["config"]["steps"] == mico.QUICK["steps"]
+    # the index shows the first "better" row: MICO against the click-aware k-means
+    first = next(r for r in s["headline"] if r["expect"] == "better")
+    assert first["method"]["name"] == "MICO" and "clicks" in first["baseline"]["name"]
     for row in s["headline"]:
-        assert set(row) == {"metric", "higher_is_better", "method", "baseline"}
+        assert set(row) == {"metric", "higher_is_better", "expect", "method", "baseline"}
+        assert row["expect"] in ("better", "level", "report")
         assert np.isfinite(row["method"]["value"]) and np.isfinite(row["baseline"]["value"])
     assert (tmp_path / "a" / "recall_cost.png").exists()
     assert (tmp_path / "a" / "training.png").exists()
@@ -376,12 +472,32 @@ def test_mico_beats_kmeans_with_balanced_clusters(tmp_path):
     assert m["MICO_auc"] > m["kmeans_auc"] + 0.05
     assert m["MICO_balance_empty"] <= 1
     assert m["MICO_balance_entropy"] > 0.95
+    # the click-aware k-means reads the log too: far above text-only k-means, and (the mechanism
+    # the README reports) blind to documents that no training query clicked, where MICO is not
+    assert m["kmclicks_auc"] > m["kmeans_auc"] + 0.05
+    assert m["MICO_cov1_unclicked"] > m["kmclicks_cov1_unclicked"] + 0.2
 
 
 def test_cli_rejects_bad_arguments(capsys):
-    for argv in (["--steps", "-3"], ["--device", "tpu"], ["--bogus"], ["--lam", "-1"]):
+    for argv in (["--steps", "-3"], ["--device", "tpu"], ["--bogus"], ["--lam", "-1"],
+                 ["--seed", "-1"], ["--seed", str(2**32)], ["--click-skew", "-0.5"],
+                 ["--click-weights", "1,x"], ["--click-weights", "-1"]):
         with pytest.raises(SystemExit) as e:
             mico.parse_args(argv)
         assert e.value.code != 0
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and "error" in err
+
+
+def test_bad_out_dir_is_one_line_error_before_training(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(SystemExit) as e:
+        mico.main(["--quick", "--out-dir", str(blocker / "sub")])
+    assert "error" in str(e.value) and len(str(e.value).splitlines()) == 1
+
+
+def test_help_shows_defaults(capsys):
+    with pytest.raises(SystemExit):
+        mico.parse_args(["--help"])
+    assert "(default: 2000)" in capsys.readouterr().out

@@ -66,6 +66,25 @@ def test_bad_arguments_exit_nonzero_with_one_line(folder):
     assert rc.check_bad_args(probe(folder)) == []
 
 
+@pytest.mark.parametrize("folder", FOLDERS, ids=IDS)
+def test_readme_exercises_ask_and_teacher_notes_hold_the_answers(folder):
+    assert rc.check_teacher_split(folder) == []
+
+
+@pytest.mark.parametrize("folder", FOLDERS, ids=IDS)
+def test_every_coding_exercise_is_graded_by_tests_with_its_number(folder):
+    tests = ROOT / "tests" / f"test_{folder.name}.py"
+    if folder == TEMPLATE:
+        tests = TEMPLATE.parent / "test_example_paper.py"
+    assert rc.check_exercise_marks(folder, tests) == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("folder", FOLDERS, ids=IDS)
+def test_quick_run_ends_with_verdict_warning_and_files_and_rows_say_what_they_claim(folder):
+    assert rc.check_quick_run(rc.quick_run(folder)) == []
+
+
 # --------------------------------------------------------------------------------------------
 # Repo-level files
 # --------------------------------------------------------------------------------------------
@@ -93,7 +112,8 @@ def test_readme_has_the_two_commands_and_ci_runs_the_test_one():
 def test_pyproject_declares_a_marker_per_folder_and_no_package():
     cfg = tomllib.loads((ROOT / "pyproject.toml").read_text())
     assert "project" not in cfg and "build-system" not in cfg
-    markers = {m.split(":")[0] for m in cfg["tool"]["pytest"]["ini_options"]["markers"]}
+    markers = {m.split(":")[0].split("(")[0]
+               for m in cfg["tool"]["pytest"]["ini_options"]["markers"]}
     assert {"slow", "exercise", *rc.PAPER_FOLDERS} <= markers
     assert cfg["tool"]["ruff"]["line-length"] == 100
 
@@ -130,6 +150,68 @@ def test_the_template_itself_passes_every_check(broken):
     assert rc.check_files(folder) + rc.check_readme(folder) + rc.check_imports(folder) == []
     assert (rc.check_import_is_inert(report) + rc.check_help(report)
             + rc.check_bad_args(report)) == []
+    assert rc.check_teacher_split(folder) == []
+
+
+@pytest.mark.parametrize("edit, complaint", [
+    # the out-dir is made after training (the user finds the typo a minute later, or never)
+    (lambda t: t.replace("    out = prepare_out_dir(cfg.out_dir)", "    out = Path(cfg.out_dir)"),
+     "'--out-dir /dev/null/run'"),
+    # no range check on the seed: numpy raises a ValueError traceback on -1
+    (lambda t: t.replace("    if not 0 <= cfg.seed < 2**32:\n", "    if False:\n"),
+     "'--seed -1' printed a traceback"),
+])
+def test_bad_argument_check_catches_late_out_dir_and_negative_seed(broken, edit, complaint):
+    problems = rc.check_bad_args(rc.probe(broken(train_edit=edit)))
+    assert any(complaint in p for p in problems), problems
+
+
+def test_help_check_catches_hidden_defaults(broken):
+    folder = broken(train_edit=lambda t: t.replace(' + " (default: %(default)s)"', ""))
+    assert any("does not show the defaults" in p for p in rc.check_help(rc.probe(folder)))
+
+
+@pytest.mark.parametrize("readme_edit, complaint", [
+    (lambda t: t.replace("and compare.\n", "and compare.\n   Expected: the weights shrink.\n"),
+     "'Expected:'"),
+    (lambda t: t.replace("and compare.\n", "and compare. (For the teacher: they shrink.)\n"),
+     "'For the teacher'"),
+])
+def test_teacher_split_check_catches_answers_in_the_readme(broken, readme_edit, complaint):
+    problems = rc.check_teacher_split(broken(readme_edit=readme_edit))
+    assert any(complaint in p for p in problems), problems
+
+
+def test_teacher_split_check_catches_a_missing_teacher_file(broken):
+    folder = broken()
+    (folder / "TEACHER.md").unlink()
+    assert any("TEACHER.md is missing" in p for p in rc.check_teacher_split(folder))
+
+
+def test_exercise_mark_check_catches_unnumbered_and_missing_marks(broken, tmp_path):
+    folder = broken()
+    tests = (TEMPLATE.parent / "test_example_paper.py").read_text()
+    bad = tmp_path / "test_example_paper.py"
+    bad.write_text(tests.replace("@pytest.mark.exercise(2)", "@pytest.mark.exercise"))
+    problems = rc.check_exercise_marks(folder, bad)
+    assert any("without its number" in p for p in problems), problems
+    assert any("exercise 2 has a solution region but no test" in p for p in problems), problems
+    assert rc.check_exercise_marks(folder, TEMPLATE.parent / "test_example_paper.py") == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("edit, complaint", [
+    (lambda t: t.replace(' "expect": "better",', ""), "expect=None"),
+    (lambda t: t.replace("    if quick:\n        print(", "    if False:\n        print("),
+     "does not warn"),
+    (lambda t: t.replace('    print("Files written:"', '    print("Wrote:"'),
+     "listing the files"),
+    (lambda t: t.replace("    print_verdict(result", "    (result"), "does not end with"),
+])
+def test_quick_run_check_catches_missing_expect_warning_files_and_verdict(broken, edit,
+                                                                          complaint):
+    problems = rc.check_quick_run(rc.quick_run(broken(train_edit=edit)))
+    assert any(complaint in p for p in problems), problems
 
 
 def test_check_files_catches_a_missing_readme(broken):
