@@ -475,7 +475,8 @@ def test_mico_beats_kmeans_with_balanced_clusters(tmp_path):
     # the click-aware k-means reads the log too: far above text-only k-means, and (the mechanism
     # the README reports) blind to documents that no training query clicked, where MICO is not
     assert m["kmclicks_auc"] > m["kmeans_auc"] + 0.05
-    assert m["MICO_cov1_unclicked"] > m["kmclicks_cov1_unclicked"] + 0.2
+    assert m["kmclicks_cov1_clicked"] > m["kmclicks_cov1_unclicked"] + 0.1
+    assert m["MICO_cov1_unclicked"] > m["kmclicks_cov1_unclicked"] + 0.05
 
 
 def test_cli_rejects_bad_arguments(capsys):
