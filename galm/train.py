@@ -5,7 +5,8 @@ Sheng Wang, Yi Xu, Belinda Zeng, Trishul Chilimbi, Carl Yang. "Graph-Aware Langu
 Pre-Training on a Large Graph Corpus Can Help Multiple Graph Applications". KDD 2023, pp. 5270-5281.
 arXiv:2306.02592. Implemented: the pre-training framework of Figure 3 (a: GaLM, the LM trained with
 graph-aware supervision; b: GaLM_co, warm up a GNN on the frozen graph-aware LM, then co-train both)
-and the fine-tuning variants on an application graph with a different schema.
+and the fine-tuning variants on an application graph with a different schema, for two graph
+applications (link prediction and node classification).
 
 Only the abstract, the opening of the introduction and the caption of Figure 3 were readable, and
 there is no official code. The losses, the GNN and the fine-tuning variants below are therefore our
@@ -13,14 +14,16 @@ reconstruction from GraphStorm and LM-GNN (same Amazon team); they are tagged [R
 appear. Equation numbers (R1)-(R4) are ours, not the paper's.
 
 The idea: a text encoder only sees words; in a text-rich graph, edges tell us which texts mean the
-same thing even when they share no word. We pre-train a language model (LM) on a large corpus graph
-by asking it to predict the graph's links from node texts (GaLM), optionally followed by co-training
-it with a relational GNN (GaLM_co). The LM reads text, so it does not care which node or edge types
-a later application graph has: we carry the LM over to a small graph with a *different* schema,
-attach a freshly initialised GNN and decoder for that schema, and fine-tune on its link-prediction
-task. In the toy, products name their category with a word `pw{c}` and queries/users with a synonym
-`qw{c}`; the two never co-occur in any text, so only the corpus's click edges can teach the LM that
-they mean the same thing. Text-only MLM pre-training cannot learn that; GaLM can.
+same thing even when they share no word. We take a general LM (here: MLM-trained on the corpus
+texts) and further train it to predict the corpus graph's links from node texts (GaLM), optionally
+followed by co-training it with a relational GNN (GaLM_co). The LM reads text, so it does not care
+which node or edge types a later application graph has: we carry the LM over to a small graph with
+a *different* schema, attach fresh heads for that schema, and fine-tune on two applications: link
+prediction (which items a user buys) and node classification (a user's category). In the toy,
+products name their category with a word `pw{c}` and queries/users with a synonym `qw{c}`; the two
+never co-occur in any text, so only the corpus's click edges can teach the LM that they mean the
+same thing. The application's `buys` relation is not a renamed click: it matches category *and
+material* and ignores colour, so the transferred synonym is only half of what it needs.
 
 Notation (paper / notes -> code):
     G = (V, E, phi, psi)   Graph (a networkx MultiDiGraph plus tensors)   node / edge type maps
@@ -39,9 +42,11 @@ vocabulary; the Amazon graph corpus becomes a generated graph of 2,730 nodes (qu
 brands) and the application graph 700 nodes (users, items); full-graph message passing instead of
 fan-out sampling; one GNN layer; the "large public datasets" of the paper are not used.
 
-Run:   python galm/train.py            (about 40-60 s on one CPU core)
-Ends:  a table of downstream MRR, one row per pre-training (none, mlm, galm, galm_co) and one column
-       per fine-tuning variant (frozen_gnn, lm_ft, co); galm rows well above none and mlm.
+Run:   python galm/train.py            (about 70 s of CPU time on one core)
+Ends:  a table with one row per pre-training (random, mlm, mlm_cont, galm, galm_co): link-prediction
+       MRR per fine-tuning variant (frozen_gnn, lm_ft, co), user-category accuracy per
+       node-classification variant (probe, nc_ft); the ceilings under it; then one verdict line per
+       headline row and the files written.
 """
 
 # %% 1. Imports
@@ -52,6 +57,7 @@ import copy
 import dataclasses
 import json
 import random
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,8 +71,13 @@ from tqdm import tqdm
 from transformers import BertConfig, BertModel
 
 FOLDER = "galm"
-PRETRAIN_MODES = ("none", "mlm", "galm", "galm_co")
-FINETUNE_MODES = ("frozen_gnn", "lm_ft", "co")
+# random: the untrained LM (a floor); mlm: the general LM (MLM from random); mlm_cont: the general
+# LM trained on with MLM for as many steps as GaLM gets (compute-matched control); galm: the
+# general LM further trained with graph-aware link prediction; galm_co: galm, then GNN warm-up and
+# LM + GNN co-training.
+PRETRAIN_MODES = ("random", "mlm", "mlm_cont", "galm", "galm_co")
+FINETUNE_MODES = ("frozen_gnn", "lm_ft", "co")  # link prediction on the application graph
+NC_MODES = ("probe", "nc_ft")  # node classification: linear probe, fine-tuned LM + head
 
 
 # %% 2. Config
@@ -78,7 +89,7 @@ class Config:
     out_dir: str = field(default=f"runs/{FOLDER}", metadata={"help": "where outputs go"})
     device: str = field(default="cpu", metadata={"help": "cpu only in this folder"})
     steps: int = field(default=200, metadata={
-        "help": "pre-training steps (GaLM link prediction; the MLM baseline gets the same)"})
+        "help": "graph-aware pre-training steps of GaLM (the MLM control gets the same number)"})
     # --- graph corpus (pre-training) ---
     n_categories: int = field(default=16, metadata={"help": "latent product categories C"})
     n_colours: int = field(default=6, metadata={"help": "colour words"})
@@ -95,18 +106,22 @@ class Config:
     n_items: int = field(default=400, metadata={"help": "item nodes in the application graph"})
     train_frac: float = field(default=0.2, metadata={
         "help": "fraction of 'buys' edges used for fine-tuning (the rest is the test set)"})
+    nc_user_frac: float = field(default=0.1, metadata={
+        "help": "node classification: fraction of users with a known category (items: all)"})
     # --- models ---
     hidden: int = field(default=32, metadata={"help": "LM hidden size D (paper: BERT-base, 768)"})
     lm_layers: int = field(default=2, metadata={"help": "transformer layers (paper: 12)"})
     lm_heads: int = field(default=2, metadata={"help": "attention heads (paper: 12)"})
-    # --- pre-training ---
+    # --- the general LM (MLM), and GaLM pre-training ---
+    general_steps: int = field(default=200, metadata={
+        "help": "MLM steps that make the general LM every pre-training mode starts from"})
     batch_edges: int = field(default=128, metadata={"help": "positive edges per GaLM step"})
     num_neg: int = field(default=4, metadata={"help": "negatives per edge in pre-training"})
     lp_loss: str = field(default="bce", metadata={
         "help": "link-prediction loss: bce (Eq. R2) or contrastive (Eq. R3)"})
     pretrain_lr: float = field(default=3e-3, metadata={"help": "Adam lr for GaLM and MLM"})
     mlm_batch: int = field(default=256, metadata={"help": "texts per MLM step"})
-    mlm_prob: float = field(default=0.2, metadata={"help": "MLM masking rate (BERT: 0.15)"})
+    mlm_prob: float = field(default=0.15, metadata={"help": "MLM selection rate (BERT: 0.15)"})
     warmup_steps: int = field(default=40, metadata={
         "help": "GaLM_co step ii: GNN warm-up steps with the LM frozen"})
     co_steps: int = field(default=40, metadata={"help": "GaLM_co step iii: co-training steps"})
@@ -114,9 +129,10 @@ class Config:
     lm_train_nodes: int = field(default=256, metadata={
         "help": "nodes whose LM embedding gets a gradient per co-training step"})
     # --- fine-tuning ---
-    finetune_steps: int = field(default=150, metadata={"help": "fine-tuning steps per variant"})
+    finetune_steps: int = field(default=100, metadata={"help": "fine-tuning steps per variant"})
     finetune_lr: float = field(default=3e-3, metadata={"help": "Adam lr for fine-tuning"})
     finetune_neg: int = field(default=8, metadata={"help": "negatives per edge in fine-tuning"})
+    nc_steps: int = field(default=60, metadata={"help": "node-classification training steps"})
     hits_k: int = field(default=10, metadata={"help": "k of Hits@k"})
     # --- experiment switches (exercises) ---
     leak_targets: bool = field(default=False, metadata={
@@ -127,8 +143,9 @@ class Config:
 
 
 # What --quick changes (it wins over the defaults above).
-QUICK = dict(steps=30, n_products=300, n_queries=240, n_users=80, n_items=120, warmup_steps=6,
-             co_steps=6, finetune_steps=20, batch_edges=64, mlm_batch=64, log_every=10)
+QUICK = dict(steps=20, general_steps=20, n_products=200, n_queries=160, n_users=60, n_items=80,
+             warmup_steps=4, co_steps=4, finetune_steps=12, nc_steps=12, batch_edges=48,
+             mlm_batch=48, nc_user_frac=0.25, log_every=10)
 DEVICES = ("cpu",)
 LOSSES = ("bce", "contrastive")
 
@@ -149,19 +166,22 @@ def parse_args(argv=None) -> Config:
         else:
             choices = {"device": DEVICES, "lp_loss": LOSSES}.get(f.name)
             p.add_argument(flag, type=type(f.default), default=f.default,
-                           help=f.metadata["help"], choices=choices)
+                           help=f.metadata["help"] + " (default: %(default)s)", choices=choices)
     cfg = Config(**vars(p.parse_args(argv)))
+    if not 0 <= cfg.seed < 2**32:
+        p.error(f"--seed must be in [0, 2**32), got {cfg.seed}")
     at_least_one = ("steps", "n_categories", "n_colours", "n_materials", "n_brands", "n_fillers",
                     "n_products", "n_queries", "clicks_per_query", "n_users", "n_items", "hidden",
                     "lm_layers", "lm_heads", "batch_edges", "num_neg", "mlm_batch",
-                    "lm_train_nodes", "finetune_steps", "finetune_neg", "hits_k", "log_every")
+                    "lm_train_nodes", "finetune_steps", "finetune_neg", "hits_k", "log_every",
+                    "general_steps", "nc_steps")
     for name in at_least_one:
         if getattr(cfg, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
     for name in ("warmup_steps", "co_steps"):
         if getattr(cfg, name) < 0:
             p.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
-    for name in ("p_same_colour", "mlm_prob", "train_frac"):
+    for name in ("p_same_colour", "mlm_prob", "train_frac", "nc_user_frac"):
         if not 0.0 < getattr(cfg, name) < 1.0:
             p.error(f"--{name.replace('_', '-')} must be in (0, 1), got {getattr(cfg, name)}")
     for name in ("pretrain_lr", "co_lr", "finetune_lr"):
@@ -172,6 +192,28 @@ def parse_args(argv=None) -> Config:
     if cfg.n_brands < cfg.n_categories:
         p.error("--n-brands must be >= --n-categories (every category needs a brand)")
     return cfg
+
+
+def in_notebook() -> bool:
+    """PLUMBING: True inside a Jupyter kernel, where sys.argv holds the kernel's own arguments."""
+    return "ipykernel" in sys.modules
+
+
+def prepare_out_dir(path: str) -> Path:
+    """PLUMBING: create the run folder and prove it is writable *before* any training.
+
+    A mistyped --out-dir must cost the user one line, not a finished run and a traceback.
+    """
+    out = Path(path)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise SystemExit(f"{FOLDER}/train.py: error: --out-dir {path!r} is not a writable "
+                         f"folder ({e.strerror or e})") from None
+    return out
 
 
 # %% 3. Seeding
@@ -223,6 +265,9 @@ class Graph:
     texts: (N, T) token ids; node_type: list of N type names; type_nodes[t]: (N_t,) node ids;
     edges[r]: (2, E_r) [heads; tails] of the edges visible for training;
     test_edges[r]: (2, E_test) held-out edges (application graph only); schema: r -> (head, tail).
+    labels: (N,) the latent category of every node (node classification's target);
+    nc_train / nc_test: node ids labelled for / held out from node classification (application
+    graph only; empty for the corpus).
     """
     nx_graph: nx.MultiDiGraph
     texts: torch.Tensor
@@ -231,20 +276,24 @@ class Graph:
     edges: dict
     test_edges: dict
     schema: dict
+    labels: torch.Tensor = None
+    nc_train: torch.Tensor = None
+    nc_test: torch.Tensor = None
 
 
-def _product_text(rng, cfg, c, k, b) -> str:
-    return f"pw{c} col{k} mat{rng.integers(cfg.n_materials)} br{b} f{rng.integers(cfg.n_fillers)}"
+def _product_text(rng, cfg, c, k, m, b) -> str:
+    return f"pw{c} col{k} mat{m} br{b} f{rng.integers(cfg.n_fillers)}"
 
 
-def _query_text(rng, cfg, c, k) -> str:
+def _query_text(rng, cfg, c, attr: str) -> str:
+    """'f{x} qw{c} <attr>': queries name a colour (col{k}), users a material (mat{m})."""
     # PLUMBING: --shared-words (exercise 5) gives queries the products' word, so text suffices.
     word = f"pw{c}" if cfg.shared_words else f"qw{c}"
-    return f"f{rng.integers(cfg.n_fillers)} {word} col{k}"
+    return f"f{rng.integers(cfg.n_fillers)} {word} {attr}"
 
 
-def _to_graph(G: nx.MultiDiGraph, vocab, schema, test_keys=()) -> Graph:
-    """PLUMBING: networkx graph -> tensors. Edges whose key is in test_keys go to test_edges."""
+def _to_graph(G: nx.MultiDiGraph, vocab, schema, nc_train=(), nc_test=()) -> Graph:
+    """PLUMBING: networkx graph -> tensors. Edges keyed test_<r> go to test_edges[r]."""
     n = G.number_of_nodes()
     texts = torch.tensor([tokenize(G.nodes[v]["text"], vocab) for v in range(n)])  # (N, T)
     node_type = [G.nodes[v]["ntype"] for v in range(n)]
@@ -256,7 +305,10 @@ def _to_graph(G: nx.MultiDiGraph, vocab, schema, test_keys=()) -> Graph:
             pairs = [(u, v) for u, v, k in G.edges(keys=True) if k == key]
             if pairs or key == r:
                 store[r] = torch.tensor(pairs, dtype=torch.long).reshape(-1, 2).T  # (2, E)
-    return Graph(G, texts, node_type, type_nodes, edges, test_edges, dict(schema))
+    labels = torch.tensor([G.nodes[v]["category"] for v in range(n)])  # (N,)
+    return Graph(G, texts, node_type, type_nodes, edges, test_edges, dict(schema), labels,
+                 torch.tensor(sorted(nc_train), dtype=torch.long),
+                 torch.tensor(sorted(nc_test), dtype=torch.long))
 
 
 def make_corpus(cfg: Config, rng: np.random.Generator, vocab) -> Graph:
@@ -274,11 +326,13 @@ def make_corpus(cfg: Config, rng: np.random.Generator, vocab) -> Graph:
     col = rng.integers(K, size=cfg.n_products)  # (P,)
     for p in range(cfg.n_products):
         b = int(rng.choice(brands_of[cat[p]]))
-        G.add_node(p, ntype="product", text=_product_text(rng, cfg, cat[p], col[p], b),
-                   category=int(cat[p]), colour=int(col[p]), brand=b)
+        m = int(rng.integers(cfg.n_materials))
+        G.add_node(p, ntype="product", text=_product_text(rng, cfg, cat[p], col[p], m, b),
+                   category=int(cat[p]), colour=int(col[p]), material=m, brand=b)
     brand_id = {b: cfg.n_products + b for b in range(cfg.n_brands)}
     for b, v in brand_id.items():
-        G.add_node(v, ntype="brand", text=f"brand br{b}", category=b % C, colour=-1)
+        G.add_node(v, ntype="brand", text=f"brand br{b}", category=b % C, colour=-1,
+                   material=-1)
     for p in range(cfg.n_products):
         G.add_edge(p, brand_id[G.nodes[p]["brand"]], key="made_by")
     by_cat = [np.flatnonzero(cat == c) for c in range(C)]
@@ -291,7 +345,8 @@ def make_corpus(cfg: Config, rng: np.random.Generator, vocab) -> Graph:
     q0 = cfg.n_products + cfg.n_brands
     for q in range(cfg.n_queries):
         c, k = int(rng.integers(C)), int(rng.integers(K))
-        G.add_node(q0 + q, ntype="query", text=_query_text(rng, cfg, c, k), category=c, colour=k)
+        G.add_node(q0 + q, ntype="query", text=_query_text(rng, cfg, c, f"col{k}"), category=c,
+                   colour=k, material=-1)
         for _ in range(cfg.clicks_per_query):
             same = by_cat_col[(c, k)]
             pool = same if (len(same) and rng.random() < cfg.p_same_colour) else by_cat[c]
@@ -303,36 +358,47 @@ def make_corpus(cfg: Config, rng: np.random.Generator, vocab) -> Graph:
 def make_downstream(cfg: Config, rng: np.random.Generator, vocab) -> Graph:
     """The small application graph with a different schema: users buy items, items also_viewed.
 
-    Items are new products from the same generator; users read like queries ("f{x} qw{c} col{k}").
-    Each user buys up to 2 items of exactly its category and colour. train_frac of the buys edges
-    are visible for fine-tuning; the rest are held out as the test set.
+    Items are new products from the same generator. Users name a category with the query word and a
+    *material* ("f{x} qw{c} mat{m}"), and buy up to 2 items of exactly that category and material.
+    PAPER [R]: this is a different relation, not a renamed click. Clicks match category (via the
+    synonym) and prefer the query's colour; buys match category and material and ignore colour.
+    The synonym transfers from the corpus; the material rule must be learned from the few labelled
+    buys edges. train_frac of the buys edges are visible; the rest are the test set. also_viewed
+    links items of the same category and material.
+    Node classification (the second application): every item's category is known, a fraction
+    nc_user_frac of the users' categories too; the other users' categories are predicted.
     """
     G = nx.MultiDiGraph()
-    C, K = cfg.n_categories, cfg.n_colours
+    C, K, M = cfg.n_categories, cfg.n_colours, cfg.n_materials
     cat = rng.integers(C, size=cfg.n_items)  # (I,)
     col = rng.integers(K, size=cfg.n_items)  # (I,)
+    mat = rng.integers(M, size=cfg.n_items)  # (I,)
     u0 = cfg.n_items
     for i in range(cfg.n_items):
         b = int(rng.choice([b for b in range(cfg.n_brands) if b % C == cat[i]]))
-        G.add_node(i, ntype="item", text=_product_text(rng, cfg, cat[i], col[i], b),
-                   category=int(cat[i]), colour=int(col[i]))
-    same = [np.flatnonzero((cat == cat[i]) & (col == col[i])) for i in range(cfg.n_items)]
+        G.add_node(i, ntype="item", text=_product_text(rng, cfg, cat[i], col[i], mat[i], b),
+                   category=int(cat[i]), colour=int(col[i]), material=int(mat[i]))
+    same = [np.flatnonzero((cat == cat[i]) & (mat == mat[i])) for i in range(cfg.n_items)]
     for i in range(cfg.n_items):
         others = same[i][same[i] != i]
         for j in rng.choice(others, size=min(2, len(others)), replace=False):
             G.add_edge(i, int(j), key="also_viewed")
     buys = []
     for u in range(cfg.n_users):
-        anchor = int(rng.integers(cfg.n_items))  # the user wants this item's category+colour
-        c, k = int(cat[anchor]), int(col[anchor])
-        G.add_node(u0 + u, ntype="user", text=_query_text(rng, cfg, c, k), category=c, colour=k)
+        anchor = int(rng.integers(cfg.n_items))  # the user wants this item's category+material
+        c, m = int(cat[anchor]), int(mat[anchor])
+        G.add_node(u0 + u, ntype="user", text=_query_text(rng, cfg, c, f"mat{m}"), category=c,
+                   colour=-1, material=m)
         for i in rng.choice(same[anchor], size=min(2, len(same[anchor])), replace=False):
             buys.append((u0 + u, int(i)))
     order = rng.permutation(len(buys))
     n_train = max(1, int(round(cfg.train_frac * len(buys))))
     for rank, e in enumerate(order):
         G.add_edge(*buys[e], key="buys" if rank < n_train else "test_buys")
-    return _to_graph(G, vocab, DOWNSTREAM_SCHEMA)
+    users = u0 + rng.permutation(cfg.n_users)  # (U,)
+    n_lab = max(1, int(round(cfg.nc_user_frac * cfg.n_users)))
+    nc_train = list(range(cfg.n_items)) + users[:n_lab].tolist()
+    return _to_graph(G, vocab, DOWNSTREAM_SCHEMA, nc_train, users[n_lab:].tolist())
 
 
 # %% 5. Models: the LM (node-text encoder), the relational GNN, the DistMult decoder
@@ -342,8 +408,9 @@ class TextEncoder(nn.Module):
     def __init__(self, vocab_size: int, cfg: Config, max_len: int = MAX_LEN):
         super().__init__()
         # DEVIATION: a 2-layer, 32-wide BERT from a config (no hub weights, no internet); the paper
-        # starts from a general pre-trained LM. Our "general LM" is the random init, so "no
-        # pre-training" here means no pre-training at all. Dropout 0 keeps the tiny runs stable.
+        # starts from a general pre-trained LM. We make our "general LM" ourselves: this random
+        # init trained with BERT's MLM on the corpus texts (train()). Dropout 0 keeps the tiny
+        # runs stable.
         bert_cfg = BertConfig(vocab_size=vocab_size, hidden_size=cfg.hidden,
                               num_hidden_layers=cfg.lm_layers, num_attention_heads=cfg.lm_heads,
                               intermediate_size=2 * cfg.hidden, max_position_embeddings=max_len,
@@ -529,18 +596,29 @@ def mrr_and_hits(scores: torch.Tensor, true_idx: torch.Tensor, k: int,
     return float((1.0 / rank).mean()), float((rank <= k).float().mean())
 
 
-def mask_tokens(ids: torch.Tensor, prob: float, mask_id: int, gen: torch.Generator):
-    """Text-only baseline (BERT MLM): replace a fraction `prob` of the real words (never [CLS] or
-    [PAD]) by [MASK]. ids (N, T). Returns (masked ids (N, T), labels (N, T) with -100 = ignore)."""
+def mask_tokens(ids: torch.Tensor, prob: float, mask_id: int, vocab_size: int,
+                gen: torch.Generator):
+    """BERT's MLM corruption (Devlin et al. 2019, Sec. 3.1): select a fraction `prob` of the real
+    words (never [CLS] or [PAD]); of the selected positions 80% become [MASK], 10% a random word,
+    10% stay as they are. Every selected position is a target.
+
+    The 10% kept and 10% replaced matter for a mean-pooled embedding: without them the LM is only
+    ever asked about [MASK] positions, so the visible words, which the pooled embedding reads,
+    get no training signal. ids (N, T). Returns (corrupted ids (N, T), labels (N, T), -100 =
+    ignore).
+    """
     real = ids > 2  # (N, T); ids 0, 1, 2 are [PAD], [CLS], [MASK]
     pick = (torch.rand(ids.shape, generator=gen) < prob) & real  # (N, T)
     if not pick.any():  # at least one target per batch
         first = real.nonzero()[0]
         pick[first[0], first[1]] = True
-    # DEVIATION: always [MASK] (BERT's 80/10/10 random/keep mix is unnecessary at this size).
-    masked = ids.masked_fill(pick, mask_id)  # (N, T)
+    u = torch.rand(ids.shape, generator=gen)  # (N, T) which of the three fates
+    random_words = torch.randint(3, vocab_size, ids.shape, generator=gen)  # (N, T)
+    out = ids.masked_fill(pick & (u < 0.8), mask_id)  # (N, T) 80%: [MASK]
+    swap = pick & (u >= 0.8) & (u < 0.9)  # (N, T) 10%: a random word; the last 10% keep theirs
+    out = torch.where(swap, random_words, out)  # (N, T)
     labels = ids.masked_fill(~pick, -100)  # (N, T)
-    return masked, labels
+    return out, labels
 
 
 # %% 7. Training: pre-training (none / MLM / GaLM / GaLM_co) and fine-tuning (F1 / F2 / F3)
@@ -562,14 +640,23 @@ def lp_batch_loss(z: torch.Tensor, w_r: torch.Tensor, target: torch.Tensor, neg:
     return loss_fn(pos, negs)
 
 
-def pretrain_mlm(lm: TextEncoder, corpus: Graph, cfg: Config, gen: torch.Generator) -> list:
-    """Baseline: text-only masked-language-model pre-training on the corpus texts (no edges)."""
-    head = nn.Linear(cfg.hidden, lm.bert.config.vocab_size)  # (D -> V), discarded afterwards
+def pretrain_mlm(lm: TextEncoder, corpus: Graph, cfg: Config, gen: torch.Generator,
+                 steps: int, tag: str = "mlm", head: nn.Linear | None = None):
+    """Text-only masked-language-model training on the corpus texts (no edges), BERT's 80/10/10.
+
+    Used twice: to make the *general LM* from the random init (the paper starts from a general
+    pre-trained LM), and as the compute-matched control that continues it for as many steps as
+    GaLM gets, on the same texts (then it continues with the general LM's MLM head `head`).
+    Returns (losses, head); the head is discarded after pre-training."""
+    if head is None:
+        head = nn.Linear(cfg.hidden, lm.bert.config.vocab_size)  # (D -> V)
     opt = torch.optim.Adam([*lm.parameters(), *head.parameters()], lr=cfg.pretrain_lr)
     losses = []
-    for step in _bar(cfg.steps, "mlm"):
+    vocab_size = lm.bert.config.vocab_size
+    for step in _bar(steps, tag):
         rows = torch.randint(len(corpus.texts), (cfg.mlm_batch,), generator=gen)  # (B,)
-        masked, labels = mask_tokens(corpus.texts[rows], cfg.mlm_prob, 2, gen)  # (B, T) each
+        masked, labels = mask_tokens(corpus.texts[rows], cfg.mlm_prob, 2, vocab_size,
+                                     gen)  # (B, T) each
         logits = head(lm.token_states(masked))  # (B, T, V)
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
                                ignore_index=-100)
@@ -577,8 +664,8 @@ def pretrain_mlm(lm: TextEncoder, corpus: Graph, cfg: Config, gen: torch.Generat
         loss.backward()
         opt.step()
         losses.append(loss.item())
-        _log("mlm", step, losses[-1], cfg.log_every, cfg.steps)
-    return losses
+        _log(tag, step, losses[-1], cfg.log_every, steps)
+    return losses, head
 
 
 def pretrain_galm(lm: TextEncoder, decoder: DistMult, corpus: Graph, cfg: Config,
@@ -728,6 +815,83 @@ def finetune(lm_state: dict, graph: Graph, variant: str, cfg: Config, vocab_size
     return {"losses": losses, "mrr": mrr, "hits": hits, "model": model}
 
 
+def node_classification(lm_state: dict, graph: Graph, variant: str, cfg: Config,
+                        vocab_size: int, seed: int) -> dict:
+    """The second application: predict the category of the unlabelled users of the application
+    graph from their text, trained on the labelled nodes (all items, nc_user_frac of the users).
+
+    PAPER [R] variants: probe = the LM frozen, a linear head trained on its embeddings (what the LM
+    already knows); nc_ft = the LM and a linear head fine-tuned together.
+    Returns {"losses", "acc", "model"}; acc is the accuracy on graph.nc_test (chance 1/C).
+    """
+    torch.manual_seed(seed)
+    lm = TextEncoder(vocab_size, cfg)
+    lm.load_state_dict(lm_state, strict=True)
+    n_classes = int(graph.labels.max()) + 1
+    head = nn.Linear(cfg.hidden, n_classes)  # (D -> C)
+    model = nn.ModuleDict({"lm": lm, "head": head})
+    texts, y = graph.texts[graph.nc_train], graph.labels[graph.nc_train]  # (L, T), (L,)
+    if variant == "probe":
+        lm.requires_grad_(False)
+        with torch.no_grad():
+            h_frozen = lm(texts)  # (L, D)
+        params = list(head.parameters())
+    else:
+        params = list(model.parameters())
+    opt = torch.optim.Adam(params, lr=cfg.finetune_lr)
+    losses = []
+    for _step in _bar(cfg.nc_steps, f"node class. {variant}"):
+        h = h_frozen if variant == "probe" else lm(texts)  # (L, D)
+        loss = F.cross_entropy(head(h), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    with torch.no_grad():
+        pred = head(lm(graph.texts[graph.nc_test])).argmax(1)  # (U_test,)
+    acc = float((pred == graph.labels[graph.nc_test]).float().mean())
+    return {"losses": losses, "acc": acc, "model": model}
+
+
+def oracle_mrr(graph: Graph, attrs: tuple, k: int) -> tuple[float, float]:
+    """Filtered MRR / Hits@k of a scorer that knows the true node attributes and nothing else: an
+    item matches the user if it agrees on every attribute in attrs; matching items come first, in
+    a random order (we return the exact expectation over that order).
+
+    attrs=("category", "material") is the ceiling of any model that reads only the texts: items
+    that match the user on both are indistinguishable from the bought one. attrs=("category",) is
+    what a renamed click relation can reach: the synonym alone, without the material buys needs.
+    (Not ties-count-half: E[1/rank] over a random order is higher than 1/E[rank], and a trained
+    model breaks ties at random, so the half-tie number would be a ceiling models can beat.)
+    """
+    G, items = graph.nx_graph, graph.type_nodes["item"]  # (M,)
+    test = graph.test_edges["buys"]  # (2, Q)
+    want = torch.tensor([[G.nodes[int(u)][a] for a in attrs] for u in test[0]])  # (Q, A)
+    have = torch.tensor([[G.nodes[int(i)][a] for a in attrs] for i in items])  # (M, A)
+    match = (want.unsqueeze(1) == have.unsqueeze(0)).all(-1)  # (Q, M)
+    others = ~known_positive_mask(graph)  # (Q, M) the items the true one is ranked against
+    n_first = (match & others).sum(1)  # (Q,) matching items, the true one included if it matches
+    mrr, hits = [], []
+    for q in range(test.shape[1]):
+        true_matches = bool(match[q, item_column(graph)[test[1, q]]])
+        g = 0 if true_matches else int(n_first[q])  # items surely ranked above the true one
+        e = int(n_first[q] if true_matches else (~match[q] & others[q]).sum()) - 1  # its ties
+        ranks = torch.arange(g + 1, g + e + 2, dtype=torch.float64)  # equally likely ranks
+        mrr.append(float((1.0 / ranks).mean()))
+        hits.append(float((ranks <= k).double().mean()))
+    return float(np.mean(mrr)), float(np.mean(hits))
+
+
+def word_overlap_mrr(graph: Graph, k: int) -> tuple[float, float]:
+    """Training-free baseline: score = number of words a user's and an item's text share."""
+    items = graph.type_nodes["item"]  # (M,)
+    V = int(graph.texts.max()) + 1
+    bags = torch.zeros(len(graph.texts), V).scatter_(1, graph.texts, 1.0)  # (N, V)
+    bags[:, :3] = 0  # [PAD], [CLS], [MASK] are not words
+    scores = bags[graph.test_edges["buys"][0]] @ bags[items].T  # (Q, M)
+    return ranking_metrics(scores, graph, k)
+
+
 @torch.no_grad()
 def synonym_alignment(lm: TextEncoder, vocab: dict, n_categories: int) -> dict:
     """Diagnostic: does the LM know that qw{c} means pw{c}? Embeds the one-word texts and returns
@@ -744,8 +908,33 @@ def synonym_alignment(lm: TextEncoder, vocab: dict, n_categories: int) -> dict:
             "pw": a.numpy(), "qw": b.numpy()}
 
 
+# The headline rows: (metric label, metrics key pattern, method, baseline, expect). The first
+# "better" row is what the repo index shows: GaLM against the general (MLM) LM it starts from,
+# both with the strongest fine-tuning (LM + GNN co-trained). The floors (a random LM) come last,
+# as "report" rows: they are not the claim.
+HEADLINE = [
+    ("MRR (co)", "mrr/{}/co", "galm", "mlm", "better"),
+    ("MRR (co)", "mrr/{}/co", "galm", "mlm_cont", "better"),
+    ("MRR (lm_ft)", "mrr/{}/lm_ft", "galm", "mlm", "better"),
+    ("MRR (frozen_gnn)", "mrr/{}/frozen_gnn", "galm", "mlm", "better"),
+    ("user-category acc (probe)", "acc/{}/probe", "galm", "mlm", "better"),
+    ("user-category acc (nc_ft)", "acc/{}/nc_ft", "galm", "mlm", "better"),
+    ("MRR (co)", "mrr/{}/co", "galm_co", "galm", "report"),
+    ("MRR (co)", "mrr/{}/co", "mlm", "random", "report"),
+    ("MRR (frozen_gnn)", "mrr/{}/frozen_gnn", "galm", "random", "report"),
+]
+
+
+def make_headline(metrics: dict) -> list[dict]:
+    """PLUMBING: summary.json's headline rows from HEADLINE and the run's metrics."""
+    return [{"metric": label, "higher_is_better": True, "expect": expect,
+             "method": {"name": method, "value": metrics[key.format(method)]},
+             "baseline": {"name": base, "value": metrics[key.format(base)]}}
+            for label, key, method, base, expect in HEADLINE]
+
+
 def train(cfg: Config) -> dict:
-    """Pre-train one LM per mode from the same init, fine-tune each with every variant, evaluate.
+    """Make the general LM, pre-train one LM per mode from it, fine-tune each on both applications.
 
     Writes summary.json and galm.png to cfg.out_dir. Returns {"history", "metrics", "summary"}.
     """
@@ -765,21 +954,41 @@ def train(cfg: Config) -> dict:
           f" / test {app.test_edges['buys'].shape[1]}, "
           f"also_viewed {app.edges['also_viewed'].shape[1]}")
 
-    # PAPER: every pre-training mode starts from the same randomly initialised "general" LM.
+    # PLUMBING: the training-free references printed beside the table.
+    metrics = {}
+    for name, attrs in (("ceiling", ("category", "material")), ("category_only", ("category",))):
+        metrics[f"mrr/{name}"], metrics[f"hits{cfg.hits_k}/{name}"] = oracle_mrr(
+            app, attrs, cfg.hits_k)
+    metrics["mrr/word_overlap"], metrics[f"hits{cfg.hits_k}/word_overlap"] = word_overlap_mrr(
+        app, cfg.hits_k)
+    metrics["nc_chance"] = 1.0 / cfg.n_categories
+
+    # PAPER: the paper's GaLM "further trains existing general LMs". Our general LM is the random
+    # init trained with BERT's MLM on the corpus texts; every mode below starts from it, so a seed
+    # pairs them (random, the floor, is the init itself).
     torch.manual_seed(cfg.seed)
     init_lm = TextEncoder(len(vocab), cfg)
     gen = torch.Generator().manual_seed(cfg.seed)
-    lms, history = {}, {"pretrain": {}, "finetune": {}}
-
-    lms["none"] = copy.deepcopy(init_lm)
-
+    lms, history, clock = {}, {"pretrain": {}, "finetune": {}, "nc": {}}, time.process_time()
+    lms["random"] = copy.deepcopy(init_lm)
     lm = copy.deepcopy(init_lm)
-    history["pretrain"]["mlm"] = pretrain_mlm(lm, corpus, cfg, gen)
+    history["pretrain"]["general_mlm"], mlm_head = pretrain_mlm(
+        lm, corpus, cfg, gen, cfg.general_steps, "general LM (mlm)")
     lms["mlm"] = lm
+    metrics["seconds/general_mlm"], clock = time.process_time() - clock, time.process_time()
 
-    lm, decoder = copy.deepcopy(init_lm), DistMult(cfg.hidden, list(corpus.schema))
+    # Control: as many more MLM steps as GaLM gets, on the same corpus texts (same compute).
+    lm = copy.deepcopy(lms["mlm"])
+    history["pretrain"]["mlm_cont"], _ = pretrain_mlm(lm, corpus, cfg, gen, cfg.steps, "mlm_cont",
+                                                      copy.deepcopy(mlm_head))
+    lms["mlm_cont"] = lm
+    metrics["seconds/mlm_cont"], clock = time.process_time() - clock, time.process_time()
+
+    # PAPER: GaLM (Figure 3a) further trains the general LM with graph-aware supervision.
+    lm, decoder = copy.deepcopy(lms["mlm"]), DistMult(cfg.hidden, list(corpus.schema))
     history["pretrain"]["galm"] = pretrain_galm(lm, decoder, corpus, cfg, gen)
     lms["galm"] = lm
+    metrics["seconds/galm"], clock = time.process_time() - clock, time.process_time()
 
     # PAPER: GaLM_co (Figure 3b) = GaLM (step i, reused), then GNN warm-up, then co-training.
     lm = copy.deepcopy(lms["galm"])
@@ -787,8 +996,9 @@ def train(cfg: Config) -> dict:
     history["pretrain"]["galm_co_warmup"] = gnn_warmup(lm, gnn, decoder, corpus, cfg, gen)
     history["pretrain"]["galm_co_cotrain"] = co_train(lm, gnn, decoder, corpus, cfg, gen)
     lms["galm_co"] = lm
+    metrics["seconds/galm_co"], clock = time.process_time() - clock, time.process_time()
 
-    metrics, results, align = {}, {}, {}
+    align = {}
     for pt in PRETRAIN_MODES:
         a = synonym_alignment(lms[pt], vocab, cfg.n_categories)
         align[pt] = a
@@ -798,24 +1008,21 @@ def train(cfg: Config) -> dict:
         for j, ft in enumerate(FINETUNE_MODES):
             # Paired comparison: every pre-training sees the same fine-tuning randomness.
             out = finetune(state, app, ft, cfg, len(vocab), seed=cfg.seed * 1000 + j)
-            results[(pt, ft)] = out
             history["finetune"][f"{pt}/{ft}"] = out["losses"]
             metrics[f"mrr/{pt}/{ft}"] = out["mrr"]
             metrics[f"hits{cfg.hits_k}/{pt}/{ft}"] = out["hits"]
-            tqdm.write(f"[finetune] {pt:>7} + {ft:<10} | loss {out['losses'][-1]:.4f} | "
+            tqdm.write(f"[finetune] {pt:>8} + {ft:<10} | loss {out['losses'][-1]:.4f} | "
                        f"MRR {out['mrr']:.3f} | Hits@{cfg.hits_k} {out['hits']:.3f}")
+        for j, nc in enumerate(NC_MODES):
+            out = node_classification(state, app, nc, cfg, len(vocab), seed=cfg.seed * 1000 + 7 + j)
+            history["nc"][f"{pt}/{nc}"] = out["losses"]
+            metrics[f"acc/{pt}/{nc}"] = out["acc"]
+            tqdm.write(f"[node class.] {pt:>8} + {nc:<6} | loss {out['losses'][-1]:.4f} | "
+                       f"user-category accuracy {out['acc']:.3f}")
+    metrics["seconds/downstream"] = time.process_time() - clock
     galm_losses = history["pretrain"]["galm"]
     metrics["galm_loss_first"], metrics["galm_loss_last"] = galm_losses[0], galm_losses[-1]
-
-    # The claim: graph-aware pre-training (GaLM, and GaLM_co) beats no pre-training and text-only
-    # MLM pre-training on the new-schema graph, whichever way we fine-tune. 3 rows per variant
-    # cover the whole 4 x 3 table of MRRs.
-    headline = []
-    for ft in FINETUNE_MODES:
-        for method, base in (("galm", "none"), ("galm", "mlm"), ("galm_co", "none")):
-            headline.append({"metric": f"MRR ({ft})", "higher_is_better": True,
-                             "method": {"name": method, "value": metrics[f"mrr/{method}/{ft}"]},
-                             "baseline": {"name": base, "value": metrics[f"mrr/{base}/{ft}"]}})
+    headline = make_headline(metrics)
     summary = {"folder": FOLDER, "seed": cfg.seed, "config": dataclasses.asdict(cfg),
                "wall_seconds": time.time() - t0, "metrics": metrics, "headline": headline}
     out_dir = Path(cfg.out_dir)
@@ -838,70 +1045,163 @@ def evaluate(model: LinkModel, graph: Graph, k: int) -> tuple[float, float]:
     if model.gnn is not None:
         z = model.gnn(z, with_reverses(graph.edges))  # (N, D)
     items = graph.type_nodes["item"]  # (M,)
-    col_of = torch.full((len(graph.texts),), -1, dtype=torch.long)
-    col_of[items] = torch.arange(len(items))  # global node id -> item column
     test = graph.test_edges["buys"]  # (2, Q)
     scores = distmult_score(z[test[0]].unsqueeze(1), model.decoder.w["buys"], z[items])  # (Q, M)
+    return ranking_metrics(scores, graph, k)
+
+
+def item_column(graph: Graph) -> torch.Tensor:
+    """(N,) global node id -> column among the items (-1 for non-items)."""
+    items = graph.type_nodes["item"]  # (M,)
+    col_of = torch.full((len(graph.texts),), -1, dtype=torch.long)  # (N,)
+    col_of[items] = torch.arange(len(items))
+    return col_of
+
+
+def known_positive_mask(graph: Graph) -> torch.Tensor:
+    """(Q, M) True where item m is a known (training or test) buy of test edge q's user: those are
+    removed from q's ranking ("filtered" setting), except the true item itself."""
+    col_of, test = item_column(graph), graph.test_edges["buys"]  # (N,), (2, Q)
     known = torch.cat([graph.edges["buys"], test], dim=1)  # (2, E_all)
-    filt = torch.zeros_like(scores, dtype=torch.bool)  # (Q, M)
+    filt = torch.zeros(test.shape[1], len(graph.type_nodes["item"]), dtype=torch.bool)  # (Q, M)
     for q in range(test.shape[1]):
         filt[q, col_of[known[1, known[0] == test[0, q]]]] = True
-    return mrr_and_hits(scores, col_of[test[1]], k, filt)
+    filt[torch.arange(test.shape[1]), col_of[test[1]]] = False
+    return filt
+
+
+def ranking_metrics(scores: torch.Tensor, graph: Graph, k: int) -> tuple[float, float]:
+    """Filtered MRR and Hits@k of the held-out buys edges, given scores (Q, M) over all items."""
+    col_of, test = item_column(graph), graph.test_edges["buys"]  # (N,), (2, Q)
+    return mrr_and_hits(scores, col_of[test[1]], k, known_positive_mask(graph))
 
 
 def results_table(metrics: dict, cfg: Config) -> str:
-    head = "| pre-training | " + " | ".join(FINETUNE_MODES) + " | synonym top-1 |"
-    rows = [head, "|" + " --- |" * (len(FINETUNE_MODES) + 2)]
+    """The main table: one row per pre-training; link-prediction MRR per fine-tuning variant,
+    user-category accuracy per node-classification variant, and the synonym diagnostic; the
+    ceilings and training-free references underneath."""
+    cols = [f"MRR {ft}" for ft in FINETUNE_MODES] + [f"acc {nc}" for nc in NC_MODES]
+    rows = ["| pre-training | " + " | ".join(cols) + " | synonym top-1 |",
+            "|" + " --- |" * (len(cols) + 2)]
     for pt in PRETRAIN_MODES:
         cells = [f"{metrics[f'mrr/{pt}/{ft}']:.3f}" for ft in FINETUNE_MODES]
+        cells += [f"{metrics[f'acc/{pt}/{nc}']:.3f}" for nc in NC_MODES]
         rows.append(f"| {pt} | " + " | ".join(cells) + f" | {metrics[f'synonym_top1/{pt}']:.2f} |")
-    return "\nDownstream MRR (application graph, held-out buys edges)\n" + "\n".join(rows)
+    refs = (f"link-prediction references (no training): attribute-match ceiling (category + "
+            f"material) MRR {metrics['mrr/ceiling']:.3f} | category only (a renamed click) "
+            f"{metrics['mrr/category_only']:.3f} | word overlap {metrics['mrr/word_overlap']:.3f}"
+            f"\nnode classification: chance {metrics['nc_chance']:.3f}, ceiling 1.000 (the "
+            f"category word decides the class)")
+    return ("\nApplication graph: MRR of held-out buys edges (link prediction) and accuracy on "
+            "unlabelled users' categories (node classification)\n" + "\n".join(rows) + "\n"
+            + refs)
 
 
 def plot(metrics: dict, align: dict, history: dict, cfg: Config, path: Path):
     import matplotlib
-    matplotlib.use("Agg")
+    if not in_notebook():
+        matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(1, 3, figsize=(15, 4))
-    x, width = np.arange(len(FINETUNE_MODES)), 0.2
+    fig, ax = plt.subplots(1, 4, figsize=(20, 4.2))
+    n_pt = len(PRETRAIN_MODES)
+    width = 0.8 / n_pt
+    x = np.arange(len(FINETUNE_MODES))
     for i, pt in enumerate(PRETRAIN_MODES):
-        ax[0].bar(x + (i - 1.5) * width, [metrics[f"mrr/{pt}/{ft}"] for ft in FINETUNE_MODES],
-                  width, label=pt)
+        ax[0].bar(x + (i - (n_pt - 1) / 2) * width,
+                  [metrics[f"mrr/{pt}/{ft}"] for ft in FINETUNE_MODES], width, label=pt)
+    for name, style in (("ceiling", "-"), ("category_only", "--"), ("word_overlap", ":")):
+        ax[0].axhline(metrics[f"mrr/{name}"], ls=style, color="k", lw=1, label=name)
     ax[0].set_xticks(x, ["F1 frozen LM + GNN", "F2 LM only", "F3 LM + GNN co-train"])
-    top = max(metrics[f"mrr/{pt}/{ft}"] for pt in PRETRAIN_MODES for ft in FINETUNE_MODES)
-    ax[0].set_ylim(0, 1.3 * top)
-    ax[0].set_ylabel("downstream MRR (held-out buys edges)")
-    ax[0].set_title("Fine-tuning on a new-schema graph")
-    ax[0].legend(title="pre-training", ncol=4, loc="upper center", fontsize=8)
-    for name in ("mlm", "galm"):
-        ax[1].plot(history["pretrain"][name], label=name)
-    n0 = len(history["pretrain"]["galm"])
-    for name in ("galm_co_warmup", "galm_co_cotrain"):
+    ax[0].set_ylim(0, 1.25 * metrics["mrr/ceiling"])
+    ax[0].set_ylabel("MRR (held-out buys edges)")
+    ax[0].set_title("Application 1: link prediction")
+    ax[0].legend(ncol=3, loc="upper center", fontsize=7)
+    x = np.arange(len(NC_MODES))
+    for i, pt in enumerate(PRETRAIN_MODES):
+        ax[1].bar(x + (i - (n_pt - 1) / 2) * width,
+                  [metrics[f"acc/{pt}/{nc}"] for nc in NC_MODES], width, label=pt)
+    ax[1].axhline(metrics["nc_chance"], ls=":", color="k", lw=1, label="chance")
+    ax[1].set_xticks(x, ["linear probe (LM frozen)", "LM + head fine-tuned"])
+    ax[1].set_ylim(0, 1.15)
+    ax[1].set_ylabel("accuracy (unlabelled users)")
+    ax[1].set_title("Application 2: user-category classification")
+    ax[1].legend(ncol=3, loc="upper center", fontsize=7)
+    for name in ("general_mlm", "mlm_cont"):
+        ax[2].plot(history["pretrain"][name], label=name)
+    start = len(history["pretrain"]["general_mlm"])
+    for name in ("galm", "galm_co_warmup", "galm_co_cotrain"):
         ys = history["pretrain"][name]
-        ax[1].plot(range(n0, n0 + len(ys)), ys, label=name)
-        n0 += len(ys)
-    ax[1].set_yscale("log")
-    ax[1].set_xlabel("pre-training step")
-    ax[1].set_ylabel("loss (log scale)")
-    ax[1].set_title("Pre-training losses (link prediction cycles 3 relations)")
-    ax[1].legend()
-    ax[2].bar(PRETRAIN_MODES, [align[pt]["top1"] for pt in PRETRAIN_MODES], color="tab:gray")
-    ax[2].axhline(1.0 / cfg.n_categories, ls="--", color="k", label="chance")
-    ax[2].set_ylabel("top-1 accuracy")
-    ax[2].set_title("LM retrieves pw{c} from its synonym qw{c}")
-    ax[2].legend()
+        ax[2].plot(range(start, start + len(ys)), ys, label=name)
+        start += len(ys)
+    ax[2].set_yscale("log")
+    ax[2].set_xlabel("pre-training step (GaLM and mlm_cont continue the general LM)")
+    ax[2].set_ylabel("loss (log scale)")
+    ax[2].set_title("Pre-training losses")
+    ax[2].legend(fontsize=8)
+    ax[3].bar(PRETRAIN_MODES, [align[pt]["top1"] for pt in PRETRAIN_MODES], color="tab:gray")
+    ax[3].axhline(1.0 / cfg.n_categories, ls="--", color="k", label="chance")
+    ax[3].set_ylabel("top-1 accuracy")
+    ax[3].set_title("LM retrieves pw{c} from its synonym qw{c}")
+    ax[3].legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    fig.savefig(path, dpi=100)
+    plt.show() if in_notebook() else plt.close(fig)
 
 
-# %% 9. Entry point
+# %% 9. The run's last lines
+# PLUMBING: what `expect` means (../CONTRIBUTING.md, section 2): "better" = the method should
+# beat the baseline; "level" = a control, the two should be within 2 %; "report" = a diagnostic
+# or a reported negative, not a claim.
+EXPECT = {"better": "method should beat baseline", "level": "control: within 2 % expected",
+          "report": "diagnostic, not a claim"}
+
+
+def seed_record(row: dict) -> str:
+    """How often this row held over the seeds in RESULTS.md (written by tools/run_all.py)."""
+    results = Path(__file__).resolve().parents[1] / "RESULTS.md"
+    if not results.is_file():
+        return "no RESULTS.md beside this folder"
+    arrow = "↑" if row["higher_is_better"] else "↓"
+    for line in results.read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if (len(cells) >= 6 and cells[0] == f"{row['metric']} {arrow}"
+                and cells[1] == row["method"]["name"] and cells[3] == row["baseline"]["name"]):
+            return f"RESULTS.md: {cells[-1]}"
+    return "row not in RESULTS.md yet"
+
+
+def print_verdict(headline: list[dict], quick: bool, out: Path, t_start: float) -> None:
+    """One plain line per headline row, a --quick warning, and the files this run wrote."""
+    print("\nVerdict (this seed):")
+    for row in headline:
+        m, b = row["method"]["value"], row["baseline"]["value"]
+        better = (m > b) if row["higher_is_better"] else (m < b)
+        level = abs(m - b) <= 0.02 * max(abs(m), abs(b), 1e-12)
+        seen = "level" if level else ("method ahead" if better else "baseline ahead")
+        direction = "higher" if row["higher_is_better"] else "lower"
+        print(f"  [{row['expect']}] {row['metric']} ({direction} is better): "
+              f"{row['method']['name']} {m:.4g} vs {row['baseline']['name']} {b:.4g} -> {seen}; "
+              f"{EXPECT[row['expect']]}; {seed_record(row)}")
+    if quick:
+        print("NOTE: --quick is a smoke run (seconds, tiny data); its numbers are not meant to "
+              "show the paper's effect. Run without --quick for that.")
+    written = sorted(p for p in out.rglob("*") if p.is_file() and p.stat().st_mtime >= t_start)
+    print("Files written:", ", ".join(str(p) for p in written) or "none")
+
+
+# %% 10. Entry point
 def main(argv=None) -> dict:
+    if argv is None and in_notebook():
+        argv = ["--quick"]  # PLUMBING: in a notebook, never parse the kernel's sys.argv
     cfg = parse_args(argv)
+    t_start = time.time()
+    out = prepare_out_dir(cfg.out_dir)  # before training: a bad --out-dir fails in a second
     # PLUMBING: tiny models are fastest on one thread (and the machine is shared).
     torch.set_num_threads(1)
-    return train(cfg)
+    result = train(cfg)
+    print_verdict(result["summary"]["headline"], cfg.quick, out, t_start)
+    return result
 
 
 if __name__ == "__main__":
