@@ -27,16 +27,16 @@ def world():
     return data, enc
 
 
-def qformer(xformer=True, placement="every"):
+def qformer(variant="xformer", placement="every"):
     torch.manual_seed(1)
     cfg = dataclasses.replace(TINY, placement=placement)
-    return xf.QFormer(cfg, TINY.width, TINY.width, xformer).eval()
+    return xf.QFormer(cfg, TINY.width, TINY.width, variant).eval()
 
 
 # --------------------------------------------------------------------------------------------
 # ITC
 # --------------------------------------------------------------------------------------------
-@pytest.mark.exercise
+@pytest.mark.exercise(1)
 def test_itc_loss_matches_hand_value_with_max_over_queries():
     # image 0 has queries (1,0), (0,1); image 1 has (0,1), (-1,0); texts t0 = (1,0), t1 = (.6,.8)
     img = torch.tensor([[[1.0, 0.0], [0.0, 1.0]], [[0.0, 1.0], [-1.0, 0.0]]])
@@ -52,7 +52,7 @@ def test_itc_loss_matches_hand_value_with_max_over_queries():
     assert float(loss) == pytest.approx(0.5 * (rows + cols) / 2)
 
 
-@pytest.mark.exercise
+@pytest.mark.exercise(1)
 def test_itc_loss_matches_a_naive_loop_with_label_smoothing():
     g = torch.Generator().manual_seed(0)
     B, Nq, E, eps, temp = 4, 3, 5, 0.1, 0.2
@@ -75,7 +75,7 @@ def test_itc_loss_matches_a_naive_loop_with_label_smoothing():
 # --------------------------------------------------------------------------------------------
 # ITM hard negatives and loss
 # --------------------------------------------------------------------------------------------
-@pytest.mark.exercise
+@pytest.mark.exercise(2)
 def test_hard_negatives_are_never_the_positive_or_an_identical_caption():
     captions = torch.tensor([[1, 5, 9], [1, 5, 9], [1, 6, 9], [1, 7, 10], [1, 8, 11], [1, 6, 9]])
     B = len(captions)
@@ -89,7 +89,7 @@ def test_hard_negatives_are_never_the_positive_or_an_identical_caption():
         assert not same[rows, neg_t].any() and not same[neg_i, rows].any()
 
 
-@pytest.mark.exercise
+@pytest.mark.exercise(2)
 def test_hard_negatives_follow_the_similarity():
     # image 0 is far more similar to text 3 than to any other valid text: it should pick it
     captions = torch.arange(5)[:, None].repeat(1, 3)  # all different
@@ -100,6 +100,22 @@ def test_hard_negatives_follow_the_similarity():
     assert picks.count(3) >= 36  # softmax weight of text 3 is e^8 / (e^8 + 3) ~ 0.9995
 
 
+@pytest.mark.exercise(2)
+def test_hard_negatives_for_texts_follow_the_similarity_column():
+    # the text-to-image axis: text 3 is far more similar to image 0 than to any other image, so
+    # text 3's negative image is 0; no text prefers image 3, so image 3 is not special as a pick
+    captions = torch.arange(5)[:, None].repeat(1, 3)  # all different
+    sim = torch.zeros(5, 5)
+    sim[0, 3] = 8.0  # image 0 <-> text 3
+    picks_3, picks_0 = [], []
+    for s in range(40):
+        _, neg_i = xf.sample_hard_negatives(sim, captions, torch.Generator().manual_seed(s))
+        picks_3.append(int(neg_i[3]))
+        picks_0.append(int(neg_i[0]))
+    assert picks_3.count(0) >= 36  # column 3 of sim, softmax over images
+    assert picks_0.count(3) <= 25  # a row-wise softmax would pick image 3 for text 0 every time
+
+
 def test_itm_loss_averages_the_head_over_queries_with_positive_first_labels():
     # query 0 says "match" strongly, query 1 says "no match" as strongly: the mean is 0 -> log 2
     logits = torch.tensor([[[0.0, 10.0], [0.0, -10.0]]]).repeat(3, 1, 1)  # (3B=3, Nq=2, 2)
@@ -107,6 +123,31 @@ def test_itm_loss_averages_the_head_over_queries_with_positive_first_labels():
     good = torch.tensor([[[0.0, 5.0]], [[5.0, 0.0]], [[5.0, 0.0]]])  # row 0 positive, 1-2 neg
     assert float(xf.itm_loss(good)) == pytest.approx(math.log(1 + math.exp(-5)), rel=1e-5)
     assert float(xf.itm_loss(good.flip(-1))) > 4.0
+
+
+@pytest.mark.parametrize("variant", ["xformer", "concat"])
+def test_itm_batch_pairs_image_mae_and_text_rows(world, monkeypatch, variant):
+    # stage1_loss must feed the ITM pass [positives; (image b, negative text); (negative image,
+    # text b)], each CLIP row with its own MAE row, in the order itm_loss labels them
+    data, enc = world
+    B = 6
+    neg_t, neg_i = torch.tensor([1, 2, 3, 4, 5, 0]), torch.tensor([3, 0, 4, 5, 1, 2])
+    monkeypatch.setattr(xf, "sample_hard_negatives", lambda sim, text, gen: (neg_t, neg_i))
+    m = qformer(variant).train()
+    calls = {}
+
+    def record(mod, args, out):  # a forward hook must return None, or it replaces the output
+        calls.setdefault(args[2], args)
+
+    m.register_forward_hook(record)
+    idx = torch.arange(3, 3 + B)
+    xf.stage1_loss(m, enc, idx, data, TINY, torch.Generator().manual_seed(0))
+    clip, text, _, mae = calls["itm"]
+    clip_b, text_b = enc["clip_tokens"][idx], data["caption"][idx]
+    rows = torch.cat([torch.arange(B), torch.arange(B), neg_i])
+    torch.testing.assert_close(clip, clip_b[rows])
+    assert torch.equal(text, torch.cat([text_b, text_b[neg_t], text_b]))
+    torch.testing.assert_close(mae, calls["itc"][3][rows])  # the MAE row follows its image row
 
 
 def test_itg_loss_predicts_the_next_token_and_ignores_padding():
@@ -225,8 +266,35 @@ def test_dual_cross_attention_shapes_and_decoder_output(world):
     assert out.shape == (2, L, TINY.mae_patch ** 2 * 3)
 
 
+@torch.no_grad()
+def test_dual_cross_attention_reads_the_updated_mae_tokens():
+    # step 2 reads M' (the MAE tokens after step 1), not the encoder's M
+    torch.manual_seed(0)
+    dual = xf.DualCrossAttention(TINY.width, TINY.width, 4)
+    q, M = torch.randn(2, TINY.n_query, TINY.width), torch.randn(2, 9, TINY.width)
+    M_new = dual.ca_mae_from_queries(M, q)  # CA_1(Q = M, K = V = Z_q)
+    q_ref = dual.ca_queries_from_mae(q, M_new)  # CA_2(Q = Z_q, K = V = M')
+    q2, M2 = dual(q, M)
+    torch.testing.assert_close(M2, M_new)
+    torch.testing.assert_close(q2, q_ref)
+    assert (q2 - dual.ca_queries_from_mae(q, M)).abs().max() > 1e-4  # reading M would differ
+
+
+@torch.no_grad()
+def test_each_layer_passes_its_updated_mae_tokens_to_the_next():
+    m = qformer()
+    clip, mae, text = _inputs()
+    seen = []
+    for layer in m.layers:
+        layer.dual.register_forward_hook(lambda mod, args, out: seen.append((args[1], out[1])))
+    m(clip, text, "itc", mae)
+    assert len(seen) == 2
+    torch.testing.assert_close(seen[0][0], mae)  # layer 0 reads the encoder's M
+    torch.testing.assert_close(seen[1][0], seen[0][1])  # layer 1 reads layer 0's M'
+
+
 # --------------------------------------------------------------------------------------------
-# Gradient routing and the reduction to BLIP-2
+# Gradient routing, the reduction to BLIP-2, the concat baseline
 # --------------------------------------------------------------------------------------------
 def test_reconstruction_gradient_reaches_queries_and_clip_cross_attention_only(world):
     data, enc = world
@@ -260,7 +328,7 @@ def test_a_training_step_leaves_the_frozen_models_bit_identical(world):
 
 @torch.no_grad()
 def test_without_the_dual_block_the_model_is_blip2():
-    blip2, xformer = qformer(xformer=False), qformer(xformer=True)
+    blip2, xformer = qformer("blip2"), qformer("xformer")
     clip, mae, text = _inputs()
     q1, t1, _ = blip2(clip, text, "itm", mae)
     q2, t2, _ = blip2(clip, text, "itm", mae * 3 + 1)
@@ -271,9 +339,41 @@ def test_without_the_dual_block_the_model_is_blip2():
     assert set(dict(blip2.named_parameters())) <= set(dict(xformer.named_parameters()))
     # ... and X-Former's outputs do depend on the MAE tokens, in both placements
     for placement in xf.PLACEMENTS:
-        m = qformer(True, placement)
+        m = qformer("xformer", placement)
         assert (m(clip, text, "itm", mae)[0] - m(clip, text, "itm", mae * 3 + 1)[0]).abs().max() \
             > 1e-4
+
+
+@torch.no_grad()
+def test_variants_share_their_starting_weights():
+    # one torch seed pairs the ladder: every parameter two variants share starts equal
+    models = {v: qformer(v) for v in xf.VARIANTS}
+    ref = dict(models["blip2"].named_parameters())
+    for v in ("concat", "xformer"):
+        for n, t in models[v].named_parameters():
+            if n in ref:
+                assert torch.equal(t, ref[n]), f"{v}.{n} starts differently from BLIP-2's"
+
+
+@torch.no_grad()
+def test_concat_reads_the_mae_tokens_through_the_clip_cross_attention():
+    blip2, concat = qformer("blip2"), qformer("concat")
+    clip, mae, text = _inputs()
+    # without MAE input, concat is BLIP-2 (same weights for the shared parts)
+    torch.testing.assert_close(concat(clip, text, "itm")[0], blip2(clip, text, "itm")[0])
+    # with it, the queries depend on the MAE tokens, and there is no dual block and no M'
+    q1, _, m1 = concat(clip, text, "itm", mae)
+    # (an affine change would vanish in the LN, and a reordering in the attention over a set)
+    q2, _, _ = concat(clip, text, "itm", torch.randn_like(mae))
+    assert (q1 - q2).abs().max() > 1e-4 and m1 is None
+    extra = set(dict(concat.named_parameters())) - set(dict(blip2.named_parameters()))
+    assert extra == {"ln_mae.weight", "ln_mae.bias"}
+    # the keys of the first cross-attention are [LN(CLIP); LN(MAE)]: check by hand
+    ctx = torch.cat([concat.ln_vision(clip), concat.ln_mae(mae)], 1)
+    seen = []
+    concat.layers[0].cross_attn.register_forward_hook(lambda mod, args, out: seen.append(args[1]))
+    concat(clip, text, "itm", mae)
+    torch.testing.assert_close(seen[0], ctx)
 
 
 # --------------------------------------------------------------------------------------------
@@ -292,6 +392,57 @@ def test_prefix_lm_loss_labels_and_hand_value():
     assert float(loss) == pytest.approx(float(hand), rel=1e-6)
 
 
+@torch.no_grad()
+def test_zero_shot_reads_the_count_word_at_the_bos_position(world):
+    data, enc = world
+    s2 = xf.Stage2(qformer(), enc["lm"], TINY.width)
+    clip, mae, cap = enc["clip_tokens"][:5], enc["mae_full"][:5], data["caption"][:5]
+    Nq = TINY.n_query
+    # the training forward: [prompt; BOS three red circles EOS]; the count word is caption
+    # token 1, scored from position Nq (the BOS slot), as prefix_lm_loss's labels say
+    prompt = s2.soft_prompt(clip, mae)
+    full = enc["lm"](inputs_embeds=torch.cat(
+        [prompt, enc["lm"].get_input_embeddings()(cap)], 1)).logits  # (5, Nq+5, V)
+    _, labels = xf.prefix_lm_loss(full, cap, Nq)
+    count_ids = [xf.WID[c] for c in xf.COUNTS]
+    assert labels[:, Nq + 1].tolist() == [count_ids[int(c)] for c in data["count"][:5]]
+    torch.testing.assert_close(s2.count_logits(clip, mae), full[:, Nq, count_ids])
+    assert s2.zero_shot_count(clip, mae).tolist() == full[:, Nq, count_ids].argmax(1).tolist()
+
+
+def test_stage2_gradient_reaches_the_qformer_and_the_fc_only(world):
+    data, enc = world
+    m = qformer().train()
+    s2 = xf.Stage2(m, enc["lm"], TINY.width)
+    s2(enc["clip_tokens"][:4], enc["mae_full"][:4], data["caption"][:4]).backward()
+    for name, prm in (("query tokens", m.query_tokens), ("fc", s2.fc.weight),
+                      ("CLIP cross-attention", m.layers[0].cross_attn.key.weight),
+                      ("dual CA_1", m.layers[0].dual.ca_mae_from_queries.query.weight),
+                      ("dual CA_2", m.layers[1].dual.ca_queries_from_mae.value.weight),
+                      ("query FFN", m.layers[1].ffn_query.fc2.weight)):
+        assert prm.grad is not None and prm.grad.abs().sum() > 0, name
+    # no text goes through the Q-Former in stage 2, and the LM stays frozen
+    assert m.word_emb.weight.grad is None and m.itm_head.weight.grad is None
+    assert all(p.grad is None for p in enc["lm"].parameters())
+
+
+def test_stage2_trains_a_copy_of_the_stage1_model(world):
+    data, enc = world
+    m = qformer()
+    before = {n: t.clone() for n, t in m.state_dict().items()}
+    cfg = dataclasses.replace(TINY, stage2_steps=3, eval_every=2, lr_stage2=1e-2)
+    r = xf.stage2("x", m, cfg, data, enc, seed=7)
+    after = r["model"].qformer
+    assert after is not m and r["model"].lm is enc["lm"]
+    for n, t in m.state_dict().items():
+        assert torch.equal(t, before[n]), f"stage 2 changed the stage-1 model's {n}"
+    moved = {n for n, t in after.state_dict().items() if not torch.equal(t, before[n])}
+    assert {"query_tokens", "layers.0.dual.ca_queries_from_mae.query.weight"} <= moved
+    assert "itm_head.weight" not in moved  # only what the soft prompt uses gets a gradient
+    assert [s for s, _ in r["history"]["curve"]] == [0, 2, 3]
+    assert r["history"]["curve"][-1][1] == r["zero_shot_count"]
+
+
 # --------------------------------------------------------------------------------------------
 # Cross-check against transformers' Blip2QFormerModel
 # --------------------------------------------------------------------------------------------
@@ -300,12 +451,16 @@ def test_handwritten_qformer_matches_transformers_blip2_qformer():
     from transformers import Blip2QFormerConfig, Blip2QFormerModel
 
     d = TINY.width
-    mine = qformer(xformer=False)
+    mine = qformer("blip2")
+    # Pinned to sdpa: there a boolean 4-D mask means "may attend". Under eager attention
+    # transformers adds the mask to the scores instead, and the comparison would be meaningless.
     hf = Blip2QFormerModel(Blip2QFormerConfig(
         hidden_size=d, num_hidden_layers=TINY.n_layers, num_attention_heads=4,
         intermediate_size=2 * d, cross_attention_frequency=1, encoder_hidden_size=d,
         use_qformer_text_input=True, hidden_act="gelu", layer_norm_eps=1e-12,
-        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)).eval()
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+        attn_implementation="sdpa")).eval()
+    assert hf.config._attn_implementation == "sdpa"
 
     def put(dst_linear_or_ln, src):
         dst_linear_or_ln.weight.copy_(src.weight)
@@ -342,15 +497,33 @@ def test_handwritten_qformer_matches_transformers_blip2_qformer():
 def test_quick_run_is_finite_decreasing_and_deterministic(tmp_path):
     a = xf.train(xf.Config(quick=True, out_dir=str(tmp_path / "a")))
     b = xf.train(xf.Config(quick=True, out_dir=str(tmp_path / "b")))
+    assert list(a["runs"]) == ["BLIP-2", "concat", "no L_REC", "X-Former"]
     for name, run in a["runs"].items():
         loss = np.array(run["history"]["total"])
         assert np.isfinite(loss).all(), name
         assert loss[-3:].mean() < loss[:3].mean(), name
-        if "stage2" in run["history"]:
-            assert run["history"]["stage2"][-1] < run["history"]["stage2"][0], name
+        for s2_loss in run["stage2_loss"]:
+            assert np.mean(s2_loss[-3:]) < np.mean(s2_loss[:3]), name
+        n_s2 = 0 if name == "no L_REC" else xf.QUICK["stage2_seeds"]  # the ablation: probe only
+        assert len(run["zero_shot_runs"]) == n_s2, name
     assert a["metrics"] == b["metrics"]
     summary = json.loads((tmp_path / "a" / "summary.json").read_text())
     assert set(summary) == {"folder", "seed", "config", "wall_seconds", "metrics", "headline"}
-    assert summary["folder"] == "xformer" and len(summary["headline"]) == 3
-    assert a["runs"]["no L_REC"]["zero_shot_count"] is None  # the ablation stops after the probe
+    assert summary["folder"] == "xformer"
+    head = summary["headline"]
+    assert all(r["expect"] in ("better", "level", "report") for r in head)
+    first = next(r for r in head if r["expect"] == "better")  # the row the root index shows
+    assert first["baseline"]["name"].startswith("concat")
+    assert first["method"]["value"] == a["runs"]["X-Former"]["zero_shot_count"]
     assert (tmp_path / "a" / "xformer.png").stat().st_size > 1000
+
+
+def test_bad_arguments_are_one_line_errors(capsys):
+    for argv in (["--seed", "-1"], ["--stage2-seeds", "0"], ["--stage2-mask-ratio", "1.5"],
+                 ["--lr-stage2", "0"], ["--placement", "middle"]):
+        with pytest.raises(SystemExit) as e:
+            xf.parse_args(argv)
+        assert e.value.code == 2
+        assert len(capsys.readouterr().err.strip().splitlines()) == 1, argv
+    with pytest.raises(SystemExit, match="not a writable folder"):
+        xf.prepare_out_dir("/proc/no/such/dir")

@@ -20,6 +20,8 @@ encoder trained by masked image modelling (MAE), which keeps local detail, and f
 cross-attention; a reconstruction loss through the frozen MAE decoder keeps the fused MAE tokens
 faithful to the pixels. In the toy, images hold 1-4 copies of one coloured shape, our CLIP has
 coarse 16 px patches (it was never told counts), our MAE has 8 px patches: counting is the detail.
+The ablation ladder is BLIP-2 (CLIP only) -> concat (the MAE tokens appended to the CLIP tokens that
+the queries read: more input, no dual block) -> X-Former without L_REC -> X-Former.
 
 Notation (paper / BLIP-2 -> code). Dimensions: B batch, Nq queries, T text tokens, L image patches,
 d Q-Former width, E contrastive embedding width, V vocabulary.
@@ -40,19 +42,22 @@ Q-Former written out by hand (cross-checked against transformers' Blip2QFormerMo
 a tiny OPT language model taught to copy its context instead of a 6.7B LLM; fixed-length captions
 (no padding); counting accuracy on the toy stands in for VQAv2 "number" and the OC probe.
 
-Run:   python xformer/train.py            (about 1-2 minutes on 2 CPU cores)
+Run:   python xformer/train.py            (about 2 CPU-minutes, one thread)
        python xformer/train.py --help
 Ends:  a table of count / colour / shape probe accuracy and zero-shot count accuracy through the
-       frozen LM for BLIP-2 (CLIP only), X-Former and X-Former without L_REC.
+       frozen LM (mean +- sd over the stage-2 seeds) for BLIP-2, concat, X-Former without L_REC and
+       X-Former, then one verdict line per headline row and the files written.
 """
 
 # %% 1. Imports
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -74,8 +79,10 @@ class Config:
     quick: bool = field(default=False, metadata={"help": "a run of a few seconds for tests"})
     out_dir: str = field(default=f"runs/{FOLDER}", metadata={"help": "where outputs go"})
     device: str = field(default="cpu", metadata={"help": "cpu only in this folder"})
-    steps: int = field(default=200, metadata={"help": "stage-1 steps per model (paper: 9 epochs)"})
-    stage2_steps: int = field(default=300, metadata={"help": "stage-2 steps (paper: 1 epoch)"})
+    steps: int = field(default=150, metadata={"help": "stage-1 steps per model (paper: 9 epochs)"})
+    stage2_steps: int = field(default=400, metadata={"help": "stage-2 steps (paper: 1 epoch)"})
+    stage2_seeds: int = field(default=2, metadata={
+        "help": "stage-2 runs per model from its one stage-1 model; zero-shot is their mean"})
     n_images: int = field(default=2000, metadata={"help": "toy images (paper: 14M pairs)"})
     n_train: int = field(default=1400, metadata={"help": "of which for training"})
     clip_patch: int = field(default=16, metadata={"help": "CLIP patch size (coarse on purpose)"})
@@ -85,23 +92,27 @@ class Config:
     n_layers: int = field(default=2, metadata={"help": "Q-Former layers (paper: 12)"})
     batch: int = field(default=32, metadata={"help": "batch size"})
     lr: float = field(default=1e-3, metadata={"help": "stage-1 learning rate (paper: 1e-4)"})
-    lr_stage2: float = field(default=1e-3, metadata={
-        "help": "stage-2 learning rate (BLIP-2 uses stage 1's rate for both stages)"})
+    lr_stage2: float = field(default=1e-3, metadata={"help": "stage-2 learning rate"})
     mae_mask_ratio: float = field(default=0.5, metadata={"help": "MAE mask in stage 1 (paper 0.5)"})
-    stage2_mask_ratio: float = field(default=0.5, metadata={
-        "help": "MAE mask while training stage 2; 0 = full image [R] (evaluation is unmasked)"})
+    stage2_mask_ratio: float = field(default=0.0, metadata={
+        "help": "MAE mask while training stage 2 [R]; 0 = the full image (evaluation: always 0)"})
     lambda_rec: float = field(default=1.0, metadata={"help": "weight of L_REC (paper: unknown)"})
     placement: str = field(default="every", metadata={
         "help": "dual cross-attention in every Q-Former layer or once after the last [R]"})
     pretrain_steps: int = field(default=150, metadata={"help": "CLIP and MAE pre-training steps"})
     lm_pretrain_steps: int = field(default=300, metadata={"help": "tiny LM pre-training steps"})
     log_every: int = field(default=50, metadata={"help": "steps between log lines"})
-    threads: int = field(default=1, metadata={"help": "torch CPU threads (1 is fastest here)"})
+    eval_every: int = field(default=100, metadata={
+        "help": "stage-2 steps between zero-shot evaluations (the curve in the plot)"})
+    stage2_for_all: bool = field(default=False, metadata={
+        "help": "also run stage 2 for X-Former without L_REC (about 25 CPU-s more)"})
+    threads: int = field(default=1, metadata={
+        "help": "CPU threads for torch and BLAS (1 measured fastest, see the README)"})
 
 
 # What --quick changes (it wins over the defaults above).
-QUICK = dict(steps=12, stage2_steps=12, n_images=200, n_train=140, pretrain_steps=10,
-             lm_pretrain_steps=20, log_every=4)
+QUICK = dict(steps=12, stage2_steps=12, stage2_seeds=2, n_images=200, n_train=140,
+             pretrain_steps=10, lm_pretrain_steps=20, log_every=4, eval_every=6)
 DEVICES = ("cpu",)
 PLACEMENTS = ("every", "last")
 
@@ -122,10 +133,13 @@ def parse_args(argv=None) -> Config:
             continue
         choices = {"device": DEVICES, "placement": PLACEMENTS}.get(f.name)
         p.add_argument(flag, type=type(f.default), default=f.default, choices=choices,
-                       help=f.metadata["help"])
+                       help=f.metadata["help"] + " (default: %(default)s)")
     cfg = Config(**vars(p.parse_args(argv)))
-    positive = ("steps", "stage2_steps", "n_images", "n_train", "n_query", "n_layers", "batch",
-                "pretrain_steps", "lm_pretrain_steps", "log_every", "threads")
+    if not 0 <= cfg.seed < 2**32:
+        p.error(f"--seed must be in [0, 2**32), got {cfg.seed}")
+    positive = ("steps", "stage2_steps", "stage2_seeds", "n_images", "n_train", "n_query",
+                "n_layers", "batch", "pretrain_steps", "lm_pretrain_steps", "log_every",
+                "eval_every", "threads")
     for name in positive:
         if getattr(cfg, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
@@ -135,12 +149,39 @@ def parse_args(argv=None) -> Config:
         p.error(f"--mae-mask-ratio must be in (0, 1), got {cfg.mae_mask_ratio}")
     if not 0.0 <= cfg.stage2_mask_ratio < 1.0:
         p.error(f"--stage2-mask-ratio must be in [0, 1), got {cfg.stage2_mask_ratio}")
+    for name in ("lr", "lr_stage2"):
+        if not getattr(cfg, name) > 0:
+            p.error(f"--{name.replace('_', '-')} must be > 0, got {getattr(cfg, name)}")
+    if cfg.lambda_rec < 0:
+        p.error(f"--lambda-rec must be >= 0, got {cfg.lambda_rec}")
     for name in ("clip_patch", "mae_patch"):
         if getattr(cfg, name) not in (4, 8, 16, 32):
             p.error(f"--{name.replace('_', '-')} must divide 32 (4, 8, 16 or 32)")
-    if cfg.width % 4:
-        p.error(f"--width must be a multiple of 4 (the heads), got {cfg.width}")
+    if cfg.width < 4 or cfg.width % 4:
+        p.error(f"--width must be a positive multiple of 4 (the heads), got {cfg.width}")
     return cfg
+
+
+def in_notebook() -> bool:
+    """PLUMBING: True inside a Jupyter kernel, where sys.argv holds the kernel's own arguments."""
+    return "ipykernel" in sys.modules
+
+
+def prepare_out_dir(path: str) -> Path:
+    """PLUMBING: create the run folder and prove it is writable *before* any training.
+
+    A mistyped --out-dir must cost the user one line, not a finished run and a traceback.
+    """
+    out = Path(path)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise SystemExit(f"{FOLDER}/train.py: error: --out-dir {path!r} is not a writable "
+                         f"folder ({e.strerror or e})") from None
+    return out
 
 
 # %% 3. Seeding
@@ -386,23 +427,26 @@ class DualCrossAttention(nn.Module):
 
 
 class QFormerLayer(nn.Module):
-    def __init__(self, d: int, d_clip: int, d_mae: int, heads: int, dual: bool):
+    """One BLIP-2 Q-Former layer; `dual` (X-Former's block) is attached by QFormer, or None."""
+
+    def __init__(self, d: int, d_ctx: int, heads: int):
         super().__init__()
         self.self_attn = Attention(d, d, d, heads)
-        self.cross_attn = Attention(d, d_clip, d, heads)
-        self.dual = DualCrossAttention(d, d_mae, heads) if dual else None
+        self.cross_attn = Attention(d, d_ctx, d, heads)
         self.ffn_query, self.ffn_text = FeedForward(d, 2 * d), FeedForward(d, 2 * d)
+        self.dual: DualCrossAttention | None = None
 
-    def forward(self, h, n_q, allowed, clip_tokens, mae_tokens=None):
+    def forward(self, h, n_q, allowed, image_ctx, mae_tokens=None):
         h = self.self_attn(h, h, allowed)  # (B, Nq+T, d) shared self-attention
         q, t = h[:, :n_q], h[:, n_q:]  # (B, Nq, d), (B, T, d)
         if n_q:
-            q = self.cross_attn(q, clip_tokens)  # (B, Nq, d) queries read the CLIP tokens
+            q = self.cross_attn(q, image_ctx)  # (B, Nq, d) queries read the image tokens
             if self.dual is not None and mae_tokens is not None:
                 # PAPER [R]: reading (b) of the notes: the dual block sits right after the CLIP
                 # cross-attention in every layer, so the text stream of ITM/ITG (which attends to
                 # the queries) sees MAE information too. Where it sits is not in the summaries.
-                q, mae_tokens = self.dual(q, mae_tokens)
+                # The updated M' is what the next layer's dual block reads.
+                q, mae_tokens = self.dual(q, mae_tokens)  # (B, Nq, d), (B, 1+L_vis, d_mae)
             q = self.ffn_query(q)
         if t.shape[1]:
             t = self.ffn_text(t)
@@ -433,28 +477,49 @@ def attention_mask(kind: str, n_q: int, T: int) -> torch.Tensor:
     return allowed
 
 
-class QFormer(nn.Module):
-    """The BLIP-2 Q-Former (xformer=False) and X-Former (xformer=True) with their stage-1 heads."""
+VARIANTS = ("blip2", "concat", "xformer")
 
-    def __init__(self, cfg: Config, d_clip: int, d_mae: int, xformer: bool):
+
+class QFormer(nn.Module):
+    """The BLIP-2 Q-Former and its two MAE-reading variants, with their stage-1 heads.
+
+    variant "blip2":   the queries read the CLIP tokens only (BLIP-2).
+    variant "concat":  the queries read [CLIP tokens; MAE tokens] with the same cross-attention
+                       (the paper's "concatenate" ablation: more input, no dual block).
+    variant "xformer": the queries read the CLIP tokens, then X-Former's dual cross-attention
+                       fuses the MAE tokens in (`--placement` says where).
+    """
+
+    def __init__(self, cfg: Config, d_clip: int, d_mae: int, variant: str = "xformer"):
         super().__init__()
+        if variant not in VARIANTS:
+            raise ValueError(f"unknown variant {variant!r}; one of {VARIANTS}")
         d, heads = cfg.width, 4
-        self.xformer, self.placement = xformer, cfg.placement
+        self.variant, self.placement = variant, cfg.placement
+        self.xformer = variant == "xformer"
         self.query_tokens = nn.Parameter(0.02 * torch.randn(1, cfg.n_query, d))  # (1, Nq, d)
         self.word_emb = nn.Embedding(len(WORDS), d)
         self.pos_emb = nn.Embedding(8, d)
         self.ln_emb = nn.LayerNorm(d, eps=1e-12)
         self.ln_vision = nn.LayerNorm(d_clip)  # BLIP-2 normalises the frozen ViT output first
-        every = xformer and cfg.placement == "every"
-        self.layers = nn.ModuleList(QFormerLayer(d, d_clip, d_mae, heads, every)
-                                    for _ in range(cfg.n_layers))
-        # PAPER [R]: reading (a): one dual block after the last layer (--placement last).
-        self.final_dual = (DualCrossAttention(d, d_mae, heads)
-                           if xformer and cfg.placement == "last" else None)
+        self.layers = nn.ModuleList(QFormerLayer(d, d_clip, heads) for _ in range(cfg.n_layers))
         self.vision_proj, self.text_proj = nn.Linear(d, 32), nn.Linear(d, 32)  # ITC heads, E = 32
         self.itm_head = nn.Linear(d, 2)
         self.lm_head = nn.Linear(d, len(WORDS))
         self.temp = nn.Parameter(torch.tensor(0.07))
+        # PLUMBING: the variant's own parts are built last, so that under one torch seed the three
+        # variants start from the same weights for every part they share (a seed pairs them).
+        self.final_dual = None
+        if variant == "concat":
+            if d_mae != d_clip:
+                raise ValueError("concat needs the MAE and CLIP widths to match")
+            self.ln_mae = nn.LayerNorm(d_mae)  # the MAE tokens get their own LN, like ln_vision
+        elif variant == "xformer" and cfg.placement == "every":
+            for layer in self.layers:
+                layer.dual = DualCrossAttention(d, d_mae, heads)
+        elif variant == "xformer":
+            # PAPER [R]: reading (a): one dual block after the last layer (--placement last).
+            self.final_dual = DualCrossAttention(d, d_mae, heads)
 
     def forward(self, clip_tokens, text_ids=None, kind="itc", mae_tokens=None):
         """Returns query outputs Z' (B, Nq, d), text outputs (B, T, d) and M' (or None)."""
@@ -469,18 +534,22 @@ class QFormer(nn.Module):
         h = self.ln_emb(h)
         n_q = q.shape[1]
         allowed = attention_mask(kind, n_q, T)  # (Nq+T, Nq+T)
-        clip_tokens = self.ln_vision(clip_tokens)
+        image_ctx = self.ln_vision(clip_tokens)  # (B, 1+P, d_clip)
+        if self.variant == "concat" and mae_tokens is not None:
+            # The concat baseline: the MAE tokens are appended to the CLIP tokens, and the same
+            # cross-attention reads both. It sees everything X-Former sees, without the fusion.
+            image_ctx = torch.cat([image_ctx, self.ln_mae(mae_tokens)], 1)  # (B, 1+P+1+L, d)
         if not self.xformer:
-            mae_tokens = None  # BLIP-2 has no MAE branch: its outputs cannot depend on M
+            mae_tokens = None  # no dual block: BLIP-2's (and concat's) dual path is absent
         for layer in self.layers:
-            h, mae_tokens = layer(h, n_q, allowed, clip_tokens, mae_tokens)
+            h, mae_tokens = layer(h, n_q, allowed, image_ctx, mae_tokens)
         q_out, t_out = h[:, :n_q], h[:, n_q:]  # (B, Nq, d), (B, T, d)
         if self.final_dual is not None and mae_tokens is not None:
             q_out, mae_tokens = self.final_dual(q_out, mae_tokens)
         return q_out, t_out, mae_tokens
 
 
-# %% 6. The paper's core: stage-1 losses, hard negatives, reconstruction, stage-2 loss
+# %% 6. Stage 1 (the paper's stage 1): ITC, ITM with hard negatives, ITG, L_REC, the loop
 def itc_loss(img_emb: torch.Tensor, txt_emb: torch.Tensor, temp, label_smoothing: float = 0.1):
     """Image-text contrastive loss of BLIP-2 (the ITC term of X-Former's stage 1).
 
@@ -557,41 +626,31 @@ def reconstruction_loss(pred: torch.Tensor, target: torch.Tensor, mae_mask: torc
     return (per_patch * mae_mask).sum() / mae_mask.sum()
 
 
-def prefix_lm_loss(logits: torch.Tensor, text_ids: torch.Tensor, n_prefix: int):
-    """Stage 2 (BLIP-2 / LAVIS blip2_opt): language-modelling loss on the caption only.
-
-    logits (B, Np + T, V) of the frozen LM on [soft prompt; caption]; text_ids (B, T).
-    The soft-prompt positions carry label -100 (ignored); the caption tokens are the targets,
-    each predicted from the position before it. Returns (loss, labels (B, Np + T)).
-    """
-    B = text_ids.shape[0]
-    labels = torch.cat([torch.full((B, n_prefix), -100), text_ids.masked_fill(
-        text_ids == PAD, -100)], 1)  # (B, Np+T)
-    loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
-                           labels[:, 1:].reshape(-1), ignore_index=-100)
-    return loss, labels
-
-
 def stage1_loss(model: QFormer, enc: dict, idx: torch.Tensor, data: dict, cfg: Config,
                 gen: torch.Generator) -> dict:
     """PAPER: X-Former's stage 1, L_1 = L_ITC + L_ITM + L_ITG + lambda_rec L_REC [R: the weights].
 
-    BLIP-2 is the same minus the MAE branch and L_REC. Returns the four terms and their sum.
+    BLIP-2 and concat are the same minus the dual block and L_REC. idx (B,) the batch's images;
+    gen draws the MAE mask and the hard negatives. Returns the terms and their sum ("total").
     """
     clip_tok = enc["clip_tokens"][idx]  # (B, 1+P, d_clip)
     text = data["caption"][idx]  # (B, T)
     B = len(idx)
     mae_tok = mae_mask = ids_restore = None
-    if model.xformer:
+    if model.variant == "xformer":
         # PAPER: the frozen MAE encoder sees the image with 50% of its patches masked.
         mae_tok, mae_mask, ids_restore = mae_encode_random_mask(
-            enc["mae"], data["images"][idx], cfg.mae_mask_ratio, gen)
+            enc["mae"], data["images"][idx], cfg.mae_mask_ratio, gen)  # (B, 1+L_vis, d_mae)
+    elif model.variant == "concat":
+        # The concat baseline has no reconstruction for a mask to serve: it reads the full image.
+        mae_tok = enc["mae_full"][idx]  # (B, 1+L, d_mae)
     # ITC: one pass under the uni-modal mask = BLIP-2's query-only and text-only passes.
     q_out, t_out, mae_new = model(clip_tok, text, "itc", mae_tok)
     img_emb = F.normalize(model.vision_proj(q_out), dim=-1)  # (B, Nq, E)
     txt_emb = F.normalize(model.text_proj(t_out[:, 0]), dim=-1)  # (B, E) from the [BOS] slot
     l_itc, sim = itc_loss(img_emb, txt_emb, model.temp.clamp(0.001, 0.5))
-    # ITM: positives, (image, hard negative text), (hard negative image, text): 3B rows.
+    # ITM: positives, (image, hard negative text), (hard negative image, text): 3B rows, each
+    # image row paired with its own MAE row.
     neg_t, neg_i = sample_hard_negatives(sim, text, gen)
     img_rows = torch.cat([torch.arange(B), torch.arange(B), neg_i])  # (3B,)
     txt_rows = torch.cat([text, text[neg_t], text])  # (3B, T)
@@ -613,48 +672,24 @@ def stage1_loss(model: QFormer, enc: dict, idx: torch.Tensor, data: dict, cfg: C
     return terms
 
 
-class Stage2(nn.Module):
-    """Stage 2: the X-Former (or Q-Former) outputs, through a fully connected layer, become a soft
-    prompt for the frozen LM. Only the Q-Former and the FC layer train."""
+def stage1(name: str, cfg: Config, data: dict, enc: dict, variant: str, seed: int):
+    """Stage 1: train a fresh Q-Former of `variant` on L_1 for cfg.steps steps (frozen encoders).
 
-    def __init__(self, qformer: QFormer, lm, d: int):
-        super().__init__()
-        self.qformer, self.lm = qformer, lm
-        self.fc = nn.Linear(d, lm.config.hidden_size)
-
-    def soft_prompt(self, clip_tokens, mae_tokens):
-        # [R] The MAE input is unmasked here: no reconstruction in stage 2 (the paper's ablation
-        # says it hurts), so masking would only throw detail away.
-        q_out, _, _ = self.qformer(clip_tokens, None, "itc", mae_tokens)  # (B, Nq, d)
-        return self.fc(q_out)  # (B, Nq, d_lm)
-
-    def forward(self, clip_tokens, mae_tokens, text_ids):
-        prompt = self.soft_prompt(clip_tokens, mae_tokens)  # (B, Nq, d_lm)
-        tok = self.lm.get_input_embeddings()(text_ids)  # (B, T, d_lm)
-        logits = self.lm(inputs_embeds=torch.cat([prompt, tok], 1)).logits  # (B, Nq+T, V)
-        return prefix_lm_loss(logits, text_ids, prompt.shape[1])[0]
-
-    @torch.no_grad()
-    def zero_shot_count(self, clip_tokens, mae_tokens) -> torch.Tensor:
-        """Read the count from the frozen LM: argmax over the four number words after [BOS]."""
-        prompt = self.soft_prompt(clip_tokens, mae_tokens)  # (B, Nq, d_lm)
-        bos = self.lm.get_input_embeddings()(torch.full((len(prompt), 1), BOS))  # (B, 1, d_lm)
-        logits = self.lm(inputs_embeds=torch.cat([prompt, bos], 1)).logits[:, -1]  # (B, V)
-        return logits[:, [WID[c] for c in COUNTS]].argmax(1)  # (B,) 0..3
-
-
-# %% 7. Training
-def train_one(name: str, cfg: Config, data: dict, enc: dict, xformer: bool, lambda_rec: float,
-              gen: torch.Generator, with_stage2: bool = True) -> dict:
-    """Stage 1, the probe, then (unless with_stage2 is False) stage 2 and zero-shot counting."""
-    cfg = dataclasses.replace(cfg, lambda_rec=lambda_rec)
-    d_clip, d_mae = enc["clip_tokens"].shape[-1], enc["mae_full"].shape[-1]
-    model = QFormer(cfg, d_clip, d_mae, xformer)
+    Every model starts from torch seed `seed` and draws its batches from its own generator seeded
+    with it, so BLIP-2, concat and X-Former share their starting weights (where the shapes allow)
+    and see the same batches; the MAE masks and hard negatives come from a second generator.
+    Returns (model in eval mode, history of the loss terms).
+    """
+    torch.manual_seed(seed)
+    model = QFormer(cfg, enc["clip_tokens"].shape[-1], enc["mae_full"].shape[-1], variant)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.05)
+    batches = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed + 1)  # MAE masks and hard negatives
     train_idx = data["train"]
     hist = {"total": [], "itc": [], "itm": [], "itg": [], "rec": []}
+    model.train()
     for step in tqdm(range(cfg.steps), desc=f"stage 1 {name}", leave=False):
-        idx = train_idx[torch.randint(len(train_idx), (cfg.batch,), generator=gen)]  # (B,)
+        idx = train_idx[torch.randint(len(train_idx), (cfg.batch,), generator=batches)]  # (B,)
         terms = stage1_loss(model, enc, idx, data, cfg, gen)
         opt.zero_grad()
         terms["total"].backward()
@@ -666,42 +701,123 @@ def train_one(name: str, cfg: Config, data: dict, enc: dict, xformer: bool, lamb
             rec = f" | rec {val['rec']:.4f}" if "rec" in terms else ""
             tqdm.write(f"{name:>10} stage 1 step {step:4d} | loss {val['total']:.4f} | itc "
                        f"{val['itc']:.3f} | itm {val['itm']:.3f} | itg {val['itg']:.3f}{rec}")
-    model.eval()
-    probe = evaluate_probe(model, enc, data, cfg.seed)
-    if not with_stage2:
-        return {"history": hist, "probe": probe, "zero_shot_count": None}
-    # Stage 2: a fresh FC layer; the Q-Former keeps training, the LM stays frozen.
-    model.train()
-    stage2 = Stage2(model, enc["lm"], cfg.width)
-    params = list(model.parameters()) + list(stage2.fc.parameters())
+    return model.eval(), hist
+
+
+# %% 7. Stage 2 (the paper's stage 2): the queries become a soft prompt for the frozen LM
+def prefix_lm_loss(logits: torch.Tensor, text_ids: torch.Tensor, n_prefix: int):
+    """Stage 2 (BLIP-2 / LAVIS blip2_opt): language-modelling loss on the caption only.
+
+    logits (B, Np + T, V) of the frozen LM on [soft prompt; caption]; text_ids (B, T).
+    The soft-prompt positions carry label -100 (ignored); the caption tokens are the targets,
+    each predicted from the position before it. Returns (loss, labels (B, Np + T)).
+    """
+    B = text_ids.shape[0]
+    labels = torch.cat([torch.full((B, n_prefix), -100), text_ids.masked_fill(
+        text_ids == PAD, -100)], 1)  # (B, Np+T)
+    loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                           labels[:, 1:].reshape(-1), ignore_index=-100)
+    return loss, labels
+
+
+class Stage2(nn.Module):
+    """Stage 2: the X-Former (or Q-Former) outputs, through a fully connected layer, become a soft
+    prompt for the frozen LM. Only the Q-Former and the FC layer train."""
+
+    def __init__(self, qformer: QFormer, lm, d: int):
+        super().__init__()
+        self.qformer, self.lm = qformer, lm
+        self.fc = nn.Linear(d, lm.config.hidden_size)
+
+    def soft_prompt(self, clip_tokens, mae_tokens):
+        # No text in stage 2: the queries' outputs alone are the prompt (BLIP-2's stage 2).
+        q_out, _, _ = self.qformer(clip_tokens, None, "itc", mae_tokens)  # (B, Nq, d)
+        return self.fc(q_out)  # (B, Nq, d_lm)
+
+    def forward(self, clip_tokens, mae_tokens, text_ids):
+        prompt = self.soft_prompt(clip_tokens, mae_tokens)  # (B, Nq, d_lm)
+        tok = self.lm.get_input_embeddings()(text_ids)  # (B, T, d_lm)
+        logits = self.lm(inputs_embeds=torch.cat([prompt, tok], 1)).logits  # (B, Nq+T, V)
+        return prefix_lm_loss(logits, text_ids, prompt.shape[1])[0]
+
+    @torch.no_grad()
+    def count_logits(self, clip_tokens, mae_tokens) -> torch.Tensor:
+        """The frozen LM's logits for the four number words right after [soft prompt, BOS].
+
+        The caption is `[BOS] three red circles [EOS]`, so the count word is the token that
+        follows BOS: its prediction sits at the BOS position, the last one here. Returns (B, 4).
+        """
+        prompt = self.soft_prompt(clip_tokens, mae_tokens)  # (B, Nq, d_lm)
+        bos = self.lm.get_input_embeddings()(torch.full((len(prompt), 1), BOS))  # (B, 1, d_lm)
+        logits = self.lm(inputs_embeds=torch.cat([prompt, bos], 1)).logits[:, -1]  # (B, V)
+        return logits[:, [WID[c] for c in COUNTS]]  # (B, 4)
+
+    def zero_shot_count(self, clip_tokens, mae_tokens) -> torch.Tensor:
+        """Zero-shot counting: the number word the frozen LM finds most likely, (B,) in 0..3."""
+        return self.count_logits(clip_tokens, mae_tokens).argmax(1)  # (B,)
+
+
+def zero_shot_accuracy(stage2_model: Stage2, enc: dict, data: dict) -> float:
+    """Zero-shot count accuracy on the held-out images, full (unmasked) MAE input."""
+    test = data["test"]
+    mae = None if stage2_model.qformer.variant == "blip2" else enc["mae_full"][test]
+    was_training = stage2_model.qformer.training
+    stage2_model.qformer.eval()
+    pred = stage2_model.zero_shot_count(enc["clip_tokens"][test], mae)  # (N_test,)
+    stage2_model.qformer.train(was_training)
+    return float((pred == data["count"][test]).float().mean())
+
+
+def stage2(name: str, model: QFormer, cfg: Config, data: dict, enc: dict, seed: int) -> dict:
+    """Stage 2 on a copy of the stage-1 model: a fresh FC layer, the Q-Former keeps training with
+    the caption LM loss through the frozen LM. The stage-1 model itself is left untouched, so
+    several stage-2 seeds can start from it. Returns the loss history, the zero-shot curve
+    [(step, accuracy)], the final zero-shot accuracy and the trained Stage2 module.
+    """
+    torch.manual_seed(seed)  # the FC layer's initial weights
+    batches = torch.Generator().manual_seed(seed)  # same batches for every model under a seed
+    gen = torch.Generator().manual_seed(seed + 1)  # MAE masks (only if --stage2-mask-ratio > 0)
+    qformer = copy.deepcopy(model).train()
+    s2 = Stage2(qformer, enc["lm"], cfg.width)
+    params = list(qformer.parameters()) + list(s2.fc.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr_stage2, weight_decay=0.05)
-    hist["stage2"] = []
-    mae_full = enc["mae_full"]
+    train_idx, reads_mae = data["train"], qformer.variant != "blip2"
+    hist = {"loss": [], "curve": []}
     for step in tqdm(range(cfg.stage2_steps), desc=f"stage 2 {name}", leave=False):
-        idx = train_idx[torch.randint(len(train_idx), (cfg.batch,), generator=gen)]  # (B,)
-        mae_tok = mae_full[idx]  # (B, 1+L, d_mae)
-        if xformer and cfg.stage2_mask_ratio > 0:
-            # [R] Stage 2 keeps stage 1's MAE masking while training (the dual block was trained
-            # on masked MAE tokens; the mask also acts as augmentation); the summaries do not say.
-            # Evaluation always sees the full image. --stage2-mask-ratio 0 trains on it too.
+        if step % cfg.eval_every == 0:
+            hist["curve"].append((step, zero_shot_accuracy(s2, enc, data)))
+        idx = train_idx[torch.randint(len(train_idx), (cfg.batch,), generator=batches)]  # (B,)
+        mae_tok = enc["mae_full"][idx] if reads_mae else None  # (B, 1+L, d_mae)
+        if reads_mae and cfg.stage2_mask_ratio > 0:
+            # [R] The summaries do not say whether stage 2 masks the MAE input; by default it
+            # does not (no reconstruction in stage 2, so a mask would only hide detail). With
+            # 8 px patches each object sits in one patch, so a mask hides whole objects
+            # (exercise 6).
             mae_tok, _, _ = mae_encode_random_mask(enc["mae"], data["images"][idx],
                                                    cfg.stage2_mask_ratio, gen)
-        loss = stage2(enc["clip_tokens"][idx], mae_tok, data["caption"][idx])
+        loss = s2(enc["clip_tokens"][idx], mae_tok, data["caption"][idx])
         opt.zero_grad()
         loss.backward()
         opt.step()
-        hist["stage2"].append(loss.item())
+        hist["loss"].append(loss.item())
         if step % cfg.log_every == 0 or step == cfg.stage2_steps - 1:
             tqdm.write(f"{name:>10} stage 2 step {step:4d} | lm loss {loss.item():.4f}")
-    model.eval()
-    test = data["test"]
-    pred = stage2.zero_shot_count(enc["clip_tokens"][test], mae_full[test])  # (N_test,)
-    zero_shot = float((pred == data["count"][test]).float().mean())
-    return {"history": hist, "probe": probe, "zero_shot_count": zero_shot}
+    qformer.eval()
+    acc = zero_shot_accuracy(s2, enc, data)
+    hist["curve"].append((cfg.stage2_steps, acc))
+    return {"history": hist, "zero_shot_count": acc, "model": s2}
+
+
+# %% 8. Training: pre-train the frozen parts, then the ablation ladder through both stages
+# The ladder: (row name, variant, lambda_rec or None for cfg.lambda_rec, run stage 2?).
+# PLUMBING: the no-L_REC rung stops after stage 1 and the probe, to fit the default run in two
+# CPU-minutes; `--stage2-for-all` runs its stage 2 too.
+LADDER = (("BLIP-2", "blip2", 0.0, True), ("concat", "concat", 0.0, True),
+          ("no L_REC", "xformer", 0.0, False), ("X-Former", "xformer", None, True))
 
 
 def train(cfg: Config) -> dict:
-    """Pre-train the frozen parts, then BLIP-2, X-Former and X-Former without L_REC."""
+    """Pre-train the frozen parts, then stage 1 and stage 2 for each rung of LADDER."""
     if cfg.quick:
         cfg = dataclasses.replace(cfg, **QUICK)
     t0 = time.time()
@@ -711,37 +827,38 @@ def train(cfg: Config) -> dict:
     enc = pretrain_encoders(cfg, data, gen)
     print(f"pre-trained the frozen parts | clip {enc['pretrain_loss']['clip']:.3f} | mae "
           f"{enc['pretrain_loss']['mae']:.4f} | lm {enc['pretrain_loss']['lm']:.3f}")
+    # PLUMBING: stage-2 seed k is the same for every model, so the FC init and the batch order
+    # pair the models; several stage-2 seeds give the zero-shot number its spread.
+    s2_seeds = [cfg.seed * 1000 + 500 + k for k in range(cfg.stage2_seeds)]
     runs = {}
-    # The no-L_REC ablation stops after stage 1 and the probe: it costs a third of the run, and
-    # the probe is where X-Former's features are measured most directly.
-    for name, xformer, lam, s2 in (("BLIP-2", False, 0.0, True),
-                                   ("X-Former", True, cfg.lambda_rec, True),
-                                   ("no L_REC", True, 0.0, False)):
-        # PLUMBING: every model starts from the same torch seed, so their initial queries and
-        # batches differ only through what the method changes.
-        torch.manual_seed(cfg.seed + 1)
-        gen_m = torch.Generator().manual_seed(cfg.seed + 1)
-        runs[name] = train_one(name, cfg, data, enc, xformer, lam, gen_m, with_stage2=s2)
+    for name, variant, lam, with_stage2 in LADDER:
+        cfg_m = dataclasses.replace(cfg, lambda_rec=cfg.lambda_rec if lam is None else lam)
+        model, hist = stage1(name, cfg_m, data, enc, variant, cfg.seed + 1)
+        probe = evaluate_probe(model, enc, data, cfg.seed)
+        run_s2 = with_stage2 or cfg.stage2_for_all
+        s2 = [stage2(name, model, cfg_m, data, enc, s) for s in s2_seeds] if run_s2 else []
+        zs = [r["zero_shot_count"] for r in s2]
+        runs[name] = {"history": hist, "probe": probe, "zero_shot_runs": zs,
+                      "zero_shot_count": float(np.mean(zs)) if zs else None,
+                      "zero_shot_sd": float(np.std(zs)) if zs else None,
+                      "stage2_loss": [r["history"]["loss"] for r in s2],
+                      "stage2_curve": [r["history"]["curve"] for r in s2],
+                      "n_params": sum(p.numel() for p in model.parameters())}
+        zs_txt = (f"zero-shot count {np.mean(zs):.3f} +- {np.std(zs):.3f} over {len(zs)} "
+                  "stage-2 seeds" if zs else "no stage 2")
+        print(f"{name:>10} | count probe {probe['count']:.3f} | {zs_txt}")
     metrics = {}
     for name, r in runs.items():
         key = name.lower().replace(" ", "_").replace("-", "")
         for task, acc in r["probe"].items():
             metrics[f"{key}_{task}_probe"] = acc
-        if r["zero_shot_count"] is not None:
+        if r["zero_shot_runs"]:
             metrics[f"{key}_zero_shot_count"] = r["zero_shot_count"]
+            metrics[f"{key}_zero_shot_count_sd"] = r["zero_shot_sd"]
+            metrics[f"{key}_zero_shot_count_per_stage2_seed"] = r["zero_shot_runs"]
         metrics[f"{key}_stage1_final_loss"] = float(np.mean(r["history"]["total"][-10:]))
-    b, x, nr = runs["BLIP-2"], runs["X-Former"], runs["no L_REC"]
-    headline = [
-        {"metric": "count probe acc", "higher_is_better": True,
-         "method": {"name": "X-Former", "value": x["probe"]["count"]},
-         "baseline": {"name": "BLIP-2 Q-Former", "value": b["probe"]["count"]}},
-        {"metric": "zero-shot count acc (frozen LM)", "higher_is_better": True,
-         "method": {"name": "X-Former", "value": x["zero_shot_count"]},
-         "baseline": {"name": "BLIP-2 Q-Former", "value": b["zero_shot_count"]}},
-        {"metric": "count probe acc, L_REC ablation", "higher_is_better": True,
-         "method": {"name": "X-Former", "value": x["probe"]["count"]},
-         "baseline": {"name": "X-Former without L_REC", "value": nr["probe"]["count"]}},
-    ]
+        metrics[f"{key}_params"] = r["n_params"]
+    headline = make_headline(runs)
     summary = {"folder": FOLDER, "seed": cfg.seed, "config": dataclasses.asdict(cfg),
                "wall_seconds": time.time() - t0, "metrics": metrics, "headline": headline}
     out = Path(cfg.out_dir)
@@ -749,16 +866,39 @@ def train(cfg: Config) -> dict:
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     plot(runs, out / "xformer.png")
     print_table(runs)
-    print(f"wrote {out / 'summary.json'} and {out / 'xformer.png'} "
-          f"({summary['wall_seconds']:.0f} s)")
     return {"runs": runs, "metrics": metrics, "summary": summary}
 
 
-# %% 8. Evaluation and plots
+def make_headline(runs: dict) -> list[dict]:
+    """The summary.json headline rows, the fair main claim first (EXPERIMENTS.md, section 4)."""
+    b, c, nr, x = (runs[k] for k in ("BLIP-2", "concat", "no L_REC", "X-Former"))
+
+    def row(metric, expect, method, m_name, base, b_name, key):
+        if key == "zero_shot_count":
+            mv, bv = method[key], base[key]
+        else:
+            mv, bv = method["probe"][key], base["probe"][key]
+        return {"metric": metric, "higher_is_better": True, "expect": expect,
+                "method": {"name": m_name, "value": mv}, "baseline": {"name": b_name, "value": bv}}
+
+    zs, cp = "zero-shot count acc (frozen LM)", "count probe acc"
+    return [
+        row(zs, "better", x, "X-Former", c, "concat (CLIP+MAE tokens)", "zero_shot_count"),
+        row(zs, "better", x, "X-Former", b, "BLIP-2 Q-Former", "zero_shot_count"),
+        row(cp, "better", x, "X-Former", c, "concat (CLIP+MAE tokens)", "count"),
+        row(cp, "better", x, "X-Former", b, "BLIP-2 Q-Former", "count"),
+        row(cp + ", L_REC ablation", "report", x, "X-Former", nr, "X-Former without L_REC",
+            "count"),
+        row("colour probe acc (control)", "level", x, "X-Former", b, "BLIP-2 Q-Former", "colour"),
+    ]
+
+
+# %% 9. Evaluation and plots
 @torch.no_grad()
 def query_features(model: QFormer, enc: dict, idx: torch.Tensor) -> np.ndarray:
     """Flattened query outputs Z' (N, Nq * d) on unmasked MAE input."""
-    q_out, _, _ = model(enc["clip_tokens"][idx], None, "itc", enc["mae_full"][idx])
+    mae = None if model.variant == "blip2" else enc["mae_full"][idx]  # (N, 1+L, d_mae)
+    q_out, _, _ = model(enc["clip_tokens"][idx], None, "itc", mae)  # (N, Nq, d)
     return q_out.flatten(1).numpy()  # (N, Nq*d)
 
 
@@ -783,51 +923,120 @@ def evaluate_probe(model: QFormer, enc: dict, data: dict, seed: int) -> dict:
 
 
 def print_table(runs: dict) -> None:
-    print("\n| model      | count probe | colour probe | shape probe | zero-shot count |")
-    print("|------------|-------------|--------------|-------------|-----------------|")
+    print("\nchance: count 0.25, colour and shape 0.33; zero-shot: mean +- sd over stage-2 seeds")
+    print("| model      | params | count probe | colour probe | shape probe | zero-shot count |")
+    print("|------------|--------|-------------|--------------|-------------|-----------------|")
     for name, r in runs.items():
-        p, z = r["probe"], r["zero_shot_count"]
-        zs = "-" if z is None else f"{z:.3f}"
-        print(f"| {name:<10} | {p['count']:11.3f} | {p['colour']:12.3f} | {p['shape']:11.3f} "
-              f"| {zs:>15} |")
+        p = r["probe"]
+        zs = "-"
+        if r["zero_shot_runs"]:
+            zs = f"{r['zero_shot_count']:.3f} +- {r['zero_shot_sd']:.3f}"
+        print(f"| {name:<10} | {r['n_params']:6d} | {p['count']:11.3f} | {p['colour']:12.3f} "
+              f"| {p['shape']:11.3f} | {zs:>15} |")
 
 
 def plot(runs: dict, path: Path) -> None:
-    """Grouped bars (probes and zero-shot counting) and the stage-1 loss curves."""
+    """Grouped bars (probes and zero-shot counting), the stage-1 loss and the stage-2 curves."""
     import matplotlib
 
-    matplotlib.use("Agg")
+    if not in_notebook():
+        matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 3.8))
+    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(15, 3.8))
     tasks = ["count probe", "zero-shot count", "colour probe", "shape probe"]
     width = 0.8 / len(runs)
     for k, (name, r) in enumerate(runs.items()):
         vals = [r["probe"]["count"], r["zero_shot_count"] or 0.0, r["probe"]["colour"],
                 r["probe"]["shape"]]
-        ax1.bar(np.arange(len(tasks)) + k * width, vals, width, label=name)
+        err = [0.0, r["zero_shot_sd"] or 0.0, 0.0, 0.0]
+        ax1.bar(np.arange(len(tasks)) + k * width, vals, width, yerr=err, label=name)
     ax1.set_xticks(np.arange(len(tasks)) + width * (len(runs) - 1) / 2, tasks)
+    ax1.axhline(0.25, color="grey", lw=0.8, ls=":")
     ax1.set_ylabel("test accuracy")
     ax1.set_ylim(0, 1.05)
     ax1.legend(fontsize=8)
-    ax1.set_title("counting is the detail; colour and shape the control")
+    ax1.set_title("counting is the detail; colour and shape the control", fontsize=10)
     for name, r in runs.items():
         loss = np.array(r["history"]["total"])
         smooth = np.convolve(loss, np.ones(10) / 10, mode="valid") if len(loss) > 10 else loss
         ax2.plot(smooth, label=name)
+        if r["stage2_curve"]:
+            curves = np.array([[a for _, a in c] for c in r["stage2_curve"]])  # (seeds, points)
+            steps = [s for s, _ in r["stage2_curve"][0]]
+            ax3.errorbar(steps, curves.mean(0), yerr=curves.std(0), capsize=2, label=name)
     ax2.set_xlabel("stage-1 step")
     ax2.set_ylabel("stage-1 loss (smoothed)")
     ax2.legend(fontsize=8)
+    ax3.axhline(0.25, color="grey", lw=0.8, ls=":", label="chance")
+    ax3.set_xlabel("stage-2 step")
+    ax3.set_ylabel("zero-shot count acc (test)")
+    ax3.set_ylim(0, 1.05)
+    ax3.legend(fontsize=8)
+    ax3.set_title("stage 2: mean +- sd over stage-2 seeds", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
+    plt.show() if in_notebook() else plt.close(fig)
 
 
-# %% 9. Entry point
+# %% 10. The run's last lines
+# PLUMBING: what `expect` means (../CONTRIBUTING.md, section 2): "better" = the method should
+# beat the baseline; "level" = a control, the two should be within 2 %; "report" = a diagnostic
+# or a reported negative, not a claim.
+EXPECT = {"better": "method should beat baseline", "level": "control: within 2 % expected",
+          "report": "diagnostic, not a claim"}
+
+
+def seed_record(row: dict) -> str:
+    """How often this row held over the seeds in RESULTS.md (written by tools/run_all.py)."""
+    results = Path(__file__).resolve().parents[1] / "RESULTS.md"
+    if not results.is_file():
+        return "no RESULTS.md beside this folder"
+    arrow = "↑" if row["higher_is_better"] else "↓"
+    for line in results.read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if (len(cells) >= 6 and cells[0] == f"{row['metric']} {arrow}"
+                and cells[1] == row["method"]["name"] and cells[3] == row["baseline"]["name"]):
+            return f"RESULTS.md: {cells[-1]}"
+    return "row not in RESULTS.md yet"
+
+
+def print_verdict(headline: list[dict], quick: bool, out: Path, t_start: float) -> None:
+    """One plain line per headline row, a --quick warning, and the files this run wrote."""
+    print("\nVerdict (this seed):")
+    for row in headline:
+        m, b = row["method"]["value"], row["baseline"]["value"]
+        better = (m > b) if row["higher_is_better"] else (m < b)
+        level = abs(m - b) <= 0.02 * max(abs(m), abs(b), 1e-12)
+        seen = "level" if level else ("method ahead" if better else "baseline ahead")
+        direction = "higher" if row["higher_is_better"] else "lower"
+        print(f"  [{row['expect']}] {row['metric']} ({direction} is better): "
+              f"{row['method']['name']} {m:.4g} vs {row['baseline']['name']} {b:.4g} -> {seen}; "
+              f"{EXPECT[row['expect']]}; {seed_record(row)}")
+    if quick:
+        print("NOTE: --quick is a smoke run (seconds, tiny data); its numbers are not meant to "
+              "show the paper's effect. Run without --quick for that.")
+    written = sorted(p for p in out.rglob("*") if p.is_file() and p.stat().st_mtime >= t_start)
+    print("Files written:", ", ".join(str(p) for p in written) or "none")
+
+
+# %% 11. Entry point
 def main(argv=None) -> dict:
+    if argv is None and in_notebook():
+        argv = ["--quick"]  # PLUMBING: in a notebook, never parse the kernel's sys.argv
     cfg = parse_args(argv)
+    t_start = time.time()
+    out = prepare_out_dir(cfg.out_dir)  # before training: a bad --out-dir fails in a second
+    # PLUMBING: these tiny models are fastest on one thread (measured: README, Run). torch's own
+    # pool and the BLAS pool that scikit-learn's probe uses (threadpoolctl ships with
+    # scikit-learn) are both limited here, so the plain command needs no OMP_NUM_THREADS.
+    from threadpoolctl import threadpool_limits
+
     torch.set_num_threads(cfg.threads)
-    return train(cfg)
+    with threadpool_limits(limits=cfg.threads):
+        result = train(cfg)
+    print_verdict(result["summary"]["headline"], cfg.quick, out, t_start)
+    return result
 
 
 if __name__ == "__main__":
