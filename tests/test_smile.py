@@ -1,5 +1,6 @@
-"""Tests for smile/train.py: routing, capacity, load balancing, the two-hop All2All, the cost model,
-the distributed path (gloo, 2 nodes x 2 GPUs) against the single-process layer, and a smoke run."""
+"""Tests for smile/train.py: routing, capacity, load balancing, the additive-router identity, the
+two-hop All2All, the cost model (both message assumptions, Amdahl), paired initialisation, the
+distributed path (gloo, 2 nodes x 2 GPUs) against the single-process layer, and a smoke run."""
 
 import dataclasses
 import json
@@ -71,7 +72,7 @@ def test_lb_loss_hand_values():
     assert torch.allclose(smile.load_balancing_loss(p, p.argmax(-1), 0.01), torch.tensor([0.01]))
 
 
-@pytest.mark.exercise
+@pytest.mark.exercise(1)
 def test_exercise1_lb_loss_is_alpha_at_uniform_routing():
     E, T = 4, 8
     probs = torch.full((3, T, E), 1 / E)  # (G, T, E) uniform probabilities
@@ -81,7 +82,7 @@ def test_exercise1_lb_loss_is_alpha_at_uniform_routing():
     assert torch.allclose(out, torch.full((3,), 0.01))
 
 
-@pytest.mark.exercise
+@pytest.mark.exercise(1)
 def test_exercise1_lb_loss_hand_value_and_valid_mask():
     p = torch.tensor([[[.9, .1], [.8, .2], [.3, .7], [.4, .6]]])
     assert torch.allclose(smile.load_balancing_loss(p, p.argmax(-1), 1.0), torch.tensor([1.0]))
@@ -96,7 +97,7 @@ def test_exercise1_lb_loss_hand_value_and_valid_mask():
                           torch.tensor([1.0, 2.0]))
 
 
-@pytest.mark.exercise
+@pytest.mark.exercise(1)
 def test_exercise1_lb_gradient_flows_only_through_P():
     torch.manual_seed(0)
     logits = torch.randn(2, 6, 3, requires_grad=True)
@@ -111,7 +112,7 @@ def test_exercise1_lb_gradient_flows_only_through_P():
 
 
 # ---------------------------------------------------------------- cost model
-@pytest.mark.exercise
+@pytest.mark.exercise(2)
 def test_exercise2_alltoall_cost_matches_worked_example():
     # the worked example in the notes: M = 8, d = 1024, bf16, cf = 1
     for N, T, flat_ms, smile_ms in ((2, 4096, 0.78, 0.72), (8, 4096, 1.75, 1.28),
@@ -123,7 +124,7 @@ def test_exercise2_alltoall_cost_matches_worked_example():
         assert c["flat_fast_msgs"] == 7 and c["smile_fast_msgs"] == 7
 
 
-@pytest.mark.exercise
+@pytest.mark.exercise(2)
 def test_exercise2_slow_bytes_equal_and_hand_example():
     # N = 2, M = 2, T = 4, d = 1, 1 byte, cf = 1: S = 4 bytes; flat sends S/P = 1 byte to each of
     # (N-1) M = 2 GPUs on the other node; SMILE sends S1/N = 2 bytes to 1 GPU.
@@ -132,12 +133,48 @@ def test_exercise2_slow_bytes_equal_and_hand_example():
     assert (c["smile_slow_msgs"], c["smile_slow_bytes"]) == (1, 2.0)
     assert (c["flat_fast_msgs"], c["flat_fast_bytes"]) == (1, 1.0)
     assert (c["smile_fast_msgs"], c["smile_fast_bytes"]) == (1, 2.0)
-    a_s, a_f = smile.ALPHA_SLOW, smile.ALPHA_FAST
+    a_s, a_f = smile.LAT_SLOW, smile.LAT_FAST
     b_s, b_f = 1 / smile.BW_SLOW, 1 / smile.BW_FAST
     assert c["flat_time"] == pytest.approx(2 * (a_s + b_s) + (a_f + b_f))
     assert c["smile_time"] == pytest.approx((a_s + 2 * b_s) + (a_f + 2 * b_f))
+    # overlapped: one latency per link and hop; flat's two links in parallel, SMILE's hops in series
+    assert c["flat_time_overlap"] == pytest.approx(max(a_s + 2 * b_s, a_f + b_f))
+    assert c["smile_time_overlap"] == pytest.approx((a_s + 2 * b_s) + (a_f + 2 * b_f))
     big = smile.alltoall_cost(16, 8, 2048, 512, 2, 1.25, 1.25, 1.0)
     assert big["flat_slow_bytes"] == pytest.approx(big["smile_slow_bytes"])
+
+
+@pytest.mark.exercise(2)
+def test_exercise2_cost_model_uses_each_capacity_factor():
+    base = smile.alltoall_cost(4, 4, 64, 8, 1, 1.0, 1.0, 1.0)
+    c1 = smile.alltoall_cost(4, 4, 64, 8, 1, 1.0, 2.0, 1.0)  # cf1 doubles both SMILE hops
+    assert c1["smile_slow_bytes"] == pytest.approx(2 * base["smile_slow_bytes"])
+    assert c1["smile_fast_bytes"] == pytest.approx(2 * base["smile_fast_bytes"])
+    assert c1["flat_slow_bytes"] == base["flat_slow_bytes"]
+    c2 = smile.alltoall_cost(4, 4, 64, 8, 1, 1.0, 1.0, 3.0)  # cf2 only the intra-node hop
+    assert c2["smile_slow_bytes"] == base["smile_slow_bytes"]
+    assert c2["smile_fast_bytes"] == pytest.approx(3 * base["smile_fast_bytes"])
+    c = smile.alltoall_cost(4, 4, 64, 8, 1, 1.5, 1.0, 1.0)  # cf only the flat buffer
+    assert c["flat_slow_bytes"] == pytest.approx(1.5 * base["flat_slow_bytes"])
+    assert c["smile_slow_bytes"] == base["smile_slow_bytes"]
+
+
+def test_overlapped_smile_never_beats_flat_when_cf_equals_cf1():
+    for N in (2, 4, 16):
+        for T in (64, 4096, 65536):
+            c = smile.alltoall_cost(N, 8, T, 1024, 2, 1.25, 1.25, 1.0)
+            assert c["smile_time_overlap"] >= c["flat_time_overlap"]
+            assert c["flat_time_overlap"] <= c["flat_time"]
+
+
+def test_amdahl_required_share_hand_values():
+    # f = (1 - 1/2.5) / (1 - 1/s): 0.6 for an infinitely fast All2All, 0.75 for s = 5
+    assert smile.amdahl_required_share(1e12) == pytest.approx(0.6)
+    assert smile.amdahl_required_share(5.0) == pytest.approx(0.75)
+    assert smile.amdahl_required_share(2.0) == math.inf
+    assert smile.amdahl_required_share(4.0, target=2.0) == pytest.approx(2 / 3)
+    f = smile.amdahl_required_share(3.0)
+    assert 1 / ((1 - f) + f / 3.0) == pytest.approx(2.5)
 
 
 def test_modelled_ratio_grows_with_nodes():
@@ -400,6 +437,131 @@ def test_gradients_reach_routers_through_gates_and_lb_only_routers():
     assert layer.experts.w1.grad is None  # the LB loss never touches the experts
 
 
+# ---------------------------------------------------------------- the additive-router identity
+@pytest.mark.exercise(3)
+def test_exercise3_additive_logits_hand_value():
+    a = torch.tensor([[[1.0, 2.0]]])  # (G=1, S=1, N=2)
+    b = torch.tensor([[[10.0, 20.0, 30.0]]])  # (1, 1, M=3)
+    out = smile.additive_router_logits(a, b)
+    assert out.shape == (1, 1, 6)
+    # expert e = n*M + m: (0,0) (0,1) (0,2) (1,0) (1,1) (1,2)
+    assert out[0, 0].tolist() == [11.0, 21.0, 31.0, 12.0, 22.0, 32.0]
+
+
+@pytest.mark.exercise(3)
+def test_exercise3_softmax_of_sum_is_product_of_softmaxes():
+    # softmax over (n, m) of a_n + b_m = softmax(a)_n * softmax(b)_m
+    torch.manual_seed(0)
+    a, b = torch.randn(2, 5, 3), torch.randn(2, 5, 4)
+    joint = smile.additive_router_logits(a, b).softmax(-1)  # (2, 5, 12)
+    prod = (a.softmax(-1)[..., :, None] * b.softmax(-1)[..., None, :]).reshape(2, 5, 12)
+    assert torch.allclose(joint, prod, atol=1e-6)
+
+
+@pytest.mark.exercise(3)
+def test_exercise3_smile_without_drops_equals_additive_switch():
+    """Shared-router SMILE with no drops computes exactly the additive-router Switch layer."""
+    torch.manual_seed(8)
+    cfg = small_cfg(nodes=2, gpus_per_node=3)
+    s = smile.SmileMoE(cfg)
+    a = smile.SwitchMoE(cfg, router="additive")
+    with torch.no_grad():
+        a.w_node.weight.copy_(s.w_node.weight)
+        a.w_gpu.weight.copy_(s.w_gpu.weight)
+    a.experts.load_state_dict(s.experts.state_dict())
+    x = torch.randn(6, 10, 8)
+    comm = smile.SimulatedComm(2, 3)
+    ys, _, sts = s(x, comm, no_drop=True)
+    ya, _, sta = a(x, comm, no_drop=True)
+    assert sts["dropped"] == sta["dropped"] == 0
+    assert torch.allclose(ys, ya, atol=1e-6)
+    assert ys.abs().sum() > 0
+    # with the training capacities the two layers drop different tokens, so they may differ
+    ys_cf, _, st_cf = s(x, comm)
+    assert st_cf["dropped"] >= 0
+
+
+def test_additive_router_reaches_both_routers_and_flat_lb():
+    torch.manual_seed(9)
+    layer = smile.SwitchMoE(small_cfg(alpha=0.5), router="additive")
+    x = torch.randn(4, 12, 8)
+    y, lb, _ = layer(x, smile.SimulatedComm(2, 2))
+    with torch.no_grad():
+        logits = smile.additive_router_logits(layer.w_node(x), layer.w_gpu(x))
+        p = logits.softmax(-1)
+    # its balance term is the flat Switch term over all E = N*M experts
+    assert torch.allclose(lb, smile.load_balancing_loss(p, p.argmax(-1), 0.5))
+    (y.sum() + lb.sum()).backward()
+    assert layer.w_node.weight.grad.abs().sum() > 0 and layer.w_gpu.weight.grad.abs().sum() > 0
+
+
+# ---------------------------------------------------------------- paired starts, evaluation
+def test_build_model_pairs_the_variants():
+    cfg = small_cfg(batch=8, n_layers=2)
+    models = {k: smile.build_model(cfg, k) for k in smile.VARIANTS}
+    trunk = {n: p for n, p in models["dense"].named_parameters() if ".ffn." not in n}
+    for k, m in models.items():
+        params = dict(m.named_parameters())
+        for n, p in trunk.items():
+            assert torch.equal(params[n], p), (k, n)
+    for i in range(cfg.n_layers):
+        ref = models["smile"].blocks[i].ffn
+        for k in ("switch", "additive"):
+            f = models[k].blocks[i].ffn
+            for name in ("w1", "b1", "w2", "b2"):
+                assert torch.equal(getattr(f.experts, name), getattr(ref.experts, name))
+        assert torch.equal(models["additive"].blocks[i].ffn.w_node.weight, ref.w_node.weight)
+        assert torch.equal(models["additive"].blocks[i].ffn.w_gpu.weight, ref.w_gpu.weight)
+        full = models["switch"].blocks[i].ffn.w_router.weight  # (N*M, D)
+        want = (ref.w_node.weight[:, None] + ref.w_gpu.weight[None]).reshape(-1, cfg.d_model)
+        assert torch.equal(full, want)
+        dense = models["dense"].blocks[i].ffn.net
+        assert torch.equal(dense[0].weight, ref.experts.w1[0].T)
+        assert torch.equal(dense[2].bias, ref.experts.b2[0])
+    # the layers differ between blocks (each block gets its own draws)
+    assert not torch.equal(models["smile"].blocks[0].ffn.experts.w1,
+                           models["smile"].blocks[1].ffn.experts.w1)
+    # at step 0, without drops, the three MoE variants compute the same function
+    idx = torch.randint(cfg.vocab, (8, cfg.seq_len), generator=torch.Generator().manual_seed(0))
+    comm = smile.SimulatedComm(2, 2)
+    out = {k: models[k](idx, comm, True)[0] for k in ("switch", "additive", "smile")}
+    assert torch.allclose(out["switch"], out["smile"], atol=1e-5)
+    assert torch.allclose(out["additive"], out["smile"], atol=1e-5)
+    assert not torch.allclose(models["dense"](idx, comm)[0], out["smile"], atol=1e-3)
+    # a different seed gives different weights
+    other = smile.build_model(dataclasses.replace(cfg, seed=1), "smile")
+    w0 = models["smile"].blocks[0].ffn.w_node.weight
+    assert not torch.equal(other.blocks[0].ffn.w_node.weight, w0)
+
+
+def test_evaluate_defaults_to_no_drops():
+    cfg = small_cfg(cf1=0.3, cf2=0.3, batch=8)
+    model = smile.build_model(cfg, "smile")
+    comm = smile.SimulatedComm(2, 2)
+    g = torch.Generator().manual_seed(0)
+    val = [smile.sample_batch(smile.make_languages(cfg), 8, cfg.seq_len, g)]
+    default = smile.evaluate(model, comm, val)
+    assert default == smile.evaluate(model, comm, val, no_drop=True)
+    assert default != smile.evaluate(model, comm, val, no_drop=False)
+    assert model.training  # evaluate puts the model back in training mode
+
+
+def test_bayes_floor_hand_value():
+    # two languages over V = 2: language 0 always continues with 0, language 1 with 1
+    tables = torch.tensor([[[1.0, 0.0], [1.0, 0.0]], [[0.0, 1.0], [0.0, 1.0]]])
+    idx, tgt = torch.tensor([[0, 0]]), torch.tensor([[0, 0]])
+    # first prediction: p(0) = 0.5 (either language); then the language is known: p = 1
+    assert smile.bayes_floor(tables, [(idx, tgt)]) == pytest.approx(math.log(2) / 2)
+
+
+def test_steps_to_reach_interpolates():
+    steps, val = [0, 10, 20, 30], [4.0, 3.0, 2.0, 1.5]
+    assert smile.steps_to_reach(steps, val, 2.5) == pytest.approx(15.0)
+    assert smile.steps_to_reach(steps, val, 3.0) == pytest.approx(10.0)
+    assert smile.steps_to_reach(steps, val, 5.0) == 0.0
+    assert smile.steps_to_reach(steps, val, 1.0) == math.inf
+
+
 # ---------------------------------------------------------------- tier 3: distributed == single
 def _dist_worker(rank, world, N, M, init, out_dir):
     """One gloo rank: the SMILE and Switch layers over real groups; dumps outputs and grads."""
@@ -471,7 +633,7 @@ def test_distributed_matches_single_process(tmp_path):
 
 
 @pytest.mark.slow
-def test_distributed_training_run_and_failed_worker(tmp_path):
+def test_distributed_training_run_and_failed_worker(tmp_path, monkeypatch):
     # (not quick=True: QUICK would override steps)
     cfg = smile.Config(distributed=True, nodes=2, gpus_per_node=2, steps=4, batch=16,
                        variants="switch,smile", val_batches=1, out_dir=str(tmp_path))
@@ -485,9 +647,11 @@ def test_distributed_training_run_and_failed_worker(tmp_path):
     assert m["slow_bytes_per_step_smile"] > 0 and m["slow_bytes_per_step_switch"] > 0
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert set(summary) == {"folder", "seed", "config", "wall_seconds", "metrics", "headline"}
-    # a worker that raises stops the whole run with its error, no hang
-    bad = dataclasses.replace(cfg, fail_rank=1, dist_timeout=20, out_dir=str(tmp_path / "bad"))
-    with pytest.raises(smile.RunError, match="deliberate failure"):
+    # a worker that raises stops the whole run with its error, no hang (the spawned workers
+    # inherit the variable that makes the no-op test hook raise on rank 1)
+    monkeypatch.setenv("SMILE_TEST_FAIL_RANK", "1")
+    bad = dataclasses.replace(cfg, dist_timeout=20, out_dir=str(tmp_path / "bad"))
+    with pytest.raises(smile.RunError, match="deliberate failure of rank 1"):
         smile.train(bad)
 
 
@@ -503,7 +667,11 @@ def test_quick_train_smoke(tmp_path):
     assert set(summary) == {"folder", "seed", "config", "wall_seconds", "metrics", "headline"}
     assert summary["folder"] == "smile" and summary["config"]["steps"] == smile.QUICK["steps"]
     for row in summary["headline"]:
-        assert {"metric", "higher_is_better", "method", "baseline"} <= set(row)
+        assert {"metric", "higher_is_better", "method", "baseline", "expect"} <= set(row)
+        assert row["expect"] in ("better", "level", "report")
+    first_better = next(r for r in summary["headline"] if r["expect"] == "better")
+    assert first_better["baseline"]["name"] == "Switch"  # never the dense straw man
+    assert summary["headline"][0]["expect"] == "level"  # the convergence claim is a control
     assert summary["metrics"]["slow_msgs_real_switch"] > summary["metrics"]["slow_msgs_real_smile"]
     assert (tmp_path / "smile.png").stat().st_size > 0
 
@@ -529,3 +697,31 @@ def test_cli_errors_are_one_line(capsys):
         with pytest.raises(SystemExit):
             smile.parse_args(["--device", "cuda"])
         assert "CUDA is not available" in capsys.readouterr().err
+    for argv in (["--seed", "-1"], ["--seed", str(2**32)], ["--eval-every", "0"]):
+        with pytest.raises(SystemExit):
+            smile.parse_args(argv)
+        assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def test_torchrun_more_processes_than_gpus_is_one_line(capsys, monkeypatch):
+    env = {"RANK": "0", "WORLD_SIZE": "4", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "4"}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(SystemExit) as e:
+        smile.parse_args(["--distributed", "--device", "cuda"])
+    assert e.value.code != 0
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "4 processes" in err and "2 GPU" in err
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    cfg = smile.parse_args(["--distributed", "--device", "cuda"])
+    assert (cfg.nodes, cfg.gpus_per_node) == (1, 4)
+
+
+def test_bad_out_dir_fails_before_training(tmp_path, capsys):
+    f = tmp_path / "a_file"
+    f.write_text("")
+    with pytest.raises(SystemExit) as e:
+        smile.main(["--quick", "--out-dir", str(f / "sub")])
+    assert "not a writable folder" in str(e.value)
