@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import pytest
 
@@ -45,8 +46,11 @@ def pytest_collection_modifyitems(config, items):
 
 def pytest_collectreport(report):
     if report.failed:
+        # Where in the student's file: the last "train.py", line N of the traceback.
+        lines = re.findall(r'train\.py", line (\d+)', str(report.longrepr))
+        where = f" (train.py, line {lines[-1]})" if lines else ""
         _write({"test": report.nodeid, "outcome": "error",
-                "reason": "does not import: " + _short(report.longrepr)})
+                "reason": "does not import: " + _short(report.longrepr) + where})
 
 
 @pytest.hookimpl(trylast=True)
