@@ -25,8 +25,18 @@ Implemented (our numbering):
     Eq. (7) [R]  f_v(v) = mean_t g_t + alpha R[TT(W u_t + e_t)], R = 0 at init
                                                                -> temporal_fuse
     Eq. (8) [R]  L_reg = mean_{i,t} [1 - cos(g_t^theta, g_t^CLIP)]  -> feature_distill_loss
-    Eq. (9) [R]  theta_wise = a theta_CLIP + (1 - a) theta_ft  (WiSE-FT ablation) -> wise_ft
+    Eq. (8b)[R]  L_vid = mean_i [1 - cos(f_v(v_i), mean_t g_t^CLIP)] (FROSTER, video level)
+                                                               -> feature_distill_loss
+    Eq. (9) [R]  theta_wise = a theta_CLIP + (1 - a) theta_ft  (WiSE-FT sweep) -> wise_ft
                  AP / mAP over classes                          -> average_precision, mean_ap
+Rivals and diagnostics (not the paper's method):
+    hard words   greedy decoding of the same LLM prompt, read by the frozen CLIP text tower
+                 (Menon & Vondrick 2023; CuPL)              -> hard_generate, HardDescriptionEncoder
+    warm start   the prompting transformer pre-trained to translate the LLM's soft attributes
+                 into CLIP token embeddings of its words   -> warm_start_translator
+    video first  label embeddings held fixed for the first steps (the collapse fix)
+                                                               -> train_stage1(video_first=...)
+    collapse     mean pairwise cosine of the 4 action-label embeddings -> mean_pairwise_cosine
 
 The idea: a multi-label video classifier must score labels it never saw in training. CLIP scores a
 label by the similarity of its text embedding to the video embedding, but CLIP's text encoder knows
@@ -53,10 +63,11 @@ What the miniature simplifies: 16x16 videos of moving coloured shapes instead of
 class names are opaque aliases ("chili" = red column) so that only the LLM knows what a novel name
 looks like; 12 base and 4 novel labels; a few hundred steps.
 
-Run:   python ovmlvc/train.py            (about 50 s of one CPU core)
-Ends:  the novel chance level, then a table `run | base mAP | novel mAP | action mAP` for the plain
-       prompt, the LLM label encoder, the fine-tuned ViT without / with L_reg and with WiSE-FT
-       (seed 0: novel mAP 0.19 plain vs 0.29 LLM; chance 0.13).
+Run:   python ovmlvc/train.py            (about 100 s of one CPU core)
+Ends:  the novel chance level, a table `run | base mAP | novel mAP | action mAP | action-label
+       cos` (plain prompt, hard words training-free and + video, the LLM encoder and its paired
+       ablations, the fine-tuned ViT with L_reg and the WiSE-FT sweep), the collapse curves, and
+       one verdict line per headline row.
 """
 
 # %% 1. Imports
@@ -68,6 +79,7 @@ import dataclasses
 import json
 import math
 import random
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -101,15 +113,29 @@ class Config:
     lr_temporal: float = field(default=1e-3, metadata={"help": "AdamW lr of the temporal branch"})
     lr_vit: float = field(default=1e-3, metadata={"help": "AdamW lr for the ViT when fine-tuned"})
     soft_k: int = field(default=2, metadata={"help": "K, soft attribute tokens generated"})
-    lam: float = field(default=10.0, metadata={"help": "lambda, weight of L_reg (Eq. 8)"})
-    wise_alpha: float = field(default=0.5, metadata={"help": "WiSE-FT weight on frozen CLIP"})
+    lam: float = field(default=10.0, metadata={
+        "help": "lambda, weight of the frame-level L_reg (Eq. 8) when the ViT is fine-tuned"})
+    lam_video: float = field(default=0.5, metadata={
+        "help": "lambda_v, weight of the video-level L_vid (Eq. 8b) in every trained run"})
+    wise_alpha: float = field(default=0.5, metadata={
+        "help": "middle point a of the WiSE-FT sweep {0, a, 1} (weight on frozen CLIP)"})
     keep_label_token: bool = field(default=False,
                                    metadata={"help": "also feed the alias token to CLIP text"})
+    video_first: int = field(default=100, metadata={
+        "help": "stage-1 steps in which only the video side trains (label encoders held fixed)"})
+    warm_steps: int = field(default=0, metadata={
+        "help": "steps of the translator warm start of an extra LLM run (0: no such run; README "
+                "used 200)"})
+    eval_every: int = field(default=50, metadata={
+        "help": "steps between diagnostic evaluations (mAP and action-label cosine curves)"})
+    input_jitter: float = field(default=0.0, metadata={
+        "help": "std of noise added to the cached frame features (a float-robustness probe)"})
     log_every: int = field(default=100, metadata={"help": "steps between log lines"})
 
 
 # What --quick changes (it wins over the defaults above).
-QUICK = dict(steps=20, pre_steps=30, n_train=128, n_test=64, batch=16, log_every=10)
+QUICK = dict(steps=20, pre_steps=30, n_train=128, n_test=64, batch=16, log_every=10,
+             video_first=5, warm_steps=10, eval_every=10)
 DEVICES = ("cpu",)
 
 
@@ -128,21 +154,56 @@ def parse_args(argv=None) -> Config:
             p.add_argument(flag, action="store_true", help=f.metadata["help"])
         else:
             kind = type(f.default)
-            p.add_argument(flag, type=kind, default=f.default, help=f.metadata["help"],
+            p.add_argument(flag, type=kind, default=f.default,
+                           help=f.metadata["help"] + " (default: %(default)s)",
                            choices=DEVICES if f.name == "device" else None)
     cfg = Config(**vars(p.parse_args(argv)))
-    for name in ("steps", "pre_steps", "batch", "n_train", "n_test", "soft_k", "log_every"):
+    if not 0 <= cfg.seed < 2**32:
+        p.error(f"--seed must be in [0, 2**32), got {cfg.seed}")
+    for name in ("steps", "pre_steps", "batch", "n_train", "n_test", "soft_k", "log_every",
+                 "eval_every"):
         if getattr(cfg, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
+    for name in ("video_first", "warm_steps"):
+        if getattr(cfg, name) < 0:
+            p.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
+    if cfg.video_first >= cfg.steps:
+        p.error(f"--video-first must be < --steps ({cfg.steps}), got {cfg.video_first}")
     if cfg.soft_k > 4:
         p.error(f"--soft-k must be <= 4 (the toy LLM has 16 positions), got {cfg.soft_k}")
     if min(cfg.lr, cfg.lr_vit, cfg.lr_temporal) <= 0:
         p.error("--lr, --lr-temporal and --lr-vit must be > 0")
-    if cfg.lam < 0:
-        p.error(f"--lam must be >= 0, got {cfg.lam}")
-    if not 0.0 <= cfg.wise_alpha <= 1.0:
-        p.error(f"--wise-alpha must be in [0, 1], got {cfg.wise_alpha}")
+    for name in ("lam", "lam_video"):
+        if getattr(cfg, name) < 0:
+            p.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
+    if cfg.input_jitter < 0:
+        p.error(f"--input-jitter must be >= 0, got {cfg.input_jitter}")
+    if not 0.0 < cfg.wise_alpha < 1.0:
+        p.error(f"--wise-alpha must be in (0, 1) (0 and 1 are always evaluated), "
+                f"got {cfg.wise_alpha}")
     return cfg
+
+
+def in_notebook() -> bool:
+    """PLUMBING: True inside a Jupyter kernel, where sys.argv holds the kernel's own arguments."""
+    return "ipykernel" in sys.modules
+
+
+def prepare_out_dir(path: str) -> Path:
+    """PLUMBING: create the run folder and prove it is writable *before* any training.
+
+    A mistyped --out-dir must cost the user one line, not a finished run and a traceback.
+    """
+    out = Path(path)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise SystemExit(f"{FOLDER}/train.py: error: --out-dir {path!r} is not a writable "
+                         f"folder ({e.strerror or e})") from None
+    return out
 
 
 # %% 3. Seeding
@@ -358,6 +419,35 @@ def soft_generate(llm: GPT2LMHeadModel, prefix: torch.Tensor, label_ids: torch.T
     return torch.stack(attrs, 1), torch.stack(pis, 1)  # (C, K, d_llm), (C, K, V)
 
 
+@torch.no_grad()
+def hard_generate(llm: GPT2LMHeadModel, prefix: torch.Tensor, label_ids: torch.Tensor,
+                  k: int) -> torch.Tensor:
+    """Greedy decoding of the same prompt as soft_generate: the LLM's K attribute WORDS.
+
+    Identical to Eq. (4) except that the arg-max token's own embedding is fed back instead of the
+    expected one; there is no gradient, so nothing can be learned through it.
+    Args: prefix (n_p, d_llm); label_ids (C,). Returns word ids (C, K).
+    """
+    wte = llm.transformer.wte.weight  # (V, d_llm)
+    C = label_ids.shape[0]
+    cue = wte[torch.full((C,), WID["is"])]  # (C, d_llm)
+    x = torch.cat([prefix.expand(C, -1, -1), wte[label_ids][:, None], cue[:, None]], 1)
+    words = []
+    for _ in range(k):
+        w_k = llm(inputs_embeds=x).logits[:, -1].argmax(-1)  # (C,)
+        words.append(w_k)
+        x = torch.cat([x, wte[w_k][:, None]], 1)  # (C, len + 1, d_llm)
+    return torch.stack(words, 1)  # (C, K)
+
+
+def mean_pairwise_cosine(f: torch.Tensor) -> float:
+    """Mean cosine over all ordered pairs i != j of the rows of f (C, D). 1.0 = collapsed."""
+    f = F.normalize(f, dim=-1)  # (C, D)
+    sim = f @ f.T  # (C, C)
+    C = f.shape[0]
+    return float((sim.sum() - sim.diagonal().sum()) / (C * (C - 1)))
+
+
 class PromptingTransformer(nn.Module):
     """Eq. (5) [R]: map soft attributes (C, K, d_llm) to soft CLIP tokens (C, K, d_clip).
 
@@ -411,6 +501,62 @@ class LLMLabelEncoder(nn.Module):
         tok = torch.cat(parts, 1)  # (C, L, d_clip), L = K + 2 (+1)
         eos = torch.full((C,), tok.shape[1] - 1)  # (C,)
         return F.normalize(clip_text_from_embeds(clip, tok, eos), dim=-1)  # (C, D)
+
+
+class HardDescriptionEncoder(nn.Module):
+    """Training-free rival (Menon & Vondrick 2023, CuPL): READ the LLM's words.
+
+    The frozen LLM, prompted by its own preamble, greedily says K words about each label ("chili
+    is red column"); the frozen CLIP text tower encodes "[SOS] w_1 .. w_K [EOS]". No parameter is
+    learned, and the words are the same information the soft attributes carry.
+    """
+
+    def __init__(self, clip: CLIPModel, llm: GPT2LMHeadModel, k: int):
+        super().__init__()
+        self.frozen = [clip, llm]  # PLUMBING: not sub-modules, see LLMLabelEncoder
+        self.k = k
+        self.preamble = llm.transformer.wte.weight[[SOS, WID["fact"], WID[":"]]].detach()
+
+    def words(self, labels: list[str]) -> torch.Tensor:
+        """The LLM's greedy words for each label, ids (C, K)."""
+        ids = torch.tensor([WID[lb] for lb in labels])  # (C,)
+        return hard_generate(self.frozen[1], self.preamble, ids, self.k)  # (C, K)
+
+    @torch.no_grad()
+    def forward(self, labels: list[str]) -> torch.Tensor:
+        clip = self.frozen[0]
+        C = len(labels)
+        ids = torch.cat([torch.full((C, 1), SOS), self.words(labels),
+                         torch.full((C, 1), EOS)], 1)  # (C, K + 2)
+        tok = clip.text_model.embeddings.token_embedding(ids)  # (C, K + 2, d_clip)
+        eos = torch.full((C,), ids.shape[1] - 1)  # (C,)
+        return F.normalize(clip_text_from_embeds(clip, tok, eos), dim=-1)  # (C, D)
+
+
+def warm_start_translator(enc: LLMLabelEncoder, labels: list[str], steps: int,
+                          lr: float = 3e-3) -> list[float]:
+    """[R] Warm start of the prompting transformer as an LLM-to-CLIP word translator.
+
+    Target: the frozen CLIP token embedding of the word the LLM says at each soft position (the
+    same greedy words as HardDescriptionEncoder), for the given (BASE) labels only. After this,
+    the label encoder starts near the training-free hard-description encoder. Only the prompting
+    transformer moves. Returns the MSE history.
+    """
+    clip, llm = enc.frozen
+    ids = torch.tensor([WID[lb] for lb in labels])  # (C,)
+    with torch.no_grad():
+        soft_attr, _ = soft_generate(llm, enc.prefix, ids, enc.k)  # (C, K, d_llm)
+        words = hard_generate(llm, enc.prefix, ids, enc.k)  # (C, K)
+        target = clip.text_model.embeddings.token_embedding(words)  # (C, K, d_clip)
+    opt = torch.optim.AdamW(enc.prompt_tf.parameters(), lr=lr, weight_decay=0.0)
+    hist = []
+    for _ in range(steps):
+        loss = F.mse_loss(enc.prompt_tf(soft_attr), target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        hist.append(loss.item())
+    return hist
 
 
 class PlainLabelEncoder(nn.Module):
@@ -629,8 +775,16 @@ class Stage1Model(nn.Module):
 
 
 def train_stage1(name: str, model: Stage1Model, data: dict, cfg: Config, lam: float,
-                 gen: torch.Generator) -> dict:
-    """Stage 1: open-vocabulary multi-label training on BASE labels only. Returns loss history."""
+                 gen: torch.Generator, video_first: int = 0, curve: bool = False,
+                 lam_video: float = 0.0) -> dict:
+    """Stage 1: open-vocabulary multi-label training on BASE labels only.
+
+    For the first `video_first` steps the label embeddings are held fixed (computed once, no
+    gradient) and only the video side, 1/tau and b learn; then everything trains jointly.
+    With `curve`, every cfg.eval_every steps the test mAPs and the mean pairwise cosine of the
+    four action-label embeddings are recorded (a diagnostic; nothing is selected on it).
+    Returns the history.
+    """
     base_idx = torch.arange(len(BASE))  # label_db below is built for BASE labels only
     y_base = data["y_train"][:, [LABELS.index(lb) for lb in BASE]]  # (N, n_base)
     ve = model.video_enc
@@ -642,8 +796,11 @@ def train_stage1(name: str, model: Stage1Model, data: dict, cfg: Config, lam: fl
     if ve.finetune:
         groups.append({"params": vit, "lr": cfg.lr_vit})
     opt = torch.optim.AdamW(groups, weight_decay=0.0)
-    hist = {"loss": [], "l_cls": [], "l_reg": [], "gate": []}
+    hist = {"loss": [], "l_cls": [], "l_reg": [], "l_vid": [], "gate": [], "curve": []}
+    f_t_fixed = None
     for step in tqdm(range(cfg.steps), desc=f"stage 1: {name}", leave=False):
+        if curve and step % cfg.eval_every == 0:
+            hist["curve"].append(curve_point(model, data, step))
         idx = torch.randint(len(y_base), (cfg.batch,), generator=gen)  # (B,)
         g_clip = data["g_train"][idx]  # (B, T, D), cached frozen-CLIP frame features
         if model.video_enc.finetune:
@@ -651,23 +808,41 @@ def train_stage1(name: str, model: Stage1Model, data: dict, cfg: Config, lam: fl
         else:
             g, u = g_clip, data["u_train"][idx]
         f_v = model.video_enc(g, u)  # (B, D)
-        f_t = model.label_enc(BASE)  # (n_base, D): only base labels are ever encoded here
+        # PAPER [R]: the video side trains first. At step 0 the temporal branch is silent, so the
+        # video embedding carries no motion and every action label receives the same gradient;
+        # trained jointly from step 0, the four action embeddings merge within ~50 steps, and
+        # once merged they give the video side no signal about direction either. Holding the
+        # label embeddings fixed (they start different) lets the branch learn motion first.
+        if step < video_first:
+            if f_t_fixed is None:
+                with torch.no_grad():
+                    f_t_fixed = model.label_enc(BASE)  # (n_base, D)
+            f_t = f_t_fixed
+        else:
+            f_t = model.label_enc(BASE)  # (n_base, D): only base labels are ever encoded here
         logits = label_scores(f_v, f_t, model.log_scale, model.bias)  # (B, n_base)
         l_cls = bce_base_loss(logits, y_base[idx], base_idx)
         # PAPER [R]: total loss L = L_cls + lambda L_reg (L_reg is 0 when the ViT is frozen).
         l_reg = feature_distill_loss(g, g_clip) if model.video_enc.finetune else torch.zeros(())
-        loss = l_cls + lam * l_reg
+        # PAPER [R]: FROSTER's video-level distillation: the video embedding (after the temporal
+        # branch) is kept close to frozen CLIP's mean frame embedding.
+        l_vid = feature_distill_loss(f_v[:, None], g_clip.mean(1, keepdim=True))
+        loss = l_cls + lam * l_reg + lam_video * l_vid
         opt.zero_grad()
         loss.backward()
         opt.step()
         hist["loss"].append(loss.item())
         hist["l_cls"].append(l_cls.item())
         hist["l_reg"].append(l_reg.item())
+        hist["l_vid"].append(l_vid.item())
         hist["gate"].append(model.video_enc.gate.item())
         if step % cfg.log_every == 0 or step == cfg.steps - 1:
-            tqdm.write(f"{name:>12} step {step:4d} | loss {loss.item():.4f} | l_cls "
-                       f"{l_cls.item():.4f} | l_reg {l_reg.item():.4f} | gate "
+            tqdm.write(f"{name:>22} step {step:4d} | loss {loss.item():.4f} | l_cls "
+                       f"{l_cls.item():.4f} | l_reg {l_reg.item():.4f} | l_vid "
+                       f"{l_vid.item():.4f} | gate "
                        f"{model.video_enc.gate.item():+.3f}")
+    if curve:
+        hist["curve"].append(curve_point(model, data, cfg.steps))
     return hist
 
 
@@ -690,6 +865,7 @@ def evaluate(model: Stage1Model, data: dict, labels: list[str] = LABELS,
     col = {lb: i for i, lb in enumerate(labels)}
     model.train()
     return {
+        "action_cos": mean_pairwise_cosine(label_db[[col[lb] for lb in ACTIONS]]),
         "base_map": mean_ap(scores, y, [col[lb] for lb in BASE]),
         "novel_map": mean_ap(scores, y, [col[lb] for lb in NOVEL]),
         "action_map": mean_ap(scores, y, [col[lb] for lb in ACTIONS]),
@@ -697,31 +873,90 @@ def evaluate(model: Stage1Model, data: dict, labels: list[str] = LABELS,
     }
 
 
-def plot(results: dict, chance: float, path: Path) -> None:
-    """Bar chart of base and novel mAP per run, with novel chance as a dashed line."""
+def curve_point(model: Stage1Model, data: dict, step: int) -> dict:
+    """PLUMBING: one point of the diagnostic curves (test mAPs, action-label cosine)."""
+    r = evaluate(model, data)
+    return {"step": step, **{k: r[k] for k in ("base_map", "novel_map", "action_map",
+                                               "action_cos")}}
+
+
+def plot(results: dict, histories: dict, wise: dict, chance: float, path: Path) -> None:
+    """Three panels: mAP per run; the collapse curves; the WiSE-FT trade-off."""
     import matplotlib
 
-    matplotlib.use("Agg")
+    if not in_notebook():
+        matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2), gridspec_kw={"width_ratios": [2.2, 1.3, 1]})
+    ax = axes[0]
     names = list(results)
     x = np.arange(len(names))
-    fig, ax = plt.subplots(figsize=(8, 3.6))
     ax.bar(x - 0.2, [results[n]["base_map"] for n in names], 0.4, label="base mAP")
     ax.bar(x + 0.2, [results[n]["novel_map"] for n in names], 0.4, label="novel mAP")
     ax.axhline(chance, ls="--", c="k", lw=1, label="novel chance (prevalence)")
-    ax.set_xticks(x, [n.replace(" ", "\n", 1) for n in names], fontsize=8)
+    ax.set_xticks(x, [n.replace(" ", "\n", 2) for n in names], fontsize=7)
     ax.set_ylim(0, 1)
     ax.set_ylabel("mAP (test videos)")
-    ax.set_title("Open-vocabulary multi-label video classification (toy)")
-    ax.legend(fontsize=8, loc="upper right")
+    ax.set_title("base and novel mAP per run")
+    ax.legend(fontsize=7, loc="upper right")
+    ax = axes[1]
+    for name, ls in ((METHOD, "-"), (COLD, "--")):
+        c = histories[name]["curve"]
+        steps = [p["step"] for p in c]
+        ax.plot(steps, [p["action_cos"] for p in c], ls, c="C3", label=f"action cos, {name}")
+        ax.plot(steps, [p["novel_map"] for p in c], ls, c="C1", label=f"novel mAP, {name}")
+        ax.plot(steps, [p["base_map"] for p in c], ls, c="C0", label=f"base mAP, {name}")
+    ax.set_xlabel("stage-1 step")
+    ax.set_title("action-label collapse: mean pairwise cosine")
+    ax.legend(fontsize=6)
+    ax = axes[2]
+    a_s = sorted(wise)
+    ax.plot([wise[a]["novel_map"] for a in a_s], [wise[a]["base_map"] for a in a_s], "o-",
+            label="WiSE-FT a = " + ", ".join(f"{a:g}" for a in a_s))
+    for a in a_s:
+        ax.annotate(f"a={a:g}", (wise[a]["novel_map"], wise[a]["base_map"]), fontsize=7)
+    for name, mk in ((METHOD, "*"), (FT_REG, "s")):
+        ax.plot(results[name]["novel_map"], results[name]["base_map"], mk, ms=10, label=name)
+    ax.set_xlabel("novel mAP")
+    ax.set_ylabel("base mAP")
+    ax.set_title("regularisers: ViT kept near CLIP")
+    ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    fig.savefig(path, dpi=100)
+    plt.show() if in_notebook() else plt.close(fig)
+
+
+def build_run(kind: str, clip: CLIPModel, llm: GPT2LMHeadModel, cfg: Config,
+              finetune: bool = False, warm: int = 0) -> Stage1Model:
+    """One stage-1 model: label encoder `kind` in {"plain", "hard", "llm"} + video encoder.
+
+    PAIRED: the temporal branch is built from the same seed in every run, and so is the
+    prompting transformer of every LLM encoder, so the compared runs start from the same weights.
+    """
+    torch.manual_seed(cfg.seed * 100)  # the same temporal branch in every run
+    video_enc = VideoEncoder(clip, finetune)
+    torch.manual_seed(cfg.seed * 100 + 1)  # the same prompting transformer in every run
+    if kind == "plain":
+        label_enc = PlainLabelEncoder(clip)
+    elif kind == "hard":
+        label_enc = HardDescriptionEncoder(clip, llm, cfg.soft_k)
+    else:
+        label_enc = LLMLabelEncoder(clip, llm, cfg.soft_k, cfg.keep_label_token)
+        if warm:
+            mse = warm_start_translator(label_enc, BASE, warm)
+            print(f"translator warm start: MSE {mse[0]:.4f} -> {mse[-1]:.4f} in {warm} steps")
+    return Stage1Model(label_enc, video_enc)
+
+
+# PLUMBING: run names (they are the headline rows' method / baseline names; keep them stable).
+PLAIN, HARD_FREE, HARD_VIDEO = "plain prompt", "hard words (training-free)", "hard words + video"
+METHOD, COLD, NO_LVID = "LLM soft attr", "LLM joint from step 0", "LLM no L_vid"
+WARM, FT, FT_REG = "LLM warm start", "LLM + ViT-FT", "LLM + ViT-FT + L_reg"
 
 
 def train(cfg: Config) -> dict:
-    """Stage 0 (toy CLIP + toy LLM), then four stage-1 runs, evaluation, summary.json and plot."""
+    """Stage 0 (toy CLIP + toy LLM), then the paired stage-1 runs, evaluation, summary, plot."""
     if cfg.quick:
         cfg = dataclasses.replace(cfg, **QUICK)
     t0 = time.time()
@@ -750,91 +985,181 @@ def train(cfg: Config) -> dict:
     with torch.no_grad():
         g_train, u_train = frame_features(clip, frames_train)  # (N, T, D), (N, T, P*d)
         g_test, u_test = frame_features(clip, frames_test)
+    if cfg.input_jitter > 0:  # PLUMBING: the float-robustness probe (README, "Reproducibility")
+        jit = torch.Generator().manual_seed(12345)
+        g_train = g_train + cfg.input_jitter * torch.randn(g_train.shape, generator=jit)
+        u_train = u_train + cfg.input_jitter * torch.randn(u_train.shape, generator=jit)
     data = dict(frames_train=frames_train, y_train=y_train, frames_test=frames_test,
                 y_test=y_test, g_train=g_train, u_train=u_train, g_test=g_test, u_test=u_test)
     chance = float(y_test[:, [LABELS.index(lb) for lb in NOVEL]].mean())
 
-    # PAPER: the compared runs. Each gets its own generator so runs are comparable batch-for-batch.
+    # PAPER: the compared runs: (label encoder, ViT fine-tuned, lambda, lambda_v, video-first
+    # steps, warm-start steps). PAIRED: every run builds its temporal branch from the same seed
+    # and every LLM encoder its prompting transformer from the same seed, and every run sees the
+    # same batches, so a seed pairs them and a difference is the knob, not the draw.
+    S, lv = cfg.video_first, cfg.lam_video
     runs = {
-        "plain prompt": (lambda: PlainLabelEncoder(clip), False, 0.0),
-        "LLM soft attr": (lambda: LLMLabelEncoder(clip, llm, cfg.soft_k, cfg.keep_label_token),
-                          False, 0.0),
-        "LLM + ViT-FT": (lambda: LLMLabelEncoder(clip, llm, cfg.soft_k, cfg.keep_label_token),
-                         True, 0.0),
-        "LLM + ViT-FT + L_reg": (lambda: LLMLabelEncoder(clip, llm, cfg.soft_k,
-                                                         cfg.keep_label_token), True, cfg.lam),
+        PLAIN: ("plain", False, 0.0, lv, S, 0),
+        HARD_VIDEO: ("hard", False, 0.0, lv, S, 0),
+        METHOD: ("llm", False, 0.0, lv, S, 0),
+        COLD: ("llm", False, 0.0, lv, 0, 0),
+        NO_LVID: ("llm", False, 0.0, 0.0, S, 0),
+        FT: ("llm", True, 0.0, lv, S, 0),
+        FT_REG: ("llm", True, cfg.lam, lv, S, 0),
     }
+    if cfg.warm_steps > 0:
+        runs[WARM] = ("llm", False, 0.0, lv, S, cfg.warm_steps)
+
+    # PAPER: the training-free rival: the LLM's words, frozen CLIP, no temporal branch.
     results, histories, models = {}, {}, {}
-    for i, (name, (make_label_enc, finetune, lam)) in enumerate(runs.items()):
-        torch.manual_seed(cfg.seed * 100 + i)
-        model = Stage1Model(make_label_enc(), VideoEncoder(clip, finetune))
+    results[HARD_FREE] = evaluate(build_run("hard", clip, llm, cfg), data, gate_off=True)
+    for name, (kind, finetune, lam, lam_v, first, warm) in runs.items():
+        model = build_run(kind, clip, llm, cfg, finetune, warm)
+        if warm:
+            results[f"{WARM} (step 0)"] = evaluate(model, data, gate_off=True)
         histories[name] = train_stage1(name, model, data, cfg, lam,
-                                       torch.Generator().manual_seed(cfg.seed + 1))
+                                       torch.Generator().manual_seed(cfg.seed + 1),
+                                       video_first=first, curve=not finetune, lam_video=lam_v)
         results[name] = evaluate(model, data)
         models[name] = model
     # PAPER [R]: the temporal branch's contribution, read off by switching the gate to 0.
-    no_temporal = evaluate(models["LLM soft attr"], data, gate_off=True)
-    # PAPER [R]: WiSE-FT, the second regulariser: interpolate the unregularised fine-tuned ViT
-    # toward frozen CLIP (Eq. 9), keeping that run's label encoder and temporal branch.
-    ft = models["LLM + ViT-FT"]
+    no_temporal = evaluate(models[METHOD], data, gate_off=True)
+    # PAPER [R]: WiSE-FT sweep (Eq. 9): interpolate the fine-tuned ViT (no frame L_reg) toward
+    # frozen CLIP, keeping that run's label encoder and temporal branch. a = 0 is the fine-tuned
+    # run itself; a = 1 puts the CLIP weights back under a head trained for the fine-tuned ViT.
+    ft = models[FT]
     theta_ft = {k: v.clone() for k, v in ft.video_enc.vit.state_dict().items()}
     theta_clip = {k: v for k, v in clip.state_dict().items() if k in theta_ft}
-    ft.video_enc.vit.load_state_dict(wise_ft(theta_clip, theta_ft, cfg.wise_alpha))
-    results[f"LLM + ViT-FT + WiSE {cfg.wise_alpha:g}"] = evaluate(ft, data)
+    wise = {}
+    for a in (0.0, cfg.wise_alpha, 1.0):
+        ft.video_enc.vit.load_state_dict(wise_ft(theta_clip, theta_ft, a))
+        wise[a] = evaluate(ft, data)
     ft.video_enc.vit.load_state_dict(theta_ft)
+    for a in (cfg.wise_alpha, 1.0):
+        results[f"{FT} + WiSE {a:g}"] = wise[a]
 
     # PLUMBING: results table, summary.json, plot.
     wall = time.time() - t0
-    print(f"\nnovel chance level (prevalence) {chance:.3f}; action mAP of 'LLM soft attr' with "
-          f"the temporal gate {results['LLM soft attr']['action_map']:.3f} vs switched off "
+    print(f"\nnovel chance level (prevalence) {chance:.3f}; action mAP of '{METHOD}' with the "
+          f"temporal gate {results[METHOD]['action_map']:.3f} vs switched off "
           f"{no_temporal['action_map']:.3f}")
-    print(f"| {'run':<26} | base mAP | novel mAP | action mAP |")
+    print(f"| {'run':<28} | base mAP | novel mAP | action mAP | action-label cos |")
     for name, r in results.items():
-        print(f"| {name:<26} | {r['base_map']:.3f}    | {r['novel_map']:.3f}     | "
-              f"{r['action_map']:.3f}      |")
-    print("novel AP per class (LLM soft attr): " + ", ".join(
-        f"{lb} {results['LLM soft attr']['ap'][lb]:.2f}" for lb in NOVEL))
-    wise_name = f"LLM + ViT-FT + WiSE {cfg.wise_alpha:g}"
+        print(f"| {name:<28} | {r['base_map']:.3f}    | {r['novel_map']:.3f}     | "
+              f"{r['action_map']:.3f}      | {r['action_cos']:+.3f}           |")
+    print(f"novel AP per class ({METHOD}): " + ", ".join(
+        f"{lb} {results[METHOD]['ap'][lb]:.2f}" for lb in NOVEL))
+    print(f"LLM words read by '{HARD_FREE}': " + ", ".join(
+        f"{lb} -> {' '.join(WORDS[int(i)] for i in w)}" for lb, w in
+        zip(LABELS, HardDescriptionEncoder(clip, llm, cfg.soft_k).words(LABELS))))
+    for name in (METHOD, COLD):
+        print(f"curve {name}: step:action-cos/novel/base " + " ".join(
+            f"{p['step']}:{p['action_cos']:+.2f}/{p['novel_map']:.2f}/{p['base_map']:.2f}"
+            for p in histories[name]["curve"]))
+
+    def key(name: str) -> str:
+        return (name.lower().replace(" + ", "_").replace(" (", "_").replace(")", "")
+                .replace(" ", "_").replace(".", ""))
+
     metrics = {"novel_chance": chance, "action_map_no_temporal": no_temporal["action_map"],
                "clip_pretrain_loss": h_clip[-1], "llm_pretrain_loss": h_llm[-1]}
     for name, r in results.items():
-        key = name.lower().replace(" + ", "_").replace(" ", "_").replace(".", "")
-        metrics.update({f"{key}/base_map": r["base_map"], f"{key}/novel_map": r["novel_map"],
-                        f"{key}/action_map": r["action_map"]})
+        metrics.update({f"{key(name)}/{m}": r[m] for m in ("base_map", "novel_map",
+                                                            "action_map", "action_cos")})
     for name, h in histories.items():
-        metrics[f"{name.lower().replace(' + ', '_').replace(' ', '_')}/final_loss"] = h["loss"][-1]
+        metrics[f"{key(name)}/final_loss"] = h["loss"][-1]
 
-    def row(metric, key, m, b):
-        return {"metric": metric, "higher_is_better": True,
-                "method": {"name": m, "value": results[m][key]},
-                "baseline": {"name": b, "value": results[b][key]}}
+    def row(metric, k, m, b, expect, higher=True):
+        return {"metric": metric, "higher_is_better": higher, "expect": expect,
+                "method": {"name": m, "value": results[m][k]},
+                "baseline": {"name": b, "value": results[b][k]}}
 
+    headline = [
+        row("novel mAP", "novel_map", METHOD, HARD_FREE, "better"),
+        row("base mAP", "base_map", METHOD, HARD_FREE, "better"),
+        row("novel mAP", "novel_map", METHOD, HARD_VIDEO, "better"),
+        row("novel mAP", "novel_map", METHOD, PLAIN, "better"),
+        row("base mAP", "base_map", METHOD, PLAIN, "level"),
+        row("action mAP", "action_map", METHOD, COLD, "better"),
+        row("action-label cosine", "action_cos", METHOD, COLD, "better", higher=False),
+        row("novel mAP", "novel_map", METHOD, NO_LVID, "better"),
+        row("novel mAP", "novel_map", FT_REG, FT, "better"),
+        row("novel mAP", "novel_map", METHOD, f"{FT} + WiSE {cfg.wise_alpha:g}", "report"),
+    ]
+    if WARM in results:
+        headline.append(row("novel mAP", "novel_map", WARM, METHOD, "report"))
     summary = {
         "folder": FOLDER,
         "seed": cfg.seed,
         "config": dataclasses.asdict(cfg),
         "wall_seconds": wall,
         "metrics": metrics,
-        "headline": [
-            row("novel mAP", "novel_map", "LLM soft attr", "plain prompt"),
-            row("base mAP", "base_map", "LLM soft attr", "plain prompt"),
-            row("novel mAP", "novel_map", "LLM + ViT-FT + L_reg", "LLM + ViT-FT"),
-            row("novel mAP", "novel_map", wise_name, "LLM + ViT-FT"),
-        ],
+        "headline": headline,
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    plot(results, chance, out / "ovmlvc_map.png")
-    print(f"wall time {wall:.1f} s; wrote {out / 'summary.json'} and {out / 'ovmlvc_map.png'}")
+    (out / "curves.json").write_text(json.dumps({n: h["curve"] for n, h in histories.items()}))
+    plot(results, histories, wise, chance, out / "ovmlvc_map.png")
     return {"history": histories, "pretrain": {"clip": h_clip, "llm": h_llm},
-            "results": results, "metrics": metrics, "summary": summary}
+            "results": results, "wise": wise, "metrics": metrics, "summary": summary}
 
 
-# %% 9. Entry point
+# %% 9. The run's last lines
+# PLUMBING: what `expect` means (../CONTRIBUTING.md, section 2): "better" = the method should
+# beat the baseline; "level" = a control, the two should be within 2 %; "report" = a diagnostic
+# or a reported negative, not a claim.
+EXPECT = {"better": "method should beat baseline", "level": "control: within 2 % expected",
+          "report": "diagnostic, not a claim"}
+
+
+def seed_record(row: dict) -> str:
+    """How often this row held over the seeds in RESULTS.md (written by tools/run_all.py)."""
+    # In a notebook there is no __file__: look in the kernel's folder and the one above it.
+    here = Path(globals()["__file__"]).resolve().parent if "__file__" in globals() else Path.cwd()
+    results = next((d / "RESULTS.md" for d in (here.parent, here) if (d / "RESULTS.md").is_file()),
+                   None)
+    if results is None:
+        return "no RESULTS.md beside this folder"
+    arrow = "↑" if row["higher_is_better"] else "↓"
+    for line in results.read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if (len(cells) >= 6 and cells[0] == f"{row['metric']} {arrow}"
+                and cells[1] == row["method"]["name"] and cells[3] == row["baseline"]["name"]):
+            return f"RESULTS.md: {cells[-1]}"
+    return "row not in RESULTS.md yet"
+
+
+def print_verdict(headline: list[dict], quick: bool, out: Path, t_start: float) -> None:
+    """One plain line per headline row, a --quick warning, and the files this run wrote."""
+    print("\nVerdict (this seed):")
+    for row in headline:
+        m, b = row["method"]["value"], row["baseline"]["value"]
+        better = (m > b) if row["higher_is_better"] else (m < b)
+        level = abs(m - b) <= 0.02 * max(abs(m), abs(b), 1e-12)
+        seen = "level" if level else ("method ahead" if better else "baseline ahead")
+        direction = "higher" if row["higher_is_better"] else "lower"
+        print(f"  [{row['expect']}] {row['metric']} ({direction} is better): "
+              f"{row['method']['name']} {m:.4g} vs {row['baseline']['name']} {b:.4g} -> {seen}; "
+              f"{EXPECT[row['expect']]}; {seed_record(row)}")
+    if quick:
+        print("NOTE: --quick is a smoke run (seconds, tiny data); its numbers are not meant to "
+              "show the paper's effect. Run without --quick for that.")
+    written = sorted(p for p in out.rglob("*") if p.is_file() and p.stat().st_mtime >= t_start)
+    print("Files written:", ", ".join(str(p) for p in written) or "none")
+
+
+# %% 10. Entry point
 def main(argv=None) -> dict:
+    if argv is None and in_notebook():
+        argv = ["--quick"]  # PLUMBING: in a notebook, never parse the kernel's sys.argv
     cfg = parse_args(argv)
-    # PLUMBING: these models are tiny; one thread avoids thread overhead on a shared 2-core box.
+    t_start = time.time()
+    # PLUMBING: these models are tiny; one thread is faster than two on this 2-core box
+    # (measured: README, "Run").
     torch.set_num_threads(1)
-    return train(cfg)
+    out = prepare_out_dir(cfg.out_dir)  # before training: a bad --out-dir fails in a second
+    result = train(cfg)
+    print_verdict(result["summary"]["headline"], cfg.quick, out, t_start)
+    return result
 
 
 if __name__ == "__main__":

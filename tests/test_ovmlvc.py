@@ -26,7 +26,7 @@ def models():
 
 
 # ---------------------------------------------------------------- tier 1: hand-computed values
-@pytest.mark.exercise
+@pytest.mark.exercise(1)
 def test_expected_embedding_matches_hand_value():
     # pi = softmax(log [1, 2, 1]) = [0.25, 0.5, 0.25]; e = 0.25 [1, 0] + 0.5 [0, 1] + 0.25 [2, 2]
     logits = torch.log(torch.tensor([[1.0, 2.0, 1.0]]))
@@ -38,7 +38,7 @@ def test_expected_embedding_matches_hand_value():
     assert torch.allclose(e_peak, wte[2:], atol=1e-5)
 
 
-@pytest.mark.exercise
+@pytest.mark.exercise(2)
 def test_bce_hand_values():
     base = torch.tensor([0])
     # logit 0 -> p = 0.5 -> loss log 2 whatever the label
@@ -59,7 +59,7 @@ def test_bce_hand_values():
                                                                                         abs=1e-6)
 
 
-@pytest.mark.exercise
+@pytest.mark.exercise(2)
 def test_bce_ignores_novel_columns_in_loss_and_gradient():
     logits = torch.tensor([[0.3, -1.0, 2.0], [1.5, 0.2, -0.7]], requires_grad=True)
     y = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]])
@@ -101,7 +101,7 @@ def test_wise_ft_interpolates_weights():
     assert torch.equal(ovmlvc.wise_ft(th_clip, th_ft, 0.0)["w"], th_ft["w"])
 
 
-@pytest.mark.exercise
+@pytest.mark.exercise(3)
 def test_average_precision_hand_value_and_perfect_ranking():
     y = np.array([1, 0, 1, 0])
     assert ovmlvc.average_precision(np.array([0.9, 0.8, 0.7, 0.1]), y) == pytest.approx(
@@ -113,7 +113,7 @@ def test_average_precision_hand_value_and_perfect_ranking():
 
 
 # ---------------------------------------------------------------- tier 3: equivalences
-@pytest.mark.exercise
+@pytest.mark.exercise(3)
 def test_average_precision_matches_sklearn():
     rng = np.random.default_rng(0)
     for _ in range(20):
@@ -295,8 +295,174 @@ def test_shapes_and_toy_labels():
     assert torch.allclose(g.norm(dim=-1), torch.ones(2, ovmlvc.T_FRAMES), atol=1e-5)
 
 
+def test_mean_pairwise_cosine_hand_values():
+    f = torch.tensor([[1.0, 0.0], [0.0, 2.0], [-3.0, 0.0]])
+    # pairs: (0,1) 0, (0,2) -1, (1,2) 0 -> mean over the 3 unordered pairs = -1/3
+    assert ovmlvc.mean_pairwise_cosine(f) == pytest.approx(-1 / 3, abs=1e-6)
+    assert ovmlvc.mean_pairwise_cosine(torch.ones(4, 3)) == pytest.approx(1.0, abs=1e-6)
+
+
+def _spy_text_forward(monkeypatch):
+    """Record every (tok_emb, eos_pos) passed to the manual CLIP text forward."""
+    calls = []
+    real = ovmlvc.clip_text_from_embeds
+
+    def spy(clip, tok, eos):
+        calls.append((tok.detach().clone(), eos.clone()))
+        return real(clip, tok, eos)
+
+    monkeypatch.setattr(ovmlvc, "clip_text_from_embeds", spy)
+    return calls
+
+
+@pytest.mark.parametrize("kind", ["llm", "llm+label", "plain", "hard"])
+def test_eos_pooling_position_in_every_label_encoder(models, monkeypatch, kind):
+    """Each encoder pools at the position that holds the EOS embedding, the LAST one, so the
+    pooled state has seen every soft token (under the causal mask, SOS sees nothing)."""
+    clip, llm = models
+    if kind.startswith("llm"):
+        enc = ovmlvc.LLMLabelEncoder(clip, llm, k=2, keep_label_token=kind == "llm+label")
+    elif kind == "plain":
+        enc = ovmlvc.PlainLabelEncoder(clip)
+    else:
+        enc = ovmlvc.HardDescriptionEncoder(clip, llm, k=2)
+    calls = _spy_text_forward(monkeypatch)
+    with torch.no_grad():
+        enc(["tomato", "chili", "upward"])
+    (tok, eos), = calls
+    E = enc.clip if kind == "plain" else clip
+    eos_emb = E.text_model.embeddings.token_embedding.weight[ovmlvc.EOS]
+    want_len = {"llm": 4, "llm+label": 5, "plain": 3, "hard": 4}[kind]
+    assert tok.shape[1] == want_len
+    assert torch.equal(eos, torch.full((3,), want_len - 1))
+    assert torch.allclose(tok[torch.arange(3), eos], eos_emb.expand(3, -1))
+
+
+def test_llm_encoder_output_depends_on_the_soft_tokens(models):
+    """If pooling read SOS (position 0, which under the causal mask sees only itself), moving
+    the soft tokens z would not move f_t."""
+    clip, llm = models
+    enc = ovmlvc.LLMLabelEncoder(clip, llm, k=2, keep_label_token=False)
+    with torch.no_grad():
+        before = enc(["chili"])
+        enc.prompt_tf.pos[1] += torch.randn(64, generator=torch.Generator().manual_seed(0))
+        after = enc(["chili"])
+    assert not torch.allclose(before, after, atol=1e-4)
+
+
+def test_plain_and_hard_encoders_equal_transformers_pooling(models):
+    """Against HF's own CLIP text forward, which pools at the EOS id."""
+    clip, llm = models
+    W = ovmlvc.WID
+    plain = ovmlvc.PlainLabelEncoder(clip)
+    ids = torch.tensor([[ovmlvc.SOS, W[lb], ovmlvc.EOS] for lb in ["tomato", "upward"]])
+    with torch.no_grad():
+        want = F.normalize(plain.clip.get_text_features(input_ids=ids).pooler_output, dim=-1)
+        assert torch.allclose(plain(["tomato", "upward"]), want, atol=1e-5)
+        hard = ovmlvc.HardDescriptionEncoder(clip, llm, k=2)
+        words = hard.words(ovmlvc.LABELS)  # (16, 2)
+        ids = torch.cat([torch.full((16, 1), ovmlvc.SOS), words,
+                         torch.full((16, 1), ovmlvc.EOS)], 1)
+        want = F.normalize(clip.get_text_features(input_ids=ids).pooler_output, dim=-1)
+        assert torch.allclose(hard(ovmlvc.LABELS), want, atol=1e-5)
+    # ...and the words it reads are the LLM's world knowledge
+    for lb, w in zip(ovmlvc.LABELS, words):
+        assert [ovmlvc.WORDS[int(i)] for i in w] == ovmlvc.describe(lb), lb
+
+
+def test_soft_generation_feeds_back_the_expected_embedding_not_the_argmax():
+    """Step k + 1 must read e_k = softmax(logits_k) E_llm. An UNTRAINED LLM has a flat
+    next-token distribution, so e_k is far from the arg-max token's embedding."""
+    torch.manual_seed(0)
+    llm = ovmlvc.make_llm().eval().requires_grad_(False)
+    wte = llm.transformer.wte.weight
+    seen, logits = [], []
+    h1 = llm.register_forward_pre_hook(
+        lambda m, a, kw: seen.append(kw["inputs_embeds"].clone()), with_kwargs=True)
+    h2 = llm.register_forward_hook(lambda m, a, o: logits.append(o.logits[:, -1].clone()))
+    prefix = torch.randn(3, 64)
+    ids = torch.tensor([ovmlvc.WID["chili"], ovmlvc.WID["upward"]])
+    with torch.no_grad():
+        attrs, pi = ovmlvc.soft_generate(llm, prefix, ids, 2)
+    h1.remove()
+    h2.remove()
+    assert len(seen) == 2 and seen[1].shape[1] == seen[0].shape[1] + 1
+    fed = seen[1][:, -1]  # (C, d): what step 2 read at the new position
+    expected = torch.softmax(logits[0], -1) @ wte
+    argmax = wte[logits[0].argmax(-1)]
+    assert torch.allclose(fed, expected, atol=1e-6)
+    assert torch.allclose(attrs[:, 0], expected, atol=1e-6)
+    assert (fed - argmax).norm(dim=-1).min() > 0.1
+    assert torch.allclose(pi.sum(-1), torch.ones(2, 2), atol=1e-5)
+    # The hard decoder of the same prompt feeds back the arg-max embedding instead.
+    seen.clear()
+    h1 = llm.register_forward_pre_hook(
+        lambda m, a, kw: seen.append(kw["inputs_embeds"].clone()), with_kwargs=True)
+    words = ovmlvc.hard_generate(llm, prefix, ids, 2)
+    h1.remove()
+    assert torch.equal(words[:, 0], logits[0].argmax(-1))
+    assert torch.allclose(seen[1][:, -1], argmax)
+
+
+def test_translator_warm_start_moves_only_the_prompting_tf_toward_the_hard_words(models):
+    clip, llm = models
+    torch.manual_seed(0)
+    enc = ovmlvc.LLMLabelEncoder(clip, llm, k=2, keep_label_token=False)
+    hard = ovmlvc.HardDescriptionEncoder(clip, llm, k=2)
+    prefix0 = enc.prefix.detach().clone()
+    with torch.no_grad():
+        cos0 = (enc(ovmlvc.NOVEL) * hard(ovmlvc.NOVEL)).sum(-1).mean()
+    mse = ovmlvc.warm_start_translator(enc, ovmlvc.BASE, 150)
+    assert mse[-1] < 0.2 * mse[0]
+    assert torch.equal(enc.prefix, prefix0)
+    with torch.no_grad():
+        cos1 = (enc(ovmlvc.NOVEL) * hard(ovmlvc.NOVEL)).sum(-1).mean()
+    # Trained on base labels only, the translator carries over to the novel labels' words.
+    assert cos1 > cos0 and cos1 > 0.8
+
+
+def _tiny_stage1(models, kind, **kw):
+    clip, llm = models
+    gen = torch.Generator().manual_seed(0)
+    frames, y = ovmlvc.make_videos(8, gen)
+    with torch.no_grad():
+        g, u = ovmlvc.frame_features(clip, frames)
+    data = dict(frames_train=frames, y_train=y, g_train=g, u_train=u)
+    cfg = ovmlvc.Config(steps=3, batch=4, log_every=100, soft_k=2)
+    model = ovmlvc.build_run(kind, clip, llm, cfg)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    ovmlvc.train_stage1("t", model, data, cfg, 0.0, torch.Generator().manual_seed(0), **kw)
+    return {n: not torch.equal(p, before[n]) for n, p in model.named_parameters()}
+
+
+def test_video_first_holds_the_label_encoder_and_trains_the_video_side(models):
+    moved = _tiny_stage1(models, "llm", video_first=3)
+    assert not any(m for n, m in moved.items() if n.startswith("label_enc."))
+    assert moved["video_enc.branch.readout.weight"] and moved["log_scale"] and moved["bias"]
+    moved = _tiny_stage1(models, "llm", video_first=2)  # the third step is joint
+    assert moved["label_enc.prefix"]
+    assert all(m for n, m in moved.items() if n.startswith("label_enc.prompt_tf.out"))
+
+
+def test_runs_are_paired_same_starting_weights(models):
+    clip, llm = models
+    cfg = ovmlvc.Config(seed=3, soft_k=2)
+    a = ovmlvc.build_run("llm", clip, llm, cfg)
+    b = ovmlvc.build_run("plain", clip, llm, cfg)
+    c = ovmlvc.build_run("llm", clip, llm, cfg, finetune=True)
+    for n, p in a.video_enc.branch.named_parameters():
+        assert torch.equal(p, dict(b.video_enc.branch.named_parameters())[n]), n
+        assert torch.equal(p, dict(c.video_enc.branch.named_parameters())[n]), n
+    assert torch.equal(a.video_enc.t_pos, c.video_enc.t_pos)
+    for (n, p), q in zip(a.label_enc.named_parameters(), c.label_enc.parameters()):
+        assert torch.equal(p, q), n
+    other = ovmlvc.build_run("llm", clip, llm, ovmlvc.Config(seed=4, soft_k=2))
+    assert not torch.equal(a.video_enc.t_pos, other.video_enc.t_pos)
+
+
 def test_bad_arguments_give_one_line_error(capsys):
-    for argv in (["--steps", "-3"], ["--device", "tpu"], ["--bogus"], ["--wise-alpha", "2"]):
+    for argv in (["--steps", "-3"], ["--device", "tpu"], ["--bogus"], ["--wise-alpha", "2"],
+                 ["--seed", "-1"], ["--video-first", "600"], ["--lam-video", "-1"]):
         with pytest.raises(SystemExit) as e:
             ovmlvc.parse_args(argv)
         assert e.value.code != 0
@@ -316,9 +482,16 @@ def test_quick_run_smoke_schema_and_determinism(tmp_path):
     summary = json.loads((tmp_path / "a" / "summary.json").read_text())
     assert set(summary) == {"folder", "seed", "config", "wall_seconds", "metrics", "headline"}
     assert summary["folder"] == "ovmlvc" and summary["config"]["quick"] is True
+    assert summary["headline"][0]["expect"] == "better"
+    assert summary["headline"][0]["baseline"]["name"] == ovmlvc.HARD_FREE
     for row in summary["headline"]:
-        assert set(row) == {"metric", "higher_is_better", "method", "baseline"}
+        assert set(row) == {"metric", "higher_is_better", "expect", "method", "baseline"}
+        assert row["expect"] in ("better", "level", "report")
         assert 0.0 <= row["method"]["value"] <= 1.0 and 0.0 <= row["baseline"]["value"] <= 1.0
     assert (tmp_path / "a" / "ovmlvc_map.png").exists()
+    curves = json.loads((tmp_path / "a" / "curves.json").read_text())
+    steps = [p["step"] for p in curves[ovmlvc.METHOD]]
+    assert steps[0] == 0 and steps[-1] == 20 and len(steps) == 3
+    assert all(-1 <= p["action_cos"] <= 1 + 1e-6 for p in curves[ovmlvc.COLD])
     out2 = ovmlvc.train(ovmlvc.Config(quick=True, out_dir=str(tmp_path / "b")))
     assert out1["metrics"] == out2["metrics"]
