@@ -1,5 +1,8 @@
-"""Tests for dreamblend/train.py: hand values, the notes' invariants, equivalence, smoke run."""
+"""Tests for dreamblend/train.py: hand values, the notes' invariants, the samplers' wiring,
+equivalence with diffusers, the per-image metrics, a smoke run, and the real-scale path run
+offline on a tiny Stable Diffusion folder made here with save_pretrained."""
 
+import inspect
 import json
 
 import pytest
@@ -39,8 +42,34 @@ def _inputs(te, bgs=("teal", "purple"), seed=0):
     return emb, null, z_T
 
 
+class _Out:
+    def __init__(self, sample):
+        self.sample = sample
+
+
+class _Recorder(torch.nn.Module):
+    """A stand-in UNet that records every latent and timestep it is called with and returns
+    `fn(z, t, emb)`."""
+
+    def __init__(self, fn):
+        super().__init__()
+        self.fn, self.calls = fn, []
+
+    def forward(self, z, t, encoder_hidden_states):
+        self.calls.append((z.detach().clone(), int(t[0])))
+        return _Out(self.fn(z, t, encoder_hidden_states))
+
+
+def _plain_sched(n, kind="v_prediction"):
+    from diffusers import DDIMScheduler
+    s = DDIMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2",
+                      prediction_type=kind, clip_sample=False)
+    s.set_timesteps(n)
+    return s
+
+
 # ---------------------------------------------------------------- tier 1: hand-computed values
-@pytest.mark.exercise
+@pytest.mark.exercise(1)
 def test_attention_loss_matches_hand_value():
     # one layer, batch 1, heads 2, HW 1, N 2: per head sum of squares, mean over heads
     a = torch.tensor([[[0.5, 0.5]], [[1.0, 0.0]]])  # (2, 1, 2)
@@ -58,7 +87,7 @@ def test_attention_loss_matches_hand_value():
     assert dreamblend.attention_loss({"x": a2}, {"x": r2}, 1).item() == pytest.approx(0.32)
 
 
-@pytest.mark.exercise
+@pytest.mark.exercise(1)
 def test_attention_loss_is_per_sample():
     g = torch.Generator().manual_seed(1)
     a = torch.rand(4 * 2, 3, 5, generator=g)  # batch 4, heads 2
@@ -69,7 +98,7 @@ def test_attention_loss_is_per_sample():
         assert full[b].item() == pytest.approx(one.item(), rel=1e-6)
 
 
-@pytest.mark.exercise
+@pytest.mark.exercise(2)
 def test_dreambooth_loss_with_prior_by_hand():
     pred = torch.tensor([1.0, 2.0, 0.0, 4.0]).view(4, 1, 1, 1)
     target = torch.tensor([0.0, 0.0, 1.0, 1.0]).view(4, 1, 1, 1)
@@ -91,12 +120,15 @@ def test_v_target_equals_scheduler_velocity(models):
     assert torch.allclose(ours[1], ab.sqrt() * eps[1] - (1 - ab).sqrt() * x0[1], atol=1e-6)
 
 
-class _LinearV(torch.nn.Module):
-    """A stand-in UNet: v = mean of the text embedding (per sample), broadcast over the image."""
-
-    def forward(self, z, t, encoder_hidden_states):
-        v = encoder_hidden_states.mean((1, 2)).view(-1, 1, 1, 1) * torch.ones_like(z)
-        return type("Out", (), {"sample": v})()
+@pytest.mark.parametrize("kind", ["v_prediction", "epsilon"])
+def test_to_x0_eps_inverts_the_noising(kind):
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(2, 3, 4, 4, generator=g), torch.randn(2, 3, 4, 4, generator=g)
+    ab = torch.tensor(0.3)
+    z = ab.sqrt() * x0 + (1 - ab).sqrt() * eps
+    out = ab.sqrt() * eps - (1 - ab).sqrt() * x0 if kind == "v_prediction" else eps
+    x0_hat, eps_hat = dreamblend.to_x0_eps(z, out, ab, kind)
+    assert torch.allclose(x0_hat, x0, atol=1e-5) and torch.allclose(eps_hat, eps, atol=1e-5)
 
 
 def test_classifier_free_guidance_matches_hand_formula(models):
@@ -104,13 +136,68 @@ def test_classifier_free_guidance_matches_hand_formula(models):
     sched.set_timesteps(1)
     z = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
     emb, null = torch.full((2, 5, 8), 0.3), torch.full((2, 5, 8), -0.1)
-    out, _, _ = dreamblend.sample(_LinearV(), dreamblend.AttnStore(), sched, z, emb, null, 2.5)
+    fake = _Recorder(lambda z, t, e: e.mean((1, 2)).view(-1, 1, 1, 1) * torch.ones_like(z))
+    out, maps = dreamblend.ddim_sample(fake, dreamblend.AttnStore(), sched, z, emb, null, 2.5)
+    assert maps is None
     v_hat = torch.full_like(z, -0.1 + 2.5 * (0.3 - (-0.1)))  # (D3) by hand: 0.9
     t = sched.timesteps[0]
     ab = sched.alphas_cumprod[t]
     x0 = (ab.sqrt() * z - (1 - ab).sqrt() * v_hat).clamp(-1, 1)  # one DDIM step to t = -1
     assert torch.allclose(out, x0, atol=1e-5)
     sched.set_timesteps(4)
+
+
+def test_curve_value_by_hand():
+    pts = [(1.0, 0.1), (0.5, 0.3), (0.0, 0.9)]
+    assert dreamblend.curve_value(pts, 1.0) == pytest.approx(0.1)
+    assert dreamblend.curve_value(pts, 0.75) == pytest.approx(0.3)  # (0,.9)-(1,.1) beats .2
+    concave = [(1.0, 0.1), (0.5, 0.6), (0.0, 0.7)]
+    assert dreamblend.curve_value(concave, 0.75) == pytest.approx(0.35)  # (.5,.6)-(1,.1)
+    # the envelope, not the polyline: (0, .9)-(1, .1) gives 0.5 at p = 0.5, above 0.3
+    assert dreamblend.curve_value(pts, 0.5) == pytest.approx(0.5)
+    assert dreamblend.curve_value([(0.6, 0.4)], 0.2) == pytest.approx(0.4)  # dominated
+    assert dreamblend.curve_value([(0.6, 0.4)], 0.9) == 0.0  # nothing reaches p
+
+
+# ---------------------------------------------------------------- tier 1b: per-image metrics
+def _render(bg, subject=True, obj_colour="red"):
+    if subject:
+        return dreamblend.render("square", None, dreamblend.BG_COLOURS[bg], 8, 8, 8, checker=True)
+    return dreamblend.render("square", dreamblend.OBJ_COLOURS[obj_colour],
+                             dreamblend.BG_COLOURS[bg], 8, 8, 8)
+
+
+def test_metrics_are_not_fooled_by_a_blank_image():
+    blank = dreamblend.BG_COLOURS["teal"]
+    imgs = torch.stack([torch.tensor(blank)[:, None, None].expand(3, 16, 16),  # blank teal
+                        _render("teal"),  # the subject on teal: the goal
+                        _render("gray"),  # the subject on the wrong background
+                        _render("teal", subject=False)])  # a plain red square on teal
+    s = dreamblend.toy_scores(imgs, ["teal"] * 4)
+    assert s["bg"].tolist() == [1, 1, 0, 1]
+    assert s["object"].tolist() == [0, 1, 1, 1]
+    assert s["prompt_fid"].tolist() == [0, 1, 0, 1]  # the blank image fails prompt fidelity
+    assert s["subject_rate"].tolist() == [0, 1, 1, 0]
+    assert s["both"].tolist() == [0, 1, 0, 0]  # only the subject on the right background
+    assert s["subject_fid"][1] > 0.9 and s["subject_fid"][3] < 0.3
+    summ = dreamblend.summarise(s, imgs, 1)
+    assert summ["both"] == pytest.approx(0.25) and summ["prompt_fid"] == pytest.approx(0.5)
+
+
+def test_metric_sanity():
+    gen = torch.Generator().manual_seed(0)
+    subj = dreamblend.make_subject(4, gen)
+    assert dreamblend.prompt_fidelity(subj, ["gray"] * 4) == 1.0
+    assert dreamblend.prompt_fidelity(subj, ["teal"] * 4) == 0.0
+    assert dreamblend.subject_fidelity(subj) > 0.9
+    plain = torch.stack([_render(bg, subject=False) for bg in ("teal", "purple", "orange")])
+    assert dreamblend.prompt_fidelity(plain, ["teal", "purple", "orange"]) == 1.0
+    assert dreamblend.subject_fidelity(plain) < 0.3
+    assert dreamblend.diversity(plain[:1].repeat(3, 1, 1, 1)) == 0.0
+    assert dreamblend.diversity(plain) > 0.5
+    # diversity by hand: two images 0 and 1 everywhere -> pooled L2 = sqrt(48)
+    two = torch.stack([torch.zeros(3, 16, 16), torch.ones(3, 16, 16)])
+    assert dreamblend.diversity(two) == pytest.approx(48 ** 0.5, rel=1e-5)
 
 
 # ---------------------------------------------------------------- tier 3: equivalence
@@ -133,6 +220,24 @@ def test_storing_processor_matches_diffusers_processor():
     assert store.maps == {}  # self-attention never stored
 
 
+def test_storing_processor_matches_diffusers_with_group_norm():
+    """A VAE-style attention block (group norm, 4-D input, residual): keys and values must come
+    from the group-normed input, as in diffusers."""
+    from diffusers.models.attention_processor import Attention, AttnProcessor
+    torch.manual_seed(0)
+    attn = Attention(query_dim=16, heads=2, dim_head=8, norm_num_groups=4,
+                     residual_connection=True, bias=True, upcast_softmax=True,
+                     _from_deprecated_attn_block=True)
+    assert attn.group_norm is not None
+    with torch.no_grad():  # a non-trivial norm, so that normed and raw inputs differ a lot
+        attn.group_norm.weight.normal_()
+        attn.group_norm.bias.normal_()
+    h = 3.0 * torch.randn(2, 16, 4, 4) + 1.0  # (B, C, H, W)
+    ref = AttnProcessor()(attn, h)
+    ours = dreamblend.StoringAttnProcessor(dreamblend.AttnStore(), "vae")(attn, h)
+    assert torch.allclose(ours, ref, atol=1e-5)
+
+
 def test_installed_store_keeps_unet_output(models):
     te, unet, _, _ = models
     emb, _, z = _inputs(te)
@@ -142,18 +247,18 @@ def test_installed_store_keeps_unet_output(models):
     plain.set_attn_processor(AttnProcessor())
     hooked, _ = dreamblend.load_unet(unet.state_dict(), "cpu")
     with torch.no_grad():
-        a = dreamblend.unet_v(plain, z, 500, emb)
-        b = dreamblend.unet_v(hooked, z, 500, emb)
+        a = dreamblend.model_out(plain, z, 500, emb)
+        b = dreamblend.model_out(hooked, z, 500, emb)
     assert torch.allclose(a, b, atol=1e-6)
 
 
-# ---------------------------------------------------------------- tier 2: invariants
+# ---------------------------------------------------------------- tier 2: invariants and wiring
 def test_stored_maps_are_distributions_over_tokens(models):
     te, unet, _, _ = models
     emb, _, z = _inputs(te)
     m, store = dreamblend.load_unet(unet.state_dict(), "cpu")
     with torch.no_grad():
-        dreamblend.unet_v(m, z, 300, emb)
+        dreamblend.model_out(m, z, 300, emb)
     assert store.maps, "no map stored"
     assert all(k.endswith("attn2.processor") for k in store.maps)  # cross-attention only
     heads = m.down_blocks[1].attentions[0].transformer_blocks[0].attn2.heads
@@ -165,11 +270,107 @@ def test_stored_maps_are_distributions_over_tokens(models):
         assert torch.allclose(a.sum(-1), torch.ones(a.shape[:2]), atol=1e-5)
 
 
+def test_recorded_maps_are_the_conditional_branch_per_step(models):
+    te, unet, _, sched = models
+    emb, null, z_T = _inputs(te)
+    m = dreamblend.load_unet(unet.state_dict(), "cpu")
+    _, maps = dreamblend.ddim_sample(*m, sched, z_T, emb, null, 3.0, record=True)
+    assert len(maps) == len(sched.timesteps)
+    # step 0 is the first call on z_T: the conditional maps, not the empty prompt's
+    with torch.no_grad():
+        m[1].clear()
+        dreamblend.model_out(m[0], z_T, sched.timesteps[0], emb)
+        cond = dict(m[1].maps)
+        dreamblend.model_out(m[0], z_T, sched.timesteps[0], null)
+        uncond = dict(m[1].maps)
+    k = next(iter(cond))
+    assert torch.allclose(maps[0][k], cond[k]) and not torch.allclose(maps[0][k], uncond[k])
+
+
+def test_cfg_pass_sees_the_latent_after_the_guidance_step(monkeypatch):
+    """(D2) then (D3): the CFG predictions and the DDIM step use the moved latent."""
+    sched = _plain_sched(1)
+    moved = []
+
+    def fake_guidance(unet, store, z, t, emb, ref_maps, lam, token_w=None):
+        moved.append(z + 7.0)
+        return z + 7.0, torch.zeros(len(z))
+
+    monkeypatch.setattr(dreamblend, "guidance_step", fake_guidance)
+    fake = _Recorder(lambda z, t, e: torch.zeros_like(z))  # v = 0
+    z0 = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    emb = torch.zeros(2, 5, 8)
+    out, losses = dreamblend.guided_sample(fake, dreamblend.AttnStore(), sched, z0, emb, emb,
+                                           2.0, [{}], lam=1.0, guided_steps=1)
+    assert len(moved) == 1 and len(losses) == 1
+    assert len(fake.calls) == 2  # conditional + unconditional pass, both on the moved latent
+    assert all(torch.equal(z, z0 + 7.0) for z, _ in fake.calls)
+    ab = sched.alphas_cumprod[sched.timesteps[0]]
+    assert torch.allclose(out, ab.sqrt() * (z0 + 7.0), atol=1e-5)  # x0 = sqrt(ab) z - 0
+    # with the guidance off (past guided_steps) the CFG pass sees the latent unmoved
+    fake.calls.clear()
+    dreamblend.guided_sample(fake, dreamblend.AttnStore(), sched, z0, emb, emb, 2.0, [{}],
+                             lam=1.0, guided_steps=0)
+    assert all(torch.equal(z, z0) for z, _ in fake.calls)
+
+
+def test_inversion_uses_the_late_checkpoint_and_feeds_the_guided_sampler(models, monkeypatch):
+    te, unet, _, sched = models
+    emb, null, z_T = _inputs(te)
+    early, late = _pair(unet, 5)
+    seen = {}
+    marker = torch.full_like(z_T, 0.25)
+
+    def spy(u, s, x0, e):
+        seen["unet"], seen["x0"] = u, x0
+        return marker
+
+    monkeypatch.setattr(dreamblend, "ddim_invert", spy)
+    ref, out, _ = dreamblend.dreamblend(early, late, sched, z_T, emb, null, 3.0, lam=0.0,
+                                        guided_steps=4, invert=True)
+    assert seen["unet"] is late[0]  # (C1): the late checkpoint inverts ...
+    assert torch.equal(seen["x0"], ref)  # ... the early checkpoint's reference image
+    early_img, _ = dreamblend.ddim_sample(*early, sched, z_T, emb, null, 3.0)
+    assert torch.equal(ref, early_img)
+    from_marker, _ = dreamblend.ddim_sample(*late, sched, marker, emb, null, 3.0)
+    assert torch.equal(out, from_marker)  # (D) starts from the inversion, with the late model
+
+
+def test_dreamblend_default_inversion_matches_config():
+    default = inspect.signature(dreamblend.dreamblend).parameters["invert"].default
+    assert default == dreamblend.Config().invert
+
+
+@pytest.mark.parametrize("kind", ["v_prediction", "epsilon"])
+def test_inversion_runs_all_its_steps(kind):
+    """With a model that always predicts the same noise eps*, DDIM inversion from x0 must land on
+    sqrt(ab_T) x0' + sqrt(1 - ab_T) eps* at T = the first sampling timestep, with x0' the clean
+    image seen at level 0; one model call per step, at every level but the last."""
+    sched = _plain_sched(5, kind)
+    ab = sched.alphas_cumprod
+    g = torch.Generator().manual_seed(0)
+    eps_star, x0 = torch.randn(2, 3, 4, 4, generator=g), torch.randn(2, 3, 4, 4, generator=g)
+
+    def predict(z, t, e):
+        a = ab[int(t[0])]
+        if kind == "v_prediction":  # the v whose eps is eps*: eps = sqrt(1-a) z + sqrt(a) v
+            return (eps_star - (1 - a).sqrt() * z) / a.sqrt()
+        return eps_star.expand_as(z)
+
+    fake = _Recorder(predict)
+    z_T = dreamblend.ddim_invert(fake, sched, x0, None)
+    ts = sched.timesteps.tolist()
+    assert [t for _, t in fake.calls] == ts[::-1][:-1]  # 0, 200, ..., every level but T
+    a0, aT = ab[ts[-1]], ab[ts[0]]
+    x0p = (x0 - (1 - a0).sqrt() * eps_star) / a0.sqrt()
+    assert torch.allclose(z_T, aT.sqrt() * x0p + (1 - aT).sqrt() * eps_star, atol=1e-4)
+
+
 def test_zero_guidance_equals_plain_sampling(models):
     te, unet, _, sched = models
     emb, null, z_T = _inputs(te)
     early, late = _pair(unet, 1)
-    plain, _, _ = dreamblend.sample(*late, sched, z_T, emb, null, 3.0)
+    plain, _ = dreamblend.ddim_sample(*late, sched, z_T, emb, null, 3.0)
     _, blended, losses = dreamblend.dreamblend(early, late, sched, z_T, emb, null, 3.0, lam=0.0,
                                                guided_steps=4, invert=False)
     assert losses == []
@@ -185,7 +386,7 @@ def test_identical_weights_give_zero_guidance_loss(models):
     emb, null, z_T = _inputs(te)
     a = dreamblend.load_unet(dreamblend.snapshot(unet), "cpu")
     b = dreamblend.load_unet(dreamblend.snapshot(unet), "cpu")
-    plain, _, _ = dreamblend.sample(*b, sched, z_T, emb, null, 3.0)
+    plain, _ = dreamblend.ddim_sample(*b, sched, z_T, emb, null, 3.0)
     _, out, losses = dreamblend.dreamblend(a, b, sched, z_T, emb, null, 3.0, lam=100.0,
                                            guided_steps=4, invert=False)
     assert len(losses) == 4
@@ -210,7 +411,7 @@ def test_one_guidance_step_lowers_the_attention_loss(models):
     emb, null, z_T = _inputs(te)
     early, late = _pair(unet, 3)
     t = sched.timesteps[1]
-    _, ref_maps, _ = dreamblend.sample(*early, sched, z_T, emb, null, 3.0, record=True)
+    _, ref_maps = dreamblend.ddim_sample(*early, sched, z_T, emb, null, 3.0, record=True)
     z_new, loss0 = dreamblend.guidance_step(*late, z_T, t, emb, ref_maps[1], lam=0.05)
     _, loss1 = dreamblend.guidance_step(*late, z_new, t, emb, ref_maps[1], lam=0.0)
     assert (loss0 > 0).all()
@@ -222,7 +423,7 @@ def test_guidance_is_batch_size_independent(models):
     emb, null, z_T = _inputs(te, bgs=("teal", "purple", "orange", "teal"))
     early, late = _pair(unet, 4)
     t = sched.timesteps[0]
-    _, ref, _ = dreamblend.sample(*early, sched, z_T, emb, null, 3.0, record=True)
+    _, ref = dreamblend.ddim_sample(*early, sched, z_T, emb, null, 3.0, record=True)
     z4, _ = dreamblend.guidance_step(*late, z_T, t, emb, ref[0], lam=10.0)
     ref1 = {k: v[:v.shape[0] // 4] for k, v in ref[0].items()}
     z1, _ = dreamblend.guidance_step(*late, z_T[:1], t, emb[:1], ref1, lam=10.0)
@@ -234,11 +435,9 @@ def test_guidance_is_batch_size_independent(models):
 def test_ddim_inversion_round_trip():
     """Invert-then-sample with the same model reconstructs far better than fresh noise. Uses a
     briefly pre-trained toy model (a random UNet is not a smooth enough ODE)."""
-    cfg = dreamblend.Config(pre_steps=40, pre_batch=16, out_dir="unused")
+    cfg = dreamblend.Config(pre_steps=25, pre_batch=16, out_dir="unused")
     gen = dreamblend.set_seed(0)
     te, unet, train_sched, sched = dreamblend.build_models()
-    for p in list(te.parameters()) + list(unet.parameters()):
-        p.requires_grad_(True)
     opt = torch.optim.AdamW(list(te.parameters()) + list(unet.parameters()), lr=1e-3)
     for _ in range(cfg.pre_steps):
         x0, ids = dreamblend.make_base_batch(cfg.pre_batch, gen)
@@ -250,32 +449,49 @@ def test_ddim_inversion_round_trip():
         opt.zero_grad()
         loss.backward()
         opt.step()
-    sched.set_timesteps(20)
+    sched.set_timesteps(10)
     te.requires_grad_(False)
     m = dreamblend.load_unet(unet.state_dict(), "cpu")
     x0, ids = dreamblend.make_base_batch(4, gen)
     emb = dreamblend.encode(te, ids)
     z_T = dreamblend.ddim_invert(m[0], sched, x0, emb)
-    recon, _, _ = dreamblend.sample(*m, sched, z_T, emb, emb, 1.0)
-    fresh, _, _ = dreamblend.sample(*m, sched, torch.randn(z_T.shape, generator=gen), emb, emb,
-                                    1.0)
+    recon, _ = dreamblend.ddim_sample(*m, sched, z_T, emb, emb, 1.0)
+    fresh, _ = dreamblend.ddim_sample(*m, sched, torch.randn(z_T.shape, generator=gen), emb, emb,
+                                      1.0)
     mse_recon, mse_fresh = F.mse_loss(recon, x0).item(), F.mse_loss(fresh, x0).item()
     # measured: 0.014 vs 0.57 (ratio 0.024); converting v at the wrong noise level gives 0.15
     assert mse_recon < 0.06 * mse_fresh, (mse_recon, mse_fresh)
 
 
-def test_finetune_touches_only_unet_and_checkpoints_are_copies(models):
+def test_finetune_feeds_instance_then_class_and_touches_only_unet(models, monkeypatch):
     te, unet, train_sched, _ = models
-    cfg = dreamblend.Config(steps=3, checkpoints="0,1", early_step=1, log_every=10)
+    cfg = dreamblend.Config(steps=3, checkpoints="0,1", early_step=1, log_every=10, ft_batch=2)
     u = dreamblend.build_unet()
     u.load_state_dict(unet.state_dict())
     te_before = dreamblend.snapshot(te)
     gen = torch.Generator().manual_seed(0)
-    inst = dreamblend.make_subject(2, gen)
-    cls = torch.zeros(2, 3, 16, 16)
+    inst = dreamblend.make_subject(3, gen)
+    cls = torch.full((5, 3, 16, 16), -0.5)
     e = dreamblend.encode(te, dreamblend.tokenize(["a sks square"]))
     c = dreamblend.encode(te, dreamblend.tokenize(["a square"]))
-    ckpts, losses = dreamblend.finetune(cfg, u, te, train_sched, inst, e, cls, c, gen, "cpu")
+    seen = []
+    real_loss = dreamblend.dreambooth_loss
+
+    def spy(pred, target, n_instance, prior_weight):
+        seen.append((len(pred), n_instance, prior_weight))
+        return real_loss(pred, target, n_instance, prior_weight)
+
+    monkeypatch.setattr(dreamblend, "dreambooth_loss", spy)
+    fed = []
+    hook = u.register_forward_pre_hook(
+        lambda mod, args, kw: fed.append((args[0].clone(), kw["encoder_hidden_states"].clone())),
+        with_kwargs=True)
+    ckpts, losses = dreamblend.finetune(cfg, u, train_sched, inst, e, cls, c, gen, "cpu")
+    hook.remove()
+    assert seen == [(4, 2, cfg.prior_weight)] * 3  # 2 instance + 2 class images per step
+    for _, emb in fed:  # instance prompt for the first half, class prompt for the second
+        assert torch.equal(emb[:2], e.expand(2, -1, -1)) and torch.equal(emb[2:], c.expand(2, -1,
+                                                                                             -1))
     assert sorted(ckpts) == [0, 1, 3] and len(losses) == 3
     assert all(torch.equal(te_before[k], v) for k, v in te.state_dict().items())
     key = "conv_in.weight"
@@ -286,24 +502,6 @@ def test_finetune_touches_only_unet_and_checkpoints_are_copies(models):
     assert torch.equal(ckpts[3][key], saved)
 
 
-def test_metric_sanity():
-    gen = torch.Generator().manual_seed(0)
-    subj = dreamblend.make_subject(4, gen)
-    assert dreamblend.prompt_fidelity(subj, ["gray"] * 4) == 1.0
-    assert dreamblend.prompt_fidelity(subj, ["teal"] * 4) == 0.0
-    assert dreamblend.subject_fidelity(subj) > 0.9
-    plain = torch.stack([dreamblend.render("square", dreamblend.OBJ_COLOURS["red"],
-                                           dreamblend.BG_COLOURS[bg], 8, 8, 8)
-                         for bg in ("teal", "purple", "orange")])
-    assert dreamblend.prompt_fidelity(plain, ["teal", "purple", "orange"]) == 1.0
-    assert dreamblend.subject_fidelity(plain) < 0.3
-    assert dreamblend.diversity(plain[:1].repeat(3, 1, 1, 1)) == 0.0
-    assert dreamblend.diversity(plain) > 0.5
-    # diversity by hand: two images 0 and 1 everywhere -> pooled L2 = sqrt(48)
-    two = torch.stack([torch.zeros(3, 16, 16), torch.ones(3, 16, 16)])
-    assert dreamblend.diversity(two) == pytest.approx(48 ** 0.5, rel=1e-5)
-
-
 def test_tokenize_pads_right():
     ids = dreamblend.tokenize(["a sks square", ""])
     assert ids.tolist() == [[1, 5, 2, 0, 0], [0, 0, 0, 0, 0]]
@@ -311,39 +509,50 @@ def test_tokenize_pads_right():
 
 # ---------------------------------------------------------------- tier 4: smoke run + CLI
 @pytest.mark.slow
-def test_quick_run_smoke_and_cache(tmp_path):
-    out = dreamblend.train(dreamblend.Config(quick=True, out_dir=str(tmp_path)))
-    s = json.loads((tmp_path / "summary.json").read_text())
+def test_quick_run_smoke_cache_and_same_seed(tmp_path):
+    out = dreamblend.train(dreamblend.Config(quick=True, out_dir=str(tmp_path / "a")))
+    s = json.loads((tmp_path / "a" / "summary.json").read_text())
     assert set(s) == {"folder", "seed", "config", "wall_seconds", "metrics", "headline"}
     assert s["folder"] == "dreamblend" and s["config"]["steps"] == dreamblend.QUICK["steps"]
-    assert all(set(r) == {"metric", "higher_is_better", "method", "baseline"}
+    assert all(set(r) == {"metric", "higher_is_better", "expect", "method", "baseline"}
                for r in s["headline"])
+    assert s["headline"][0]["expect"] == "better"
+    assert s["headline"][0]["baseline"]["name"] == "best checkpoint"
+    assert {"both/DreamBlend", "both/DreamBlend, teal", "prompt_fid/guidance alone",
+            "both/inversion alone (lambda=0)", "both/inversion + guidance"} <= set(s["metrics"])
     pre = out["history"]["pretrain_loss"]
     assert all(map(lambda x: x == x and abs(x) < 1e3, pre + out["history"]["finetune_loss"]))
     assert sum(pre[-3:]) < sum(pre[:3])
-    assert (tmp_path / "dreamblend_grid.png").is_file()
+    assert (tmp_path / "a" / "dreamblend_grid.png").is_file()
+    assert (tmp_path / "a" / "dreamblend_tradeoff.png").is_file()
     assert s["metrics"]["pretrain_cached"] == 0.0
-    # second run: loads the cached pre-trained model, same numbers
-    again = dreamblend.train(dreamblend.Config(quick=True, out_dir=str(tmp_path)))
+    # the same folder again: the cached pre-trained model, and the same numbers
+    again = dreamblend.train(dreamblend.Config(quick=True, out_dir=str(tmp_path / "a")))
     assert again["metrics"]["pretrain_cached"] == 1.0
     strip = {k: v for k, v in out["metrics"].items() if k != "pretrain_cached"}
     assert strip == {k: v for k, v in again["metrics"].items() if k != "pretrain_cached"}
 
 
-@pytest.mark.slow
-def test_same_seed_same_numbers(tmp_path):
-    a = dreamblend.train(dreamblend.Config(quick=True, out_dir=str(tmp_path / "a")))
-    b = dreamblend.train(dreamblend.Config(quick=True, out_dir=str(tmp_path / "b")))
-    assert a["metrics"] == b["metrics"]
-    c = dreamblend.train(dreamblend.Config(quick=True, seed=1, out_dir=str(tmp_path / "c")))
-    assert c["history"]["pretrain_loss"] != a["history"]["pretrain_loss"]
+def test_pretraining_same_seed_same_numbers_other_seed_other(tmp_path):
+    def losses(seed, sub):
+        cfg = dreamblend.Config(pre_steps=2, pre_batch=4, seed=seed, out_dir=str(tmp_path / sub))
+        w = dreamblend.toy_world(cfg, torch.device("cpu"))
+        return w.pre_losses, w.inst
+
+    (a, inst_a), (b, inst_b), (c, _) = losses(0, "a"), losses(0, "b"), losses(1, "c")
+    assert a == b and torch.equal(inst_a, inst_b) and a != c
 
 
 @pytest.mark.parametrize("argv, needle", [
     (["--steps", "-3"], "--steps"),
+    (["--seed", "-1"], "--seed"),
     (["--device", "tpu"], "invalid choice"),
+    (["--mixed-precision", "fp8"], "invalid choice"),
     (["--checkpoints", "0,999"], "--checkpoints"),
-    (["--pretrained", "some/model"], "needs --device cuda"),
+    (["--ft-lr", "0"], "--ft-lr"),
+    (["--pretrained", "some/model"], "needs --instance-dir"),
+    (["--instance-dir", "photos"], "only applies with --pretrained"),
+    (["--pretrained", "x", "--instance-dir", "p", "--pre-steps", "9"], "only applies to the toy"),
 ])
 def test_bad_arguments_are_one_line(argv, needle, capsys):
     with pytest.raises(SystemExit) as e:
@@ -352,19 +561,105 @@ def test_bad_arguments_are_one_line(argv, needle, capsys):
     assert e.value.code != 0 and len(err.splitlines()) == 1 and needle in err
 
 
+def test_unwritable_out_dir_is_one_line(tmp_path):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SystemExit) as e:
+        dreamblend.main(["--quick", "--out-dir", str(tmp_path / "file" / "sub")])
+    assert "not a writable folder" in str(e.value.code)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA message")
 def test_cuda_without_cuda_is_one_line():
     with pytest.raises(SystemExit) as e:
-        dreamblend.main(["--pretrained", "x/y", "--device", "cuda"])
+        dreamblend.main(["--device", "cuda"])
     assert "CUDA is not available" in str(e.value.code)
 
 
+def _photo(path, colour):
+    from PIL import Image
+    Image.new("RGB", (24, 20), colour).save(path)
+
+
 def test_real_scale_offline_is_one_line(tmp_path, monkeypatch):
-    """The --pretrained path with (pretend) CUDA but no network stops with one clear line."""
+    """--pretrained with a hub name and no network stops with one clear line."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    _photo(tmp_path / "a.png", (200, 10, 10))
     with pytest.raises(SystemExit) as e:
-        dreamblend.main(["--pretrained", "no-such-org/no-such-model", "--device", "cuda",
-                         "--instance-dir", str(tmp_path), "--out-dir", str(tmp_path)])
+        dreamblend.main(["--pretrained", "no-such-org/no-such-model", "--instance-dir",
+                         str(tmp_path), "--out-dir", str(tmp_path / "out")])
     msg = str(e.value.code)
     assert "could not load" in msg and "network" in msg and len(msg.splitlines()) == 1
+
+
+# ---------------------------------------------------------------- real scale, offline, on CPU
+@pytest.fixture(scope="module")
+def tiny_sd(tmp_path_factory):
+    """A tiny Stable Diffusion folder (eps-prediction UNet with cross-attention, a 2x VAE, a
+    CLIP text encoder, a character-level CLIP tokenizer), written with save_pretrained."""
+    from diffusers import (
+        AutoencoderKL,
+        DDIMScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    root = tmp_path_factory.mktemp("tiny_sd")
+    chars = [chr(c) for c in range(33, 127)]
+    vocab = {c: i for i, c in enumerate(chars + [c + "</w>" for c in chars])}
+    vocab.update({"<|startoftext|>": len(vocab), "<|endoftext|>": len(vocab) + 1})
+    (root / "vocab.json").write_text(json.dumps(vocab))
+    (root / "merges.txt").write_text("#version: 0.2\n")
+    tok = CLIPTokenizer(str(root / "vocab.json"), str(root / "merges.txt"), model_max_length=24)
+    torch.manual_seed(0)
+    te = CLIPTextModel(CLIPTextConfig(vocab_size=len(vocab), hidden_size=16, intermediate_size=32,
+                                      num_hidden_layers=1, num_attention_heads=2,
+                                      max_position_embeddings=24))
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=(8, 16), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=16,
+        attention_head_dim=4, norm_num_groups=4)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4,
+                        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+                        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+                        block_out_channels=(8, 8), layers_per_block=1, norm_num_groups=4,
+                        sample_size=16)
+    sched = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                          clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=tok, unet=unet,
+                                   scheduler=sched, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.save_pretrained(root / "pipe")
+    photos = root / "photos"
+    photos.mkdir()
+    for i, col in enumerate([(200, 30, 30), (30, 200, 30), (30, 30, 200)]):
+        _photo(photos / f"{i}.png", col)
+    return root / "pipe", photos
+
+
+@pytest.mark.slow
+def test_real_scale_path_runs_end_to_end_offline(tiny_sd, tmp_path, monkeypatch):
+    """The code a GPU user runs (--pretrained), here on CPU: every flag reaches the run."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    pipe, photos = tiny_sd
+    out = tmp_path / "out"
+    argv = ["--pretrained", str(pipe), "--instance-dir", str(photos), "--out-dir", str(out),
+            "--resolution", "16", "--steps", "3", "--checkpoints", "1", "--early-step", "1",
+            "--n-instance", "2", "--n-class", "2", "--ft-batch", "1", "--sample-steps", "3",
+            "--guided-steps", "2", "--guidance-lr", "0.5", "--cfg-scale", "2.0",
+            "--eval-seeds", "2", "--eval-batch", "4", "--contexts", "on the beach,in snow",
+            "--instance-prompt", "a sks dog", "--class-prompt", "a dog", "--seed", "3",
+            "--mixed-precision", "bf16", "--grad-checkpointing", "--invert"]
+    res = dreamblend.main(argv)
+    s = json.loads((out / "summary.json").read_text())
+    assert s["seed"] == 3 and s["config"]["pretrained"] == str(pipe)
+    assert s["config"]["steps"] == 3 and s["config"]["invert"] is True
+    assert len(res["history"]["finetune_loss"]) == 3
+    assert len(res["history"]["guidance_loss"]["inversion + guidance"]) == 2  # K = 2 steps
+    assert all(x == x for x in res["history"]["finetune_loss"])
+    assert set(res["images"]) == {"ckpt 0", "ckpt 1", "ckpt 3", "inversion alone (lambda=0)",
+                                  "guidance alone", "inversion + guidance"}
+    assert all(v.shape == (4, 3, 16, 16) for v in res["images"].values())  # 2 contexts x 2
+    assert s["headline"][0]["expect"] == "report" and "diversity/DreamBlend" in s["metrics"]
+    assert "diversity/DreamBlend, in snow" in s["metrics"]
+    assert (out / "dreamblend_grid.png").is_file()
