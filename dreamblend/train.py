@@ -57,7 +57,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers.models.attention_processor import AttnProcessor
+from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 from tqdm import tqdm
 
 FOLDER = "dreamblend"
@@ -915,7 +915,9 @@ def train(cfg: Config) -> dict:
                          for z in z_cls.split(cfg.eval_batch or cfg.n_class)])
     if not cfg.pretrained:
         cls = cls.clamp(-1, 1)  # toy: pixels
-    world.unet.set_attn_processor(AttnProcessor())  # plain explicit-softmax processor to train
+    # PLUMBING: training needs no maps: the toy trains with the explicit-softmax processor (as
+    # before), real scale with diffusers' memory-lean fused attention (SDPA).
+    world.unet.set_attn_processor(AttnProcessor2_0() if cfg.pretrained else AttnProcessor())
     ckpts, ft_losses = finetune(cfg, world.unet, world.train_sched, world.inst, inst_emb, cls,
                                 cls_emb, gen, device)
 
