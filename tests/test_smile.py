@@ -650,7 +650,8 @@ def test_distributed_training_run_and_failed_worker(tmp_path, monkeypatch):
     # a worker that raises stops the whole run with its error, no hang (the spawned workers
     # inherit the variable that makes the no-op test hook raise on rank 1)
     monkeypatch.setenv("SMILE_TEST_FAIL_RANK", "1")
-    bad = dataclasses.replace(cfg, dist_timeout=20, out_dir=str(tmp_path / "bad"))
+    bad = dataclasses.replace(cfg, nodes=1, gpus_per_node=2, dist_timeout=20,
+                              out_dir=str(tmp_path / "bad"))  # 2 processes are enough here
     with pytest.raises(smile.RunError, match="deliberate failure of rank 1"):
         smile.train(bad)
 
