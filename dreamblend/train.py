@@ -1054,11 +1054,14 @@ def plot_grid(images: dict, scores, labels, per: int, path):
 
 def plot_tradeoff(rows: dict, ck: list[str], blend: str, path):
     """The trade-off: prompt fidelity against subject fidelity, checkpoints joined in training
-    order, the DreamBlend variants as points."""
+    order, their upper envelope (what mixing two checkpoints reaches), the DreamBlend variants."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5, 4))
     xs, ys = [rows[n]["prompt_fid"] for n in ck], [rows[n]["subject_fid"] for n in ck]
-    ax.plot(xs, ys, "o-", color="grey", label="checkpoints")
+    ax.plot(xs, ys, "o-", color="grey", label="checkpoints (training order)")
+    ps = np.linspace(0, max(xs), 201)  # the curve DreamBlend must beat: best mix of two
+    ax.plot(ps, [curve_value(list(zip(xs, ys)), p) for p in ps], "--", color="black", lw=1,
+            label="trade-off curve (upper envelope)")
     for n, x, y in zip(ck, xs, ys):
         ax.annotate(n.replace("ckpt ", ""), (x, y), fontsize=7)
     for n, mk in zip(variants(Config())[0], ("s", "^", "D")):
