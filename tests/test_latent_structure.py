@@ -24,14 +24,14 @@ def rand_unit(n, e, seed):
 
 
 # ---------------------------------------------------------------- Brownian bridge (Eq. 1)
-@pytest.mark.exercise
+@pytest.mark.exercise(1)
 def test_bridge_mean_matches_hand_value():
     mu = LS.bridge_mean(unit([1.0, 0.0]), unit([0.0, 1.0]), 0.25)
     # (0.25, 0.75) / sqrt(0.25^2 + 0.75^2) = (0.316228, 0.948683)
     assert torch.allclose(mu, torch.tensor([[0.316228, 0.948683]], dtype=mu.dtype), atol=1e-6)
 
 
-@pytest.mark.exercise
+@pytest.mark.exercise(1)
 def test_bridge_mean_endpoints_and_unit_norm():
     z_v, z_t = rand_unit(5, 4, 0), rand_unit(5, 4, 1)
     assert torch.allclose(LS.bridge_mean(z_v, z_t, 1.0), z_v, atol=1e-12)
@@ -40,7 +40,7 @@ def test_bridge_mean_endpoints_and_unit_norm():
     assert torch.allclose(mu.norm(dim=-1), torch.ones(5, dtype=mu.dtype), atol=1e-6)
 
 
-@pytest.mark.exercise
+@pytest.mark.exercise(1)
 def test_bridge_loss_hand_value_and_zero_on_the_bridge():
     z_v, z_t = unit([1.0, 0.0]), unit([0.0, 1.0])
     # ||(1,0) - (0.316228, 0.948683)||^2 = 2 - 2 * 0.316228
@@ -83,14 +83,14 @@ def gc_aug_naive(z_v, z_t, z_v_a, z_t_a):
     return tot / n
 
 
-@pytest.mark.exercise
+@pytest.mark.exercise(2)
 def test_gc_loss_hand_value_for_a_rotation():
     # z_T = z_V rotated by 90 degrees: S_VT = [[0,-1],[1,0]] is antisymmetric -> (4 + 4) / 2 = 4
     z_v, z_t = unit([1.0, 0.0], [0.0, 1.0]), unit([0.0, 1.0], [-1.0, 0.0])
     assert LS.gc_loss(z_v, z_t).item() == pytest.approx(4.0, abs=1e-9)
 
 
-@pytest.mark.exercise
+@pytest.mark.exercise(2)
 def test_gc_loss_zero_for_identical_or_symmetric_similarity():
     z_v = rand_unit(6, 2, 5)
     assert LS.gc_loss(z_v, z_v.clone()).item() == pytest.approx(0.0, abs=1e-12)
@@ -101,7 +101,7 @@ def test_gc_loss_zero_for_identical_or_symmetric_similarity():
     assert LS.gc_loss(z_v, z_v @ rot).item() > 0.1
 
 
-@pytest.mark.exercise
+@pytest.mark.exercise(2)
 def test_gc_loss_matches_naive_double_loop():
     z_v, z_t = rand_unit(6, 4, 6), rand_unit(6, 4, 7)
     assert LS.gc_loss(z_v, z_t).item() == pytest.approx(gc_naive(z_v, z_t), rel=1e-9)
@@ -129,7 +129,7 @@ def test_ortho_loss_zero_for_orthogonal_two_for_equal_and_hand_value():
     assert got.item() == pytest.approx(0.36, abs=1e-9)
 
 
-@pytest.mark.exercise
+@pytest.mark.exercise(3)
 def test_uniformity_hand_values():
     # antipodal: ||u - v||^2 = 4 -> log exp(-2 * 4) = -8
     assert LS.uniformity_loss(unit([1.0, 0.0], [-1.0, 0.0]), 2.0).item() == pytest.approx(-8.0)
@@ -140,7 +140,7 @@ def test_uniformity_hand_values():
     assert LS.uniformity_loss(e3, 1.0).item() == pytest.approx(-2.0, abs=1e-9)
 
 
-@pytest.mark.exercise
+@pytest.mark.exercise(3)
 def test_uniformity_matches_naive_loop_and_prefers_spread_points():
     z = rand_unit(6, 3, 12)
     vals = [math.exp(-2.0 * float(((z[j] - z[k]) ** 2).sum())) for j in range(6) for k in range(6)
@@ -247,11 +247,78 @@ def test_variant_loss_adds_exactly_the_named_regulariser():
     gc = (LS.gc_loss(f["z_v"], f["z_t"])
           + LS.gc_aug_loss(f["z_v"], f["z_t"], f["z_v_a"], f["z_t_a"])).item()
     al = LS.align_loss(f["z_v"], f["z_t"]).item()
+    im = LS.contrastive_loss(f["z_v"], f["z_t"], f["z_v_a"], f["z_t_a"], tau=cfg.tau).item()
+    assert abs(im - base) > 1e-3  # the two base losses differ on this batch
     want = {"clip": base, "align": base + 2.0 * al, "sep": base + 0.7 * sep,
             "br": base + 1.3 * br, "gc": base + 0.4 * gc, "all": base + 0.7 * sep + 1.3 * br
-            + 0.4 * gc}
+            + 0.4 * gc, "im": im, "im_sep": im + 0.7 * sep, "im_br": im + 1.3 * br,
+            "im_gc": im + 0.4 * gc}
+    assert set(want) == set(LS.VARIANTS)
     for name, value in want.items():
         assert LS.variant_loss(name, cfg, f)[0].item() == pytest.approx(value, rel=1e-9), name
+
+
+def test_anchor_and_augmented_views_get_their_own_noise_levels():
+    torch.manual_seed(0)
+    towers = torch.nn.ModuleDict({"v": LS.Tower(), "t": LS.Tower()})
+    x_v, x_t = torch.rand(8, LS.D_IN), torch.rand(8, LS.D_IN)
+    clean = LS.encode(towers, x_v, x_t, 0.0, torch.Generator().manual_seed(0))
+    for anchor, aug in ((0.0, 0.5), (0.5, 0.0)):
+        cfg = LS.Config(sigma_anchor=anchor, sigma_aug=aug)
+        f = LS.make_views(towers, x_v, x_t, cfg, torch.Generator().manual_seed(1))
+        assert {"z_v", "z_t", "zi_v", "zi_t", "z_v_a", "z_t_a", "zi_v_a", "zi_t_a"} <= set(f)
+        noiseless, noisy = ("", "_a") if anchor == 0.0 else ("_a", "")
+        for k in ("h_v", "z_v", "h_t", "z_t"):
+            torch.testing.assert_close(f[k + noiseless], clean[k])  # the sigma = 0 view is clean
+            assert not torch.allclose(f[k + noisy], clean[k], atol=1e-3)  # the other is not
+    # the two noisy views of one batch draw independent noise
+    f = LS.make_views(towers, x_v, x_t, LS.Config(sigma_anchor=0.3, sigma_aug=0.3),
+                      torch.Generator().manual_seed(1))
+    assert not torch.allclose(f["h_v"], f["h_v_a"], atol=1e-3)
+
+
+class _FixedTower(torch.nn.Module):
+    """A tower whose features are its input's first E coordinates (h = z = z^i = x[:, :E])."""
+
+    def forward(self, x):
+        z = F.normalize(x[:, :4], dim=-1)
+        return x[:, :4], z, z
+
+
+def test_zero_shot_class_centres_come_from_text_features():
+    protos = LS.class_prototypes(unit([1.0, 0.0], [0.0, 1.0], [3.0, 0.1]).float(),
+                                 torch.tensor([0, 1, 0]), n_class=2)
+    torch.testing.assert_close(protos, F.normalize(torch.tensor([[1.9, 0.05], [0.0, 1.0]]), dim=-1)
+                               .float(), atol=1e-2, rtol=0)  # mean of unit rows, re-normalised
+    # Images of class c sit at e_c; texts of class c at e_{c+1}. Prototypes built from the text
+    # features send every clean image to class c - 1 (accuracy 0); prototypes built from image
+    # features would score 1. The probes and the gap are computed as usual.
+    rng = np.random.default_rng(0)
+
+    def data(n):
+        c = rng.integers(0, 4, n)
+        x_v = np.zeros((n, LS.D_IN), np.float32)
+        x_t = np.zeros((n, LS.D_IN), np.float32)
+        x_v[np.arange(n), c] = 1.0
+        x_t[np.arange(n), (c + 1) % 4] = 1.0
+        return {"x_v": x_v, "x_t": x_t, "c": c, "y": c, "a": 0 * c, "b": 0 * c}
+
+    towers = {"v": _FixedTower(), "t": _FixedTower()}
+    r = LS.evaluate(towers, LS.Config(sigma_shift=0.0), data(200), data(100))
+    assert r["zs_acc"] == 0.0 and r["zs_shift_acc"] == 0.0
+    assert r["probe_acc"] == 1.0 and r["probe_z_acc"] == 1.0  # y = c is linear in e_c
+    assert r["gap"] == pytest.approx(math.sqrt(2), abs=1e-6)
+
+
+def test_data_seed_varies_the_mixing_matrices():
+    def first_row(**kw):
+        return LS.make_dataset(LS.Config(**kw), 5, np.random.default_rng(0))["x_v"]
+
+    # same samples (rng), different seed: different sensors
+    assert not np.allclose(first_row(seed=0), first_row(seed=1))
+    # --data-seed pins the sensors whatever --seed says; -1 follows --seed
+    np.testing.assert_array_equal(first_row(seed=0, data_seed=3), first_row(seed=1, data_seed=3))
+    np.testing.assert_array_equal(first_row(seed=2), first_row(seed=5, data_seed=2))
 
 
 # ---------------------------------------------------------------- Theorem 3.1 on the toy
@@ -293,7 +360,8 @@ def test_toy_data_matches_its_pmf():
 
 # ---------------------------------------------------------------- CLI and smoke run
 @pytest.mark.parametrize("argv", [["--steps", "-3"], ["--device", "tpu"], ["--bogus"],
-                                  ["--variants", "clip,nope"], ["--bridge-t", "1.5"]])
+                                  ["--variants", "clip,nope"], ["--bridge-t", "1.5"],
+                                  ["--seed", "-1"], ["--data-seed", "-2"]])
 def test_bad_arguments_exit_with_code_2(argv, capsys):
     with pytest.raises(SystemExit) as e:
         LS.parse_args(argv)
@@ -304,13 +372,15 @@ def test_bad_arguments_exit_with_code_2(argv, capsys):
 @pytest.fixture(scope="module")
 def quick_runs(tmp_path_factory):
     a = LS.train(LS.Config(quick=True, out_dir=str(tmp_path_factory.mktemp("a"))))
-    b = LS.train(LS.Config(quick=True, out_dir=str(tmp_path_factory.mktemp("b"))))
+    # the same seed again, for two of the variants (each variant starts from the seed on its own)
+    b = LS.train(LS.Config(quick=True, variants="clip,im_sep",
+                           out_dir=str(tmp_path_factory.mktemp("b"))))
     return a, b
 
 
 def test_smoke_run_finite_decreasing_loss_and_schema(quick_runs):
     out, _ = quick_runs
-    for name in LS.VARIANTS:
+    for name in LS.DEFAULT_VARIANTS:
         loss = out["history"][name]["loss"]
         assert all(math.isfinite(v) for v in loss)
         assert np.mean(loss[-10:]) < np.mean(loss[:10]), name
@@ -320,15 +390,38 @@ def test_smoke_run_finite_decreasing_loss_and_schema(quick_runs):
     assert summary["folder"] == "latent_structure" and summary["config"]["quick"]
     assert summary["config"]["steps"] == LS.QUICK["steps"]
     for row in summary["headline"]:
-        assert set(row) == {"metric", "higher_is_better", "method", "baseline"}
+        assert set(row) == {"metric", "higher_is_better", "expect", "method", "baseline"}
+        assert row["expect"] in ("better", "level", "report")
         assert math.isfinite(row["method"]["value"]) and math.isfinite(row["baseline"]["value"])
     assert summary["metrics"]["delta_p"] == pytest.approx(math.log(2))
+    # the first "better" row (the index's) compares two variants on the paper's base loss
+    first = next(r for r in summary["headline"] if r["expect"] == "better")
+    assert "in-modal" in first["method"]["name"] and "in-modal" in first["baseline"]["name"]
 
 
 def test_same_seed_same_numbers(quick_runs):
     a, b = quick_runs
-    assert a["metrics"] == b["metrics"]
-    assert a["history"]["sep"]["loss"] == b["history"]["sep"]["loss"]
+    for name in ("clip", "im_sep"):
+        assert a["results"][name] == b["results"][name]
+        assert a["history"][name] == b["history"][name]
+    # ...and a different variant trained from the same start does not reproduce them
+    assert a["history"]["sep"]["loss"] != a["history"]["im_sep"]["loss"]
+
+
+def test_quick_run_has_the_theorem_rows_and_the_two_plots(quick_runs):
+    out, _ = quick_runs
+    rows = out["summary"]["headline"]
+    theorem = [r for r in rows if "as CLIP trains" in r["metric"]]
+    assert len(theorem) == 3 and all(r["expect"] == "report" for r in theorem)
+    h = out["history"]["clip"]
+    gap_row = next(r for r in theorem if r["metric"].startswith("modality gap"))
+    assert gap_row["method"]["value"] == h["gap"][-1]
+    assert gap_row["baseline"]["value"] == h["gap"][0]
+    z_row = next(r for r in theorem if "of z" in r["metric"])
+    assert z_row["method"]["value"] == h["probe_z_acc"][0]
+    out_dir = __import__("pathlib").Path(out["summary"]["config"]["out_dir"])
+    for png in ("latent_structure.png", "alignment_curve.png"):
+        assert (out_dir / png).is_file()
 
 
 @pytest.mark.slow
@@ -341,3 +434,11 @@ def test_default_config_shows_the_claim(tmp_path):
     assert r["align"]["probe_acc"] < r["clip"]["probe_acc"]
     assert r["sep"]["probe_acc"] > r["clip"]["probe_acc"] + 0.1
     assert r["sep"]["probe_acc"] > 0.95
+
+
+def test_bad_out_dir_is_one_line_error_before_training(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(SystemExit) as e:
+        LS.main(["--quick", "--out-dir", str(blocker / "sub")])
+    assert "error" in str(e.value) and len(str(e.value).splitlines()) == 1
