@@ -56,6 +56,7 @@ import argparse
 import dataclasses
 import json
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,6 +70,10 @@ from tqdm import tqdm
 FOLDER = "excessmtl"
 METHODS = ("ew", "groupdro", "uw", "dwa", "excessmtl")
 NAMES = {"ew": "EW", "groupdro": "GroupDRO", "uw": "UW", "dwa": "DWA", "excessmtl": "ExcessMTL"}
+# Headline rows (clean-task excess error at the largest noise), in this order; the first "better"
+# row is what the repo index shows.
+HEADLINE_BASELINES = ("ew", "uw", "groupdro", "dwa")
+HEADLINE_EXPECT = {"ew": "better", "uw": "better", "groupdro": "better", "dwa": "report"}
 # The noise sweep of each toy when --noise-levels is left empty: Gaussian std sigma_0 on the noisy
 # regression target; fraction p of random labels on the noisy digit.
 TOY_NOISE = {"regression": "0.1,1,2,4", "digits": "0,0.3,0.6"}
@@ -96,6 +101,8 @@ class Config:
     d_latent: int = field(default=4, metadata={"help": "true shared features / encoder output"})
     hidden: int = field(default=16, metadata={"help": "encoder hidden width (digits: 64)"})
     sigma_clean: float = field(default=0.1, metadata={"help": "noise std of the clean targets"})
+    task_scale: str = field(default="equal", metadata={
+        "help": "equal: every clean signal has unit variance; random: |u_i| as drawn (old toy)"})
     batch_size: int = field(default=0, metadata={"help": "0 = full batch (paper: 64 / 8)"})
     lr: float = field(default=0.05, metadata={"help": "SGD learning rate"})  # paper: Adam 1e-4
     momentum: float = field(default=0.9, metadata={"help": "SGD momentum"})
@@ -106,11 +113,16 @@ class Config:
         "help": "steps averaged into the initial excess-risk estimate (official code: 1)"})
     dwa_temp: float = field(default=2.0, metadata={"help": "DWA temperature T"})
     uw_init: float = field(default=-0.5, metadata={"help": "UW initial log-variance s_i"})
+    uw_lr: float = field(default=1e-2, metadata={
+        "help": "UW trains with Adam at this lr (with SGD its weights 1/(2 e^s) blow up the step)"})
     log_every: int = field(default=100, metadata={"help": "steps between log lines"})
 
 
-# What --quick changes (it wins over the defaults above).
-QUICK = dict(steps=40, n_train=2000, n_test=500, noise_levels="0.1,4", log_every=20)
+# What --quick changes (it wins over the defaults above, flags included). The noise levels depend
+# on the toy (a std for regression, a flip fraction for digits), so --quick takes its levels from
+# QUICK_NOISE[toy] instead of one value that would be wrong for the other toy.
+QUICK = dict(steps=40, n_train=2000, n_test=500, log_every=20)
+QUICK_NOISE = {"regression": "0.1,4", "digits": "0,0.6"}
 DEVICES = ("cpu",)
 
 
@@ -128,10 +140,15 @@ def parse_args(argv=None) -> Config:
         if f.type in (bool, "bool"):
             p.add_argument(flag, action="store_true", help=f.metadata["help"])
         else:
-            choices = {"device": DEVICES, "toy": tuple(TOY_NOISE)}.get(f.name)
+            choices = {"device": DEVICES, "toy": tuple(TOY_NOISE),
+                       "task_scale": ("equal", "random")}.get(f.name)
             p.add_argument(flag, type=type(f.default), default=f.default,
-                           help=f.metadata["help"], choices=choices)
+                           help=f.metadata["help"] + " (default: %(default)s)", choices=choices)
     cfg = Config(**vars(p.parse_args(argv)))
+    if not 0 <= cfg.seed < 2**32:
+        p.error(f"--seed must be in [0, 2**32), got {cfg.seed}")
+    if not cfg.uw_lr > 0:
+        p.error(f"--uw-lr must be > 0, got {cfg.uw_lr}")
     for name in ("steps", "n_train", "n_test", "d_in", "d_latent", "hidden", "warmup",
                  "log_every"):
         if getattr(cfg, name) < 1:
@@ -178,6 +195,28 @@ def parse_levels(cfg: Config) -> list[float]:
     return levels
 
 
+def in_notebook() -> bool:
+    """PLUMBING: True inside a Jupyter kernel, where sys.argv holds the kernel's own arguments."""
+    return "ipykernel" in sys.modules
+
+
+def prepare_out_dir(path: str) -> Path:
+    """PLUMBING: create the run folder and prove it is writable *before* any training.
+
+    A mistyped --out-dir must cost the user one line, not a finished run and a traceback.
+    """
+    out = Path(path)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise SystemExit(f"{FOLDER}/train.py: error: --out-dir {path!r} is not a writable "
+                         f"folder ({e.strerror or e})") from None
+    return out
+
+
 # %% 3. Seeding
 def set_seed(seed: int) -> torch.Generator:
     """PLUMBING: seeds numpy and torch (model init); returns a Generator for the data."""
@@ -200,13 +239,21 @@ def make_regression(cfg: Config, gen: torch.Generator) -> dict:
     x_train = torch.randn(cfg.n_train, D, generator=gen)  # (N, D)
     x_test = torch.randn(cfg.n_test, D, generator=gen)  # (N_test, D)
     z_train = torch.randn(cfg.n_train, m, generator=gen)  # (N, m)
+    f_train = torch.tanh(x_train @ A.T) @ U  # (N, m)
+    f_test = torch.tanh(x_test @ A.T) @ U  # (N_test, m)
+    if cfg.task_scale == "equal":
+        # The paper's setting: tasks of comparable difficulty and scale, the noise on one of them
+        # the only asymmetry. Each clean signal gets unit variance (on the training inputs);
+        # A, the directions of u_i and the inputs still vary with the seed.
+        scale = f_train.std(0, keepdim=True)  # (1, m)
+        f_train, f_test = f_train / scale, f_test / scale
     return {
         "kind": "regression",
         "x_train": x_train,
-        "f_train": torch.tanh(x_train @ A.T) @ U,  # (N, m)
+        "f_train": f_train,  # (N, m)
         "z_train": z_train,
         "x_test": x_test,
-        "y_test": torch.tanh(x_test @ A.T) @ U,  # (N_test, m) noiseless
+        "y_test": f_test,  # (N_test, m) noiseless
     }
 
 
@@ -456,6 +503,7 @@ class ExcessMTL(Weighting):
         self.e0_sum = torch.zeros(m)  # (m,) sum of the first `warmup` estimates
         self.t = 0
         self.r = torch.zeros(m)  # (m,) last normalised ratios, for logging
+        self.e_hat = torch.zeros(m)  # (m,) last raw estimates, for logging
 
     def forward(self, losses, grads):
         # PAPER [R]: we solve min_theta max_{alpha in simplex} sum_i alpha_i E_i(theta) by
@@ -465,6 +513,7 @@ class ExcessMTL(Weighting):
             self.S = torch.zeros_like(grads)  # (m, P)
         # Eqs. (6)-(7): the excess-risk estimate from the task's own gradient history.
         e_hat, self.S = excess_risk_estimate(grads.detach(), self.S)
+        self.e_hat = e_hat
         self.t += 1
         if self.t <= self.warmup:
             # PAPER: scale processing (Sec. 3.2). Tasks' excess risks live on different scales
@@ -509,11 +558,17 @@ def train_one(cfg: Config, data: dict, method: str, noise: float, bar=None) -> d
     # DEVIATION: SGD with momentum instead of the paper's Adam. Adam rescales every parameter's
     # update by its own gradient size, so task weights barely change what a head learns; with SGD
     # the effect of the weights is what a student sees.
-    opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum)
+    if method == "uw":
+        # DEVIATION: UW with Adam (Kendall et al. and LibMTL train it with Adam). Under plain SGD
+        # its weights 1/(2 exp(s_i)) reach ~50 for a clean task at loss 0.01 and multiply the
+        # step size: UW then diverges, which says nothing about the weighting itself.
+        opt = torch.optim.Adam(params, lr=cfg.uw_lr)
+    else:
+        opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum)
     shared = list(model.encoder.parameters())
     x, y = data["x_train"], noisy_targets(data, noise, cfg.noisy_task, cfg.sigma_clean)
     batch_gen = torch.Generator().manual_seed(cfg.seed + 1)
-    hist = {"loss": [], "alpha": [], "task_losses": []}
+    hist = {"loss": [], "alpha": [], "task_losses": [], "e_hat": [], "r": []}
     for step in range(cfg.steps):
         if cfg.batch_size and cfg.batch_size < len(x):
             idx = torch.randint(len(x), (cfg.batch_size,), generator=batch_gen)  # (B,)
@@ -532,6 +587,9 @@ def train_one(cfg: Config, data: dict, method: str, noise: float, bar=None) -> d
         hist["loss"].append(float(losses.detach().sum()))
         hist["alpha"].append(weighting.alpha.tolist())
         hist["task_losses"].append(losses.detach().tolist())
+        if isinstance(weighting, ExcessMTL):  # the diagnostic: raw estimates and ratios
+            hist["e_hat"].append(weighting.e_hat.tolist())
+            hist["r"].append(weighting.r.tolist())
         if bar is not None:
             bar.update(1)
         if (step + 1) % cfg.log_every == 0 or step == 0:
@@ -568,7 +626,7 @@ def train(cfg: Config) -> dict:
     """The noise sweep: every method at every noise level on one dataset. Writes summary.json and
     the plot to cfg.out_dir. Returns {"runs": {(method, noise): run}, "metrics", "summary"}."""
     if cfg.quick:
-        cfg = dataclasses.replace(cfg, **QUICK)
+        cfg = dataclasses.replace(cfg, **QUICK, noise_levels=QUICK_NOISE[cfg.toy])
     t0 = time.time()
     gen = set_seed(cfg.seed)
     data = make_dataset(cfg, gen)
@@ -584,19 +642,20 @@ def train(cfg: Config) -> dict:
             metrics[f"{k}/{method}/noise={noise:g}"] = run["metrics"][k]
     top = max(levels)
     headline = []
-    for base in ("groupdro", "ew"):
-        if "excessmtl" in methods and base in methods:
-            headline.append({
-                "metric": f"clean-task test excess error at noise {top:g}",
-                "higher_is_better": False,
-                "method": {"name": "ExcessMTL",
-                           "value": runs[("excessmtl", top)]["metrics"]["clean_excess"]},
-                "baseline": {"name": NAMES[base],
-                             "value": runs[(base, top)]["metrics"]["clean_excess"]}})
+    if "excessmtl" in methods:
+        for base in HEADLINE_BASELINES:
+            if base in methods:
+                headline.append({
+                    "metric": f"clean-task test excess error at noise {top:g}",
+                    "higher_is_better": False, "expect": HEADLINE_EXPECT[base],
+                    "method": {"name": "ExcessMTL",
+                               "value": runs[("excessmtl", top)]["metrics"]["clean_excess"]},
+                    "baseline": {"name": NAMES[base],
+                                 "value": runs[(base, top)]["metrics"]["clean_excess"]}})
     if "excessmtl" in methods and "groupdro" in methods:
         headline.append({
             "metric": f"weight on the noisy task at noise {top:g}",
-            "higher_is_better": False,
+            "higher_is_better": False, "expect": "better",
             "method": {"name": "ExcessMTL",
                        "value": runs[("excessmtl", top)]["metrics"]["noisy_weight"]},
             "baseline": {"name": "GroupDRO",
@@ -604,6 +663,8 @@ def train(cfg: Config) -> dict:
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     plot(runs, methods, levels, cfg, out / "excessmtl.png")
+    if "excessmtl" in methods:
+        plot_diagnostic(runs[("excessmtl", top)], cfg, top, out / "excessmtl_diagnostic.png")
     summary = {
         "folder": FOLDER,
         "seed": cfg.seed,
@@ -635,7 +696,8 @@ def plot(runs: dict, methods: list[str], levels: list[float], cfg: Config, path:
     """Three panels: clean excess vs noise, noisy weight vs noise, noisy weight over training."""
     import matplotlib
 
-    matplotlib.use("Agg")
+    if not in_notebook():
+        matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(1, 3, figsize=(14, 4))
@@ -659,14 +721,93 @@ def plot(runs: dict, methods: list[str], levels: list[float], cfg: Config, path:
     ax[0].legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
+    plt.show() if in_notebook() else plt.close(fig)
 
 
-# %% 9. Entry point
+def plot_diagnostic(run: dict, cfg: Config, noise: float, path: Path) -> None:
+    """Why ExcessMTL's weights go where they go: per task, the raw estimate e_hat_i(t), the ratio
+    r_i(t) = e_hat_i(t) / e_hat_i(t0) that the EG step ascends, its running sum (the weights are
+    alpha_i proportional to exp(eta * sum_t r_i(t))), and the weights themselves."""
+    import matplotlib
+
+    if not in_notebook():
+        matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    h = run["history"]
+    e_hat, r, alpha = np.array(h["e_hat"]), np.array(h["r"]), np.array(h["alpha"])  # (steps, m)
+    steps = np.arange(1, len(alpha) + 1)
+    fig, ax = plt.subplots(1, 4, figsize=(18, 3.8))
+    for i in range(alpha.shape[1]):
+        name = f"task {i}" + (" (noisy)" if i == cfg.noisy_task else "")
+        ax[0].plot(steps, e_hat[:, i], label=name)
+        ax[1].plot(steps[cfg.warmup:], r[cfg.warmup:, i], label=name)
+        ax[2].plot(steps, np.cumsum(r[:, i]), label=name)
+        ax[3].plot(steps, alpha[:, i], label=name)
+    ax[0].set(yscale="log", xlabel="step", title="raw estimate e_hat_i (Eqs. 6-7)")
+    ax[1].set(yscale="log", xlabel="step", title="ratio r_i = e_hat_i / e_hat_i(t0)")
+    ax[2].set(xlabel="step", title="sum of r_i so far (sets log alpha_i / eta)")
+    ax[3].set(xlabel="step", ylim=(0, 1.05), title="weights alpha_i")
+    for a in ax:
+        a.legend(fontsize=7)
+    fig.suptitle(f"ExcessMTL diagnostic, seed {cfg.seed}, noise {noise:g}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.show() if in_notebook() else plt.close(fig)
+
+
+# %% 9. The run's last lines
+# PLUMBING: what `expect` means (../CONTRIBUTING.md, section 2): "better" = the method should
+# beat the baseline; "level" = a control, the two should be within 2 %; "report" = a diagnostic
+# or a reported negative, not a claim.
+EXPECT = {"better": "method should beat baseline", "level": "control: within 2 % expected",
+          "report": "diagnostic, not a claim"}
+
+
+def seed_record(row: dict) -> str:
+    """How often this row held over the seeds in RESULTS.md (written by tools/run_all.py)."""
+    results = Path(__file__).resolve().parents[1] / "RESULTS.md"
+    if not results.is_file():
+        return "no RESULTS.md beside this folder"
+    arrow = "↑" if row["higher_is_better"] else "↓"
+    for line in results.read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if (len(cells) >= 6 and cells[0] == f"{row['metric']} {arrow}"
+                and cells[1] == row["method"]["name"] and cells[3] == row["baseline"]["name"]):
+            return f"RESULTS.md: {cells[-1]}"
+    return "row not in RESULTS.md yet"
+
+
+def print_verdict(headline: list[dict], quick: bool, out: Path, t_start: float) -> None:
+    """One plain line per headline row, a --quick warning, and the files this run wrote."""
+    print("\nVerdict (this seed):")
+    for row in headline:
+        m, b = row["method"]["value"], row["baseline"]["value"]
+        better = (m > b) if row["higher_is_better"] else (m < b)
+        level = abs(m - b) <= 0.02 * max(abs(m), abs(b), 1e-12)
+        seen = "level" if level else ("method ahead" if better else "baseline ahead")
+        direction = "higher" if row["higher_is_better"] else "lower"
+        print(f"  [{row['expect']}] {row['metric']} ({direction} is better): "
+              f"{row['method']['name']} {m:.4g} vs {row['baseline']['name']} {b:.4g} -> {seen}; "
+              f"{EXPECT[row['expect']]}; {seed_record(row)}")
+    if quick:
+        print("NOTE: --quick is a smoke run (seconds, tiny data); its numbers are not meant to "
+              "show the paper's effect. Run without --quick for that.")
+    written = sorted(p for p in out.rglob("*") if p.is_file() and p.stat().st_mtime >= t_start)
+    print("Files written:", ", ".join(str(p) for p in written) or "none")
+
+
+# %% 10. Entry point
 def main(argv=None) -> dict:
+    if argv is None and in_notebook():
+        argv = ["--quick"]  # PLUMBING: in a notebook, never parse the kernel's sys.argv
     cfg = parse_args(argv)
     torch.set_num_threads(1)  # tiny model: one thread is faster than two
-    return train(cfg)
+    t_start = time.time()
+    out = prepare_out_dir(cfg.out_dir)  # before training: a bad --out-dir fails in a second
+    result = train(cfg)
+    print_verdict(result["summary"]["headline"], cfg.quick, out, t_start)
+    return result
 
 
 if __name__ == "__main__":

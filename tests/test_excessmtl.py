@@ -33,7 +33,7 @@ def tiny_setup(seed=0, noise=2.0):
 # --------------------------------------------------------------------------------------------
 # 1. Hand-computed values
 # --------------------------------------------------------------------------------------------
-@pytest.mark.exercise
+@pytest.mark.exercise(1)
 def test_first_step_estimate_is_the_l1_norm_of_the_gradient():
     g = torch.tensor([[3.0, 0.0, -4.0]])  # (1, 3)
     e_hat, S = excessmtl.excess_risk_estimate(g, torch.zeros_like(g))
@@ -41,7 +41,7 @@ def test_first_step_estimate_is_the_l1_norm_of_the_gradient():
     assert torch.allclose(S, torch.tensor([[9.0, 0.0, 16.0]]))
 
 
-@pytest.mark.exercise
+@pytest.mark.exercise(1)
 def test_estimate_matches_hand_value_on_a_two_step_history():
     S = torch.zeros(2, 2)
     e1, S = excessmtl.excess_risk_estimate(torch.tensor([[3.0, 0.0], [0.0, 4.0]]), S)
@@ -52,7 +52,7 @@ def test_estimate_matches_hand_value_on_a_two_step_history():
     assert torch.allclose(e2, torch.tensor([0.316228, 0.894427]), atol=1e-5)
 
 
-@pytest.mark.exercise
+@pytest.mark.exercise(1)
 def test_estimate_is_zero_when_the_gradient_is_zero():
     S = torch.tensor([[5.0, 1.0], [0.0, 0.0]])  # a history, and none
     e_hat, S_new = excessmtl.excess_risk_estimate(torch.zeros(2, 2), S)
@@ -60,7 +60,7 @@ def test_estimate_is_zero_when_the_gradient_is_zero():
     assert torch.equal(S_new, S)
 
 
-@pytest.mark.exercise
+@pytest.mark.exercise(1)
 def test_constant_gradient_estimate_decays_as_one_over_sqrt_t():
     g = torch.tensor([[1.0, -2.0, 0.5]])  # ||g||_1 = 3.5
     S = torch.zeros_like(g)
@@ -72,14 +72,14 @@ def test_constant_gradient_estimate_decays_as_one_over_sqrt_t():
         assert seen[t] == pytest.approx(3.5 / math.sqrt(t), rel=1e-5)
 
 
-@pytest.mark.exercise
+@pytest.mark.exercise(2)
 def test_eg_update_matches_hand_value():
     # the GroupDRO step of the notes: alpha = [.5, .5], losses [2, .5], eta = .1
     new = excessmtl.eg_update(torch.tensor([0.5, 0.5]), torch.tensor([2.0, 0.5]), 0.1)
     assert torch.allclose(new, torch.tensor([0.537430, 0.462570]), atol=1e-6)
 
 
-@pytest.mark.exercise
+@pytest.mark.exercise(2)
 def test_eg_update_is_multiplicative_with_the_given_step_size():
     alpha = torch.tensor([0.2, 0.3, 0.5])
     score = torch.tensor([1.5, -0.4, 0.7])
@@ -91,7 +91,7 @@ def test_eg_update_is_multiplicative_with_the_given_step_size():
             assert (new[i] / new[j]).item() == pytest.approx(expect.item(), rel=1e-5)
 
 
-@pytest.mark.exercise
+@pytest.mark.exercise(2)
 def test_eg_update_stays_on_the_simplex_and_is_detached():
     gen = torch.Generator().manual_seed(0)
     alpha = torch.softmax(torch.randn(5, generator=gen), 0)
@@ -359,11 +359,15 @@ def test_quick_run_writes_summary_with_the_contract_schema(quick_run):
     assert set(summary) == {"folder", "seed", "config", "wall_seconds", "metrics", "headline"}
     assert summary["folder"] == "excessmtl"
     assert summary["config"]["steps"] == excessmtl.QUICK["steps"]
-    assert len(summary["headline"]) == 3
+    assert len(summary["headline"]) == 5  # vs EW, UW, GroupDRO, DWA, and the noisy weight
+    assert summary["headline"][0]["expect"] == "better"
+    assert summary["headline"][0]["baseline"]["name"] == "EW"
     for row in summary["headline"]:
-        assert set(row) == {"metric", "higher_is_better", "method", "baseline"}
+        assert set(row) == {"metric", "higher_is_better", "expect", "method", "baseline"}
+        assert row["expect"] in ("better", "level", "report")
         assert math.isfinite(row["method"]["value"]) and math.isfinite(row["baseline"]["value"])
     assert (out / "excessmtl.png").stat().st_size > 0
+    assert (out / "excessmtl_diagnostic.png").stat().st_size > 0
 
 
 @pytest.mark.slow
@@ -388,11 +392,84 @@ def test_same_seed_same_numbers(quick_run, tmp_path):
     assert other["runs"][k]["history"]["loss"] != first["runs"][k]["history"]["loss"]
 
 
+def test_uw_log_variances_receive_gradient_and_move():
+    cfg, data, model, y = tiny_setup()
+    cfg = dataclasses.replace(cfg, steps=5, log_every=100)
+    w = excessmtl.make_weighting("uw", cfg, 3)
+    losses = excessmtl.task_losses(model, data["x_train"], y)
+    w(losses).backward()
+    # d/ds_i [l_i / (2 e^s_i) + s_i / 2] = 1/2 - l_i / (2 e^s_i)
+    want = 0.5 - losses.detach() / (2 * torch.exp(w.s.detach()))
+    assert torch.allclose(w.s.grad, want, atol=1e-5) and (w.s.grad != 0).all()
+    # wiring: train_one hands s to the optimiser, so the log-variances move during training
+    run = excessmtl.train_one(cfg, data, "uw", 2.0)
+    s = run["weighting"].s.detach()
+    assert (s - cfg.uw_init).abs().min().item() > 1e-3
+    alpha = torch.tensor(run["history"]["alpha"])  # (steps, m)
+    assert not torch.allclose(alpha[0], alpha[-1])
+
+
+def test_test_targets_are_clean_and_noise_is_only_in_training():
+    cfg = excessmtl.Config(n_train=512, n_test=256)
+    a = excessmtl.make_dataset(cfg, torch.Generator().manual_seed(0))
+    # the test targets are the noiseless function of the test inputs, whatever the noise level
+    f = a["y_test"]
+    for noise in (0.0, 4.0):
+        y = excessmtl.noisy_targets(a, noise, 0, cfg.sigma_clean)
+        assert y.shape == a["f_train"].shape
+        assert torch.equal(a["y_test"], f)
+    b = excessmtl.make_dataset(dataclasses.replace(cfg, sigma_clean=3.0),
+                               torch.Generator().manual_seed(0))
+    assert torch.equal(a["y_test"], b["y_test"])  # sigma never reaches the test targets
+    # and evaluate scores against y_test: a model predicting y_test exactly has zero excess
+    class Oracle(torch.nn.Module):
+        def forward(self, x):
+            return [a["y_test"][:, i:i + 1] for i in range(3)]
+    out = excessmtl.evaluate(Oracle(), a, 0)
+    assert out["clean_excess"] == 0.0 and out["noisy_excess"] == 0.0
+
+
+def test_equal_task_scale_gives_unit_variance_signals():
+    cfg = excessmtl.Config(n_train=2000, n_test=10)
+    d = excessmtl.make_dataset(cfg, torch.Generator().manual_seed(5))
+    assert torch.allclose(d["f_train"].std(0), torch.ones(3), atol=1e-5)
+    r = excessmtl.make_dataset(dataclasses.replace(cfg, task_scale="random"),
+                               torch.Generator().manual_seed(5))
+    assert not torch.allclose(r["f_train"].std(0), torch.ones(3), atol=0.05)
+
+
+def test_quick_keeps_each_toys_own_noise_levels(tmp_path, monkeypatch):
+    seen = []
+    monkeypatch.setattr(excessmtl, "train_one",
+                        lambda cfg, data, method, noise, bar=None: seen.append(
+                            (cfg.toy, noise)) or _fake_run(cfg))
+    monkeypatch.setattr(excessmtl, "plot", lambda *a, **k: None)
+    monkeypatch.setattr(excessmtl, "plot_diagnostic", lambda *a, **k: None)
+    for toy in ("regression", "digits"):
+        seen.clear()
+        excessmtl.train(excessmtl.Config(quick=True, toy=toy, out_dir=str(tmp_path),
+                                         methods="ew,excessmtl"))
+        levels = sorted({n for _, n in seen})
+        want = [float(v) for v in excessmtl.QUICK_NOISE[toy].split(",")]
+        assert levels == want, toy
+        if toy == "digits":
+            assert all(0.0 <= n <= 1.0 for n in levels)  # flip fractions, never a std of 4
+
+
+def _fake_run(cfg):
+    m = 2 if cfg.toy == "digits" else cfg.n_tasks
+    return {"history": {"loss": [1.0], "alpha": [[1 / m] * m], "task_losses": [[1.0] * m],
+                        "e_hat": [], "r": []},
+            "metrics": {"task_excess": [0.1] * m, "clean_excess": 0.1, "noisy_excess": 0.1,
+                        "noisy_weight": 1 / m}, "weighting": None}
+
+
 @pytest.mark.slow
 def test_digits_toy_runs(tmp_path):
     cfg = excessmtl.Config(quick=True, toy="digits", out_dir=str(tmp_path), n_train=1000,
-                           noise_levels="0,0.6", methods="ew,excessmtl")
+                           methods="ew,excessmtl")
     result = excessmtl.train(cfg)
+    assert sorted({noise for _, noise in result["runs"]}) == [0.0, 0.6]  # not the regression's
     for run in result["runs"].values():
         assert len(run["metrics"]["task_excess"]) == 2
         assert 0.0 <= run["metrics"]["clean_excess"] <= 1.0
@@ -401,7 +478,8 @@ def test_digits_toy_runs(tmp_path):
 
 BAD_ARGVS = [["--steps", "-3"], ["--device", "tpu"], ["--bogus"], ["--methods", "ew,nope"],
              ["--noise-levels", "a,b"], ["--noisy-task", "3"],
-             ["--toy", "digits", "--noise-levels", "2"], ["--eta-excess", "-1"]]
+             ["--toy", "digits", "--noise-levels", "2"], ["--eta-excess", "-1"],
+             ["--seed", "-1"], ["--uw-lr", "0"], ["--task-scale", "big"]]
 
 
 @pytest.mark.parametrize("argv", BAD_ARGVS)
