@@ -959,14 +959,15 @@ def plot(runs: dict, path: Path) -> None:
     ax1.set_ylim(0, 1.05)
     ax1.legend(fontsize=8)
     ax1.set_title("counting is the detail; colour and shape the control", fontsize=10)
-    for name, r in runs.items():
+    for k, (name, r) in enumerate(runs.items()):  # one colour per model in all three panels
         loss = np.array(r["history"]["total"])
         smooth = np.convolve(loss, np.ones(10) / 10, mode="valid") if len(loss) > 10 else loss
-        ax2.plot(smooth, label=name)
+        ax2.plot(smooth, label=name, color=f"C{k}")
         if r["stage2_curve"]:
             curves = np.array([[a for _, a in c] for c in r["stage2_curve"]])  # (seeds, points)
             steps = [s for s, _ in r["stage2_curve"][0]]
-            ax3.errorbar(steps, curves.mean(0), yerr=curves.std(0), capsize=2, label=name)
+            ax3.errorbar(steps, curves.mean(0), yerr=curves.std(0), capsize=2, label=name,
+                         color=f"C{k}")
     ax2.set_xlabel("stage-1 step")
     ax2.set_ylabel("stage-1 loss (smoothed)")
     ax2.legend(fontsize=8)
