@@ -76,7 +76,7 @@ HEADLINE_BASELINES = ("ew", "uw", "groupdro", "dwa")
 HEADLINE_EXPECT = {"ew": "better", "uw": "better", "groupdro": "better", "dwa": "report"}
 # The noise sweep of each toy when --noise-levels is left empty: Gaussian std sigma_0 on the noisy
 # regression target; fraction p of random labels on the noisy digit.
-TOY_NOISE = {"regression": "0.1,1,2,4", "digits": "0,0.3,0.6"}
+TOY_NOISE = {"regression": "0.1,1,4", "digits": "0,0.3,0.6"}
 
 
 # %% 2. Config
@@ -109,8 +109,9 @@ class Config:
     eta_excess: float = field(default=0.5, metadata={
         "help": "ExcessMTL EG step size eta_alpha"})  # code default 1e-2, Office-Home 1
     eta_dro: float = field(default=0.05, metadata={"help": "GroupDRO EG step size"})
-    warmup: int = field(default=1, metadata={
-        "help": "steps averaged into the initial excess-risk estimate (official code: 1)"})
+    warmup: int = field(default=30, metadata={
+        "help": "steps averaged into the initial excess-risk estimate (official code: 1; "
+                "paper App. C.1: 3 epochs); tuned on seeds 100-102 over {1, 30}"})
     dwa_temp: float = field(default=2.0, metadata={"help": "DWA temperature T"})
     uw_init: float = field(default=-0.5, metadata={"help": "UW initial log-variance s_i"})
     uw_lr: float = field(default=1e-2, metadata={
