@@ -122,7 +122,7 @@ class Config:
 # What --quick changes (it wins over the defaults above, flags included). The noise levels depend
 # on the toy (a std for regression, a flip fraction for digits), so --quick takes its levels from
 # QUICK_NOISE[toy] instead of one value that would be wrong for the other toy.
-QUICK = dict(steps=40, n_train=2000, n_test=500, log_every=20)
+QUICK = dict(steps=40, n_train=2000, n_test=500, warmup=5, log_every=20)
 QUICK_NOISE = {"regression": "0.1,4", "digits": "0,0.6"}
 DEVICES = ("cpu",)
 
@@ -521,6 +521,11 @@ class ExcessMTL(Weighting):
             # (a cross-entropy vs an L1 depth loss), so each is divided by its own initial value.
             # The official code takes the first step's estimate and leaves alpha unchanged at that
             # step (warmup = 1); Appendix C.1 recommends averaging over the first 3 epochs.
+            # DEVIATION: our default averages 30 full-batch steps. At step 1 the heads are random,
+            # so e_hat_i(t0) measures "signal scale x random head norm", not the task's scale;
+            # a task whose first estimate happens to be small gets inflated ratios r_i for the
+            # whole run (README, "Why the weights went the wrong way"). A paper epoch holds
+            # hundreds of mini-batch steps; 30 steps is our stand-in for that averaging.
             self.e0_sum = self.e0_sum + e_hat
         else:
             # Sec. 3.2: r_i = e_hat_i / e_hat_i(t0)
