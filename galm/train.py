@@ -38,9 +38,10 @@ Dimensions: N nodes, T tokens per text, D hidden size, B edges per batch, K nega
 E edges, V vocabulary size.
 
 What the miniature leaves out: BERT-base becomes a 2-layer, 32-wide BertModel over a ~90-word
-vocabulary; the Amazon graph corpus becomes a generated graph of 2,730 nodes (queries, products,
-brands) and the application graph 700 nodes (users, items); full-graph message passing instead of
-fan-out sampling; one GNN layer; the "large public datasets" of the paper are not used.
+vocabulary, and the "general LM" is made here by 200 MLM steps on the corpus texts; the Amazon
+graph corpus becomes a generated graph of 2,730 nodes (queries, products, brands) and the
+application graph 700 nodes (users, items); full-graph message passing instead of fan-out
+sampling; one GNN layer; the "large public datasets" of the paper are not used.
 
 Run:   python galm/train.py            (about 70 s of CPU time on one core)
 Ends:  a table with one row per pre-training (random, mlm, mlm_cont, galm, galm_co): link-prediction
@@ -1129,9 +1130,11 @@ def plot(metrics: dict, align: dict, history: dict, cfg: Config, path: Path):
     ax[1].set_ylabel("accuracy (unlabelled users)")
     ax[1].set_title("Application 2: user-category classification")
     ax[1].legend(ncol=3, loc="upper center", fontsize=7)
-    for name in ("general_mlm", "mlm_cont"):
-        ax[2].plot(history["pretrain"][name], label=name)
-    start = len(history["pretrain"]["general_mlm"])
+    n_general = len(history["pretrain"]["general_mlm"])
+    ax[2].plot(history["pretrain"]["general_mlm"], label="general_mlm")
+    ys = history["pretrain"]["mlm_cont"]
+    ax[2].plot(range(n_general, n_general + len(ys)), ys, label="mlm_cont", alpha=0.7)
+    start = n_general
     for name in ("galm", "galm_co_warmup", "galm_co_cotrain"):
         ys = history["pretrain"][name]
         ax[2].plot(range(start, start + len(ys)), ys, label=name)
