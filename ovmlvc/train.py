@@ -46,7 +46,10 @@ small trainable transformer turns those into input tokens for the frozen CLIP te
 Because only the prefix and the prompting transformer are trained, what they learn on base labels
 transfers to any label the LLM knows. Each label gets an independent sigmoid, so adding labels
 never changes old scores. On the video side, a gated temporal branch (identity at initialisation)
-adds motion to CLIP's per-frame embedding, and a regulariser keeps a fine-tuned ViT close to CLIP.
+adds motion to CLIP's per-frame embedding, and regularisers keep the video embedding and a
+fine-tuned ViT close to CLIP. The fair rival reads the same LLM knowledge as WORDS: decode what
+the LLM says about a label and give the words to the frozen CLIP text tower, training nothing.
+All stage-1 runs start from the same weights (paired), and each logs the collapse diagnostic.
 
 Notation (paper -> code), dimensions: B videos, T frames, C labels, K soft tokens, D = 64 embedding,
 P patches per frame, V vocabulary words.
