@@ -731,7 +731,7 @@ def real_world(cfg: Config, device) -> World:
     """Real scale: a diffusers Stable Diffusion folder (or hub name) and the user's photos.
     The same train() then runs DreamBooth and DreamBlend on its 4-channel latents."""
     from diffusers import DDIMScheduler, DDPMScheduler, StableDiffusionPipeline
-    from PIL import Image
+    from diffusers.utils import load_image
     set_seed(cfg.seed)
     folder = Path(cfg.instance_dir)
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png")
@@ -760,12 +760,13 @@ def real_world(cfg: Config, device) -> World:
             return te(ids.to(device))[0].float()  # (B, 77, 768)
 
     def load(path):
-        im = Image.open(path).convert("RGB")
-        s = min(im.size)  # centre crop to a square, then resize (train_dreambooth.py's default)
-        im = im.crop(((im.width - s) // 2, (im.height - s) // 2,
-                      (im.width + s) // 2, (im.height + s) // 2))
-        im = im.resize((cfg.resolution, cfg.resolution), Image.BILINEAR)
-        return torch.from_numpy(np.asarray(im, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1
+        x = torch.from_numpy(np.asarray(load_image(str(path)).convert("RGB"), dtype=np.float32))
+        x = x.permute(2, 0, 1)  # (3, H, W)
+        s, (h, w) = min(x.shape[1:]), x.shape[1:]  # centre crop to a square, then resize
+        x = x[:, (h - s) // 2:(h - s) // 2 + s, (w - s) // 2:(w - s) // 2 + s]  # (3, s, s)
+        x = F.interpolate(x[None], size=(cfg.resolution, cfg.resolution), mode="bilinear",
+                          antialias=True)[0]  # (3, R, R)
+        return x / 127.5 - 1
 
     imgs = torch.stack([load(f) for f in files[:cfg.n_instance]])  # (n, 3, R, R)
     with torch.no_grad():
