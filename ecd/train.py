@@ -14,8 +14,11 @@ A teacher answers every version. The teacher's answer to the parent instruction 
 negative* for the child: it meets every old requirement and misses exactly the new one. Pairing the
 child's answer (chosen) with the parent's answer (rejected) and training with DPO tells the student
 precisely which requirement separates good from almost-good, which plain supervised fine-tuning
-(SFT) on the chosen answers never says out loud. We compare, at equal compute, SFT, more SFT, DPO
-with random negatives and DPO with the ECD hard negatives.
+(SFT) on the chosen answers never says out loud. We compare, from the same SFT weights, DPO with
+the ECD hard negatives against a fair control (SFT+: more SFT on the same deduplicated chosen
+answers, at its own tuned lr and with the same forward/backward compute) and against DPO with
+random negatives, once with an imperfect and once with a perfect teacher, on held-out
+instructions that never occur in training.
 
 Notation (paper -> code):
     I^(k)            instrs[k]             the instruction after k evolution rounds (constraints)
@@ -26,18 +29,19 @@ Notation (paper -> code):
     log pi(y|x)      seq_logps(...)        sum of response-token log-probs (prompt masked out)
     beta             cfg.beta              DPO temperature
     r(x, y)          rewards               implicit reward beta * (log pi_theta - log pi_ref)
-Dimensions: B pairs in a batch, T sequence length, V vocabulary size (58).
+Dimensions: B pairs in a batch, T sequence length, V vocabulary size (50).
 
 What the miniature simplifies (each is a DEVIATION comment below):
   * the proprietary LLM that evolves instructions and writes answers is a rule-based evolver over
     a tiny constraint language, and a teacher that minimally repairs the parent answer;
   * a 2-layer, 64-wide Llama student trained from scratch instead of a 7B pretrained model;
   * IFEval / FollowBench / InFoBench become an exact constraint checker on held-out chains;
-  * beta = 2 and lr = 1e-4 instead of the usual beta = 0.1, lr = 5e-7 (see the DPO section).
+  * beta = 2 and lr = 3e-4 instead of the usual beta = 0.1, lr = 5e-7 (see the DPO section).
 
-Run:   python ecd/train.py            (about a minute on a laptop CPU; --quick: a few seconds)
-Ends:  a table, one row per method: sampled / greedy constraint satisfaction, pair accuracy and
-       the EXCLUDE rate; with the default imperfect teacher the ECD row is on top.
+Run:   python ecd/train.py            (about 100 CPU-seconds; --quick: a few seconds)
+Ends:  a table, one row per teacher and method: sampled / greedy constraint satisfaction, pair
+       accuracy and the per-constraint rates; then one verdict line per headline row (DPO ECD vs
+       SFT+, vs DPO random, vs SFT, per teacher) and the files written.
 """
 
 # %% 1. Imports
