@@ -55,7 +55,7 @@ Transformer on a synthetic 8-language bigram corpus instead of T5-style models o
 latency-bandwidth cost model instead of a cluster. `--distributed` runs the same layer over real
 process groups (gloo on CPU here; NCCL on GPUs).
 
-Run:   python smile/train.py            (about 90 s CPU: dense, Switch, additive Switch, SMILE)
+Run:   python smile/train.py            (about 100 s CPU: dense, Switch, additive Switch, SMILE)
        python smile/train.py --distributed --nodes 2 --gpus-per-node 2     (4 gloo processes)
 Ends:  a table `val loss | ... | steps to L | drop % | ...` per variant, the message counts from
        the last batch's routing, the modelled All2All time flat vs SMILE (sequential and
