@@ -622,7 +622,7 @@ def mask_tokens(ids: torch.Tensor, prob: float, mask_id: int, vocab_size: int,
     return out, labels
 
 
-# %% 7. Training: pre-training (none / MLM / GaLM / GaLM_co) and fine-tuning (F1 / F2 / F3)
+# %% 7. Training: general LM, MLM control, GaLM, GaLM_co; fine-tuning on two applications
 def _bar(n: int, desc: str):
     return tqdm(range(n), desc=desc, leave=False, dynamic_ncols=True, mininterval=0.5)
 
