@@ -36,7 +36,7 @@ background instead of 512px latents of Stable Diffusion; a 2-layer CLIP text enc
 parameter UNet pre-trained here in a minute; pixel statistics instead of DINO / CLIP / LPIPS.
 The real-scale path (--pretrained) runs the same train() on a diffusers Stable Diffusion folder.
 
-Run:   python dreamblend/train.py          (about 1-2 CPU-minutes; a cached re-run less)
+Run:   python dreamblend/train.py          (130-150 CPU-seconds; a cached re-run less)
 Ends:  a table `method | bg | object | prompt-fid | subject-fid | subject>tau | bg&subject |
        diversity` for the checkpoints, the three DreamBlend variants and DreamBlend per prompt,
        then one verdict line per headline row.
