@@ -37,7 +37,7 @@ shared fine-tuned multilingual BERT; a synthetic click log (latent topics, query
 boilerplate-heavy documents) replaces Amazon's search logs; one click per pair, so impression,
 click and purchase coverage coincide; K = 16 clusters instead of 64.
 
-Run:   python mico/train.py            (about 17 s of CPU on one idle core)
+Run:   python mico/train.py            (about 17-25 s of CPU on one core)
 Ends:  a table, one row per method (MICO, k-means + clicks, k-means, random, oracle), with
        coverage / cost / latency at one cluster, coverage / cost at two, coverage at 9.4 % of the
        documents scanned, the AUC and the balance figures (documents and traffic); the coverage
