@@ -1031,12 +1031,13 @@ def main(argv=None) -> dict:
     t_start = time.time()
     out = prepare_out_dir(cfg.out_dir)  # before training: a bad --out-dir fails in a second
     # PLUMBING: these tiny models are fastest on one thread (measured: README, Run). torch's own
-    # pool and the BLAS pool that scikit-learn's probe uses (threadpoolctl ships with
-    # scikit-learn) are both limited here, so the plain command needs no OMP_NUM_THREADS.
-    from threadpoolctl import threadpool_limits
+    # pool and the BLAS / OpenMP pools that scikit-learn's probe uses are both limited here, so
+    # the plain command needs no OMP_NUM_THREADS. The second goes through threadpoolctl's
+    # controller, which scikit-learn depends on and exposes in sklearn.utils.parallel.
+    from sklearn.utils.parallel import ThreadpoolController
 
     torch.set_num_threads(cfg.threads)
-    with threadpool_limits(limits=cfg.threads):
+    with ThreadpoolController().limit(limits=cfg.threads):
         result = train(cfg)
     print_verdict(result["summary"]["headline"], cfg.quick, out, t_start)
     return result
