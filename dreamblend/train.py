@@ -120,7 +120,7 @@ class Config:
 
 # What --quick changes (it wins over the defaults above and over the command line).
 QUICK = dict(steps=6, pre_steps=8, pre_batch=8, checkpoints="0,2", early_step=2, n_class=4,
-             sample_steps=4, guided_steps=4, eval_seeds=2, log_every=2)
+             sample_steps=3, guided_steps=3, eval_seeds=2, log_every=2)
 DEVICES = ("cpu", "cuda")
 PRECISIONS = ("no", "bf16")
 TOY_ONLY = ("pre_steps", "pre_batch", "pre_lr")
