@@ -28,7 +28,7 @@ PAPER_FOLDERS = (
 ALLOWED_PACKAGES = {
     "torch": "torch", "numpy": "numpy", "transformers": "transformers",
     "diffusers": "diffusers", "networkx": "networkx", "sklearn": "scikit-learn",
-    "matplotlib": "matplotlib", "tqdm": "tqdm",
+    "matplotlib": "matplotlib", "tqdm": "tqdm", "threadpoolctl": "threadpoolctl",
 }
 
 # STYLE.md's README sections, as `##` headings, in this order.

@@ -992,8 +992,11 @@ EXPECT = {"better": "method should beat baseline", "level": "control: within 2 %
 
 def seed_record(row: dict) -> str:
     """How often this row held over the seeds in RESULTS.md (written by tools/run_all.py)."""
-    results = Path(__file__).resolve().parents[1] / "RESULTS.md"
-    if not results.is_file():
+    # In a notebook there is no __file__: look in the kernel's folder and the one above it.
+    here = Path(globals()["__file__"]).resolve().parent if "__file__" in globals() else Path.cwd()
+    results = next((d / "RESULTS.md" for d in (here.parent, here) if (d / "RESULTS.md").is_file()),
+                   None)
+    if results is None:
         return "no RESULTS.md beside this folder"
     arrow = "↑" if row["higher_is_better"] else "↓"
     for line in results.read_text().splitlines():
@@ -1032,12 +1035,12 @@ def main(argv=None) -> dict:
     out = prepare_out_dir(cfg.out_dir)  # before training: a bad --out-dir fails in a second
     # PLUMBING: these tiny models are fastest on one thread (measured: README, Run). torch's own
     # pool and the BLAS / OpenMP pools that scikit-learn's probe uses are both limited here, so
-    # the plain command needs no OMP_NUM_THREADS. The second goes through threadpoolctl's
-    # controller, which scikit-learn depends on and exposes in sklearn.utils.parallel.
-    from sklearn.utils.parallel import ThreadpoolController
+    # the plain command needs no OMP_NUM_THREADS. The second goes through threadpoolctl (the
+    # library scikit-learn itself uses for this; pinned in requirements.txt).
+    from threadpoolctl import threadpool_limits
 
     torch.set_num_threads(cfg.threads)
-    with ThreadpoolController().limit(limits=cfg.threads):
+    with threadpool_limits(limits=cfg.threads):
         result = train(cfg)
     print_verdict(result["summary"]["headline"], cfg.quick, out, t_start)
     return result
