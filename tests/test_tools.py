@@ -352,3 +352,17 @@ def test_generated_notebook_runs_end_to_end_in_a_kernel(tmp_path):
     assert "Verdict (this seed):" in text and "--quick is a smoke run" in text
     assert not any(o.get("output_type") == "error" for c in code for o in c.outputs)
     assert (out / "runs" / "example_paper" / "summary.json").is_file()  # cwd = notebook's dir
+
+
+@pytest.mark.slow
+def test_a_paper_notebook_runs_and_shows_its_figures_inline(tmp_path):
+    """A real folder (mico, the fastest --quick) as a notebook: no error, plots inline."""
+    import make_notebooks
+    import nbformat
+
+    assert make_notebooks.main(["mico", "--out", str(tmp_path), "--execute"]) == 0
+    nb = nbformat.read(tmp_path / "mico.ipynb", as_version=4)
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
+    assert not [o for o in outputs if o.get("output_type") == "error"]
+    assert sum("image/png" in o.get("data", {}) for o in outputs) >= 1
+    assert "Verdict (this seed):" in "".join(o.get("text", "") for o in outputs)
