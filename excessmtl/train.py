@@ -772,8 +772,11 @@ EXPECT = {"better": "method should beat baseline", "level": "control: within 2 %
 
 def seed_record(row: dict) -> str:
     """How often this row held over the seeds in RESULTS.md (written by tools/run_all.py)."""
-    results = Path(__file__).resolve().parents[1] / "RESULTS.md"
-    if not results.is_file():
+    # In a notebook there is no __file__: look in the kernel's folder and the one above it.
+    here = Path(globals()["__file__"]).resolve().parent if "__file__" in globals() else Path.cwd()
+    results = next((d / "RESULTS.md" for d in (here.parent, here) if (d / "RESULTS.md").is_file()),
+                   None)
+    if results is None:
         return "no RESULTS.md beside this folder"
     arrow = "↑" if row["higher_is_better"] else "↓"
     for line in results.read_text().splitlines():
