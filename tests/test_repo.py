@@ -101,7 +101,7 @@ def test_requirements_are_pinned_exactly():
 
 def test_readme_has_the_two_commands_and_ci_runs_the_test_one():
     readme = (ROOT / "README.md").read_text()
-    run_cmd = "pip install -r requirements.txt && python smile/train.py"
+    run_cmd = "pip install -r requirements.txt && python ecd/train.py"
     test_cmd = "pip install -r requirements.txt && pytest"
     assert run_cmd in readme and test_cmd in readme
     ci = (ROOT / ".ci" / "run").read_text()

@@ -15,6 +15,7 @@ The notebooks are generated, so they are not committed (`notebooks/` is git-igno
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -54,7 +55,14 @@ def execute(nb: nbformat.NotebookNode, cwd: Path, timeout: int = 600) -> nbforma
 
     client = NotebookClient(nb, timeout=timeout, kernel_name="python3",
                             resources={"metadata": {"path": str(cwd)}})
-    return client.execute()
+    # The kernel inherits our environment. MPLBACKEND=Agg (set by CI and by run_all) would stop
+    # matplotlib from picking the kernel's inline backend, and no figure would show.
+    saved = os.environ.pop("MPLBACKEND", None)
+    try:
+        return client.execute()
+    finally:
+        if saved is not None:
+            os.environ["MPLBACKEND"] = saved
 
 
 def main(argv=None) -> int:
