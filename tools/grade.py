@@ -32,55 +32,35 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 TOOLS = Path(__file__).resolve().parent
 sys.path.insert(0, str(TOOLS))
-from make_exercises import BEGIN, END  # noqa: E402
+from make_exercises import FenceError, region_spans  # noqa: E402
 
 
 def regions(text: str) -> dict[int, list[str]]:
     """{exercise number: [the text inside each of its regions]}, fences excluded."""
-    out: dict[int, list[str]] = {}
     lines = text.splitlines(keepends=True)
-    i = 0
-    while i < len(lines):
-        m = BEGIN.match(lines[i])
-        i += 1
-        if not m:
-            continue
-        body = []
-        while i < len(lines) and not END.match(lines[i]):
-            if BEGIN.match(lines[i]):
-                raise ValueError(f"line {i + 1}: a BEGIN SOLUTION inside another region")
-            body.append(lines[i])
-            i += 1
-        if i == len(lines):
-            raise ValueError(f"exercise {m['n']}: BEGIN SOLUTION without END SOLUTION")
-        out.setdefault(int(m["n"]), []).append("".join(body))
-        i += 1
+    out: dict[int, list[str]] = {}
+    for begin, end, n, _ in region_spans(lines):
+        out.setdefault(n, []).append("".join(lines[begin + 1:end]))
     return out
 
 
 def splice(reference: str, student: str, n: int) -> str:
     """The reference text with exercise n's region(s) taken from the student's text."""
-    theirs = regions(student).get(n)
-    ours = regions(reference).get(n, [])
-    if theirs is None or len(theirs) != len(ours):
-        raise ValueError(f"exercise {n}: the fences of this exercise are missing or changed")
+    try:
+        theirs = regions(student).get(n)
+    except FenceError as e:
+        raise ValueError(f"exercise {n}: the fences of this file are missing or changed "
+                         f"({e})") from None
     lines = reference.splitlines(keepends=True)
-    out, i, k = [], 0, 0
-    while i < len(lines):
-        m = BEGIN.match(lines[i])
-        out.append(lines[i])
-        i += 1
-        if not m:
-            continue
-        start = i
-        while not END.match(lines[i]):
-            i += 1
-        if int(m["n"]) == n:
-            out.append(theirs[k])
-            k += 1
-        else:
-            out.extend(lines[start:i])
-    return "".join(out)
+    spans = [s for s in region_spans(lines) if s[2] == n]
+    if theirs is None or len(theirs) != len(spans):
+        raise ValueError(f"exercise {n}: the fences of this exercise are missing or changed")
+    out, last = [], 0
+    for (begin, end, _, _), body in zip(spans, theirs):
+        out += lines[last:begin + 1]
+        out.append(body)
+        last = end
+    return "".join(out + lines[last:])
 
 
 def find_submission(student_dir: Path, folder: str) -> Path | None:
@@ -131,13 +111,12 @@ def grade_student(student_dir: Path, ref_folder: Path, test_file: Path, numbers:
             grades[n] = (0.0, str(e))
             continue
         rows = run_tests(ref_folder, text, test_file, n, timeout)
-        tests = [r for r in rows if r["test"] != "*" and "does not import" not in r["reason"]]
-        if not tests or any(r["outcome"] == "error" and
-                            ("does not import" in r["reason"] or r["test"] == "*")
-                            for r in rows):
-            why = next((r["reason"] for r in rows if r["outcome"] == "error"),
-                       "no test ran (the file may not import)")
-            grades[n] = (0.0, why)
+        # A timeout or a file that does not import fails the exercise as a whole.
+        whole = [r for r in rows if r["test"] == "*" or "does not import" in r["reason"]]
+        tests = [r for r in rows if r not in whole]
+        if whole or not tests:
+            grades[n] = (0.0, whole[0]["reason"] if whole
+                         else "no test ran (the file may not import)")
             continue
         passed = sum(r["outcome"] == "passed" for r in tests)
         failed = [r for r in tests if r["outcome"] != "passed"]

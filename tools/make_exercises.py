@@ -46,11 +46,14 @@ class FenceError(ValueError):
     """A malformed solution region; the message names the file and line."""
 
 
-def strip_solutions(text: str, name: str = "<text>") -> tuple[str, list[int]]:
-    """Return (student text, exercise numbers of the regions replaced, in order)."""
-    lines = text.splitlines(keepends=True)
-    out: list[str] = []
-    numbers: list[int] = []
+def region_spans(lines: list[str], name: str = "<text>"):
+    """Yield (begin, end, n, indent) for each solution region, in order: the line indices of its
+    BEGIN and END fences, its exercise number and the BEGIN line's indentation.
+
+    The fences are checked as the walk goes (an END without a BEGIN, a malformed BEGIN, a BEGIN
+    inside a region, a BEGIN without an END), lazily, so a caller's own check of one region runs
+    before any error further down the file is found. `tools/grade.py` reads regions with it too.
+    """
     i = 0
     while i < len(lines):
         line = lines[i]
@@ -61,43 +64,48 @@ def strip_solutions(text: str, name: str = "<text>") -> tuple[str, list[int]]:
             if "BEGIN SOLUTION" in line and line.lstrip().startswith("#"):
                 raise FenceError(f"{name}:{i + 1}: malformed fence, want "
                                  "'# BEGIN SOLUTION (exercise N)'")
-            out.append(line)
             i += 1
             continue
-        start, n, indent = i, int(m["n"]), m["indent"]
-        out.append(line)
+        start = i
         i += 1
-        # The leading comment lines stay: they are the exercise's prompt and hints.
-        prompt = None
-        while i < len(lines) and lines[i].strip().startswith("#") and not END.match(lines[i]):
-            if BEGIN.match(lines[i]):
-                raise FenceError(f"{name}:{i + 1}: a BEGIN SOLUTION inside the region that "
-                                 f"starts at line {start + 1}")
-            if prompt is None:
-                prompt = lines[i].strip().lstrip("#").strip()
-            out.append(lines[i])
-            i += 1
-        code = 0
         while i < len(lines) and not END.match(lines[i]):
             if BEGIN.match(lines[i]):
                 raise FenceError(f"{name}:{i + 1}: a BEGIN SOLUTION inside the region that "
                                  f"starts at line {start + 1}")
-            code += bool(lines[i].strip())
             i += 1
         if i == len(lines):
-            raise FenceError(f"{name}:{start + 1}: BEGIN SOLUTION (exercise {n}) has no "
+            raise FenceError(f"{name}:{start + 1}: BEGIN SOLUTION (exercise {m['n']}) has no "
                              "'# END SOLUTION'")
-        if code == 0:
+        yield start, i, int(m["n"]), m["indent"]
+        i += 1
+
+
+def strip_solutions(text: str, name: str = "<text>") -> tuple[str, list[int]]:
+    """Return (student text, exercise numbers of the regions replaced, in order)."""
+    lines = text.splitlines(keepends=True)
+    out: list[str] = []
+    numbers: list[int] = []
+    last = 0
+    for start, end, n, indent in region_spans(lines, name):
+        out += lines[last:start + 1]  # everything up to and including the BEGIN line
+        body = lines[start + 1:end]
+        # The leading comment lines stay: they are the exercise's prompt and hints.
+        k = 0
+        while k < len(body) and body[k].strip().startswith("#"):
+            k += 1
+        out += body[:k]
+        if not any(ln.strip() for ln in body[k:]):
             raise FenceError(f"{name}:{start + 1}: region of exercise {n} holds no code")
-        prompt = prompt or f"exercise {n}"
+        prompt = body[0].strip().lstrip("#").strip() if k else f"exercise {n}"
         if not prompt.lower().startswith(f"exercise {n}"):
             prompt = f"Exercise {n}: {prompt}"
-        newline = "\r\n" if line.endswith("\r\n") else "\n"
+        newline = "\r\n" if lines[start].endswith("\r\n") else "\n"
         literal = json.dumps(prompt, ensure_ascii=False)  # a valid Python string literal too
         out.append(f"{indent}raise NotImplementedError({literal}){newline}")
-        out.append(lines[i])  # the END line
+        out.append(lines[end])  # the END line
         numbers.append(n)
-        i += 1
+        last = end + 1
+    out += lines[last:]
     return "".join(out), numbers
 
 

@@ -95,9 +95,14 @@ def wall_times(summaries: list[dict]) -> list[float]:
     return [s["_run"].get("wall_seconds", s["wall_seconds"]) for s in summaries]
 
 
+def cpu_seconds(summaries: list[dict]) -> list[float]:
+    """Each run's CPU seconds (user + sys), where run_all recorded them."""
+    return [s["_run"]["cpu_seconds"] for s in summaries if "cpu_seconds" in s["_run"]]
+
+
 def cpu_time(summaries: list[dict]) -> str:
-    """Mean CPU seconds (user + sys) per run, the number a loaded machine does not distort."""
-    cpus = [s["_run"]["cpu_seconds"] for s in summaries if "cpu_seconds" in s["_run"]]
+    """Mean CPU seconds per run, the number a loaded machine distorts least."""
+    cpus = cpu_seconds(summaries)
     return f"{statistics.fmean(cpus):.0f} s" if cpus else "-"
 
 
@@ -133,7 +138,7 @@ def folder_table(summaries: list[dict]) -> list[str]:
     when = max((s["_run"].get("date", "") for s in summaries), default="")
     loads = [s["_run"]["load_avg"] for s in summaries if "load_avg" in s["_run"]]
     load = f", load average {statistics.fmean(loads):.1f} at the end of the runs" if loads else ""
-    cpus = [s["_run"]["cpu_seconds"] for s in summaries if "cpu_seconds" in s["_run"]]
+    cpus = cpu_seconds(summaries)
     cpu = f"CPU time per run {fmt(cpus)} s, " if len(cpus) == len(summaries) else ""
     lines += ["", f"Seeds {', '.join(map(str, seeds))}; {cpu}wall time per run {fmt(walls)} s "
               f"(the whole command, on {summaries[0]['_run'].get('machine', 'this machine')}"
