@@ -47,6 +47,20 @@ BAD_ARGVS = (["--steps", "-3"], ["--device", "tpu"], ["--no-such-flag"], ["--see
 EXPECTS = ("better", "level", "report")
 
 
+LEVEL_TOL = 0.02  # "level" = method and baseline within 2 % of the larger (EXPERIMENTS.md, 4)
+
+
+def held(row: dict) -> bool | None:
+    """Did one seed's row show what it claims? None for a "report" row (it claims nothing)."""
+    m, b = row["method"]["value"], row["baseline"]["value"]
+    expect = row.get("expect", "better")
+    if expect == "report":
+        return None
+    if expect == "level":
+        return abs(m - b) <= LEVEL_TOL * max(abs(m), abs(b), 1e-12)
+    return (m > b) if row["higher_is_better"] else (m < b)
+
+
 def requirement_names(root: Path = ROOT) -> set[str]:
     """Package names pinned in requirements.txt (lower case)."""
     names = set()
@@ -360,6 +374,13 @@ def check_quick_run(run: dict) -> list[str]:
     verdicts = [ln for ln in lines if ln.strip().startswith("[")]
     if len(verdicts) != len(rows):
         problems.append(f"{len(verdicts)} verdict line(s) for {len(rows)} headline row(s)")
+    for row, line in zip(rows, verdicts):
+        # The seed's line must say what run_all counts for that seed ("held on k/5").
+        ok = held(row)
+        said = ("level, held" in line if row.get("expect") == "level" else "method ahead" in line)
+        if ok is not None and said != ok:
+            problems.append(f"verdict line {line.strip()[:60]!r}... disagrees with run_all "
+                            f"(held={ok})")
     if not any("--quick is a smoke run" in ln for ln in lines):
         problems.append("a --quick run does not warn that its numbers are not the effect")
     written = [ln for ln in lines if ln.startswith("Files written:")]

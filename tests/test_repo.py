@@ -207,6 +207,9 @@ def test_exercise_mark_check_catches_unnumbered_and_missing_marks(broken, tmp_pa
     (lambda t: t.replace('    print("Files written:"', '    print("Wrote:"'),
      "listing the files"),
     (lambda t: t.replace("    print_verdict(result", "    (result"), "does not end with"),
+    (lambda t: t.replace('seen = "method ahead" if better else "baseline ahead"',
+                         'seen = "baseline ahead" if better else "method ahead"'),
+     "disagrees with run_all"),
 ])
 def test_quick_run_check_catches_missing_expect_warning_files_and_verdict(broken, edit,
                                                                           complaint):

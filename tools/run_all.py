@@ -41,7 +41,14 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
-from repo_checks import PAPER_FOLDERS, RESULTS_END, RESULTS_START, read_title  # noqa: E402
+from repo_checks import (  # noqa: E402
+    LEVEL_TOL,
+    PAPER_FOLDERS,
+    RESULTS_END,
+    RESULTS_START,
+    held,
+    read_title,
+)
 
 INDEX_START, INDEX_END = "<!-- index:start -->", "<!-- index:end -->"
 
@@ -51,20 +58,6 @@ def fmt(values: list[float]) -> str:
     mean = statistics.fmean(values)
     std = statistics.stdev(values) if len(values) > 1 else 0.0
     return f"{mean:.4g} ± {std:.2g}"
-
-
-LEVEL_TOL = 0.02  # "level" = method and baseline within 2 % of the larger (EXPERIMENTS.md, 4)
-
-
-def held(row: dict) -> bool | None:
-    """Did one seed's row show what it claims? None for a "report" row (it claims nothing)."""
-    m, b = row["method"]["value"], row["baseline"]["value"]
-    expect = row.get("expect", "better")
-    if expect == "report":
-        return None
-    if expect == "level":
-        return abs(m - b) <= LEVEL_TOL * max(abs(m), abs(b), 1e-12)
-    return (m > b) if row["higher_is_better"] else (m < b)
 
 
 def wins(row_per_seed: list[dict]) -> str:
