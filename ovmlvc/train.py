@@ -34,9 +34,13 @@ Rivals and diagnostics (not the paper's method):
                  (Menon & Vondrick 2023; CuPL)              -> hard_generate, HardDescriptionEncoder
     warm start   the prompting transformer pre-trained to translate the LLM's soft attributes
                  into CLIP token embeddings of its words   -> warm_start_translator
-    video first  label embeddings held fixed for the first steps (the collapse fix)
-                                                               -> train_stage1(video_first=...)
+    video first  our collapse fix: for the first steps the label encoder is held and the video
+                 side is scored against its embeddings with the 4 action rows replaced by the
+                 nearest orthonormal set, without L_vid -> train_stage1(video_first=...),
+                                                  video_first_targets, nearest_orthonormal
     collapse     mean pairwise cosine of the 4 action-label embeddings -> mean_pairwise_cosine
+    motion probe mAP of a linear probe from f_v to the action labels (what the video side
+                 knows about motion, whatever the labels read)  -> motion_probe_map
 
 The idea: a multi-label video classifier must score labels it never saw in training. CLIP scores a
 label by the similarity of its text embedding to the video embedding, but CLIP's text encoder knows
@@ -126,6 +130,13 @@ class Config:
                                    metadata={"help": "also feed the alias token to CLIP text"})
     video_first: int = field(default=100, metadata={
         "help": "stage-1 steps in which only the video side trains (label encoders held fixed)"})
+    first_targets: str = field(default="orth-actions", metadata={
+        "help": "label embeddings the video side is scored against in the video-first phase: "
+                "'labels' (the label encoder's own), 'orth-actions' (its 4 action rows replaced "
+                "by the nearest orthonormal set; our collapse fix), 'orth-all' (all 12 rows)"})
+    lam_video_first: float = field(default=0.0, metadata={
+        "help": "lambda_v of L_vid during the video-first phase (the joint phase uses "
+                "--lam-video)"})
     warm_steps: int = field(default=0, metadata={
         "help": "steps of the translator warm start of an extra LLM run (0: no such run; README "
                 "used 200)"})
@@ -140,6 +151,8 @@ class Config:
 QUICK = dict(steps=20, pre_steps=30, n_train=128, n_test=64, batch=16, log_every=10,
              video_first=5, warm_steps=10, eval_every=10)
 DEVICES = ("cpu",)
+FIRST_TARGETS = ("labels", "orth-actions", "orth-all")
+CHOICES = {"device": DEVICES, "first_targets": FIRST_TARGETS}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -159,7 +172,7 @@ def parse_args(argv=None) -> Config:
             kind = type(f.default)
             p.add_argument(flag, type=kind, default=f.default,
                            help=f.metadata["help"] + " (default: %(default)s)",
-                           choices=DEVICES if f.name == "device" else None)
+                           choices=CHOICES.get(f.name))
     cfg = Config(**vars(p.parse_args(argv)))
     if not 0 <= cfg.seed < 2**32:
         p.error(f"--seed must be in [0, 2**32), got {cfg.seed}")
@@ -176,7 +189,7 @@ def parse_args(argv=None) -> Config:
         p.error(f"--soft-k must be <= 4 (the toy LLM has 16 positions), got {cfg.soft_k}")
     if min(cfg.lr, cfg.lr_vit, cfg.lr_temporal) <= 0:
         p.error("--lr, --lr-temporal and --lr-vit must be > 0")
-    for name in ("lam", "lam_video"):
+    for name in ("lam", "lam_video", "lam_video_first"):
         if getattr(cfg, name) < 0:
             p.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
     if cfg.input_jitter < 0:
@@ -692,6 +705,50 @@ def wise_ft(theta_clip: dict, theta_ft: dict, a: float) -> dict:
     return {k: a * theta_clip[k] + (1 - a) * theta_ft[k] for k in theta_ft}
 
 
+def nearest_orthonormal(f: torch.Tensor) -> torch.Tensor:
+    """The orthonormal rows nearest to the rows of f (C, D), C <= D, in Frobenius norm.
+
+    Symmetric (Loewdin) orthogonalisation: with f = U S V^T (thin SVD) it is U V^T, i.e.
+    (f f^T)^(-1/2) f. No row is privileged (unlike Gram-Schmidt), and rows that are already
+    orthonormal are returned unchanged. Returns (C, D).
+    """
+    U, _, Vh = torch.linalg.svd(f, full_matrices=False)  # (C, C), (C,), (C, D)
+    return U @ Vh  # (C, D)
+
+
+def video_first_targets(f_t: torch.Tensor, labels: list[str], mode: str) -> torch.Tensor:
+    """[R] Our collapse fix: the label embeddings the video side is scored against while the
+    label encoder is held fixed (the video-first phase).
+
+    mode "labels": f_t itself. "orth-actions": the rows of the action labels are replaced by the
+    orthonormal set nearest to them (nearest_orthonormal), the other rows are kept. "orth-all":
+    every row is replaced. f_t (C, D) rows of `labels` -> targets (C, D); f_t is not modified.
+    """
+    if mode == "labels":
+        return f_t
+    rows = list(range(len(labels))) if mode == "orth-all" else \
+        [i for i, lb in enumerate(labels) if lb in ACTIONS]
+    if mode not in ("orth-all", "orth-actions"):
+        raise ValueError(f"unknown video-first targets {mode!r}")
+    out = f_t.clone()  # (C, D)
+    out[rows] = nearest_orthonormal(f_t[rows])  # (len(rows), D)
+    return out
+
+
+def motion_probe_map(f_train: np.ndarray, y_train: np.ndarray, f_test: np.ndarray,
+                     y_test: np.ndarray, ridge: float = 1e-3) -> float:
+    """Diagnostic: how much the video embedding says about motion, whatever the labels do.
+
+    A linear probe (least squares with a constant column and a small ridge) from f_v to the 0/1
+    action labels, fitted on training videos, scored by mAP on test videos. f_* (N, D), y_* (N, A).
+    """
+    X = np.c_[f_train, np.ones(len(f_train))]  # (N, D + 1)
+    Xt = np.c_[f_test, np.ones(len(f_test))]  # (M, D + 1)
+    W = np.linalg.solve(X.T @ X + ridge * np.eye(X.shape[1]), X.T @ y_train)  # (D + 1, A)
+    scores = Xt @ W  # (M, A)
+    return mean_ap(scores, y_test, list(range(y_test.shape[1])))
+
+
 def average_precision(scores: np.ndarray, y: np.ndarray) -> float:
     """AP of one class: mean over positives of the precision at each positive's rank.
 
@@ -779,14 +836,17 @@ class Stage1Model(nn.Module):
 
 def train_stage1(name: str, model: Stage1Model, data: dict, cfg: Config, lam: float,
                  gen: torch.Generator, video_first: int = 0, curve: bool = False,
-                 lam_video: float = 0.0) -> dict:
+                 lam_video: float = 0.0, first_targets: str = "orth-actions",
+                 lam_video_first: float | None = 0.0) -> dict:
     """Stage 1: open-vocabulary multi-label training on BASE labels only.
 
     For the first `video_first` steps the label embeddings are held fixed (computed once, no
-    gradient) and only the video side, 1/tau and b learn; then everything trains jointly.
-    With `curve`, every cfg.eval_every steps the test mAPs and the mean pairwise cosine of the
-    four action-label embeddings are recorded (a diagnostic; nothing is selected on it).
-    Returns the history.
+    gradient; `first_targets` says which, see video_first_targets) and only the video side,
+    1/tau and b learn, with L_vid weighted by `lam_video_first` (None: `lam_video`); then
+    everything trains jointly with `lam_video`.
+    With `curve`, every cfg.eval_every steps the test mAPs, the mean pairwise cosine of the
+    four action-label embeddings and the motion probe are recorded (diagnostics; nothing is
+    selected on them). Returns the history.
     """
     base_idx = torch.arange(len(BASE))  # label_db below is built for BASE labels only
     y_base = data["y_train"][:, [LABELS.index(lb) for lb in BASE]]  # (N, n_base)
@@ -811,15 +871,20 @@ def train_stage1(name: str, model: Stage1Model, data: dict, cfg: Config, lam: fl
         else:
             g, u = g_clip, data["u_train"][idx]
         f_v = model.video_enc(g, u)  # (B, D)
-        # PAPER [R]: the video side trains first. At step 0 the temporal branch is silent, so the
-        # video embedding carries no motion and every action label receives the same gradient;
-        # trained jointly from step 0, the four action embeddings merge within ~50 steps, and
-        # once merged they give the video side no signal about direction either. Holding the
-        # label embeddings fixed (they start different) lets the branch learn motion first.
+        # PAPER [R] + DEVIATION (our fix of the collapse): the video side trains first. At step 0
+        # the temporal branch is silent, so the video embedding carries no motion and every
+        # action label receives the same gradient; trained jointly from step 0, the four action
+        # embeddings merge within ~50 steps, and once merged they give the video side no signal
+        # about direction either. So we hold the label embeddings fixed while the branch learns
+        # motion. The four action embeddings can START nearly equal (cosine up to 0.98), and
+        # then "left" and "right" targets pull a video to almost the same place; so we score
+        # the video side against the nearest orthonormal set of them (first_targets
+        # "orth-actions"), the smallest change that makes the four directions distinct.
         if step < video_first:
             if f_t_fixed is None:
                 with torch.no_grad():
-                    f_t_fixed = model.label_enc(BASE)  # (n_base, D)
+                    f_t_fixed = video_first_targets(model.label_enc(BASE), BASE,
+                                                    first_targets)  # (n_base, D)
             f_t = f_t_fixed
         else:
             f_t = model.label_enc(BASE)  # (n_base, D): only base labels are ever encoded here
@@ -830,7 +895,12 @@ def train_stage1(name: str, model: Stage1Model, data: dict, cfg: Config, lam: fl
         # PAPER [R]: FROSTER's video-level distillation: the video embedding (after the temporal
         # branch) is kept close to frozen CLIP's mean frame embedding.
         l_vid = feature_distill_loss(f_v[:, None], g_clip.mean(1, keepdim=True))
-        loss = l_cls + lam * l_reg + lam_video * l_vid
+        # PAPER [R] + DEVIATION (our fix): L_vid can be weighted differently (default: off)
+        # while the video side learns motion alone; it would pull f_v back to CLIP's
+        # motion-blind mean exactly then.
+        lam_v = lam_video_first if (step < video_first and lam_video_first is not None) \
+            else lam_video
+        loss = l_cls + lam * l_reg + lam_v * l_vid
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -877,21 +947,31 @@ def evaluate(model: Stage1Model, data: dict, labels: list[str] = LABELS,
 
 
 def curve_point(model: Stage1Model, data: dict, step: int) -> dict:
-    """PLUMBING: one point of the diagnostic curves (test mAPs, action-label cosine)."""
+    """PLUMBING: one point of the diagnostic curves (test mAPs, action-label cosine, and the
+    motion probe: how much motion f_v carries, read by a linear probe instead of the labels).
+    Frozen-ViT runs only (it reads the cached frame features)."""
     r = evaluate(model, data)
-    return {"step": step, **{k: r[k] for k in ("base_map", "novel_map", "action_map",
-                                               "action_cos")}}
+    act = [LABELS.index(lb) for lb in ACTIONS]
+    with torch.no_grad():
+        f_tr = model.video_enc(data["g_train"], data["u_train"])  # (N, D)
+        f_te = model.video_enc(data["g_test"], data["u_test"])  # (M, D)
+    probe = motion_probe_map(f_tr.numpy(), data["y_train"][:, act].numpy(), f_te.numpy(),
+                             data["y_test"][:, act].numpy())
+    return {"step": step, "motion_probe": probe,
+            **{k: r[k] for k in ("base_map", "novel_map", "action_map", "action_cos")}}
 
 
-def plot(results: dict, histories: dict, wise: dict, chance: float, path: Path) -> None:
-    """Three panels: mAP per run; the collapse curves; the WiSE-FT trade-off."""
+def plot(results: dict, histories: dict, wise: dict, chance: float, path: Path,
+         cfg_first: int = 0) -> None:
+    """Three panels: mAP per run; the collapse curves (a dotted line where the video-first phase
+    ends, at step cfg_first); the WiSE-FT trade-off."""
     import matplotlib
 
     if not in_notebook():
         matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2), gridspec_kw={"width_ratios": [2.2, 1.3, 1]})
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.6), gridspec_kw={"width_ratios": [2.2, 1.6, 1]})
     ax = axes[0]
     names = list(results)
     x = np.arange(len(names))
@@ -910,9 +990,13 @@ def plot(results: dict, histories: dict, wise: dict, chance: float, path: Path) 
         ax.plot(steps, [p["action_cos"] for p in c], ls, c="C3", label=f"action cos, {name}")
         ax.plot(steps, [p["novel_map"] for p in c], ls, c="C1", label=f"novel mAP, {name}")
         ax.plot(steps, [p["base_map"] for p in c], ls, c="C0", label=f"base mAP, {name}")
+        ax.plot(steps, [p["action_map"] for p in c], ls, c="C2", label=f"action mAP, {name}")
+        ax.plot(steps, [p["motion_probe"] for p in c], ls, c="C7",
+                label=f"motion probe, {name}")
     ax.set_xlabel("stage-1 step")
-    ax.set_title("action-label collapse: mean pairwise cosine")
-    ax.legend(fontsize=6)
+    ax.axvline(cfg_first, c="k", lw=0.5, ls=":")
+    ax.set_title("action-label collapse (cosine) and what f_v knows (probe)", fontsize=9)
+    ax.legend(fontsize=5.5, ncol=2)
     ax = axes[2]
     a_s = sorted(wise)
     ax.plot([wise[a]["novel_map"] for a in a_s], [wise[a]["base_map"] for a in a_s], "o-",
@@ -1022,7 +1106,9 @@ def train(cfg: Config) -> dict:
             results[f"{WARM} (step 0)"] = evaluate(model, data, gate_off=True)
         histories[name] = train_stage1(name, model, data, cfg, lam,
                                        torch.Generator().manual_seed(cfg.seed + 1),
-                                       video_first=first, curve=not finetune, lam_video=lam_v)
+                                       video_first=first, curve=not finetune, lam_video=lam_v,
+                                       first_targets=cfg.first_targets,
+                                       lam_video_first=cfg.lam_video_first if lam_v else 0.0)
         results[name] = evaluate(model, data)
         models[name] = model
     # PAPER [R]: the temporal branch's contribution, read off by switching the gate to 0.
@@ -1056,9 +1142,9 @@ def train(cfg: Config) -> dict:
         f"{lb} -> {' '.join(WORDS[int(i)] for i in w)}" for lb, w in
         zip(LABELS, HardDescriptionEncoder(clip, llm, cfg.soft_k).words(LABELS))))
     for name in (METHOD, COLD):
-        print(f"curve {name}: step:action-cos/novel/base " + " ".join(
-            f"{p['step']}:{p['action_cos']:+.2f}/{p['novel_map']:.2f}/{p['base_map']:.2f}"
-            for p in histories[name]["curve"]))
+        print(f"curve {name}: step:action-cos/action/motion-probe/novel/base " + " ".join(
+            f"{p['step']}:{p['action_cos']:+.2f}/{p['action_map']:.2f}/{p['motion_probe']:.2f}/"
+            f"{p['novel_map']:.2f}/{p['base_map']:.2f}" for p in histories[name]["curve"][::2]))
 
     def key(name: str) -> str:
         return (name.lower().replace(" + ", "_").replace(" (", "_").replace(")", "")
@@ -1071,6 +1157,8 @@ def train(cfg: Config) -> dict:
                                                             "action_map", "action_cos")})
     for name, h in histories.items():
         metrics[f"{key(name)}/final_loss"] = h["loss"][-1]
+        if h["curve"]:  # PLUMBING: the motion probe after stage 1 (frozen-ViT runs)
+            metrics[f"{key(name)}/motion_probe"] = h["curve"][-1]["motion_probe"]
 
     def row(metric, k, m, b, expect, higher=True):
         return {"metric": metric, "higher_is_better": higher, "expect": expect,
@@ -1101,7 +1189,7 @@ def train(cfg: Config) -> dict:
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     (out / "curves.json").write_text(json.dumps({n: h["curve"] for n, h in histories.items()}))
-    plot(results, histories, wise, chance, out / "ovmlvc_map.png")
+    plot(results, histories, wise, chance, out / "ovmlvc_map.png", cfg.video_first)
     return {"history": histories, "pretrain": {"clip": h_clip, "llm": h_llm},
             "results": results, "wise": wise, "metrics": metrics, "summary": summary}
 

@@ -444,6 +444,95 @@ def test_video_first_holds_the_label_encoder_and_trains_the_video_side(models):
     assert all(m for n, m in moved.items() if n.startswith("label_enc.prompt_tf.out"))
 
 
+def test_nearest_orthonormal_hand_value():
+    # Two unit vectors 53.13 deg apart become the orthonormal pair symmetric about their
+    # bisector (26.57 deg): (3, -1) / sqrt(10) and (1, 3) / sqrt(10). Gram-Schmidt would keep
+    # the first row; the symmetric form moves both rows equally.
+    f = torch.tensor([[1.0, 0.0], [0.6, 0.8]])
+    q = ovmlvc.nearest_orthonormal(f)
+    hand = torch.tensor([[3.0, -1.0], [1.0, 3.0]]) / math.sqrt(10)
+    assert torch.allclose(q, hand, atol=1e-6)
+    # Rows that are already orthonormal come back unchanged; the output rows are orthonormal.
+    eye = torch.eye(3, 5)
+    assert torch.allclose(ovmlvc.nearest_orthonormal(eye), eye, atol=1e-6)
+    g = F.normalize(torch.ones(4, 8) + 0.05 * torch.randn(4, 8, generator=torch.Generator()
+                                                            .manual_seed(0)), dim=-1)
+    qg = ovmlvc.nearest_orthonormal(g)
+    assert torch.allclose(qg @ qg.T, torch.eye(4), atol=1e-5)
+    assert ovmlvc.mean_pairwise_cosine(g) > 0.99 and abs(ovmlvc.mean_pairwise_cosine(qg)) < 1e-5
+
+
+def test_video_first_targets_replace_only_the_action_rows():
+    gen = torch.Generator().manual_seed(0)
+    f_t = F.normalize(torch.ones(len(ovmlvc.BASE), 16)
+                      + 0.1 * torch.randn(len(ovmlvc.BASE), 16, generator=gen), dim=-1)
+    keep = f_t.clone()
+    act = [i for i, lb in enumerate(ovmlvc.BASE) if lb in ovmlvc.ACTIONS]
+    ent = [i for i, lb in enumerate(ovmlvc.BASE) if lb not in ovmlvc.ACTIONS]
+    assert len(act) == 4 and len(ent) == 8
+    assert ovmlvc.video_first_targets(f_t, ovmlvc.BASE, "labels") is f_t
+    t = ovmlvc.video_first_targets(f_t, ovmlvc.BASE, "orth-actions")
+    assert torch.equal(f_t, keep)  # the input is not modified
+    assert torch.equal(t[ent], f_t[ent])
+    assert torch.allclose(t[act], ovmlvc.nearest_orthonormal(f_t[act]))
+    assert torch.allclose(t[act] @ t[act].T, torch.eye(4), atol=1e-5)
+    t_all = ovmlvc.video_first_targets(f_t, ovmlvc.BASE, "orth-all")
+    assert torch.allclose(t_all @ t_all.T, torch.eye(len(ovmlvc.BASE)), atol=1e-5)
+    with pytest.raises(ValueError):
+        ovmlvc.video_first_targets(f_t, ovmlvc.BASE, "orth")
+
+
+def test_motion_probe_reads_what_the_embedding_carries():
+    gen = torch.Generator().manual_seed(0)
+    y = (torch.rand(600, 4, generator=gen) < 0.3).float().numpy()
+    noise = torch.randn(600, 8, generator=gen).numpy()
+    carries = np.c_[y, noise[:, :4]]  # the labels are linearly in the embedding
+    assert ovmlvc.motion_probe_map(carries[:400], y[:400], carries[400:], y[400:]) == \
+        pytest.approx(1.0)
+    blind = noise  # nothing about the labels
+    assert ovmlvc.motion_probe_map(blind[:400], y[:400], blind[400:], y[400:]) < 0.45
+
+
+def test_video_first_schedule_targets_and_l_vid(models, monkeypatch):
+    """The wiring of the collapse fix: during the video-first phase the video side is scored
+    against fixed targets (the label encoder's embeddings with the action rows made
+    orthonormal), without gradient to the label encoder and with L_vid weighted by
+    lam_video_first; from then on against the label encoder itself, with lam_video."""
+    clip, llm = models
+    gen = torch.Generator().manual_seed(0)
+    frames, y = ovmlvc.make_videos(8, gen)
+    with torch.no_grad():
+        g, u = ovmlvc.frame_features(clip, frames)
+    data = dict(frames_train=frames, y_train=y, g_train=g, u_train=u)
+    cfg = ovmlvc.Config(steps=4, batch=4, log_every=100, soft_k=2)
+    model = ovmlvc.build_run("llm", clip, llm, cfg)
+    with torch.no_grad():
+        f0 = model.label_enc(ovmlvc.BASE)
+    seen = []
+    real = ovmlvc.label_scores
+    monkeypatch.setattr(ovmlvc, "label_scores",
+                        lambda f_v, f_t, s, b: seen.append(f_t) or real(f_v, f_t, s, b))
+    h = ovmlvc.train_stage1("t", model, data, cfg, 0.0, torch.Generator().manual_seed(0),
+                            video_first=2, lam_video=0.5, first_targets="orth-actions",
+                            lam_video_first=0.0)
+    act = [i for i, lb in enumerate(ovmlvc.BASE) if lb in ovmlvc.ACTIONS]
+    target = ovmlvc.video_first_targets(f0, ovmlvc.BASE, "orth-actions")
+    for f_t in seen[:2]:  # video-first phase: fixed, separated targets, no gradient
+        assert not f_t.requires_grad
+        assert torch.allclose(f_t, target, atol=1e-6)
+    # Joint phase: the label encoder's own embeddings, with gradient. At its first step the
+    # encoder has not moved yet (it was held), so they equal f0; one update later they differ.
+    assert all(f_t.requires_grad for f_t in seen[2:])
+    assert torch.allclose(seen[2].detach(), f0, atol=1e-6)
+    assert not torch.allclose(seen[2][act].detach(), target[act], atol=1e-2)
+    assert not torch.allclose(seen[3].detach(), f0, atol=1e-6)
+    # L_vid: off in the video-first phase, weighted 0.5 afterwards (L_reg is 0: frozen ViT).
+    loss, l_cls, l_vid = (np.array(h[k]) for k in ("loss", "l_cls", "l_vid"))
+    assert l_vid[1:].min() > 0
+    assert np.allclose(loss[:2], l_cls[:2], atol=1e-7)
+    assert np.allclose(loss[2:], l_cls[2:] + 0.5 * l_vid[2:], atol=1e-6)
+
+
 def test_runs_are_paired_same_starting_weights(models):
     clip, llm = models
     cfg = ovmlvc.Config(seed=3, soft_k=2)
@@ -462,7 +551,8 @@ def test_runs_are_paired_same_starting_weights(models):
 
 def test_bad_arguments_give_one_line_error(capsys):
     for argv in (["--steps", "-3"], ["--device", "tpu"], ["--bogus"], ["--wise-alpha", "2"],
-                 ["--seed", "-1"], ["--video-first", "600"], ["--lam-video", "-1"]):
+                 ["--seed", "-1"], ["--video-first", "600"], ["--lam-video", "-1"],
+                 ["--first-targets", "orth"], ["--lam-video-first", "-0.5"]):
         with pytest.raises(SystemExit) as e:
             ovmlvc.parse_args(argv)
         assert e.value.code != 0
@@ -493,5 +583,6 @@ def test_quick_run_smoke_schema_and_determinism(tmp_path):
     steps = [p["step"] for p in curves[ovmlvc.METHOD]]
     assert steps[0] == 0 and steps[-1] == 20 and len(steps) == 3
     assert all(-1 <= p["action_cos"] <= 1 + 1e-6 for p in curves[ovmlvc.COLD])
+    assert all(0 < p["motion_probe"] <= 1 for p in curves[ovmlvc.METHOD])
     out2 = ovmlvc.train(ovmlvc.Config(quick=True, out_dir=str(tmp_path / "b")))
     assert out1["metrics"] == out2["metrics"]
