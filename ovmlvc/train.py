@@ -971,14 +971,14 @@ def plot(results: dict, histories: dict, wise: dict, chance: float, path: Path,
         matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.6), gridspec_kw={"width_ratios": [2.2, 1.6, 1]})
+    fig, axes = plt.subplots(1, 3, figsize=(16, 5.6), gridspec_kw={"width_ratios": [2.2, 1.6, 1]})
     ax = axes[0]
     names = list(results)
     x = np.arange(len(names))
     ax.bar(x - 0.2, [results[n]["base_map"] for n in names], 0.4, label="base mAP")
     ax.bar(x + 0.2, [results[n]["novel_map"] for n in names], 0.4, label="novel mAP")
     ax.axhline(chance, ls="--", c="k", lw=1, label="novel chance (prevalence)")
-    ax.set_xticks(x, [n.replace(" ", "\n", 2) for n in names], fontsize=7)
+    ax.set_xticks(x, names, fontsize=7, rotation=35, ha="right")
     ax.set_ylim(0, 1)
     ax.set_ylabel("mAP (test videos)")
     ax.set_title("base and novel mAP per run")
@@ -996,7 +996,7 @@ def plot(results: dict, histories: dict, wise: dict, chance: float, path: Path,
     ax.set_xlabel("stage-1 step")
     ax.axvline(cfg_first, c="k", lw=0.5, ls=":")
     ax.set_title("action-label collapse (cosine) and what f_v knows (probe)", fontsize=9)
-    ax.legend(fontsize=5.5, ncol=2)
+    ax.legend(fontsize=6, ncol=2, loc="upper center", bbox_to_anchor=(0.5, -0.14))
     ax = axes[2]
     a_s = sorted(wise)
     ax.plot([wise[a]["novel_map"] for a in a_s], [wise[a]["base_map"] for a in a_s], "o-",
