@@ -92,12 +92,12 @@ class Config:
     sample_steps: int = field(default=20, metadata={"help": "DDIM steps (SD setting: 50)"})
     # DEVIATION: CFG 1.5, not 7.5: larger scales over-saturated the tiny model's backgrounds.
     cfg_scale: float = field(default=1.5, metadata={"help": "classifier-free guidance w (SD: 7.5)"})
-    guidance_lr: float = field(default=4.0, metadata={"help": "lambda, latent step of (D2) "
+    guidance_lr: float = field(default=8.0, metadata={"help": "lambda, latent step of (D2) "
                                                              "(pix2pix-zero: 0.1)"})
     guided_steps: int = field(default=20, metadata={"help": "guide the first K DDIM steps"})
     invert: bool = field(default=False, metadata={
         "help": "DreamBlend starts the late model from the DDIM inversion of the early image (C1)"})
-    eval_seeds: int = field(default=6, metadata={"help": "samples per evaluation prompt"})
+    eval_seeds: int = field(default=12, metadata={"help": "samples per evaluation prompt"})
     eval_batch: int = field(default=0, metadata={
         "help": "images per sampler call, 0 = all at once (lower it to fit GPU memory)"})
     log_every: int = field(default=50, metadata={"help": "steps between log lines"})
