@@ -664,3 +664,37 @@ def test_real_scale_path_runs_end_to_end_offline(tiny_sd, tmp_path, monkeypatch)
     assert s["headline"][0]["expect"] == "report" and "diversity/DreamBlend" in s["metrics"]
     assert "diversity/DreamBlend, in snow" in s["metrics"]
     assert (out / "dreamblend_grid.png").is_file()
+
+
+def test_guidance_step_moves_the_latent_by_lambda_times_the_gradient(models):
+    """(D2) is linear in lambda: twice the lambda, twice the step (one step, same latent)."""
+    te, unet, _, sched = models
+    emb, null, z_T = _inputs(te)
+    early, late = _pair(unet, 3)
+    t = sched.timesteps[1]
+    _, ref_maps = dreamblend.ddim_sample(*early, sched, z_T, emb, null, 3.0, record=True)
+    z1, _ = dreamblend.guidance_step(*late, z_T, t, emb, ref_maps[1], lam=1.0)
+    z2, _ = dreamblend.guidance_step(*late, z_T, t, emb, ref_maps[1], lam=2.5)
+    z0, _ = dreamblend.guidance_step(*late, z_T, t, emb, ref_maps[1], lam=0.0)
+    step = z1 - z_T  # (B, C, H, W) = -grad
+    assert step.abs().max() > 1e-6
+    assert torch.allclose(z2 - z_T, 2.5 * step, atol=1e-6)
+    assert torch.equal(z0, z_T)
+
+
+def test_object_present_reads_exactly_the_central_10x10_and_needs_25_pixels():
+    """The object test counts pixels in rows/columns 3..12 only, and 25 of them are enough."""
+    ring = [(3, c) for c in range(3, 13)] + [(r, 3) for r in range(4, 12)] + \
+        [(12, c) for c in range(3, 10)]  # 25 pixels on the edge of the central crop
+    assert len(ring) == dreamblend.OBJECT_MIN == 25
+
+    def image(pixels):
+        img = torch.zeros(1, 3, 16, 16)  # background 0, border colour 0
+        for r, c in pixels:
+            img[0, :, r, c] = 1.0  # RGB distance sqrt(3) > OBJECT_DIST
+        return img
+
+    assert dreamblend.object_present(image(ring)).tolist() == [True]  # exactly 25 inside
+    assert dreamblend.object_present(image(ring[:24])).tolist() == [False]
+    assert dreamblend.object_present(image(ring[:24] + [(6, 13)])).tolist() == [False]
+    assert dreamblend.object_present(image(ring[:24] + [(13, 6)])).tolist() == [False]

@@ -586,3 +586,26 @@ def test_quick_run_smoke_schema_and_determinism(tmp_path):
     assert all(0 < p["motion_probe"] <= 1 for p in curves[ovmlvc.METHOD])
     out2 = ovmlvc.train(ovmlvc.Config(quick=True, out_dir=str(tmp_path / "b")))
     assert out1["metrics"] == out2["metrics"]
+
+
+def test_motion_probe_is_the_ridge_least_squares_fit(monkeypatch):
+    """The probe's scores are X_test W with W = argmin ||X W - Y||^2 + ridge ||W||^2 (constant
+    column included), checked against the same problem solved as an augmented least squares."""
+    gen = torch.Generator().manual_seed(1)
+    f_tr, f_te = torch.randn(20, 5, generator=gen).numpy(), torch.randn(7, 5, generator=gen).numpy()
+    y_tr = (torch.rand(20, 4, generator=gen) < 0.5).float().numpy()
+    y_te = np.eye(4)[[0, 1, 2, 3, 0, 1, 2]]
+    seen = {}
+
+    def spy(scores, y, cols):
+        seen["scores"] = scores
+        return 0.0
+    monkeypatch.setattr(ovmlvc, "mean_ap", spy)
+    ovmlvc.motion_probe_map(f_tr, y_tr, f_te, y_te)
+    X = np.c_[f_tr, np.ones(20)]  # (20, 6)
+    ridge = 1e-3
+    A = np.r_[X, np.sqrt(ridge) * np.eye(6)]  # (26, 6)
+    B = np.r_[y_tr, np.zeros((6, 4))]  # (26, 4)
+    W = np.linalg.lstsq(A, B, rcond=None)[0]  # (6, 4)
+    assert np.allclose(seen["scores"], np.c_[f_te, np.ones(7)] @ W, rtol=1e-9, atol=1e-12)
+
