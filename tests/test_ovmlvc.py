@@ -609,3 +609,24 @@ def test_motion_probe_is_the_ridge_least_squares_fit(monkeypatch):
     W = np.linalg.lstsq(A, B, rcond=None)[0]  # (6, 4)
     assert np.allclose(seen["scores"], np.c_[f_te, np.ones(7)] @ W, rtol=1e-9, atol=1e-12)
 
+
+
+def test_fine_tuned_vit_run_adds_lambda_times_l_reg_to_the_loss(models):
+    """Eq. (8) at the call site: with a fine-tuned ViT the loss is L_cls + lambda L_reg +
+    lambda_v L_vid, and L_reg becomes positive once the ViT has moved from CLIP's weights."""
+    clip, llm = models
+    gen = torch.Generator().manual_seed(0)
+    frames, y = ovmlvc.make_videos(8, gen)
+    with torch.no_grad():
+        g, u = ovmlvc.frame_features(clip, frames)
+    data = dict(frames_train=frames, y_train=y, g_train=g, u_train=u)
+    cfg = ovmlvc.Config(steps=3, batch=4, log_every=100, soft_k=2)
+    model = ovmlvc.build_run("llm", clip, llm, cfg, finetune=True)
+    h = ovmlvc.train_stage1("t", model, data, cfg, 10.0, torch.Generator().manual_seed(0),
+                            video_first=1, lam_video=0.5, lam_video_first=0.0)
+    loss, l_cls, l_reg, l_vid = (np.array(h[k]) for k in ("loss", "l_cls", "l_reg", "l_vid"))
+    assert l_reg[0] == pytest.approx(0.0, abs=1e-6)  # the ViT starts at CLIP's weights
+    assert l_reg[1:].min() > 1e-7
+    assert np.allclose(loss[:1], l_cls[:1] + 10.0 * l_reg[:1], atol=1e-6)
+    assert np.allclose(loss[1:], l_cls[1:] + 10.0 * l_reg[1:] + 0.5 * l_vid[1:], rtol=1e-5,
+                       atol=1e-7)
