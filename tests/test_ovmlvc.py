@@ -110,6 +110,10 @@ def test_average_precision_hand_value_and_perfect_ranking():
     # worst ranking: positives last -> (1/3 + 2/4) / 2
     assert ovmlvc.average_precision(np.array([0.1, 0.9, 0.2, 0.8]), y) == pytest.approx(
         (1 / 3 + 2 / 4) / 2)
+    # one positive, ranked second: AP = its precision, 1/2; no positive: 0 (no division by 0)
+    assert ovmlvc.average_precision(np.array([0.9, 0.8, 0.1]), np.array([0, 1, 0])) == \
+        pytest.approx(0.5)
+    assert ovmlvc.average_precision(np.array([0.9, 0.8]), np.array([0, 0])) == 0.0
 
 
 # ---------------------------------------------------------------- tier 3: equivalences
@@ -626,7 +630,29 @@ def test_fine_tuned_vit_run_adds_lambda_times_l_reg_to_the_loss(models):
                             video_first=1, lam_video=0.5, lam_video_first=0.0)
     loss, l_cls, l_reg, l_vid = (np.array(h[k]) for k in ("loss", "l_cls", "l_reg", "l_vid"))
     assert l_reg[0] == pytest.approx(0.0, abs=1e-6)  # the ViT starts at CLIP's weights
+    assert l_vid[0] == pytest.approx(0.0, abs=1e-6)  # f_v starts at CLIP's mean frame (Eq. 8b)
     assert l_reg[1:].min() > 1e-7
     assert np.allclose(loss[:1], l_cls[:1] + 10.0 * l_reg[:1], atol=1e-6)
     assert np.allclose(loss[1:], l_cls[1:] + 10.0 * l_reg[1:] + 0.5 * l_vid[1:], rtol=1e-5,
                        atol=1e-7)
+
+
+def test_paired_runs_see_the_same_batches_whatever_the_global_rng(models):
+    """PAIRED: stage 1 draws its batches from its own generator, so two runs built alike and given
+    the same generator seed train identically even if something else used the global RNG."""
+    clip, llm = models
+    gen = torch.Generator().manual_seed(0)
+    frames, y = ovmlvc.make_videos(32, gen)
+    with torch.no_grad():
+        g, u = ovmlvc.frame_features(clip, frames)
+    data = dict(frames_train=frames, y_train=y, g_train=g, u_train=u)
+    cfg = ovmlvc.Config(steps=3, batch=4, log_every=100, soft_k=2)
+    losses = []
+    for global_seed in (1, 2):
+        model = ovmlvc.build_run("hard", clip, llm, cfg)
+        torch.manual_seed(global_seed)  # another global RNG state
+        h = ovmlvc.train_stage1("t", model, data, cfg, 0.0, torch.Generator().manual_seed(5),
+                                video_first=1, lam_video=0.5)
+        losses.append(h["loss"])
+    assert losses[0] == losses[1]
+
