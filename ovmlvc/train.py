@@ -724,12 +724,12 @@ def video_first_targets(f_t: torch.Tensor, labels: list[str], mode: str) -> torc
     orthonormal set nearest to them (nearest_orthonormal), the other rows are kept. "orth-all":
     every row is replaced. f_t (C, D) rows of `labels` -> targets (C, D); f_t is not modified.
     """
+    if mode not in FIRST_TARGETS:
+        raise ValueError(f"unknown video-first targets {mode!r}")
     if mode == "labels":
         return f_t
     rows = list(range(len(labels))) if mode == "orth-all" else \
         [i for i, lb in enumerate(labels) if lb in ACTIONS]
-    if mode not in ("orth-all", "orth-actions"):
-        raise ValueError(f"unknown video-first targets {mode!r}")
     out = f_t.clone()  # (C, D)
     out[rows] = nearest_orthonormal(f_t[rows])  # (len(rows), D)
     return out
@@ -837,12 +837,12 @@ class Stage1Model(nn.Module):
 def train_stage1(name: str, model: Stage1Model, data: dict, cfg: Config, lam: float,
                  gen: torch.Generator, video_first: int = 0, curve: bool = False,
                  lam_video: float = 0.0, first_targets: str = "orth-actions",
-                 lam_video_first: float | None = 0.0) -> dict:
+                 lam_video_first: float = 0.0) -> dict:
     """Stage 1: open-vocabulary multi-label training on BASE labels only.
 
     For the first `video_first` steps the label embeddings are held fixed (computed once, no
     gradient; `first_targets` says which, see video_first_targets) and only the video side,
-    1/tau and b learn, with L_vid weighted by `lam_video_first` (None: `lam_video`); then
+    1/tau and b learn, with L_vid weighted by `lam_video_first`; then
     everything trains jointly with `lam_video`.
     With `curve`, every cfg.eval_every steps the test mAPs, the mean pairwise cosine of the
     four action-label embeddings and the motion probe are recorded (diagnostics; nothing is
@@ -898,8 +898,7 @@ def train_stage1(name: str, model: Stage1Model, data: dict, cfg: Config, lam: fl
         # PAPER [R] + DEVIATION (our fix): L_vid can be weighted differently (default: off)
         # while the video side learns motion alone; it would pull f_v back to CLIP's
         # motion-blind mean exactly then.
-        lam_v = lam_video_first if (step < video_first and lam_video_first is not None) \
-            else lam_video
+        lam_v = lam_video_first if step < video_first else lam_video
         loss = l_cls + lam * l_reg + lam_v * l_vid
         opt.zero_grad()
         loss.backward()
