@@ -82,7 +82,37 @@ def test_every_coding_exercise_is_graded_by_tests_with_its_number(folder):
 @pytest.mark.slow
 @pytest.mark.parametrize("folder", FOLDERS, ids=IDS)
 def test_quick_run_ends_with_verdict_warning_and_files_and_rows_say_what_they_claim(folder):
-    assert rc.check_quick_run(rc.quick_run(folder)) == []
+    moved = folder.name not in rc.NOT_YET_MOVED
+    assert rc.check_quick_run(rc.quick_run(folder), moved=moved) == []
+
+
+@pytest.mark.parametrize("folder", FOLDERS, ids=IDS)
+def test_train_puts_the_paper_first_and_the_identical_appendix_last(folder):
+    if folder.name in rc.NOT_YET_MOVED:
+        pytest.skip("listed in NOT_YET_MOVED: its paper issue moves it")
+    assert rc.check_layout(folder) == []
+
+
+@pytest.mark.parametrize("name", sorted(rc.NOT_YET_MOVED))
+def test_not_yet_moved_folders_really_lack_the_layout(name):
+    # Once a folder passes the layout check, it must leave the list (and then keep passing).
+    assert rc.check_layout(ROOT / name) != [], f"{name} has moved: remove it from NOT_YET_MOVED"
+
+
+def test_every_appendix_held_agrees_with_the_one_run_all_counts():
+    # The run's verdict line and run_all's k/5 must never disagree: compare the two rules.
+    ns: dict = {"__name__": "appendix", "re": re, "Config": object, "Path": Path}
+    code = rc.appendix(rc.TEMPLATE_TRAIN.read_text()).split("if __name__")[0]
+    exec(compile(code.replace("(argparse.ArgumentParser)", ""), "appendix", "exec"), ns)
+    grid = [(m, b, e, hib, margin) for m in (0.5, 1.0, 1.019, 1.03, 2.0) for b in (1.0, 1.02)
+            for e in ("better", "level", "report") for hib in (True, False)
+            for margin in (None, 0.01, 0.5)]
+    for m, b, e, hib, margin in grid:
+        row = {"metric": "x", "higher_is_better": hib, "expect": e,
+               "method": {"name": "a", "value": m}, "baseline": {"name": "b", "value": b}}
+        if margin is not None:
+            row["margin"] = margin
+        assert ns["held"](row) == rc.held(row), row
 
 
 # --------------------------------------------------------------------------------------------
@@ -155,10 +185,10 @@ def test_the_template_itself_passes_every_check(broken):
 
 @pytest.mark.parametrize("edit, complaint", [
     # the out-dir is made after training (the user finds the typo a minute later, or never)
-    (lambda t: t.replace("    out = prepare_out_dir(cfg.out_dir)", "    out = Path(cfg.out_dir)"),
+    (lambda t: t.replace("    prepare_out_dir(cfg.out_dir)  # before", "    pass  # before"),
      "'--out-dir /dev/null/run'"),
     # no range check on the seed: numpy raises a ValueError traceback on -1
-    (lambda t: t.replace("    if not 0 <= cfg.seed < 2**32:\n", "    if False:\n"),
+    (lambda t: t.replace('\n                                           "range": "[0, 4294967295]"', ""),
      "'--seed -1' printed a traceback"),
 ])
 def test_bad_argument_check_catches_late_out_dir_and_negative_seed(broken, edit, complaint):
@@ -167,7 +197,8 @@ def test_bad_argument_check_catches_late_out_dir_and_negative_seed(broken, edit,
 
 
 def test_help_check_catches_hidden_defaults(broken):
-    folder = broken(train_edit=lambda t: t.replace(' + " (default: %(default)s)"', ""))
+    folder = broken(train_edit=lambda t: t.replace('help=meta["help"] + f" (default: %(default)s{extra})"',
+                                                    'help=meta["help"]'))
     assert any("does not show the defaults" in p for p in rc.check_help(rc.probe(folder)))
 
 
@@ -201,14 +232,15 @@ def test_exercise_mark_check_catches_unnumbered_and_missing_marks(broken, tmp_pa
 
 @pytest.mark.slow
 @pytest.mark.parametrize("edit, complaint", [
-    (lambda t: t.replace(' "expect": "better",', ""), "expect=None"),
+    (lambda t: t.replace('expect="better",', 'expect="maybe",'), "expect='maybe'"),
     (lambda t: t.replace("    if quick:\n        print(", "    if False:\n        print("),
      "does not warn"),
     (lambda t: t.replace('    print("Files written:"', '    print("Wrote:"'),
      "listing the files"),
-    (lambda t: t.replace("    print_verdict(result", "    (result"), "does not end with"),
-    (lambda t: t.replace('seen = "method ahead" if better else "baseline ahead"',
-                         'seen = "baseline ahead" if better else "method ahead"'),
+    (lambda t: t.replace("    print_verdict(headline, cfg", "    (headline, cfg"),
+     "does not end with"),
+    (lambda t: t.replace('seen = "method ahead" if ahead else "baseline ahead"',
+                         'seen = "baseline ahead" if ahead else "method ahead"'),
      "disagrees with run_all"),
 ])
 def test_quick_run_check_catches_missing_expect_warning_files_and_verdict(broken, edit,
@@ -263,8 +295,8 @@ def test_import_check_catches_side_effects(broken, line, complaint):
 
 
 def test_help_check_catches_a_missing_contract_option(broken):
-    folder = broken(train_edit=lambda t: t.replace('flag = "--" + f.name.replace("_", "-")',
-                                                    'flag = "--" + f.name'))
+    folder = broken(train_edit=lambda t: t.replace(
+        'flag, meta = "--" + f.name.replace("_", "-"), f.metadata', 'flag, meta = "--" + f.name, f.metadata'))
     problems = rc.check_help(rc.probe(folder))
     assert any("does not list --out-dir" in p for p in problems), problems
 
@@ -273,16 +305,117 @@ def test_help_check_catches_a_missing_contract_option(broken):
     # plain argparse prints the usage line and the error: two lines
     (lambda t: t.replace("p = _Parser(", "p = argparse.ArgumentParser("), "want exactly one"),
     # no range check: --steps -3 runs on (and here crashes on an empty history)
-    (lambda t: t.replace('for name in ("steps", "n", "log_every"):',
-                         'for name in ("n", "log_every"):'), "'--steps -3'"),
+    (lambda t: t.replace('"earlier)", "range": "[1, inf)"}', '"earlier)"}'), "'--steps -3'"),
     # a range check that raises instead of calling p.error
-    (lambda t: t.replace("p.error(f\"--{name.replace('_', '-')} must be",
-                         "raise ValueError(f\"--{name.replace('_', '-')} must be"),
+    (lambda t: t.replace("    if problem:\n        p.error(problem)",
+                         "    if problem:\n        raise ValueError(problem)"),
      "printed a traceback"),
     # no choices on --device: tpu is accepted
-    (lambda t: t.replace('choices=DEVICES if f.name == "device" else None', "choices=None"),
+    (lambda t: t.replace('choices=meta.get("choices"),', "choices=None,"),
      "'--device tpu' exited 0"),
 ])
 def test_bad_argument_check_catches_tracebacks_and_silent_acceptance(broken, edit, complaint):
     problems = rc.check_bad_args(rc.probe(broken(train_edit=edit)))
+    assert any(complaint in p for p in problems), problems
+
+
+# --------------------------------------------------------------------------------------------
+# The layout and design-record checks fail on broken copies of the template
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("edit, complaint", [
+    (lambda t: t.replace("Reading map (the paper", "Map (the paper"), "no reading map"),
+    (lambda t: t.replace('"help": "learning rate eta", "range": "(0, inf)"',
+                         '"help": "learning rate eta"'), "Config.lr (float) has no 'range'"),
+    (lambda t: t.replace("# %% 3. The paper:", "# %% 3. The method:"),
+     "the cell after Config is not"),
+    (lambda t: t.replace('    """PAPER: one step of gradient descent',
+                         '    """One step of gradient descent'),
+     "'gradient_step' in the paper cell carries no '# PAPER:' tag"),
+    (lambda t: t.replace("# %% Try it:", "# %% Play:"), "no '# %% Try it' cell"),
+    (lambda t: t.replace("if IN_NOTEBOOK:\n    X_try", "if True:\n    X_try"),
+     "must run only under 'if IN_NOTEBOOK:'"),
+    (lambda t: t.replace('IN_NOTEBOOK = "ipykernel" in sys.modules\n', "") + (
+        '\nIN_NOTEBOOK = "ipykernel" in sys.modules\n'), "IN_NOTEBOOK is not set with the imports"),
+    (lambda t: t.replace("        return f\"--{f.name.replace('_', '-')} must be in",
+                         "        return f\"{f.name} must be in"),
+     "the Appendix differs from the template's"),
+    (lambda t: t.replace("# %% Appendix: run plumbing", "# %% Plumbing"), "no Appendix cell"),
+])
+def test_layout_check_catches_each_departure_from_the_paper_first_order(broken, edit, complaint):
+    problems = rc.check_layout(broken(train_edit=edit), template=TEMPLATE / "train.py")
+    assert any(complaint in p for p in problems), problems
+
+
+def test_layout_check_catches_report_defined_before_train(broken):
+    def swap(t):
+        start, mid = t.index("def train(cfg: Config)"), t.index("# The claims this run checks")
+        rep, end = t.index("def report(results"), t.index("def plot(history")
+        return t[:start] + t[rep:end] + t[start:mid] + t[mid:rep] + t[end:]
+
+    problems = rc.check_layout(broken(train_edit=swap), template=TEMPLATE / "train.py")
+    assert any("the order is not" in p for p in problems), problems
+
+
+def _design_summary():
+    return {"headline": [
+        {"metric": "acc", "higher_is_better": True, "expect": "better",
+         "method": {"name": "m", "value": 0.9}, "baseline": {"name": "b", "value": 0.5}},
+        {"metric": "acc", "higher_is_better": True, "expect": "level",
+         "method": {"name": "m", "value": 0.9}, "baseline": {"name": "ceiling", "value": 0.91},
+         "margin": 0.05, "margin_why": "2 standard errors"}],
+        "premise": [{"name": "gap", "value": 0.4, "cmp": ">=", "threshold": 0.2, "holds": True},
+                    {"name": "ceiling", "value": 0.9, "cmp": None, "threshold": None,
+                     "holds": None}],
+        "arms": {"m": {"data": "train", "init": "zeros", "lr": 0.1, "steps": 30},
+                 "b": {"data": "labels", "init": "none", "steps": 0}}}
+
+
+def _set(path, value):
+    def edit(s):
+        *keys, last = path
+        for k in keys:
+            s = s[k]
+        if value is _DROP:
+            del s[last]
+        else:
+            s[last] = value
+    return edit
+
+
+_DROP = object()
+
+
+@pytest.mark.parametrize("edit, complaint", [
+    (_set(("premise",), []), "'premise' must be a non-empty list"),
+    (_set(("premise", 0, "holds"), False), "holds=False but"),
+    (_set(("premise", 0, "cmp"), None), "a reported value has no threshold"),
+    (_set(("premise", 0, "note"), "x"), "keys must be"),
+    (_set(("arms",), {}), "'arms' must be a non-empty dict"),
+    (_set(("arms", "m", "init"), _DROP), "arm 'm' lacks init"),
+    (_set(("arms", "b", "steps"), _DROP), "arm 'b' lacks steps|checkpoint"),
+    (_set(("headline", 0, "method", "name"), "other"), "the method 'other' is not an arm"),
+    (_set(("headline", 1, "margin"), _DROP), "has no 'margin'"),
+    (_set(("headline", 1, "margin_why"), ""), "needs its 'margin_why'"),
+    (_set(("headline", 1, "margin"), -0.1), "margin must be a number > 0"),
+])
+def test_design_check_catches_missing_premise_arms_and_margins(edit, complaint):
+    summary = _design_summary()
+    assert rc.check_design(summary) == []
+    edit(summary)
+    problems = rc.check_design(summary)
+    assert any(complaint in p for p in problems), problems
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("edit, complaint", [
+    (lambda t: t.replace("    print_premise(premise)\n", ""), "does not print its premise"),
+    (lambda t: t.replace("    print_premise(premise)\n", "").replace(
+        "    return summary\n\n\ndef plot", "    print_premise(premise)\n    return summary\n\n\n"
+                                           "def plot"), "printed after the verdict"),
+    (lambda t: t.replace('"arms": results["arms"]', '"arms": {}').replace(
+        'results["arms"])', "{})"), "'arms' must be a non-empty dict"),
+])
+def test_quick_run_check_catches_a_missing_or_late_premise_and_missing_arms(broken, edit,
+                                                                           complaint):
+    problems = rc.check_quick_run(rc.quick_run(broken(train_edit=edit)))
     assert any(complaint in p for p in problems), problems

@@ -206,7 +206,7 @@ def test_run_all_writes_mean_and_std_into_results_and_readmes(mini_repo, capsys)
            for s in (0, 1, 2)]
     expected = f"{statistics.fmean(acc):.4g} ± {statistics.stdev(acc):.2g}"
     results = (mini_repo / "RESULTS.md").read_text()
-    assert f"| accuracy ↑ | logistic | {expected} | majority |" in results
+    assert f"| test accuracy ↑ | logistic | {expected} | majority |" in results
     assert "| 3/3 seeds |" in results
     assert "CPU time per run" in results and "wall time per run" in results
     readme = (mini_repo / "example_paper" / "README.md").read_text()
@@ -222,8 +222,8 @@ def test_run_all_exits_nonzero_naming_the_failed_run(mini_repo, capsys):
     broken = mini_repo / "broken_paper"
     shutil.copytree(mini_repo / "example_paper", broken)
     train = broken / "train.py"
-    train.write_text(train.read_text().replace("    t0 = time.time()\n",
-                                               "    t0 = time.time()\n    1 / 0\n"))
+    train.write_text(train.read_text().replace("    t_start = time.time()\n",
+                                               "    t_start = time.time()\n    1 / 0\n"))
     rc = run_all.main(["--root", str(mini_repo), "--folders", "example_paper", "broken_paper",
                        "--seeds", "0"])
     captured = capsys.readouterr()
@@ -270,16 +270,40 @@ def test_a_row_is_counted_as_held_by_what_it_expects():
     table = "\n".join(run_all.folder_table([
         _summary(0, [("acc", 0.9, 0.5), ("ctl", 0.500, 0.505, "level"),
                      ("neg", 0.1, 0.9, "report")]),
-        _summary(1, [("acc", 0.4, 0.5), ("ctl", 0.50, 0.60, "level"),
+        _summary(1, [("acc", 0.4, 0.5), ("ctl", 0.60, 0.50, "level"),
                      ("neg", 0.9, 0.1, "report")]),
     ]))
     assert "| acc ↑ | A | 0.65 ± 0.35 | B | 0.5 ± 0 | better | 1/2 seeds |" in table
-    # within 2 % on seed 0 (0.5 vs 0.505), not on seed 1 (0.5 vs 0.6): one of two
+    # within 2 % on seed 0 (0.5 vs 0.505), not on seed 1 (0.6 vs 0.5): one of two
     assert "| level | 1/2 seeds |" in table
     # a report row claims nothing, so it is never counted as held or failed
     assert "| report | - (not a claim) |" in table
     assert run_all.held(_summary(0, [("m", 1.0, 1.019, "level")])["headline"][0]) is True
     assert run_all.held(_summary(0, [("m", 1.0, 1.03, "level")])["headline"][0]) is False
+
+
+def test_a_level_row_behind_on_every_seed_fails_and_a_margin_is_used():
+    def level(seed, m, b, margin=None):
+        s = _summary(seed, [("ctl", m, b, "level")])
+        if margin is not None:
+            s["headline"][0].update(margin=margin, margin_why="stated")
+        return s
+
+    # every seed within its margin, but the method behind on all of them: a deficit, not a tie
+    table = "\n".join(run_all.folder_table([level(0, 0.50, 0.51, 0.05),
+                                             level(1, 0.49, 0.52, 0.05)]))
+    assert "| level | 0/2 (behind on every seed) seeds |" in table
+    # one seed ahead: counted by the margin (0.03 <= 0.05 held; 0.08 not)
+    table = "\n".join(run_all.folder_table([level(0, 0.53, 0.50, 0.05),
+                                             level(1, 0.42, 0.50, 0.05)]))
+    assert "| level | 1/2 seeds |" in table
+    row = level(0, 0.5, 0.6, 0.2)["headline"][0]
+    assert run_all.held(row) is True and run_all.held({**row, "margin": 0.05}) is False
+
+
+def test_a_claim_that_is_the_same_on_every_seed_is_flagged_not_counted():
+    table = "\n".join(run_all.folder_table([_summary(s, [("ms", 2.79, 1.77)]) for s in range(3)]))
+    assert "3/3 (constant over seeds: a report, not evidence)" in table
 
 
 def test_index_shows_the_first_better_row_not_a_control(tmp_path):
@@ -307,7 +331,7 @@ def test_report_only_rebuilds_the_tables_without_running(mini_repo, capsys):
     log = mini_repo / "runs" / "run_all" / "example_paper" / "seed0" / "log.txt"
     before = log.stat().st_mtime_ns
     assert run_all.main(["--root", str(mini_repo), "--report-only"]) == 0
-    assert "| accuracy ↑ | logistic |" in (mini_repo / "RESULTS.md").read_text()
+    assert "| test accuracy ↑ | logistic |" in (mini_repo / "RESULTS.md").read_text()
     assert log.stat().st_mtime_ns == before  # nothing was run again
     assert "[1/" not in capsys.readouterr().out.split("wrote")[-1]
 
@@ -323,7 +347,7 @@ def test_tune_runs_apart_and_rewrites_no_file(mini_repo, capsys):
     assert not (mini_repo / "runs" / "run_all").exists()
     assert not (mini_repo / "RESULTS.md").exists()
     assert all(p.read_text() == text for p, text in before.items())
-    assert "| accuracy ↑ | logistic |" in capsys.readouterr().out
+    assert "| test accuracy ↑ | logistic |" in capsys.readouterr().out
 
 
 def test_extra_flags_are_refused_outside_tuning(mini_repo):

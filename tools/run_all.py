@@ -46,6 +46,7 @@ from repo_checks import (  # noqa: E402
     PAPER_FOLDERS,
     RESULTS_END,
     RESULTS_START,
+    behind,
     held,
     read_title,
 )
@@ -61,11 +62,24 @@ def fmt(values: list[float]) -> str:
 
 
 def wins(row_per_seed: list[dict]) -> str:
-    """On how many seeds the row held, per its `expect`; "-" for a report row."""
+    """On how many seeds the row held, per its `expect`; "-" for a report row.
+
+    Two rules beyond the per-seed count (EXPERIMENTS.md, section 5): a `level` row whose method is
+    behind on every seed held on none, whatever its margin says (a consistent deficit is not a
+    tie); and a claim whose values are the same on every seed is a property of the design, not
+    evidence, so it is flagged rather than counted.
+    """
     results = [held(row) for row in row_per_seed]
     if any(r is None for r in results):
         return "-"
-    return f"{sum(results)}/{len(results)}"
+    n = len(results)
+    values = {(r["method"]["value"], r["baseline"]["value"]) for r in row_per_seed}
+    if n >= 3 and len(values) == 1:
+        return f"{sum(results)}/{n} (constant over seeds: a report, not evidence)"
+    if row_per_seed[0].get("expect") == "level" and n >= 2 and all(
+            behind(r) for r in row_per_seed):
+        return f"0/{n} (behind on every seed)"
+    return f"{sum(results)}/{n}"
 
 
 def load_summaries(runs_dir: Path, folder: str, seeds=None) -> list[dict]:
@@ -162,8 +176,10 @@ def write_reports(root: Path, runs_dir: Path, folders: list[str], seeds: list[in
                "against its baseline on the toy's headline metric, mean ± sample std over "
                "seeds, what the row claims and on how many seeds that held\n(↑ higher is "
                "better, ↓ lower is better; `better`: the method should beat the baseline, "
-               f"`level`: a control, within {LEVEL_TOL:.0%}, `report`: a diagnostic or a "
-               "reported negative, not a claim).", ""]
+               "`level`: a control, within the row's stated margin (else "
+               f"{LEVEL_TOL:.0%}), and failed when the method is behind on every seed, "
+               "`report`: a diagnostic, a property of the design or a reported negative, not a "
+               "claim).", ""]
     index = ["| folder | paper | the idea | CPU time per run | headline (method vs baseline) "
              "| held on |", "|---|---|---|---|---|---|"]
     for folder in folders:
