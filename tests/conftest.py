@@ -25,6 +25,38 @@ if PAPERS_DIR:
     sys.path.insert(0, str(Path(PAPERS_DIR).resolve()))
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_cmdline_main(config):
+    """`pytest` alone (the README's command) runs on every core with pytest-xdist (pinned): the
+    suite is mostly independent CPU-bound runs, so two cores halve its wall time. Naming files
+    or tests, `-n N` or `-p no:xdist` keeps the usual behaviour (one process unless -n), so the
+    graders' and students' own pytest runs are unchanged. `--dist loadgroup` with the groups of
+    `pytest_collection_modifyitems` keeps tests that share a fixture on one worker."""
+    if not config.pluginmanager.hasplugin("xdist") or config.option.numprocesses is not None:
+        return
+    if os.environ.get("PYTEST_XDIST_WORKER") or config.args_source != config.ArgsSource.TESTPATHS:
+        return
+    config.option.numprocesses = "auto"
+    config.option.dist = "loadgroup"
+
+
+def pytest_collection_modifyitems(config, items):
+    """With workers, keep what shares a module-scoped fixture on one worker: a folder's test
+    file is one group (its trained models are built once), and test_repo.py's checks of one
+    folder are one group (they share that folder's probe)."""
+    if not getattr(config.option, "numprocesses", None):
+        return
+    for item in items:
+        if item.get_closest_marker("xdist_group"):
+            continue
+        if item.path.name == "test_repo.py":
+            folder = getattr(getattr(item, "callspec", None), "params", {}).get("folder")
+            if folder is not None:
+                item.add_marker(pytest.mark.xdist_group(f"repo-{Path(folder).name}"))
+        else:
+            item.add_marker(pytest.mark.xdist_group(item.path.name))
+
+
 def pytest_report_header(config):
     where = Path(PAPERS_DIR).resolve() if PAPERS_DIR else "the repo root (reference solutions)"
     return f"paper folders imported from: {where}"

@@ -587,3 +587,22 @@ def check_layout(folder: Path, template: Path = TEMPLATE_TRAIN) -> list[str]:
     elif order and max(order.values()) > text.count("\n", 0, text.find(APPENDIX_MARK)) + 1:
         problems.append("main() must come before the Appendix")
     return problems
+
+
+# Internal tracker references mean nothing to a student ("issue 17", "the issue's budget").
+ISSUE_REF = re.compile(r"(?i)\bissues?\s*#?\d+|\bthe issue'?s?\b|\(issue\b")
+
+
+def check_no_issue_refs(folder: Path) -> list[str]:
+    """README.md and TEACHER.md speak to students and teachers, not to our issue tracker."""
+    problems = []
+    for name in ("README.md", "TEACHER.md"):
+        path = folder / name
+        if not path.is_file():
+            continue
+        for i, line in enumerate(path.read_text().splitlines(), 1):
+            m = ISSUE_REF.search(line)
+            if m:
+                problems.append(f"{folder.name}/{name}:{i} speaks of {m.group(0)!r} (our issue "
+                                "tracker): say what it means instead")
+    return problems

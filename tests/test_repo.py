@@ -72,6 +72,16 @@ def test_readme_exercises_ask_and_teacher_notes_hold_the_answers(folder):
 
 
 @pytest.mark.parametrize("folder", FOLDERS, ids=IDS)
+def test_readme_and_teacher_notes_name_no_tracker_issue(folder):
+    assert rc.check_no_issue_refs(folder) == []
+
+
+def test_issue_reference_check_catches_an_issue_number(broken):
+    folder = broken(readme_edit=lambda t: t.replace("## Run\n", "## Run\n\nAs issue 17 asked.\n"))
+    assert any("'issue 17'" in p for p in rc.check_no_issue_refs(folder))
+
+
+@pytest.mark.parametrize("folder", FOLDERS, ids=IDS)
 def test_every_coding_exercise_is_graded_by_tests_with_its_number(folder):
     tests = ROOT / "tests" / f"test_{folder.name}.py"
     if folder == TEMPLATE:
@@ -150,7 +160,7 @@ def test_pyproject_declares_a_marker_per_folder_and_no_package():
 
 def test_gitignore_covers_runs_caches_and_student_copies():
     ignored = (ROOT / ".gitignore").read_text().split()
-    assert {"runs/", "student/", "__pycache__/"} <= set(ignored)
+    assert {"runs/", "student/", "submissions/", "notebooks/", "__pycache__/"} <= set(ignored)
 
 
 # --------------------------------------------------------------------------------------------
