@@ -6,10 +6,9 @@ Official code: github.com/aws/selective-search-with-mutual-information-cotrainin
 Implemented: the co-training objective (document cluster posterior P(Z|Y), query routing
 posterior Q(Z|X), learned marginal q_psi(Z) fitted in an inner step), hard document assignment,
 top-m query routing, and the selective-search metrics (coverage vs search cost, latency cost,
-area under the coverage-cost curve, cluster balance), with text-only and click-aware k-means,
-random and oracle baselines.
+area under the coverage-cost curve), against a ladder of rivals that read the same click log.
 The paper body was not readable here: the objective follows the official code, and its numbering
-M1-M4 is ours (see the README, "Deviations").
+M1-M4 is ours [R] (see the README, "Deviations").
 
 The idea. Selective search splits the document collection into K clusters (shards) and sends each
 query to only a few of them, so a search costs a fraction of the collection. The clusters are only
@@ -18,6 +17,18 @@ sides from a click log: a document encoder gives each document a distribution ov
 encoder gives each query a distribution over clusters, and we maximise the mutual information
 between a query and the cluster of the document it clicked. That rewards clusters a query can
 predict (co-training of the two views) and clusters of equal size (the entropy term).
+
+Reading map (the paper is section 3; read it first, next to the paper):
+    MICO (the two views and the marginal psi)                   section 3, The paper
+    train_step -> fit_marginal (inner step, M3) -> mico_loss (M2-M4) -> cross_entropy_p_q
+    assign_documents -> route_queries                           serving: index, then route
+    selective_search_curve -> curve_auc                         the paper's metrics
+    the `Try it` cell                                           runs them on four hand-made pairs
+    make_dataset (the click log) and the premise statistics     section 4
+    k-means on text, + clicks, + a learned word model; random, oracle      section 5
+    train (MICO with checkpoint selection, every rival) -> report          section 6
+    A first read may skip Config's knobs (section 2), the baselines' internals (section 5) and the
+    Appendix (run plumbing, the same bytes in every folder).
 
 Notation (paper / notes -> code). Equation numbers M1-M4 are the notes' numbering [R]:
     x            query (bag of words)                Xq[i], (V,)
@@ -32,17 +43,16 @@ Notation (paper / notes -> code). Equation numbers M1-M4 are the notes' numberin
     m            number of clusters searched         m = 1..K
 Dimensions: B batch, V vocabulary, H hidden width, K clusters, D documents, N queries.
 
-What the miniature simplifies: bag-of-words MLP encoders with a shared first layer replace the
-shared fine-tuned multilingual BERT; a synthetic click log (latent topics, query-only synonyms,
+What the miniature leaves out: bag-of-words MLP encoders with a shared first layer replace the
+shared fine-tuned multilingual BERT; a synthetic click log (latent intents, query-only synonyms,
 boilerplate-heavy documents) replaces Amazon's search logs; one click per pair, so impression,
-click and purchase coverage coincide; K = 16 clusters instead of 64.
+click and purchase coverage coincide; K = 16 clusters instead of 64; no warm-up, no multi-GPU.
 
-Run:   python mico/train.py            (about 17-25 s of CPU on one core)
-Ends:  a table, one row per method (MICO, k-means + clicks, k-means, random, oracle), with
-       coverage / cost / latency at one cluster, coverage / cost at two, coverage at 9.4 % of the
-       documents scanned, the AUC and the balance figures (documents and traffic); the coverage
-       split by whether a training query clicked the document; the share of MICO's gain that the
-       clicks alone give; one verdict line per headline row; the files written.
+Run:   python mico/train.py            (see the README for its CPU time)
+Ends:  the premise rows; a table, one row per method (MICO, the rivals, random, oracle), with
+       coverage / cost / latency at one cluster, coverage / cost at two, coverage at 1.5/K of the
+       documents scanned, the AUC and the balance figures; the coverage split by whether a
+       training query clicked the document; one verdict line per headline row; the files written.
 """
 
 # %% 1. Imports
@@ -52,6 +62,7 @@ import argparse
 import dataclasses
 import json
 import math
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -64,118 +75,88 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 FOLDER = "mico"
+# PLUMBING: inside Jupyter, sys.argv holds the kernel's arguments and figures show inline; the
+# `Try it` cell runs only there.
+IN_NOTEBOOK = "ipykernel" in sys.modules
 
 
 # %% 2. Config
-# PLUMBING: one field per knob; the CLI is generated from these fields.
+# PLUMBING: one field per knob; the CLI is generated from these fields. `range` is the valid
+# interval ("[1, inf)": 1 included, no upper end); the Appendix turns a violation into one line.
 @dataclass
 class Config:
-    seed: int = field(default=0, metadata={"help": "random seed (same seed, same numbers)"})
+    seed: int = field(default=0, metadata={"help": "random seed (same seed, same numbers)",
+                                           "range": "[0, 4294967295]"})
     quick: bool = field(default=False, metadata={"help": "a run of a few seconds for tests"})
     out_dir: str = field(default=f"runs/{FOLDER}", metadata={"help": "where outputs go"})
-    device: str = field(default="cpu", metadata={"help": "cpu only in this folder"})
-    steps: int = field(default=2000, metadata={"help": "outer training steps (paper: 1 epoch)"})
+    device: str = field(default="cpu", metadata={"help": "cpu only in this folder",
+                                                 "choices": ("cpu",)})
+    steps: int = field(default=2000, metadata={"help": "outer training steps (paper: 1 epoch)",
+                                               "range": "[1, inf)"})
     # --- the synthetic search log
-    n_topics: int = field(default=16, metadata={"help": "latent topics (what queries want)"})
-    n_styles: int = field(default=4, metadata={"help": "boilerplate styles (irrelevant text)"})
-    topic_words: int = field(default=40, metadata={"help": "document-side words per topic"})
-    style_words: int = field(default=60, metadata={"help": "boilerplate words per style"})
-    synonyms: int = field(default=20, metadata={"help": "query-only synonyms per topic"})
-    doc_topic_len: int = field(default=10, metadata={"help": "topic tokens per document"})
-    doc_style_len: int = field(default=20, metadata={"help": "boilerplate tokens per document"})
-    p_synonym: float = field(default=0.5, metadata={"help": "prob. a query token is a synonym"})
+    n_topics: int = field(default=16, metadata={"help": "latent topics (what queries want)",
+                                                "range": "[1, inf)"})
+    n_styles: int = field(default=4, metadata={"help": "boilerplate styles (irrelevant text)",
+                                               "range": "[1, inf)"})
+    topic_words: int = field(default=40, metadata={"help": "document-side words per topic",
+                                                   "range": "[1, inf)"})
+    style_words: int = field(default=60, metadata={"help": "boilerplate words per style",
+                                                   "range": "[1, inf)"})
+    synonyms: int = field(default=20, metadata={"help": "query-only synonyms per topic",
+                                                "range": "[1, inf)"})
+    doc_topic_len: int = field(default=10, metadata={"help": "topic tokens per document",
+                                                     "range": "[1, inf)"})
+    doc_style_len: int = field(default=20, metadata={"help": "boilerplate tokens per document",
+                                                     "range": "[0, inf)"})
+    p_synonym: float = field(default=0.5, metadata={"help": "prob. a query token is a synonym",
+                                                    "range": "[0, 1]"})
     click_skew: float = field(default=0.0, metadata={
         "help": "Zipf exponent s of document popularity: a query clicks the document of "
-                "popularity rank r with prob. ~ r^-s (0 = every document equally likely)"})
-    n_docs: int = field(default=3000, metadata={"help": "documents D"})
-    n_queries: int = field(default=6000, metadata={"help": "queries N (one click each)"})
-    test_frac: float = field(default=0.2, metadata={"help": "share of queries held out (unseen)"})
-    val_frac: float = field(default=0.1, metadata={"help": "share of training queries for val"})
+                "popularity rank r with prob. ~ r^-s (0 = every document equally likely)",
+        "range": "[0, inf)"})
+    n_docs: int = field(default=3000, metadata={"help": "documents D", "range": "[1, inf)"})
+    n_queries: int = field(default=6000, metadata={"help": "queries N (one click each)",
+                                                   "range": "[1, inf)"})
+    test_frac: float = field(default=0.2, metadata={"help": "share of queries held out (unseen)",
+                                                    "range": "(0, 1)"})
+    val_frac: float = field(default=0.1, metadata={"help": "share of training queries for val",
+                                                   "range": "(0, 1)"})
     # --- MICO
-    K: int = field(default=16, metadata={"help": "number of clusters (paper script: 64)"})
-    hidden: int = field(default=64, metadata={"help": "encoder width H (paper: BERT, 768)"})
+    K: int = field(default=16, metadata={"help": "number of clusters (paper script: 64)",
+                                         "range": "[2, inf)"})
+    hidden: int = field(default=64, metadata={"help": "encoder width H (paper: BERT, 768)",
+                                              "range": "[1, inf)"})
     separate_encoders: bool = field(default=False, metadata={
         "help": "give each view its own first layer (default: one shared trunk, as the paper)"})
-    batch: int = field(default=256, metadata={"help": "training pairs per step (paper: 64/GPU)"})
-    lr: float = field(default=3e-3, metadata={"help": "Adam lr of the encoders (paper: 2e-4)"})
-    lam: float = field(default=2.0, metadata={"help": "entropy weight lambda (paper script: 5)"})
-    lr_prior: float = field(default=0.1, metadata={"help": "Adam lr of the marginal psi"})
-    steps_prior: int = field(default=1, metadata={"help": "inner steps on psi per batch"})
-    clip: float = field(default=1.0, metadata={"help": "grad-norm clip of the outer step"})
-    init_first: float = field(default=1.0, metadata={"help": "std of the first layer's init"})
-    init_last: float = field(default=0.3, metadata={"help": "std of the heads' init"})
-    # --- baseline and logging
-    lsa_dim: int = field(default=64, metadata={"help": "LSA dimensions of the k-means baseline"})
-    kmeans_init: int = field(default=4, metadata={"help": "k-means restarts"})
+    batch: int = field(default=256, metadata={"help": "training pairs per step (paper: 64/GPU)",
+                                              "range": "[1, inf)"})
+    lr: float = field(default=3e-3, metadata={"help": "Adam lr of the encoders (paper: 2e-4)",
+                                              "range": "(0, inf)"})
+    lam: float = field(default=2.0, metadata={"help": "entropy weight lambda (paper script: 5)",
+                                              "range": "[0, inf)"})
+    lr_prior: float = field(default=0.1, metadata={"help": "Adam lr of the marginal psi",
+                                                   "range": "(0, inf)"})
+    steps_prior: int = field(default=1, metadata={"help": "inner steps on psi per batch",
+                                                  "range": "[1, inf)"})
+    clip: float = field(default=1.0, metadata={"help": "grad-norm clip of the outer step",
+                                               "range": "(0, inf)"})
+    init_first: float = field(default=1.0, metadata={"help": "std of the first layer's init",
+                                                     "range": "(0, inf)"})
+    init_last: float = field(default=0.3, metadata={"help": "std of the heads' init",
+                                                    "range": "(0, inf)"})
+    # --- baselines and logging
+    lsa_dim: int = field(default=64, metadata={"help": "LSA dimensions of the k-means baselines",
+                                               "range": "[1, inf)"})
+    kmeans_init: int = field(default=4, metadata={"help": "k-means restarts", "range": "[1, inf)"})
     click_weights: str = field(default="0.5,1,2,4", metadata={
         "help": "weights w of the clicked queries in the click-aware k-means baseline, "
                 "comma-separated; the best on validation queries is used"})
-    log_every: int = field(default=200, metadata={"help": "steps between log lines / val evals"})
+    log_every: int = field(default=200, metadata={"help": "steps between log lines / val evals",
+                                                  "range": "[1, inf)"})
 
 
 # What --quick changes (it wins over the defaults above).
 QUICK = dict(steps=150, n_docs=600, n_queries=1200, batch=128, log_every=50, kmeans_init=1)
-DEVICES = ("cpu",)
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse, but a user mistake is one line on stderr and exit code 2, never a traceback."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
-def parse_args(argv=None) -> Config:
-    p = _Parser(prog=f"{FOLDER}/train.py", description=__doc__.splitlines()[0])
-    for f in dataclasses.fields(Config):
-        flag = "--" + f.name.replace("_", "-")
-        if f.type in (bool, "bool"):
-            p.add_argument(flag, action="store_true", help=f.metadata["help"])
-        else:
-            kind = type(f.default)
-            p.add_argument(flag, type=kind, default=f.default,
-                           help=f.metadata["help"] + " (default: %(default)s)",
-                           choices=DEVICES if f.name == "device" else None)
-    cfg = Config(**vars(p.parse_args(argv)))
-    if not 0 <= cfg.seed < 2**32:
-        p.error(f"--seed must be in [0, 2**32), got {cfg.seed}")
-    for name in ("steps", "n_topics", "n_styles", "topic_words", "style_words", "synonyms",
-                 "doc_topic_len", "n_docs", "n_queries", "hidden", "batch", "steps_prior",
-                 "lsa_dim", "kmeans_init", "log_every"):
-        if getattr(cfg, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
-    if cfg.K < 2:
-        p.error(f"--K must be >= 2, got {cfg.K}")
-    if cfg.doc_style_len < 0:
-        p.error(f"--doc-style-len must be >= 0, got {cfg.doc_style_len}")
-    if not 0.0 <= cfg.p_synonym <= 1.0:
-        p.error(f"--p-synonym must be in [0, 1], got {cfg.p_synonym}")
-    for name in ("test_frac", "val_frac"):
-        if not 0.0 < getattr(cfg, name) < 1.0:
-            p.error(f"--{name.replace('_', '-')} must be in (0, 1), got {getattr(cfg, name)}")
-    n_test = int(round(cfg.test_frac * cfg.n_queries))
-    n_val = int(round(cfg.val_frac * (cfg.n_queries - n_test)))
-    if min(n_test, n_val, cfg.n_queries - n_test - n_val) < 1:
-        p.error("--n-queries, --test-frac and --val-frac leave an empty train, val or test split")
-    V = (cfg.n_topics * (cfg.topic_words + cfg.synonyms) + cfg.n_styles * cfg.style_words)
-    if cfg.lsa_dim > V:
-        p.error(f"--lsa-dim ({cfg.lsa_dim}) must not exceed the vocabulary size ({V})")
-    for name in ("lr", "lr_prior", "clip", "init_first", "init_last"):
-        if not getattr(cfg, name) > 0:
-            p.error(f"--{name.replace('_', '-')} must be > 0, got {getattr(cfg, name)}")
-    if cfg.lam < 0:
-        p.error(f"--lam must be >= 0, got {cfg.lam}")
-    if cfg.click_skew < 0:
-        p.error(f"--click-skew must be >= 0, got {cfg.click_skew}")
-    try:
-        weights = parse_weights(cfg.click_weights)
-    except ValueError:
-        weights = []
-    if not weights or min(weights) < 0:
-        p.error(f"--click-weights must be comma-separated numbers >= 0, got {cfg.click_weights!r}")
-    if cfg.K > cfg.n_docs:
-        p.error(f"--K ({cfg.K}) must not exceed --n-docs ({cfg.n_docs})")
-    return cfg
 
 
 def parse_weights(text: str) -> list[float]:
@@ -183,29 +164,257 @@ def parse_weights(text: str) -> list[float]:
     return [float(w) for w in text.split(",") if w.strip()]
 
 
-def in_notebook() -> bool:
-    """PLUMBING: True inside a Jupyter kernel, where sys.argv holds the kernel's own arguments."""
-    return "ipykernel" in sys.modules
-
-
-def prepare_out_dir(path: str) -> Path:
-    """PLUMBING: create the run folder and prove it is writable *before* any training.
-
-    A mistyped --out-dir must cost the user one line, not a finished run and a traceback.
-    """
-    out = Path(path)
+def check_config(cfg: Config) -> str | None:
+    """PLUMBING: rules that join two fields (the Appendix checks each field's own range)."""
+    n_test = int(round(cfg.test_frac * cfg.n_queries))
+    n_val = int(round(cfg.val_frac * (cfg.n_queries - n_test)))
+    if min(n_test, n_val, cfg.n_queries - n_test - n_val) < 1:
+        return "--n-queries, --test-frac and --val-frac leave an empty train, val or test split"
+    V = (cfg.n_topics * (cfg.topic_words + cfg.synonyms) + cfg.n_styles * cfg.style_words)
+    if cfg.lsa_dim > V:
+        return f"--lsa-dim ({cfg.lsa_dim}) must not exceed the vocabulary size ({V})"
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as e:
-        raise SystemExit(f"{FOLDER}/train.py: error: --out-dir {path!r} is not a writable "
-                         f"folder ({e.strerror or e})") from None
-    return out
+        weights = parse_weights(cfg.click_weights)
+    except ValueError:
+        weights = []
+    if not weights or min(weights) < 0:
+        return f"--click-weights must be comma-separated numbers >= 0, got {cfg.click_weights!r}"
+    if cfg.K > cfg.n_docs:
+        return f"--K ({cfg.K}) must not exceed --n-docs ({cfg.n_docs})"
+    return None
 
 
-# %% 3. Seeding
+# %% 3. The paper: two views, one objective (M1-M4), indexing, routing and the metrics
+# PAPER: the method in the order it runs. MICO holds the two views and the marginal; train_step
+# is one update (the inner fit of the marginal, then the outer step on the objective); at serving
+# time every document is stored in one cluster and every query searches its top-m clusters;
+# coverage against the share of documents scanned is the paper's measure of a clustering.
+def _linear_head(H: int, K: int, std: float) -> nn.Linear:
+    head = nn.Linear(H, K)
+    nn.init.normal_(head.weight, std=std)
+    nn.init.zeros_(head.bias)
+    return head
+
+
+class MICO(nn.Module):
+    """Document assignment head P(Z|Y), query routing head Q(Z|X), learned marginal psi.
+
+    PAPER [V-code]: the official model shares one fine-tuned BERT between queries and documents and
+    puts one linear head per view on its [CLS] vector. DEVIATION: our shared trunk is a bag-of-words
+    layer, Linear(V, H) -> ReLU, and each head is Linear(H, K) (no pretrained encoder offline, and
+    a bag of words is all the toy log has). `separate_encoders=True` gives each view its own trunk.
+    """
+
+    def __init__(self, V: int, cfg: Config):
+        super().__init__()
+        H, K = cfg.hidden, cfg.K
+        self.doc_trunk = nn.Linear(V, H)
+        self.query_trunk = nn.Linear(V, H) if cfg.separate_encoders else self.doc_trunk
+        trunks = [self.doc_trunk] + ([self.query_trunk] if cfg.separate_encoders else [])
+        for lin in trunks:
+            # DEVIATION: N(0, 1) first layer and N(0, 0.3) heads instead of PyTorch's default init.
+            # With small logits every posterior is uniform, where the objective has a saddle
+            # (zero gradient). The official model starts from BERT's large [CLS] features; our
+            # bag-of-words MLP at PyTorch's default scale stays there or leaves it too late
+            # (README, exercise 5).
+            nn.init.normal_(lin.weight, std=cfg.init_first)
+            nn.init.zeros_(lin.bias)
+        self.doc_head = _linear_head(H, K, cfg.init_last)
+        self.query_head = _linear_head(H, K, cfg.init_last)
+        # PAPER: the marginal model q_psi(Z) = softmax(psi), an approximation of the cluster-size
+        # distribution p_bar(z) = E_y P(z|y).
+        # DEVIATION: psi starts at zero (uniform q_psi). The official marginal is an
+        # nn.Embedding(1, K) left at PyTorch's default init, so its psi starts at random N(0, 1)
+        # values; from zero the first inner step already moves q_psi towards the batch's p_bar.
+        self.psi = nn.Parameter(torch.zeros(K))  # (K,)
+
+    def encoder_parameters(self) -> list[nn.Parameter]:
+        """Everything but psi: the outer optimiser's parameters."""
+        return [p for n, p in self.named_parameters() if n != "psi"]
+
+    def doc_logits(self, y: torch.Tensor) -> torch.Tensor:
+        """y (B, V) -> logits of P(Z|Y), (B, K)."""
+        return self.doc_head(F.relu(self.doc_trunk(y)))  # (B, K)
+
+    def query_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, V) -> logits of Q(Z|X), (B, K)."""
+        return self.query_head(F.relu(self.query_trunk(x)))  # (B, K)
+
+
+def train_step(model: MICO, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+               cfg: Config) -> dict:
+    """One MICO update on a batch of clicked pairs: the inner marginal fit, then the outer step.
+
+    Args: model; opt, the outer optimiser over model.encoder_parameters(); x (B, V) queries;
+    y (B, V) their clicked documents; cfg (lam, lr_prior, steps_prior, clip).
+    Returns floats: loss, h_z_cond, h_z (after the inner step) and q_z_loss (before it).
+    """
+    p = model.doc_logits(y).softmax(-1)  # (B, K) = P(Z|y)
+    # PAPER [V-code]: 1) inner step: fit q_psi to this batch's p_bar (p is detached inside).
+    q_z_loss = fit_marginal(model.psi, p, cfg.lr_prior, cfg.steps_prior)
+    # PAPER [V-code]: 2) outer step on the encoders, against the refreshed marginal. Both
+    # posteriors are softmaxes over the K clusters (dim=-1), one distribution per row.
+    log_q = F.log_softmax(model.query_logits(x), dim=-1)  # (B, K) = log Q(Z|x)
+    # DEVIATION: psi is detached here and left out of the outer optimiser. The official code picks
+    # the outer parameters by "'q_z' in name", which also matches psi, and it does not zero psi's
+    # gradient between the two steps: its outer Adam step moves psi along the sum of the inner
+    # step's leftover gradient (towards p_bar) and the outer loss's gradient (-lambda * dh_z/dpsi,
+    # towards *raising* h_z). Here only the inner step moves psi.
+    log_q_psi = F.log_softmax(model.psi, dim=-1).detach()  # (K,)
+    loss, h_z_cond, h_z = mico_loss(p, log_q, log_q_psi, cfg.lam)
+    opt.zero_grad()
+    loss.backward()
+    # PAPER [V-code]: clip the gradient norm at `clip` (1.0).
+    # DEVIATION: one joint clip over all encoder parameters. The official code clips two groups
+    # separately (the MICO heads with psi, and BERT), each to norm `clip`; our trunk is a single
+    # bag-of-words layer, not a pretrained network that needs its own clip and learning rate.
+    torch.nn.utils.clip_grad_norm_(model.encoder_parameters(), cfg.clip)
+    opt.step()
+    return dict(loss=loss.item(), h_z_cond=h_z_cond.item(), h_z=h_z.item(), q_z_loss=q_z_loss)
+
+
+def fit_marginal(psi: nn.Parameter, p: torch.Tensor, lr: float, steps: int,
+                 clip: float = 1.0) -> float:
+    """Inner step: fit q_psi = softmax(psi) to the batch's cluster distribution p_bar.
+
+    Args: psi (K,) parameter, changed in place; p (B, K) document posteriors (detached here, so
+    fitting the marginal never moves the encoders); lr, steps: Adam settings; clip: grad-norm clip.
+    Returns the last CE(p_bar, q_psi) before its step, a float.
+    """
+    p = p.detach()  # (B, K)
+    # PAPER [V-code]: a fresh Adam for psi on every batch (the official code does the same, so no
+    # optimiser state is carried from batch to batch).
+    opt = torch.optim.Adam([psi], lr=lr)
+    for _ in range(steps):
+        # DEVIATION: the official code calls backward() again on the first inner loss when
+        # num_steps_prior > 1 (a stale gradient); we recompute the loss at every inner step.
+        # Eq. (M3): min_psi CE(p_bar, q_psi), whose minimum is q_psi = p_bar
+        q_z_loss = cross_entropy_p_q(p, F.log_softmax(psi, dim=-1))
+        opt.zero_grad()
+        q_z_loss.backward()
+        torch.nn.utils.clip_grad_norm_([psi], clip)
+        opt.step()
+    return float(q_z_loss.detach())
+
+
+def mico_loss(p: torch.Tensor, log_q: torch.Tensor, log_q_psi: torch.Tensor, lam: float):
+    """The MICO objective on a batch of clicked (query, document) pairs.
+
+    Args: p (B, K) = P(Z|y_b) of the clicked documents; log_q (B, K) = log Q(Z|x_b) of their
+    queries; log_q_psi (K,) = log softmax(psi), the learned marginal; lam = lambda.
+    Returns (loss, h_z_cond, h_z), each a scalar tensor.
+    """
+    # BEGIN SOLUTION (exercise 1)
+    # Exercise 1: compute h_z_cond (Eq. M2), h_z (Eq. M3) and the loss of Eq. (M4).
+    # PAPER: we want the mutual information between a query X and the cluster Z of the document it
+    # clicked, Z ~ P(Z|Y):  (M1) I(X; Z) = H(Z) - H(Z|X).
+    # H(Z|X) is bounded above by the cross-entropy between the document's cluster posterior and the
+    # query's routing posterior; it is tight when Q(z|x) = E[P(z|Y) | X = x], so minimising it
+    # teaches the router where a query's clicked documents live, and pulls each document towards
+    # clusters its queries can predict (the two views teach each other: co-training).
+    # Eq. (M2) [R: numbering ours]: H(Z|X) <= H_c = E_(x,y) [ - sum_z P(z|y) log Q(z|x) ]
+    h_z_cond = cross_entropy_p_q(p, log_q)
+    # PAPER: H(Z) = H(p_bar) with p_bar(z) = E_y P(z|y). We estimate it by the cross-entropy of the
+    # batch's p_bar against the learned marginal q_psi (>= H(p_bar), equal when q_psi = p_bar; the
+    # inner step keeps them close). By linearity the batch mean of -sum_z P(z|y_b) log q_psi(z)
+    # is exactly -sum_z p_bar_batch(z) log q_psi(z), which is what the official code computes.
+    # Eq. (M3) [R: numbering ours]: H(Z) ~ H(p_bar, q_psi) = - sum_z p_bar(z) log q_psi(z)
+    h_z = cross_entropy_p_q(p, log_q_psi)
+    # PAPER: H(Z) is largest for equal-sized clusters, so lambda > 1 over-weights it and acts as
+    # the cluster-balance regulariser (balanced shards = predictable search cost and latency).
+    # Eq. (M4) [R: numbering ours]: loss = H_c - lambda * H(p_bar, q_psi)   (lambda = 1: -I(X; Z))
+    loss = h_z_cond - lam * h_z
+    # END SOLUTION
+    return loss, h_z_cond, h_z
+
+
+def cross_entropy_p_q(p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy CE(p, q) = mean_b ( - sum_z p[b, z] log q[b, z] ).
+
+    Args: p (B, K) rows are distributions; log_q (B, K) or (K,) (broadcast to every row) are log
+    probabilities. Returns a scalar tensor. We take log-probabilities (log_softmax of logits)
+    instead of probabilities plus an epsilon inside the log: no bias, and no log(0).
+    """
+    # PAPER: CE(p, q) = E_b [ - sum_z p_b(z) log q_b(z) ]
+    return -(p * log_q).sum(-1).mean()
+
+
+def assign_documents(doc_logits: torch.Tensor) -> np.ndarray:
+    """PAPER [V-code]: offline indexing: each document goes to its most likely cluster,
+    argmax_z P(z|y).
+
+    Args: doc_logits (D, K). Returns doc_cluster (D,) int.
+    """
+    return doc_logits.argmax(-1).cpu().numpy()  # (D,)
+
+
+def route_queries(query_scores: np.ndarray) -> np.ndarray:
+    """PAPER [V-code]: online routing: rank the K clusters of each query by score, best first.
+
+    Args: query_scores (N, K), e.g. Q(z|x) or minus the distance to a centroid.
+    Returns routes (N, K) int: routes[i, :m] are the m clusters query i searches.
+    """
+    # PLUMBING: a stable sort, so ties break towards the lower cluster id (reproducible).
+    return np.argsort(-query_scores, axis=1, kind="stable")  # (N, K)
+
+
+def selective_search_curve(doc_cluster: np.ndarray, routes: np.ndarray, target_doc: np.ndarray,
+                           K: int) -> dict:
+    """PAPER [V-code]: coverage, search cost and latency when a query searches its top-m clusters.
+
+    Args: doc_cluster (D,) cluster of each document; routes (N, K) cluster ranking of each test
+    query; target_doc (N,) the document each query clicked; K clusters.
+    Returns a dict of numpy arrays indexed by m - 1 (m = 1..K):
+      coverage (K,): share of (query, clicked doc) pairs whose document is in the searched clusters;
+      cost (K,):     mean share of all documents scanned (sum of the searched clusters' sizes / D);
+      latency (K,):  mean size of the largest searched cluster / D (shards run in parallel).
+    """
+    # BEGIN SOLUTION (exercise 2)
+    # Exercise 2: compute coverage@m, cost@m and latency@m for m = 1..K, vectorised over queries.
+    D = len(doc_cluster)
+    sizes = np.bincount(doc_cluster, minlength=K)  # (K,)
+    routed_sizes = sizes[routes]  # (N, K): size of each query's m-th cluster
+    # PAPER [V-code]: total search cost@m = mean_x sum_{z in top-m(x)} |cluster z| (here / D)
+    cost = np.cumsum(routed_sizes, axis=1).mean(0) / D  # (K,)
+    # PAPER [V-code]: latency cost@m = mean_x max_{z in top-m(x)} |cluster z| (here / D)
+    latency = np.maximum.accumulate(routed_sizes, axis=1).mean(0) / D  # (K,)
+    # PAPER [V-code]: coverage@m = share of pairs whose document's cluster is in the top-m
+    rank_of_target = (routes == doc_cluster[target_doc][:, None]).argmax(1)  # (N,) 0-based rank
+    coverage = (rank_of_target[:, None] < np.arange(1, K + 1)[None, :]).mean(0)  # (K,)
+    # END SOLUTION
+    return dict(coverage=coverage, cost=cost, latency=latency)
+
+
+def curve_auc(cost: np.ndarray, coverage: np.ndarray) -> float:
+    """Area under the coverage-vs-cost curve, with (0, 0) prepended (trapezoid rule).
+
+    Args: cost (K,) and coverage (K,), both non-decreasing in m. Returns a float in [0, 1];
+    a random partition gives about 0.5, a perfect one (coverage 1 at almost no cost) about 1.
+    """
+    # PAPER [V-code]: the official model-selection metric, sklearn.metrics.auc on these points.
+    x = np.concatenate([[0.0], cost])  # (K+1,)
+    y = np.concatenate([[0.0], coverage])  # (K+1,)
+    return float(np.sum((x[1:] - x[:-1]) * (y[1:] + y[:-1]) / 2))
+
+
+# %% Try it: the objective on four hand-made pairs, one update, and a curve (only in a notebook)
+if IN_NOTEBOOK:
+    K_try = 2
+    p_try = torch.tensor([[0.9, 0.1], [0.8, 0.2], [0.1, 0.9], [0.2, 0.8]])  # (4, 2) P(z|y)
+    agree = torch.tensor([[0.85, 0.15], [0.7, 0.3], [0.2, 0.8], [0.1, 0.9]]).log()  # (4, 2)
+    for name, log_q_try in (("router agrees", agree), ("router swapped", agree.flip(-1))):
+        loss_try, hc_try, hz_try = mico_loss(p_try, log_q_try, torch.full((K_try,), -math.log(2)),
+                                             lam=2.0)
+        print(f"{name}: h_z_cond {hc_try:.3f}, h_z {hz_try:.3f} (log 2 = {math.log(2):.3f}), "
+              f"loss {loss_try:.3f}")
+    docs_try = np.array([0, 0, 1, 1])  # (D=4,) two clusters of two documents
+    routes_try = route_queries(np.array([[0.9, 0.1], [0.3, 0.7]]))  # (2, 2)
+    c_try = selective_search_curve(docs_try, routes_try, np.array([1, 1]), K_try)
+    print("coverage", c_try["coverage"], "cost", c_try["cost"],
+          "AUC", round(curve_auc(c_try["cost"], c_try["coverage"]), 3))
+
+
+# %% 4. The toy world and its premise
 def set_seed(seed: int) -> np.random.Generator:
     """PLUMBING: seed torch (model init, batches) and return the numpy Generator for the data.
 
@@ -215,7 +424,6 @@ def set_seed(seed: int) -> np.random.Generator:
     return np.random.default_rng(seed)
 
 
-# %% 4. Toy data: a synthetic search log
 def make_dataset(cfg: Config, rng: np.random.Generator) -> dict:
     """A click log where a query and its clicked document share meaning more than words.
 
@@ -278,241 +486,7 @@ def make_dataset(cfg: Config, rng: np.random.Generator) -> dict:
                 train=train_idx, val=val_idx, test=test_idx)
 
 
-# %% 5. Model: two views, each a softmax over the same K clusters
-def _linear_head(H: int, K: int, std: float) -> nn.Linear:
-    head = nn.Linear(H, K)
-    nn.init.normal_(head.weight, std=std)
-    nn.init.zeros_(head.bias)
-    return head
-
-
-class MICO(nn.Module):
-    """Document assignment head P(Z|Y), query routing head Q(Z|X), learned marginal psi.
-
-    PAPER [V-code]: the official model shares one fine-tuned BERT between queries and documents and
-    puts one linear head per view on its [CLS] vector. DEVIATION: our shared trunk is a bag-of-words
-    layer, Linear(V, H) -> ReLU, and each head is Linear(H, K) (no pretrained encoder offline, and
-    a bag of words is all the toy log has). `separate_encoders=True` gives each view its own trunk.
-    """
-
-    def __init__(self, V: int, cfg: Config):
-        super().__init__()
-        H, K = cfg.hidden, cfg.K
-        self.doc_trunk = nn.Linear(V, H)
-        self.query_trunk = nn.Linear(V, H) if cfg.separate_encoders else self.doc_trunk
-        trunks = [self.doc_trunk] + ([self.query_trunk] if cfg.separate_encoders else [])
-        for lin in trunks:
-            # DEVIATION: N(0, 1) first layer and N(0, 0.3) heads instead of PyTorch's default init.
-            # With small logits every posterior is uniform, where the objective has a saddle
-            # (zero gradient). The official model starts from BERT's large [CLS] features; our
-            # bag-of-words MLP at PyTorch's default scale stays there or leaves it too late
-            # (README, exercise 5).
-            nn.init.normal_(lin.weight, std=cfg.init_first)
-            nn.init.zeros_(lin.bias)
-        self.doc_head = _linear_head(H, K, cfg.init_last)
-        self.query_head = _linear_head(H, K, cfg.init_last)
-        # PAPER: the marginal model q_psi(Z) = softmax(psi), an approximation of the cluster-size
-        # distribution p_bar(z) = E_y P(z|y).
-        # DEVIATION: psi starts at zero (uniform q_psi). The official marginal is an
-        # nn.Embedding(1, K) left at PyTorch's default init, so its psi starts at random N(0, 1)
-        # values; from zero the first inner step already moves q_psi towards the batch's p_bar.
-        self.psi = nn.Parameter(torch.zeros(K))  # (K,)
-
-    def encoder_parameters(self) -> list[nn.Parameter]:
-        """Everything but psi: the outer optimiser's parameters."""
-        return [p for n, p in self.named_parameters() if n != "psi"]
-
-    def doc_logits(self, y: torch.Tensor) -> torch.Tensor:
-        """y (B, V) -> logits of P(Z|Y), (B, K)."""
-        return self.doc_head(F.relu(self.doc_trunk(y)))  # (B, K)
-
-    def query_logits(self, x: torch.Tensor) -> torch.Tensor:
-        """x (B, V) -> logits of Q(Z|X), (B, K)."""
-        return self.query_head(F.relu(self.query_trunk(x)))  # (B, K)
-
-
-# %% 6. The paper's core: objective, inner marginal fit, assignment, routing, metrics
-def cross_entropy_p_q(p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy CE(p, q) = mean_b ( - sum_z p[b, z] log q[b, z] ).
-
-    Args: p (B, K) rows are distributions; log_q (B, K) or (K,) (broadcast to every row) are log
-    probabilities. Returns a scalar tensor. We take log-probabilities (log_softmax of logits)
-    instead of probabilities plus an epsilon inside the log: no bias, and no log(0).
-    """
-    # PAPER: CE(p, q) = E_b [ - sum_z p_b(z) log q_b(z) ]
-    return -(p * log_q).sum(-1).mean()
-
-
-def mico_loss(p: torch.Tensor, log_q: torch.Tensor, log_q_psi: torch.Tensor, lam: float):
-    """The MICO objective on a batch of clicked (query, document) pairs.
-
-    Args: p (B, K) = P(Z|y_b) of the clicked documents; log_q (B, K) = log Q(Z|x_b) of their
-    queries; log_q_psi (K,) = log softmax(psi), the learned marginal; lam = lambda.
-    Returns (loss, h_z_cond, h_z), each a scalar tensor.
-    """
-    # BEGIN SOLUTION (exercise 1)
-    # Exercise 1: compute h_z_cond (Eq. M2), h_z (Eq. M3) and the loss of Eq. (M4).
-    # PAPER: we want the mutual information between a query X and the cluster Z of the document it
-    # clicked, Z ~ P(Z|Y):  (M1) I(X; Z) = H(Z) - H(Z|X).
-    # H(Z|X) is bounded above by the cross-entropy between the document's cluster posterior and the
-    # query's routing posterior; it is tight when Q(z|x) = E[P(z|Y) | X = x], so minimising it
-    # teaches the router where a query's clicked documents live, and pulls each document towards
-    # clusters its queries can predict (the two views teach each other: co-training).
-    # Eq. (M2) [R: numbering ours]: H(Z|X) <= H_c = E_(x,y) [ - sum_z P(z|y) log Q(z|x) ]
-    h_z_cond = cross_entropy_p_q(p, log_q)
-    # PAPER: H(Z) = H(p_bar) with p_bar(z) = E_y P(z|y). We estimate it by the cross-entropy of the
-    # batch's p_bar against the learned marginal q_psi (>= H(p_bar), equal when q_psi = p_bar; the
-    # inner step keeps them close). By linearity the batch mean of -sum_z P(z|y_b) log q_psi(z)
-    # is exactly -sum_z p_bar_batch(z) log q_psi(z), which is what the official code computes.
-    # Eq. (M3) [R: numbering ours]: H(Z) ~ H(p_bar, q_psi) = - sum_z p_bar(z) log q_psi(z)
-    h_z = cross_entropy_p_q(p, log_q_psi)
-    # PAPER: H(Z) is largest for equal-sized clusters, so lambda > 1 over-weights it and acts as
-    # the cluster-balance regulariser (balanced shards = predictable search cost and latency).
-    # Eq. (M4) [R: numbering ours]: loss = H_c - lambda * H(p_bar, q_psi)   (lambda = 1: -I(X; Z))
-    loss = h_z_cond - lam * h_z
-    # END SOLUTION
-    return loss, h_z_cond, h_z
-
-
-def fit_marginal(psi: nn.Parameter, p: torch.Tensor, lr: float, steps: int,
-                 clip: float = 1.0) -> float:
-    """Inner step: fit q_psi = softmax(psi) to the batch's cluster distribution p_bar.
-
-    Args: psi (K,) parameter, changed in place; p (B, K) document posteriors (detached here, so
-    fitting the marginal never moves the encoders); lr, steps: Adam settings; clip: grad-norm clip.
-    Returns the last CE(p_bar, q_psi) before its step, a float.
-    """
-    p = p.detach()  # (B, K)
-    # PAPER [V-code]: a fresh Adam for psi on every batch (the official code does the same, so no
-    # optimiser state is carried from batch to batch).
-    opt = torch.optim.Adam([psi], lr=lr)
-    for _ in range(steps):
-        # DEVIATION: the official code calls backward() again on the first inner loss when
-        # num_steps_prior > 1 (a stale gradient); we recompute the loss at every inner step.
-        # Eq. (M3): min_psi CE(p_bar, q_psi), whose minimum is q_psi = p_bar
-        q_z_loss = cross_entropy_p_q(p, F.log_softmax(psi, dim=-1))
-        opt.zero_grad()
-        q_z_loss.backward()
-        torch.nn.utils.clip_grad_norm_([psi], clip)
-        opt.step()
-    return float(q_z_loss.detach())
-
-
-def assign_documents(doc_logits: torch.Tensor) -> np.ndarray:
-    """Offline indexing: each document goes to its single most likely cluster, argmax_z P(z|y).
-
-    Args: doc_logits (D, K). Returns doc_cluster (D,) int.
-    """
-    return doc_logits.argmax(-1).cpu().numpy()  # (D,)
-
-
-def route_queries(query_scores: np.ndarray) -> np.ndarray:
-    """Online routing: rank the K clusters of each query by score, best first.
-
-    Args: query_scores (N, K), e.g. Q(z|x) or minus the distance to a centroid.
-    Returns routes (N, K) int: routes[i, :m] are the m clusters query i searches.
-    """
-    # PLUMBING: a stable sort, so ties break towards the lower cluster id (reproducible).
-    return np.argsort(-query_scores, axis=1, kind="stable")  # (N, K)
-
-
-def selective_search_curve(doc_cluster: np.ndarray, routes: np.ndarray, target_doc: np.ndarray,
-                           K: int) -> dict:
-    """Coverage, search cost and latency cost when every query searches its top-m clusters.
-
-    Args: doc_cluster (D,) cluster of each document; routes (N, K) cluster ranking of each test
-    query; target_doc (N,) the document each query clicked; K clusters.
-    Returns a dict of numpy arrays indexed by m - 1 (m = 1..K):
-      coverage (K,): share of (query, clicked doc) pairs whose document is in the searched clusters;
-      cost (K,):     mean share of all documents scanned (sum of the searched clusters' sizes / D);
-      latency (K,):  mean size of the largest searched cluster / D (shards run in parallel).
-    """
-    # BEGIN SOLUTION (exercise 2)
-    # Exercise 2: compute coverage@m, cost@m and latency@m for m = 1..K, vectorised over queries.
-    D = len(doc_cluster)
-    sizes = np.bincount(doc_cluster, minlength=K)  # (K,)
-    routed_sizes = sizes[routes]  # (N, K): size of each query's m-th cluster
-    # PAPER [V-code]: total search cost@m = mean_x sum_{z in top-m(x)} |cluster z| (here / D)
-    cost = np.cumsum(routed_sizes, axis=1).mean(0) / D  # (K,)
-    # PAPER [V-code]: latency cost@m = mean_x max_{z in top-m(x)} |cluster z| (here / D)
-    latency = np.maximum.accumulate(routed_sizes, axis=1).mean(0) / D  # (K,)
-    # PAPER [V-code]: coverage@m = share of pairs whose document's cluster is in the top-m
-    rank_of_target = (routes == doc_cluster[target_doc][:, None]).argmax(1)  # (N,) 0-based rank
-    coverage = (rank_of_target[:, None] < np.arange(1, K + 1)[None, :]).mean(0)  # (K,)
-    # END SOLUTION
-    return dict(coverage=coverage, cost=cost, latency=latency)
-
-
-def curve_auc(cost: np.ndarray, coverage: np.ndarray) -> float:
-    """Area under the coverage-vs-cost curve, with (0, 0) prepended (trapezoid rule).
-
-    Args: cost (K,) and coverage (K,), both non-decreasing in m. Returns a float in [0, 1];
-    a random partition gives about 0.5, a perfect one (coverage 1 at almost no cost) about 1.
-    """
-    # PAPER [V-code]: the official model-selection metric, sklearn.metrics.auc on these points.
-    x = np.concatenate([[0.0], cost])  # (K+1,)
-    y = np.concatenate([[0.0], coverage])  # (K+1,)
-    return float(np.sum((x[1:] - x[:-1]) * (y[1:] + y[:-1]) / 2))
-
-
-def coverage_at_cost(cost: np.ndarray, coverage: np.ndarray, budget: float) -> float:
-    """Coverage at a fixed share of documents scanned, linearly interpolated on the curve.
-
-    Args: cost (K,), coverage (K,), budget in [0, 1]. Returns a float. This compares clusterings
-    with different cluster sizes at the same price, which "coverage at m clusters" does not.
-    """
-    x = np.concatenate([[0.0], cost])  # (K+1,)
-    y = np.concatenate([[0.0], coverage])  # (K+1,)
-    return float(np.interp(budget, x, y))
-
-
-def balance(doc_cluster: np.ndarray, K: int) -> dict:
-    """Cluster-size balance: normalised entropy of the size distribution (1 = equal sizes,
-    0 = one cluster holds everything), largest / mean size, and the number of empty clusters.
-
-    Args: doc_cluster (D,), K. Returns a dict of floats.
-    """
-    sizes = np.bincount(doc_cluster, minlength=K).astype(float)  # (K,)
-    frac = sizes / sizes.sum()  # (K,)
-    nz = frac[frac > 0]
-    entropy = float(-(nz * np.log(nz)).sum() / math.log(K))
-    return dict(entropy=entropy, max_over_mean=float(sizes.max() / sizes.mean()),
-                empty=int((sizes == 0).sum()))
-
-
-def train_step(model: MICO, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
-               cfg: Config) -> dict:
-    """One MICO update on a batch of clicked pairs: the inner marginal fit, then the outer step.
-
-    Args: model; opt, the outer optimiser over model.encoder_parameters(); x (B, V) queries;
-    y (B, V) their clicked documents; cfg (lam, lr_prior, steps_prior, clip).
-    Returns floats: loss, h_z_cond, h_z (after the inner step) and q_z_loss (before it).
-    """
-    p = model.doc_logits(y).softmax(-1)  # (B, K) = P(Z|y)
-    # PAPER [V-code]: 1) inner step: fit q_psi to this batch's p_bar (p is detached inside).
-    q_z_loss = fit_marginal(model.psi, p, cfg.lr_prior, cfg.steps_prior)
-    # PAPER [V-code]: 2) outer step on the encoders, against the refreshed marginal. Both
-    # posteriors are softmaxes over the K clusters (dim=-1), one distribution per row.
-    log_q = F.log_softmax(model.query_logits(x), dim=-1)  # (B, K) = log Q(Z|x)
-    # DEVIATION: psi is detached here and left out of the outer optimiser. The official code picks
-    # the outer parameters by "'q_z' in name", which also matches psi, and it does not zero psi's
-    # gradient between the two steps: its outer Adam step moves psi along the sum of the inner
-    # step's leftover gradient (towards p_bar) and the outer loss's gradient (-lambda * dh_z/dpsi,
-    # towards *raising* h_z). Here only the inner step moves psi.
-    log_q_psi = F.log_softmax(model.psi, dim=-1).detach()  # (K,)
-    loss, h_z_cond, h_z = mico_loss(p, log_q, log_q_psi, cfg.lam)
-    opt.zero_grad()
-    loss.backward()
-    # PAPER [V-code]: clip the gradient norm at `clip` (1.0).
-    # DEVIATION: one joint clip over all encoder parameters. The official code clips two groups
-    # separately (the MICO heads with psi, and BERT), each to norm `clip`; our trunk is a single
-    # bag-of-words layer, not a pretrained network that needs its own clip and learning rate.
-    torch.nn.utils.clip_grad_norm_(model.encoder_parameters(), cfg.clip)
-    opt.step()
-    return dict(loss=loss.item(), h_z_cond=h_z_cond.item(), h_z=h_z.item(), q_z_loss=q_z_loss)
-
-
-# %% 7. Baselines: k-means on text (+ clicks), random balanced clusters, the true topics
+# %% 5. Baselines and rivals: k-means on text (+ clicks), random balanced clusters, the true topics
 def lsa_embed(data: dict, cfg: Config) -> tuple[np.ndarray, np.ndarray]:
     """TF-IDF/LSA vectors of documents and queries, L2-normalised.
 
@@ -613,7 +587,32 @@ def oracle_baseline(doc_topic: np.ndarray, click: np.ndarray, K: int):
     return doc_topic % K, scores
 
 
-# %% 8. Training
+# %% 6. Training and the report
+def coverage_at_cost(cost: np.ndarray, coverage: np.ndarray, budget: float) -> float:
+    """Coverage at a fixed share of documents scanned, linearly interpolated on the curve.
+
+    Args: cost (K,), coverage (K,), budget in [0, 1]. Returns a float. This compares clusterings
+    with different cluster sizes at the same price, which "coverage at m clusters" does not.
+    """
+    x = np.concatenate([[0.0], cost])  # (K+1,)
+    y = np.concatenate([[0.0], coverage])  # (K+1,)
+    return float(np.interp(budget, x, y))
+
+
+def balance(doc_cluster: np.ndarray, K: int) -> dict:
+    """Cluster-size balance: normalised entropy of the size distribution (1 = equal sizes,
+    0 = one cluster holds everything), largest / mean size, and the number of empty clusters.
+
+    Args: doc_cluster (D,), K. Returns a dict of floats.
+    """
+    sizes = np.bincount(doc_cluster, minlength=K).astype(float)  # (K,)
+    frac = sizes / sizes.sum()  # (K,)
+    nz = frac[frac > 0]
+    entropy = float(-(nz * np.log(nz)).sum() / math.log(K))
+    return dict(entropy=entropy, max_over_mean=float(sizes.max() / sizes.mean()),
+                empty=int((sizes == 0).sum()))
+
+
 def evaluate_mico(model: MICO, data: dict, idx: np.ndarray, K: int) -> tuple[dict, np.ndarray]:
     """Index every document, route the queries `idx`, return (curve dict, doc_cluster (D,))."""
     with torch.no_grad():
@@ -653,8 +652,8 @@ KEYS = {"MICO": "MICO", "k-means+clicks": "kmclicks", "k-means": "kmeans", "rand
 
 
 def train(cfg: Config) -> dict:
-    """Train MICO on the click log, compare with the baselines on unseen test queries, write
-    summary.json and the plots. Returns {"history", "metrics", "summary"}."""
+    """Train MICO on the click log (checkpoint chosen on validation AUC), fit every rival, and
+    evaluate all of them on the same unseen test queries. Writes nothing; returns the results."""
     if cfg.quick:
         cfg = dataclasses.replace(cfg, **QUICK)
     t0 = time.time()
@@ -742,60 +741,81 @@ def train(cfg: Config) -> dict:
         gain = metrics[f"MICO_{m}"] - metrics[f"kmeans_{m}"]
         clicks_gain = metrics[f"kmclicks_{m}"] - metrics[f"kmeans_{m}"]
         metrics[f"click_share_of_gain_{m}"] = clicks_gain / gain if gain > 0 else None
-
-    def row(metric, key, base, expect, higher=True, method="MICO"):
-        names = {"MICO": "MICO", "kmclicks": "k-means + clicks (w on val)",
-                 "kmeans": "k-means (LSA)"}
-        return {"metric": metric, "higher_is_better": higher, "expect": expect,
-                "method": {"name": names[method], "value": metrics[f"{method}_{key}"]},
-                "baseline": {"name": names[base], "value": metrics[f"{base}_{key}"]}}
-
-    at_budget = f"coverage @ {budget:.1%} of docs scanned"
-    wall = time.time() - t0
-    summary = {
-        "folder": FOLDER,
-        "seed": cfg.seed,
-        "config": dataclasses.asdict(cfg),
-        "wall_seconds": wall,
-        "metrics": metrics,
-        "headline": [
-            # the fair rival first: a k-means that reads the same click log as MICO. MICO is
-            # ahead over the whole coverage-cost curve (the official model-selection metric) on
-            # the tuning seeds; at a small budget the click-aware k-means is as good or better
-            # (README: where MICO's edge comes from), so those rows are reported, not claimed.
-            row("AUC of coverage vs cost", "auc", "kmclicks", "better"),
-            row(at_budget, "cov_at_budget", "kmclicks", "report"),
-            row("coverage @ 1 cluster (test queries)", "cov1", "kmclicks", "report"),
-            row("coverage @ 1 cluster, docs no training query clicked", "cov1_unclicked",
-                "kmclicks", "report"),
-            # the floor: k-means on the document text alone
-            row(at_budget, "cov_at_budget", "kmeans", "better"),
-            row("AUC of coverage vs cost", "auc", "kmeans", "better"),
-            row("coverage @ 1 cluster (test queries)", "cov1", "kmeans", "better"),
-            # the ladder's middle rung: what clicks alone give a clustering that is not MICO
-            row("AUC of coverage vs cost", "auc", "kmeans", "report", method="kmclicks"),
-            row("cluster-size entropy / log K", "balance_entropy", "kmeans", "better"),
-            row("cost @ 1 cluster (share of docs)", "cost1", "kmeans", "report", higher=False),
-        ],
+    # What each compared arm got (EXPERIMENTS.md, section 7): a test checks this record.
+    arms = {
+        "MICO": {"data": "train clicks + doc text", "init": f"N(0, {cfg.init_first:g}) trunk, "
+                 f"N(0, {cfg.init_last:g}) heads", "lr": cfg.lr, "lam": cfg.lam,
+                 "steps": best[2], "chosen_on": "val AUC"},
+        "k-means + clicks (w on val)": {"data": "train clicks + doc text", "init": "k-means++",
+                                        "w": w_click, "checkpoint": "k-means to convergence",
+                                        "chosen_on": "val AUC"},
+        "k-means (LSA)": {"data": "doc text", "init": "k-means++",
+                          "checkpoint": "k-means to convergence"},
     }
+    return {"cfg": cfg, "t_start": t0, "history": history, "metrics": metrics, "arms": arms,
+            "curves": curves, "clusterings": clusterings, "val_aucs": val_aucs,
+            "n_docs": D, "n_test": len(test)}
+
+
+# The claims this run checks, in order; the first `better` row is the folder's headline.
+AT_BUDGET = "coverage @ 1.5/K of docs scanned"
+NAMES = {"MICO": "MICO", "kmclicks": "k-means + clicks (w on val)", "kmeans": "k-means (LSA)"}
+
+
+def _claim(metric, key, base, expect, higher=True, method="MICO", **extra) -> dict:
+    """PLUMBING: one CLAIMS row: `method`'s metrics key against `base`'s."""
+    return dict(metric=metric, higher_is_better=higher, expect=expect,
+                method=(NAMES[method], f"{method}_{key}"), baseline=(NAMES[base], f"{base}_{key}"),
+                **extra)
+
+
+CLAIMS = [
+    # the fair rival first: a k-means that reads the same click log as MICO.
+    _claim("AUC of coverage vs cost", "auc", "kmclicks", "better"),
+    _claim(AT_BUDGET, "cov_at_budget", "kmclicks", "report"),
+    _claim("coverage @ 1 cluster (test queries)", "cov1", "kmclicks", "report"),
+    _claim("coverage @ 1 cluster, docs no training query clicked", "cov1_unclicked", "kmclicks",
+           "report"),
+    # the floor: k-means on the document text alone
+    _claim(AT_BUDGET, "cov_at_budget", "kmeans", "better"),
+    _claim("AUC of coverage vs cost", "auc", "kmeans", "better"),
+    _claim("coverage @ 1 cluster (test queries)", "cov1", "kmeans", "better"),
+    # the ladder's middle rung: what clicks alone give a clustering that is not MICO
+    _claim("AUC of coverage vs cost", "auc", "kmeans", "report", method="kmclicks"),
+    _claim("cluster-size entropy / log K", "balance_entropy", "kmeans", "better"),
+    _claim("cost @ 1 cluster (share of docs)", "cost1", "kmeans", "report", higher=False),
+]
+
+
+def report(results: dict) -> dict:
+    """The premise, the table, summary.json, the plots and the verdict. Returns the summary."""
+    cfg, metrics, K = results["cfg"], results["metrics"], results["cfg"].K
+    curves, budget = results["curves"], metrics["budget"]
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    plot(history, curves, clusterings, K, budget, out)
+    premise = [
+        premise_row("share of test queries whose document no training query clicked",
+                    metrics["test_share_unclicked"]),
+    ]
+    print_premise(premise)
+    headline = headline_rows(CLAIMS, metrics)
+    plot(results["history"], curves, results["clusterings"], K, budget, out)
 
-    print(f"\nselective search on {len(test)} unseen test queries, {D} documents, K = {K}")
+    print(f"\nselective search on {results['n_test']} unseen test queries, {results['n_docs']} "
+          f"documents, K = {K}")
     print(f"| method         | cov@1 | cost@1 | lat@1 | cov@2 | cost@2 | cov@{budget:.1%} |  AUC  "
           "| size entropy | traffic entropy | max/mean | empty |")
     for name in curves:
         m = {k.split("_", 1)[1]: v for k, v in metrics.items() if k.startswith(KEYS[name] + "_")}
-        print(f"| {name:14s} | {m['cov1']:.3f} | {m['cost1']:.3f}  | {m['lat1']:.3f} "
+        label = name + " (method)" if name == "MICO" else name
+        print(f"| {label:14s} | {m['cov1']:.3f} | {m['cost1']:.3f}  | {m['lat1']:.3f} "
               f"| {m['cov2']:.3f} | {m['cost2']:.3f}  | {m['cov_at_budget']:.3f}     "
               f"| {m['auc']:.3f} | {m['balance_entropy']:.3f}        "
               f"| {m['traffic_entropy']:.3f}           "
               f"| {m['balance_max_over_mean']:.2f}     | {m['balance_empty']:5d} |")
-    print(f"(MICO model from step {best[2]}, val AUC {best[0]:.4f}; k-means + clicks: w = "
-          f"{w_click:g} chosen on validation AUC "
-          + ", ".join(f"{w:g}: {a:.3f}" for w, a in val_aucs.items()) + ")")
+    print(f"(MICO model from step {metrics['best_step']}, val AUC {metrics['best_val_auc']:.4f}; "
+          f"k-means + clicks: w = {metrics['click_weight']:g} chosen on validation AUC "
+          + ", ".join(f"{w:g}: {a:.3f}" for w, a in results["val_aucs"].items()) + ")")
     print("coverage @ 1 cluster for test queries whose document some training query clicked / "
           f"no training query clicked ({metrics['test_share_unclicked']:.0%} of test queries): "
           + ", ".join(f"{n} {_fmt(metrics[KEYS[n] + '_cov1_clicked'])} / "
@@ -804,16 +824,18 @@ def train(cfg: Config) -> dict:
     shares = [metrics[f"click_share_of_gain_{m}"] for m in ("auc", "cov_at_budget", "cov1")]
     a, b, c = (_fmt(v, 2) for v in shares)
     print(f"share of MICO's gain over text-only k-means that clicks alone give (k-means + clicks):"
-          f" AUC {a}, coverage @ {budget:.1%} {b}, coverage @ 1 cluster {c}; wall {wall:.1f} s")
-    return {"history": history, "metrics": metrics, "summary": summary}
+          f" AUC {a}, coverage @ {budget:.1%} {b}, coverage @ 1 cluster {c}")
+    summary = write_summary(cfg, out, results["t_start"], metrics, headline, premise,
+                            results["arms"])
+    print_verdict(headline, cfg.quick, out, results["t_start"])
+    return summary
 
 
-# %% 9. Plots
 def plot(history: dict, curves: dict, clusterings: dict, K: int, budget: float, out: Path):
     """PLUMBING: recall-cost curves + cluster sizes, and the training curves. savefig only."""
     import matplotlib
 
-    if not in_notebook():
+    if not IN_NOTEBOOK:
         matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -843,7 +865,7 @@ def plot(history: dict, curves: dict, clusterings: dict, K: int, budget: float, 
     ax2.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "recall_cost.png", dpi=110)
-    plt.show() if in_notebook() else plt.close(fig)
+    plt.show() if IN_NOTEBOOK else plt.close(fig)
 
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
     ax.plot(history["step"], history["h_z_cond"], lw=0.8, label="h_z_cond = CE(P(Z|Y), Q(Z|X))")
@@ -859,15 +881,146 @@ def plot(history: dict, curves: dict, clusterings: dict, K: int, budget: float, 
     ax2.set_title("validation queries (model selection)")
     fig.tight_layout()
     fig.savefig(out / "training.png", dpi=110)
-    plt.show() if in_notebook() else plt.close(fig)
+    plt.show() if IN_NOTEBOOK else plt.close(fig)
 
 
-# %% 10. The run's last lines
-# PLUMBING: what `expect` means (../CONTRIBUTING.md, section 2): "better" = the method should
-# beat the baseline; "level" = a control, the two should be within 2 %; "report" = a diagnostic
-# or a reported negative, not a claim.
-EXPECT = {"better": "method should beat baseline", "level": "control: within 2 % expected",
+# %% 7. Entry point
+def main(argv=None) -> dict:
+    cfg = parse_args(argv)
+    # PLUMBING: tiny matrices; one thread was faster than two in our measurement (README, Run).
+    torch.set_num_threads(1)
+    prepare_out_dir(cfg.out_dir)  # before training: a bad --out-dir fails in a second
+    return report(train(cfg))
+
+
+# %% Appendix: run plumbing (the same bytes in every folder; skip on a first read)
+# PLUMBING: tests/test_repo.py keeps this cell identical in all ten files and the template.
+# It parses and validates the command line, prepares the run folder, builds the claim rows,
+# writes summary.json and prints the run's last lines (CONTRIBUTING.md, section 2).
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a user mistake is one line on stderr and exit code 2, never a traceback."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def parse_args(argv=None) -> Config:
+    """The CLI, generated from Config's fields; in a notebook, --quick (never the kernel's argv)."""
+    if argv is None and IN_NOTEBOOK:
+        argv = ["--quick"]
+    p = _Parser(prog=f"{FOLDER}/train.py", description=__doc__.splitlines()[0])
+    for f in dataclasses.fields(Config):
+        flag, meta = "--" + f.name.replace("_", "-"), f.metadata
+        if f.type in (bool, "bool"):
+            p.add_argument(flag, action="store_true", help=meta["help"])
+            continue
+        extra = f"; range {meta['range']}" if "range" in meta else ""
+        p.add_argument(flag, type=type(f.default), default=f.default,
+                       choices=meta.get("choices"),
+                       help=meta["help"] + f" (default: %(default)s{extra})")
+    cfg = Config(**vars(p.parse_args(argv)))
+    problem = validate(cfg)
+    if problem:
+        p.error(problem)
+    return cfg
+
+
+_RANGE = re.compile(r"^([\[(])\s*([^,\s]+)\s*,\s*([^\]\)\s]+)\s*([\])])$")
+
+
+def validate(cfg: Config) -> str | None:
+    """The first broken rule as one line ("--steps must be in [1, inf), got -3"), or None."""
+    for f in dataclasses.fields(cfg):
+        value, spec = getattr(cfg, f.name), f.metadata.get("range")
+        if spec is None:
+            continue
+        lo_br, lo, hi, hi_br = _RANGE.match(spec).groups()
+        lo, hi = float(lo), float(hi)
+        ok = (value >= lo if lo_br == "[" else value > lo) and (value <= hi if hi_br == "]"
+                                                                 else value < hi)
+        if not ok:
+            return f"--{f.name.replace('_', '-')} must be in {spec}, got {value}"
+    if str(getattr(cfg, "device", "cpu")).startswith("cuda"):
+        torch = sys.modules.get("torch")
+        if torch is None or not torch.cuda.is_available():
+            return "--device cuda: no CUDA GPU is available on this machine"
+    return check_config(cfg)
+
+
+def prepare_out_dir(path: str) -> Path:
+    """Create the run folder and prove it is writable *before* any training (one-line error)."""
+    out = Path(path)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise SystemExit(f"{FOLDER}/train.py: error: --out-dir {path!r} is not a writable "
+                         f"folder ({e.strerror or e})") from None
+    return out
+
+
+def premise_row(name: str, value: float, cmp: str | None = None,
+                threshold: float | None = None) -> dict:
+    """A row of `premise`: a statistic of the toy, and whether it passes its stated threshold.
+
+    Without cmp/threshold it is a reported value (an upper bound, a ceiling): holds is None.
+    """
+    holds = None if cmp is None else bool(value >= threshold if cmp == ">=" else value <= threshold)
+    return {"name": name, "value": float(value), "cmp": cmp, "threshold": threshold,
+            "holds": holds}
+
+
+def print_premise(premise: list[dict]) -> None:
+    """The premise rows, printed before the headline: does this toy pose the paper's problem?"""
+    print("\nPremise (does this toy pose the paper's problem?):")
+    for r in premise:
+        test = ("" if r["cmp"] is None else
+                f" (want {r['cmp']} {r['threshold']:.4g}: {'holds' if r['holds'] else 'FAILS'})")
+        print(f"  {r['name']}: {r['value']:.4g}{test}")
+
+
+def headline_rows(claims: list[dict], values: dict) -> list[dict]:
+    """summary.json's headline rows from the CLAIMS table: (name, key) pairs read from values."""
+    rows = []
+    for c in claims:
+        row = {"metric": c["metric"], "higher_is_better": c["higher_is_better"],
+               "expect": c["expect"],
+               "method": {"name": c["method"][0], "value": float(values[c["method"][1]])},
+               "baseline": {"name": c["baseline"][0], "value": float(values[c["baseline"][1]])}}
+        if "margin" in c:
+            row["margin"], row["margin_why"] = float(c["margin"]), c["margin_why"]
+        rows.append(row)
+    return rows
+
+
+# What `expect` means (CONTRIBUTING.md, section 2).
+EXPECT = {"better": "method should beat baseline",
+          "level": "control: within the stated margin expected",
           "report": "diagnostic, not a claim"}
+LEVEL_TOL = 0.02  # a level row without its own margin: within 2 % of the larger value
+
+
+def held(row: dict) -> bool | None:
+    """Did this seed's row show what it claims? The rule tools/run_all.py counts (k/5)."""
+    m, b = row["method"]["value"], row["baseline"]["value"]
+    if row["expect"] == "report":
+        return None
+    if row["expect"] == "level":
+        tol = row.get("margin", LEVEL_TOL * max(abs(m), abs(b), 1e-12))
+        return abs(m - b) <= tol
+    return (m > b) if row["higher_is_better"] else (m < b)
+
+
+def write_summary(cfg: Config, out: Path, t_start: float, metrics: dict, headline: list[dict],
+                  premise: list[dict], arms: dict) -> dict:
+    """summary.json: what tools/run_all.py and the tests read. Returns it."""
+    summary = {"folder": FOLDER, "seed": cfg.seed, "config": dataclasses.asdict(cfg),
+               "wall_seconds": time.time() - t_start, "metrics": metrics, "headline": headline,
+               "premise": premise, "arms": arms}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    return summary
 
 
 def seed_record(row: dict) -> str:
@@ -877,7 +1030,7 @@ def seed_record(row: dict) -> str:
     results = next((d / "RESULTS.md" for d in (here.parent, here) if (d / "RESULTS.md").is_file()),
                    None)
     if results is None:
-        return "no RESULTS.md beside this folder"
+        return "no seed record here (tools/run_all.py writes one)"
     arrow = "↑" if row["higher_is_better"] else "↓"
     for line in results.read_text().splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
@@ -891,16 +1044,15 @@ def print_verdict(headline: list[dict], quick: bool, out: Path, t_start: float) 
     """One plain line per headline row, a --quick warning, and the files this run wrote."""
     print("\nVerdict (this seed):")
     for row in headline:
-        m, b = row["method"]["value"], row["baseline"]["value"]
-        better = (m > b) if row["higher_is_better"] else (m < b)
-        level = abs(m - b) <= 0.02 * max(abs(m), abs(b), 1e-12)
-        # PLUMBING: the same rule tools/run_all.py counts ("better": strictly ahead; "level":
-        # within 2 %), so this seed's line and the k/5 in RESULTS.md never disagree.
+        m, b, ok = row["method"]["value"], row["baseline"]["value"], held(row)
         if row["expect"] == "level":
-            seen = "level, held" if level else "not level"
+            seen = "level, held" if ok else "not level"
+            seen += f" (margin {row['margin']:.3g})" if "margin" in row else " (within 2 %)"
         else:
-            seen = "method ahead" if better else "baseline ahead"
-            seen += " (by < 2 %)" if level else ""
+            ahead = (m > b) if row["higher_is_better"] else (m < b)
+            seen = "method ahead" if ahead else "baseline ahead"
+            close = abs(m - b) <= LEVEL_TOL * max(abs(m), abs(b), 1e-12)
+            seen += " (by < 2 %)" if close else ""
         direction = "higher" if row["higher_is_better"] else "lower"
         print(f"  [{row['expect']}] {row['metric']} ({direction} is better): "
               f"{row['method']['name']} {m:.4g} vs {row['baseline']['name']} {b:.4g} -> {seen}; "
@@ -912,19 +1064,6 @@ def print_verdict(headline: list[dict], quick: bool, out: Path, t_start: float) 
     print("Files written:", ", ".join(str(p) for p in written) or "none")
 
 
-# %% 11. Entry point
-def main(argv=None) -> dict:
-    if argv is None and in_notebook():
-        argv = ["--quick"]  # PLUMBING: in a notebook, never parse the kernel's sys.argv
-    cfg = parse_args(argv)
-    t_start = time.time()
-    # PLUMBING: tiny matrices; one thread was faster than two in our measurement (README, Run).
-    torch.set_num_threads(1)
-    out = prepare_out_dir(cfg.out_dir)  # before training: a bad --out-dir fails in a second
-    result = train(cfg)
-    print_verdict(result["summary"]["headline"], cfg.quick, out, t_start)
-    return result
-
-
 if __name__ == "__main__":
     main()
+

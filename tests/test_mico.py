@@ -447,14 +447,19 @@ def test_quick_run_smoke(tmp_path):
     loss = np.array(r1["history"]["loss"])
     assert np.all(np.isfinite(loss))
     assert loss[-20:].mean() < loss[:20].mean() - 0.05
+    assert not (tmp_path / "a").exists()  # train() writes nothing; report() does
+    summary = mico.report(r1)
     s = json.loads((tmp_path / "a" / "summary.json").read_text())
-    assert set(s) == {"folder", "seed", "config", "wall_seconds", "metrics", "headline"}
+    assert s == json.loads(json.dumps(summary))
+    assert set(s) == {"folder", "seed", "config", "wall_seconds", "metrics", "headline",
+                      "premise", "arms"}
     assert s["folder"] == "mico" and s["config"]["steps"] == mico.QUICK["steps"]
     # the index shows the first "better" row: MICO against the click-aware k-means
     first = next(r for r in s["headline"] if r["expect"] == "better")
     assert first["method"]["name"] == "MICO" and "clicks" in first["baseline"]["name"]
     for row in s["headline"]:
-        assert set(row) == {"metric", "higher_is_better", "expect", "method", "baseline"}
+        assert set(row) - {"margin", "margin_why"} == {"metric", "higher_is_better", "expect",
+                                                       "method", "baseline"}
         assert row["expect"] in ("better", "level", "report")
         assert np.isfinite(row["method"]["value"]) and np.isfinite(row["baseline"]["value"])
     assert (tmp_path / "a" / "recall_cost.png").exists()
@@ -501,4 +506,4 @@ def test_bad_out_dir_is_one_line_error_before_training(tmp_path):
 def test_help_shows_defaults(capsys):
     with pytest.raises(SystemExit):
         mico.parse_args(["--help"])
-    assert "(default: 2000)" in capsys.readouterr().out
+    assert "(default: 2000;" in capsys.readouterr().out
