@@ -19,6 +19,20 @@ loss that task could reach, which is small for a noisy task once it has learned 
 learned. The excess risk is unknown, so we estimate it from the task's own gradient: half the
 Newton decrement g^T H^-1 g, with H a diagonal AdaGrad matrix of accumulated squared gradients.
 
+Reading map (the paper is section 3; read it first, next to the paper):
+    per_task_grads            Algorithm 1, step 2: g_i on the shared encoder    section 3
+    excess_risk_estimate      Eqs. (6)-(7): e_hat_i = g_i^T diag(h_i)^-1 g_i    section 3
+    eg_update                 Eq. (9): the max player's exponentiated-gradient step
+    Weighting.weighted        the min player's loss m sum_i alpha_i l_i
+    ExcessMTL.forward         Algorithm 1: estimate, scale processing (Sec. 3.2), Eq. (9)
+    GroupDRO                  the prior work it fixes: Eq. (9) on the raw loss  section 3b
+    the `Try it` cell         the estimate and the weights on hand-made gradients
+    make_dataset, noisy_targets (the toy world and its premise)                 section 4
+    EW, UW, DWA (the rivals)                                                    section 5
+    train_one (one run: the loop of Algorithm 1) -> train (the sweep) -> report  section 6
+    A first read may skip Config's knobs (section 2), the digits toy (make_digits, an exercise),
+    the plots, and the Appendix (run plumbing, the same bytes in every folder).
+
 Notation (paper -> code):
     m                   n_tasks         number of tasks
     theta               model.encoder   shared parameters (P of them); heads are task-specific
@@ -35,18 +49,17 @@ Notation (paper -> code):
     sigma_0             noise           noise level injected into the noisy task
 Dimensions: N examples, D input features, K latent features, P shared parameters, m tasks.
 
-What the miniature simplifies: a synthetic multi-task regression (3 tasks of equal signal scale
-sharing a tanh feature map, Gaussian noise of growing std on one task's training targets) instead
-of Office-Home / NYUv2; a 244-parameter MLP encoder; full-batch SGD with momentum instead of
-mini-batch Adam (UW keeps Adam; see the DEVIATION notes). The test targets are noiseless, so the
-test MSE *is* the excess risk over the Bayes predictor. A second toy (`--toy digits`, two sklearn
-digits side by side, random labels on the left digit) is kept as an experiment exercise.
+What the miniature leaves out: Office-Home / NYUv2 and their label flips (a synthetic multi-task
+regression instead: 3 tasks of equal signal scale sharing a tanh feature map, Gaussian noise of
+growing std on one task's training targets); the ResNet encoders (a 244-parameter MLP); mini-batch
+Adam (full-batch SGD with momentum; UW keeps Adam; see the DEVIATION notes); the convergence theory
+(a constant step eta_alpha). The test targets are noiseless, so the test MSE *is* the excess risk
+over the Bayes predictor. A second toy (`--toy digits`, two sklearn digits side by side, random
+labels on the left digit) is kept as an experiment exercise.
 
-Run:   python excessmtl/train.py           (3 noise levels x 5 methods, ~31 CPU-seconds)
+Run:   python excessmtl/train.py           (3 noise levels x 5 methods, ~40 CPU-seconds)
 Ends:  a table per noise level: clean-task test excess MSE and weight on the noisy task for EW,
-       GroupDRO, UW, DWA and ExcessMTL, then one verdict line per headline row. GroupDRO puts all
-       weight on the noisy task; ExcessMTL does not, but at its tuned step it only ties EW, and UW
-       (inverse-loss weights, Adam) has the lowest clean-task error (README).
+       GroupDRO, UW, DWA and ExcessMTL, then one verdict line per headline row.
 """
 
 # %% 1. Imports
@@ -56,6 +69,7 @@ import argparse
 import dataclasses
 import json
 import math
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -68,55 +82,79 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 FOLDER = "excessmtl"
+# PLUMBING: inside Jupyter, sys.argv holds the kernel's arguments and figures show inline; the
+# `Try it` cell runs only there.
+IN_NOTEBOOK = "ipykernel" in sys.modules
+
+
+# %% 2. Config
 METHODS = ("ew", "groupdro", "uw", "dwa", "excessmtl")
 NAMES = {"ew": "EW", "groupdro": "GroupDRO", "uw": "UW", "dwa": "DWA", "excessmtl": "ExcessMTL"}
-# Headline rows (clean-task excess error at the largest noise), in this order; the first "better"
-# row is what the repo index shows.
-HEADLINE_BASELINES = ("ew", "uw", "groupdro", "dwa")
-HEADLINE_EXPECT = {"ew": "better", "uw": "better", "groupdro": "better", "dwa": "report"}
 # The noise sweep of each toy when --noise-levels is left empty: Gaussian std sigma_0 on the noisy
 # regression target; fraction p of random labels on the noisy digit.
 TOY_NOISE = {"regression": "0.1,1,4", "digits": "0,0.3,0.6"}
 
 
-# %% 2. Config
-# PLUMBING: one field per knob; the CLI is generated from these fields.
+# PLUMBING: one field per knob; the CLI is generated from these fields. `range` is the valid
+# interval ("[1, inf)": 1 included, no upper end); the Appendix turns a violation into one line.
 @dataclass
 class Config:
-    seed: int = field(default=0, metadata={"help": "random seed (same seed, same numbers)"})
+    seed: int = field(default=0, metadata={"help": "random seed (same seed, same numbers)",
+                                           "range": "[0, 4294967295]"})
     quick: bool = field(default=False, metadata={"help": "a run of a few seconds for tests"})
     out_dir: str = field(default=f"runs/{FOLDER}", metadata={"help": "where outputs go"})
-    device: str = field(default="cpu", metadata={"help": "cpu only in this folder"})
-    steps: int = field(default=300, metadata={"help": "optimiser steps per run"})  # paper: 100 ep
-    toy: str = field(default="regression", metadata={"help": "regression (main demo) or digits"})
+    device: str = field(default="cpu", metadata={"help": "cpu only in this folder",
+                                                 "choices": ("cpu",)})
+    steps: int = field(default=300, metadata={"help": "optimiser steps per run",
+                                              "range": "[1, inf)"})  # paper: 100 epochs
+    toy: str = field(default="regression", metadata={
+        "help": "regression (main demo) or digits", "choices": ("regression", "digits")})
     noise_levels: str = field(default="", metadata={
         "help": "comma-separated noise levels for the noisy task (empty: the toy's default)"})
-    noisy_task: int = field(default=0, metadata={"help": "index of the task that gets the noise"})
+    noisy_task: int = field(default=0, metadata={"help": "index of the task that gets the noise",
+                                                 "range": "[0, inf)"})
     methods: str = field(default=",".join(METHODS), metadata={
         "help": "comma-separated subset of " + ",".join(METHODS)})
-    n_tasks: int = field(default=3, metadata={"help": "tasks in the regression toy (digits: 2)"})
-    n_train: int = field(default=20000, metadata={"help": "training examples (pairs for digits)"})
-    n_test: int = field(default=4000, metadata={"help": "clean test examples"})
-    d_in: int = field(default=10, metadata={"help": "input dimension of the regression toy"})
-    d_latent: int = field(default=4, metadata={"help": "true shared features / encoder output"})
-    hidden: int = field(default=16, metadata={"help": "encoder hidden width (digits: 64)"})
-    sigma_clean: float = field(default=0.1, metadata={"help": "noise std of the clean targets"})
+    n_tasks: int = field(default=3, metadata={"help": "tasks in the regression toy (digits: 2)",
+                                              "range": "[2, inf)"})
+    n_train: int = field(default=20000, metadata={"help": "training examples (pairs for digits)",
+                                                  "range": "[1, inf)"})
+    n_test: int = field(default=4000, metadata={"help": "clean test examples",
+                                                "range": "[1, inf)"})
+    d_in: int = field(default=10, metadata={"help": "input dimension of the regression toy",
+                                            "range": "[1, inf)"})
+    d_latent: int = field(default=4, metadata={"help": "true shared features / encoder output",
+                                               "range": "[1, inf)"})
+    hidden: int = field(default=16, metadata={"help": "encoder hidden width (digits: 64)",
+                                              "range": "[1, inf)"})
+    sigma_clean: float = field(default=0.1, metadata={"help": "noise std of the clean targets",
+                                                      "range": "[0, inf)"})
     task_scale: str = field(default="equal", metadata={
-        "help": "equal: every clean signal has unit variance; random: |u_i| as drawn (old toy)"})
-    batch_size: int = field(default=0, metadata={"help": "0 = full batch (paper: 64 / 8)"})
-    lr: float = field(default=0.05, metadata={"help": "SGD learning rate"})  # paper: Adam 1e-4
-    momentum: float = field(default=0.9, metadata={"help": "SGD momentum"})
+        "help": "equal: every clean signal has unit variance; random: |u_i| as drawn (old toy)",
+        "choices": ("equal", "random")})
+    batch_size: int = field(default=0, metadata={"help": "0 = full batch (paper: 64 / 8)",
+                                                 "range": "[0, inf)"})
+    lr: float = field(default=0.05, metadata={"help": "SGD learning rate",
+                                              "range": "[0, inf)"})  # paper: Adam 1e-4
+    momentum: float = field(default=0.9, metadata={"help": "SGD momentum", "range": "[0, inf)"})
     eta_excess: float = field(default=0.01, metadata={
-        "help": "ExcessMTL EG step size eta_alpha"})  # code default 1e-2, Office-Home 1; tuned
-    eta_dro: float = field(default=0.05, metadata={"help": "GroupDRO EG step size"})
+        "help": "ExcessMTL EG step size eta_alpha",
+        "range": "[0, inf)"})  # code default 1e-2, Office-Home 1; tuned
+    eta_dro: float = field(default=0.05, metadata={"help": "GroupDRO EG step size",
+                                                   "range": "[0, inf)"})
     warmup: int = field(default=30, metadata={
         "help": "steps averaged into the initial excess-risk estimate (official code: 1; "
-                "paper App. C.1: 3 epochs); tuned on seeds 100-102 over {1, 30}"})
-    dwa_temp: float = field(default=2.0, metadata={"help": "DWA temperature T"})
-    uw_init: float = field(default=-0.5, metadata={"help": "UW initial log-variance s_i"})
+                "paper App. C.1: 3 epochs); tuned on seeds 100-102 over {1, 30}",
+        "range": "[1, inf)"})
+    dwa_temp: float = field(default=2.0, metadata={"help": "DWA temperature T",
+                                                   "range": "(0, inf)"})
+    uw_init: float = field(default=-0.5, metadata={"help": "UW initial log-variance s_i",
+                                                   "range": "(-inf, inf)"})
     uw_lr: float = field(default=1e-2, metadata={
-        "help": "UW trains with Adam at this lr (with SGD its weights 1/(2 e^s) blow up the step)"})
-    log_every: int = field(default=100, metadata={"help": "steps between log lines"})
+        "help": "UW trains with Adam at this lr (with SGD its weights 1/(2 e^s) blow up the step)",
+        "range": "(0, inf)"})
+    log_every: int = field(default=100, metadata={"help": "steps between log lines",
+                                                  "range": "[1, inf)"})
 
 
 # What --quick changes (it wins over the defaults above, flags included). The noise levels depend
@@ -124,60 +162,27 @@ class Config:
 # QUICK_NOISE[toy] instead of one value that would be wrong for the other toy.
 QUICK = dict(steps=40, n_train=2000, n_test=500, warmup=5, log_every=20)
 QUICK_NOISE = {"regression": "0.1,4", "digits": "0,0.6"}
-DEVICES = ("cpu",)
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse, but a user mistake is one line on stderr and exit code 2, never a traceback."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
-def parse_args(argv=None) -> Config:
-    p = _Parser(prog=f"{FOLDER}/train.py", description=__doc__.splitlines()[0])
-    for f in dataclasses.fields(Config):
-        flag = "--" + f.name.replace("_", "-")
-        if f.type in (bool, "bool"):
-            p.add_argument(flag, action="store_true", help=f.metadata["help"])
-        else:
-            choices = {"device": DEVICES, "toy": tuple(TOY_NOISE),
-                       "task_scale": ("equal", "random")}.get(f.name)
-            p.add_argument(flag, type=type(f.default), default=f.default,
-                           help=f.metadata["help"] + " (default: %(default)s)", choices=choices)
-    cfg = Config(**vars(p.parse_args(argv)))
-    if not 0 <= cfg.seed < 2**32:
-        p.error(f"--seed must be in [0, 2**32), got {cfg.seed}")
-    if not cfg.uw_lr > 0:
-        p.error(f"--uw-lr must be > 0, got {cfg.uw_lr}")
-    for name in ("steps", "n_train", "n_test", "d_in", "d_latent", "hidden", "warmup",
-                 "log_every"):
-        if getattr(cfg, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
-    for name in ("batch_size", "lr", "momentum", "eta_excess", "eta_dro", "sigma_clean"):
-        if getattr(cfg, name) < 0:
-            p.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
-    if cfg.dwa_temp <= 0:
-        p.error(f"--dwa-temp must be > 0, got {cfg.dwa_temp}")
-    if cfg.n_tasks < 2:
-        p.error(f"--n-tasks must be >= 2, got {cfg.n_tasks}")
+def check_config(cfg: Config) -> str | None:
+    """PLUMBING: rules that join two fields (the Appendix checks each field's own range)."""
     m = 2 if cfg.toy == "digits" else cfg.n_tasks
     if not 0 <= cfg.noisy_task < m:
-        p.error(f"--noisy-task must be in [0, {m - 1}], got {cfg.noisy_task}")
+        return f"--noisy-task must be in [0, {m - 1}], got {cfg.noisy_task}"
     try:
-        methods = parse_methods(cfg.methods)
+        parse_methods(cfg.methods)
         levels = parse_levels(cfg)
     except ValueError as err:
-        p.error(str(err))
+        return str(err)
     if cfg.toy == "digits" and not all(0 <= v <= 1 for v in levels):
-        p.error("--noise-levels for the digits toy are label-flip fractions in [0, 1]")
+        return "--noise-levels for the digits toy are label-flip fractions in [0, 1]"
     if cfg.toy == "regression" and min(levels) < 0:
-        p.error("--noise-levels for the regression toy are standard deviations >= 0")
-    del methods
-    return cfg
+        return "--noise-levels for the regression toy are standard deviations >= 0"
+    return None
 
 
 def parse_methods(text: str) -> list[str]:
+    """PLUMBING: '--methods ew,excessmtl' -> ['ew', 'excessmtl'] (ValueError on an unknown name)."""
     names = [s.strip() for s in text.split(",") if s.strip()]
     bad = [s for s in names if s not in METHODS]
     if bad or not names:
@@ -186,6 +191,7 @@ def parse_methods(text: str) -> list[str]:
 
 
 def parse_levels(cfg: Config) -> list[float]:
+    """PLUMBING: the noise levels of the sweep (the toy's default when --noise-levels is empty)."""
     text = cfg.noise_levels or TOY_NOISE[cfg.toy]
     try:
         levels = [float(s) for s in text.split(",") if s.strip()]
@@ -196,29 +202,166 @@ def parse_levels(cfg: Config) -> list[float]:
     return levels
 
 
-def in_notebook() -> bool:
-    """PLUMBING: True inside a Jupyter kernel, where sys.argv holds the kernel's own arguments."""
-    return "ipykernel" in sys.modules
+# %% 3. The paper: the excess-risk estimate and the exponentiated-gradient weights
+# PAPER: Algorithm 1 of ExcessMTL, one training step: (1) forward the batch and compute the m task
+# losses; (2) the gradient g_i of every task on the shared parameters; (3) the excess-risk
+# estimate e_hat_i (Eqs. 6-7); (4) scale processing r_i = e_hat_i / e_hat_i(t0) (Sec. 3.2) and
+# the EG step on alpha (Eq. 9); (5) one descent step of the model on m sum_i alpha_i l_i.
+# Steps 2-5 are below, in that order; step 1 and the loop are in `train_one` (section 6).
+def per_task_grads(losses: torch.Tensor, shared: list[torch.Tensor]) -> torch.Tensor:
+    """PAPER: Algorithm 1, step 2: g_i = d l_i / d theta for every task, shared parameters only.
 
-
-def prepare_out_dir(path: str) -> Path:
-    """PLUMBING: create the run folder and prove it is writable *before* any training.
-
-    A mistyped --out-dir must cost the user one line, not a finished run and a traceback.
+    Args: losses (m,) with a graph; shared: the encoder's parameters (P numbers in all).
+    Returns (m, P). The graph is retained for the weighted backward that follows.
     """
-    out = Path(path)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as e:
-        raise SystemExit(f"{FOLDER}/train.py: error: --out-dir {path!r} is not a writable "
-                         f"folder ({e.strerror or e})") from None
-    return out
+    rows = []
+    for l_i in losses:
+        g = torch.autograd.grad(l_i, shared, retain_graph=True, allow_unused=True)
+        g = [torch.zeros_like(p) if gi is None else gi for gi, p in zip(g, shared)]
+        rows.append(torch.cat([gi.reshape(-1) for gi in g]))  # (P,)
+    return torch.stack(rows)  # (m, P)
 
 
-# %% 3. Seeding
+def excess_risk_estimate(g: torch.Tensor, S: torch.Tensor, eps: float = 1e-7):
+    """PAPER: estimated excess risk of every task from its current gradient, Eqs. (6)-(7).
+
+    Args: g (m, P) current gradients on the shared parameters; S (m, P) the running sum of
+    squared gradients *before* this step (zeros at the start); eps inside the square root.
+    Returns (e_hat (m,), S_new (m, P)). The caller keeps S_new for the next step.
+    """
+    # BEGIN SOLUTION (exercise 1)
+    # Exercise 1: accumulate S, build h = sqrt(S + eps) and return e_hat = sum_k g_k^2 / h_k.
+    # PAPER [R]: a second-order Taylor expansion of l_i around theta, minimised over the step, gives
+    # E_i(theta) ~ 1/2 g_i^T H_i^-1 g_i. We replace the Hessian by the diagonal AdaGrad matrix of
+    # the task's own accumulated squared gradients (a square-rooted diagonal empirical Fisher).
+    # The current gradient is accumulated *before* dividing, so at the very first step h = |g|
+    # and e_hat = ||g||_1. With a constant gradient e_hat(t) = ||g||_1 / sqrt(t).
+    S_new = S + g * g  # (m, P) S_i <- S_i + g_i * g_i
+    # Eqs. (6)-(7): h_i = sqrt(S_i + eps), the diagonal of H_i (how the paper splits the estimate
+    # over its two equation numbers was not readable [R]; the formula is the official code's)
+    h = torch.sqrt(S_new + eps)  # (m, P)
+    # Eqs. (6)-(7): e_hat_i = g_i^T diag(h_i)^-1 g_i  (the Taylor factor 1/2 is dropped, as in the
+    # official code; it cancels in the ratio r_i below)
+    e_hat = (g * g / h).sum(dim=1)  # (m,)
+    # END SOLUTION
+    return e_hat, S_new
+
+
+def eg_update(alpha: torch.Tensor, score: torch.Tensor, eta: float) -> torch.Tensor:
+    """PAPER: one online exponentiated-gradient step of the max player on the simplex, Eq. (9).
+
+    Args: alpha (m,) current weights on the simplex; score (m,) the quantity the max player
+    ascends (normalised excess risk r for ExcessMTL, raw loss for GroupDRO); eta >= 0.
+    Returns the new detached weights (m,), non-negative, summing to one.
+    """
+    # BEGIN SOLUTION (exercise 2)
+    # Exercise 2: multiply alpha by exp(eta * score), renormalise to the simplex, detach.
+    # PAPER: mirror ascent with the entropy mirror map on max_{alpha in simplex} sum_i alpha_i r_i:
+    # the weights move multiplicatively, so a task whose score stays above the others gains
+    # weight at rate exp(eta (r_i - r_j)) per step and no weight ever becomes exactly 0.
+    # Eq. (9): alpha_i <- alpha_i exp(eta r_i) / sum_j alpha_j exp(eta r_j)
+    new = alpha * torch.exp(eta * score)  # (m,)
+    new = (new / new.sum()).detach()  # (m,) the weights are constants for the model's step
+    # END SOLUTION
+    return new
+
+
+class Weighting(nn.Module):
+    """PAPER: the min player's side of the game, one interface for every method.
+
+    `forward(losses, grads) -> total loss`; `alpha` holds the current task weights on the simplex
+    (what we log and plot). `needs_grads` says whether the loop must compute per-task gradients on
+    the shared parameters first.
+    """
+
+    needs_grads = False
+
+    def __init__(self, m: int):
+        super().__init__()
+        self.m = m
+        self.alpha = torch.full((m,), 1.0 / m)  # (m,)
+
+    def weighted(self, losses: torch.Tensor) -> torch.Tensor:
+        # PAPER: Algorithm 1, step 5: the model descends sum_i alpha_i l_i with alpha held fixed.
+        # DEVIATION: alpha lives on the simplex as in the paper; LibMTL keeps sum(alpha) = m.
+        # We multiply by m so that uniform weights give the plain sum of losses, exactly EW.
+        return self.m * (self.alpha * losses).sum()
+
+
+class ExcessMTL(Weighting):
+    """PAPER: ExcessMTL (Algorithm 1): min_theta max_alpha sum_i alpha_i E_i(theta), E estimated."""
+
+    needs_grads = True
+
+    def __init__(self, m: int, eta: float, warmup: int = 1):
+        super().__init__(m)
+        self.eta, self.warmup = eta, warmup
+        self.S: torch.Tensor | None = None  # (m, P) AdaGrad accumulator, never decayed
+        self.e0_sum = torch.zeros(m)  # (m,) sum of the first `warmup` estimates
+        self.t = 0
+        self.r = torch.zeros(m)  # (m,) last normalised ratios, for logging
+        self.e_hat = torch.zeros(m)  # (m,) last raw estimates, for logging
+
+    def forward(self, losses, grads):
+        # PAPER [R]: we solve min_theta max_{alpha in simplex} sum_i alpha_i E_i(theta) by
+        # alternating one EG ascent step on alpha (below) with one descent step on theta (the
+        # caller's backward of m sum_i alpha_i l_i: E_i and l_i differ by a constant in theta).
+        if self.S is None:
+            self.S = torch.zeros_like(grads)  # (m, P)
+        # Eqs. (6)-(7): the excess-risk estimate from the task's own gradient history.
+        e_hat, self.S = excess_risk_estimate(grads.detach(), self.S)
+        self.e_hat = e_hat
+        self.t += 1
+        if self.t <= self.warmup:
+            # PAPER: scale processing (Sec. 3.2). Tasks' excess risks live on different scales
+            # (a cross-entropy vs an L1 depth loss), so each is divided by its own initial value.
+            # The official code takes the first step's estimate and leaves alpha unchanged at that
+            # step (warmup = 1); Appendix C.1 recommends averaging over the first 3 epochs.
+            # DEVIATION: our default averages 30 full-batch steps. At step 1 the heads are random,
+            # so e_hat_i(t0) measures "signal scale x random head norm", not the task's scale;
+            # a task whose first estimate happens to be small gets inflated ratios r_i for the
+            # whole run (README, "Why the weights went the wrong way"). A paper epoch holds
+            # hundreds of mini-batch steps; 30 steps is our stand-in for that averaging.
+            self.e0_sum = self.e0_sum + e_hat
+        else:
+            # Sec. 3.2: r_i = e_hat_i / e_hat_i(t0)
+            self.r = e_hat / (self.e0_sum / self.warmup)  # (m,)
+            # Eq. (9): the max player's EG step on the normalised excess risks.
+            self.alpha = eg_update(self.alpha, self.r, self.eta)
+        return self.weighted(losses)
+
+
+# %% 3b. Prior work: loss-driven robust weighting (GroupDRO), the foil the paper fixes
+class GroupDRO(Weighting):
+    """PAPER (the foil): min_theta max_alpha sum_i alpha_i l_i, online EG on the raw loss l."""
+
+    def __init__(self, m: int, eta: float):
+        super().__init__(m)
+        self.eta = eta
+
+    def forward(self, losses, grads=None):
+        # PAPER: the max player ascends the raw losses of the current batch, so a task with a
+        # large irreducible loss (label noise) wins weight step after step.
+        self.alpha = eg_update(self.alpha, losses.detach(), self.eta)
+        return self.weighted(losses)
+
+
+# %% Try it: the estimate and the weights on hand-made gradients (runs only in a notebook)
+if IN_NOTEBOOK:
+    # Two tasks, two shared parameters. Task 0's gradient shrinks fast (it converges), task 1's
+    # slowly: its ratio r_1 stays larger, so EG moves weight to it. A constant offset on a task's
+    # loss (its Bayes error) changes GroupDRO's weights but not ExcessMTL's.
+    try_exc, try_dro = ExcessMTL(2, eta=1.0), GroupDRO(2, eta=1.0)
+    for k, g_try in enumerate([[[3.0, 0.0], [0.0, 4.0]], [[1.0, 0.0], [0.0, 3.0]],
+                               [[0.3, 0.0], [0.0, 2.5]]]):
+        l_try = torch.tensor([5.0, 0.5])  # (2,) task 0: large but irreducible loss
+        try_exc(l_try, torch.tensor(g_try))  # g (2, P=2)
+        try_dro(l_try)
+        print(f"step {k + 1}: e_hat {try_exc.e_hat.tolist()}, r {try_exc.r.tolist()}, "
+              f"ExcessMTL alpha {try_exc.alpha.tolist()}, GroupDRO alpha {try_dro.alpha.tolist()}")
+
+
+# %% 4. The toy world and its premise
 def set_seed(seed: int) -> torch.Generator:
     """PLUMBING: seeds numpy and torch (model init); returns a Generator for the data."""
     np.random.seed(seed)
@@ -226,7 +369,6 @@ def set_seed(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-# %% 4. Toy data
 def make_regression(cfg: Config, gen: torch.Generator) -> dict:
     """m regression tasks on shared features: y_i = u_i . tanh(A x) + eps_i.
 
@@ -315,7 +457,7 @@ def noisy_targets(data: dict, noise: float, noisy_task: int, sigma_clean: float)
     return f + sigma * z  # (N, m)
 
 
-# %% 5. Model
+# PLUMBING: the model, hard parameter sharing (the paper's encoder + one head per task).
 class MultiTaskNet(nn.Module):
     """Hard parameter sharing: a shared encoder theta and one linear head per task."""
 
@@ -345,64 +487,12 @@ def task_losses(model: MultiTaskNet, x: torch.Tensor, y: torch.Tensor) -> torch.
     return torch.stack([F.mse_loss(o[:, 0], y[:, i]) for i, o in enumerate(outs)])  # (m,)
 
 
-# %% 6. The paper's core: excess-risk estimate, EG update, and the baselines' weightings
-def per_task_grads(losses: torch.Tensor, shared: list[torch.Tensor]) -> torch.Tensor:
-    """g_i = d l_i / d theta for every task, on the shared parameters only.
+# %% 5. Baselines and rivals
+class EqualWeighting(Weighting):
+    """EW / linear scalarisation: alpha = 1/m forever."""
 
-    Args: losses (m,) with a graph; shared: the encoder's parameters (P numbers in all).
-    Returns (m, P). The graph is retained for the weighted backward that follows.
-    """
-    rows = []
-    for l_i in losses:
-        g = torch.autograd.grad(l_i, shared, retain_graph=True, allow_unused=True)
-        g = [torch.zeros_like(p) if gi is None else gi for gi, p in zip(g, shared)]
-        rows.append(torch.cat([gi.reshape(-1) for gi in g]))  # (P,)
-    return torch.stack(rows)  # (m, P)
-
-
-def excess_risk_estimate(g: torch.Tensor, S: torch.Tensor, eps: float = 1e-7):
-    """Estimated excess risk of every task from its current gradient, Eqs. (6)-(7).
-
-    Args: g (m, P) current gradients on the shared parameters; S (m, P) the running sum of
-    squared gradients *before* this step (zeros at the start); eps inside the square root.
-    Returns (e_hat (m,), S_new (m, P)). The caller keeps S_new for the next step.
-    """
-    # BEGIN SOLUTION (exercise 1)
-    # Exercise 1: accumulate S, build h = sqrt(S + eps) and return e_hat = sum_k g_k^2 / h_k.
-    # PAPER [R]: a second-order Taylor expansion of l_i around theta, minimised over the step, gives
-    # E_i(theta) ~ 1/2 g_i^T H_i^-1 g_i. We replace the Hessian by the diagonal AdaGrad matrix of
-    # the task's own accumulated squared gradients (a square-rooted diagonal empirical Fisher).
-    # The current gradient is accumulated *before* dividing, so at the very first step h = |g|
-    # and e_hat = ||g||_1. With a constant gradient e_hat(t) = ||g||_1 / sqrt(t).
-    S_new = S + g * g  # (m, P) S_i <- S_i + g_i * g_i
-    # Eqs. (6)-(7): h_i = sqrt(S_i + eps), the diagonal of H_i (how the paper splits the estimate
-    # over its two equation numbers was not readable [R]; the formula is the official code's)
-    h = torch.sqrt(S_new + eps)  # (m, P)
-    # Eqs. (6)-(7): e_hat_i = g_i^T diag(h_i)^-1 g_i  (the Taylor factor 1/2 is dropped, as in the
-    # official code; it cancels in the ratio r_i below)
-    e_hat = (g * g / h).sum(dim=1)  # (m,)
-    # END SOLUTION
-    return e_hat, S_new
-
-
-def eg_update(alpha: torch.Tensor, score: torch.Tensor, eta: float) -> torch.Tensor:
-    """One online exponentiated-gradient step of the max player on the simplex, Eq. (9).
-
-    Args: alpha (m,) current weights on the simplex; score (m,) the quantity the max player
-    ascends (normalised excess risk r for ExcessMTL, raw loss for GroupDRO); eta >= 0.
-    Returns the new detached weights (m,), non-negative, summing to one.
-    """
-    # BEGIN SOLUTION (exercise 2)
-    # Exercise 2: multiply alpha by exp(eta * score), renormalise to the simplex, detach.
-    # PAPER: mirror ascent with the entropy mirror map on max_{alpha in simplex} sum_i alpha_i r_i:
-    # the weights move multiplicatively, so a task whose score stays above the others gains
-    # weight at rate exp(eta (r_i - r_j)) per step and no weight ever becomes exactly 0.
-    # Eq. (9): alpha_i <- alpha_i exp(eta r_i) / sum_j alpha_j exp(eta r_j)
-    new = alpha * torch.exp(eta * score)  # (m,)
-    new = new / new.sum()  # (m,)
-    # END SOLUTION
-    return new.detach()
-
+    def forward(self, losses, grads=None):
+        return self.weighted(losses)
 
 def dwa_weights(L_prev: torch.Tensor, L_prev2: torch.Tensor, T: float) -> torch.Tensor:
     """DWA (Liu et al. 2019): weight by how slowly each task's loss is falling.
@@ -421,45 +511,6 @@ def uw_loss(losses: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     over s alone gives exp(s_i) = l_i: each task is weighted by one over its own loss.
     """
     return (losses / (2 * torch.exp(s)) + s / 2).sum()
-
-
-class Weighting(nn.Module):
-    """One interface for every method: `forward(losses, grads) -> total loss`; `alpha` holds the
-    current task weights on the simplex (what we log and plot). `needs_grads` says whether the
-    loop must compute per-task gradients on the shared parameters first."""
-
-    needs_grads = False
-
-    def __init__(self, m: int):
-        super().__init__()
-        self.m = m
-        self.alpha = torch.full((m,), 1.0 / m)  # (m,)
-
-    def weighted(self, losses: torch.Tensor) -> torch.Tensor:
-        # DEVIATION: alpha lives on the simplex as in the paper; LibMTL keeps sum(alpha) = m.
-        # We multiply by m so that uniform weights give the plain sum of losses, exactly EW.
-        return self.m * (self.alpha * losses).sum()
-
-
-class EqualWeighting(Weighting):
-    """EW / linear scalarisation: alpha = 1/m forever."""
-
-    def forward(self, losses, grads=None):
-        return self.weighted(losses)
-
-
-class GroupDRO(Weighting):
-    """Loss-driven robust weighting: min_theta max_alpha sum_i alpha_i l_i, online EG on l."""
-
-    def __init__(self, m: int, eta: float):
-        super().__init__(m)
-        self.eta = eta
-
-    def forward(self, losses, grads=None):
-        # PAPER: the foil. The max player ascends the raw losses of the current batch, so a task
-        # with a large irreducible loss (label noise) wins weight step after step.
-        self.alpha = eg_update(self.alpha, losses.detach(), self.eta)
-        return self.weighted(losses)
 
 
 class UncertaintyWeighting(Weighting):
@@ -492,49 +543,6 @@ class DynamicWeightAverage(Weighting):
         return self.weighted(losses)
 
 
-class ExcessMTL(Weighting):
-    """ExcessMTL (Algorithm 1): min_theta max_alpha sum_i alpha_i E_i(theta), E estimated."""
-
-    needs_grads = True
-
-    def __init__(self, m: int, eta: float, warmup: int = 1):
-        super().__init__(m)
-        self.eta, self.warmup = eta, warmup
-        self.S: torch.Tensor | None = None  # (m, P) AdaGrad accumulator, never decayed
-        self.e0_sum = torch.zeros(m)  # (m,) sum of the first `warmup` estimates
-        self.t = 0
-        self.r = torch.zeros(m)  # (m,) last normalised ratios, for logging
-        self.e_hat = torch.zeros(m)  # (m,) last raw estimates, for logging
-
-    def forward(self, losses, grads):
-        # PAPER [R]: we solve min_theta max_{alpha in simplex} sum_i alpha_i E_i(theta) by
-        # alternating one EG ascent step on alpha (below) with one descent step on theta (the
-        # caller's backward of m sum_i alpha_i l_i: E_i and l_i differ by a constant in theta).
-        if self.S is None:
-            self.S = torch.zeros_like(grads)  # (m, P)
-        # Eqs. (6)-(7): the excess-risk estimate from the task's own gradient history.
-        e_hat, self.S = excess_risk_estimate(grads.detach(), self.S)
-        self.e_hat = e_hat
-        self.t += 1
-        if self.t <= self.warmup:
-            # PAPER: scale processing (Sec. 3.2). Tasks' excess risks live on different scales
-            # (a cross-entropy vs an L1 depth loss), so each is divided by its own initial value.
-            # The official code takes the first step's estimate and leaves alpha unchanged at that
-            # step (warmup = 1); Appendix C.1 recommends averaging over the first 3 epochs.
-            # DEVIATION: our default averages 30 full-batch steps. At step 1 the heads are random,
-            # so e_hat_i(t0) measures "signal scale x random head norm", not the task's scale;
-            # a task whose first estimate happens to be small gets inflated ratios r_i for the
-            # whole run (README, "Why the weights went the wrong way"). A paper epoch holds
-            # hundreds of mini-batch steps; 30 steps is our stand-in for that averaging.
-            self.e0_sum = self.e0_sum + e_hat
-        else:
-            # Sec. 3.2: r_i = e_hat_i / e_hat_i(t0)
-            self.r = e_hat / (self.e0_sum / self.warmup)  # (m,)
-            # Eq. (9): the max player's EG step on the normalised excess risks.
-            self.alpha = eg_update(self.alpha, self.r, self.eta)
-        return self.weighted(losses)
-
-
 def make_weighting(method: str, cfg: Config, m: int) -> Weighting:
     if method == "ew":
         return EqualWeighting(m)
@@ -549,7 +557,7 @@ def make_weighting(method: str, cfg: Config, m: int) -> Weighting:
     raise ValueError(f"unknown method {method!r}")
 
 
-# %% 7. Training
+# %% 6. Training and the report
 def train_one(cfg: Config, data: dict, method: str, noise: float, bar=None) -> dict:
     """Train one model with one weighting at one noise level.
 
@@ -628,12 +636,17 @@ def evaluate(model: MultiTaskNet, data: dict, noisy_task: int) -> dict:
             "noisy_excess": err[noisy_task]}
 
 
+
+
 def train(cfg: Config) -> dict:
-    """The noise sweep: every method at every noise level on one dataset. Writes summary.json and
-    the plot to cfg.out_dir. Returns {"runs": {(method, noise): run}, "metrics", "summary"}."""
+    """The noise sweep: every method at every noise level on one dataset. Writes nothing.
+
+    Returns {"cfg" (after --quick), "t_start", "history": per-run histories, "metrics", "arms",
+    "runs": {(method, noise): run}, "methods", "levels"}.
+    """
     if cfg.quick:
         cfg = dataclasses.replace(cfg, **QUICK, noise_levels=QUICK_NOISE[cfg.toy])
-    t0 = time.time()
+    t_start = time.time()
     gen = set_seed(cfg.seed)
     data = make_dataset(cfg, gen)
     methods, levels = parse_methods(cfg.methods), parse_levels(cfg)
@@ -646,63 +659,74 @@ def train(cfg: Config) -> dict:
     for (method, noise), run in runs.items():
         for k in ("clean_excess", "noisy_excess", "noisy_weight"):
             metrics[f"{k}/{method}/noise={noise:g}"] = run["metrics"][k]
-    top = max(levels)
-    headline = []
-    if "excessmtl" in methods:
-        for base in HEADLINE_BASELINES:
-            if base in methods:
-                headline.append({
-                    "metric": f"clean-task test excess error at noise {top:g}",
-                    "higher_is_better": False, "expect": HEADLINE_EXPECT[base],
-                    "method": {"name": "ExcessMTL",
-                               "value": runs[("excessmtl", top)]["metrics"]["clean_excess"]},
-                    "baseline": {"name": NAMES[base],
-                                 "value": runs[(base, top)]["metrics"]["clean_excess"]}})
-    if "excessmtl" in methods and "groupdro" in methods:
-        headline.append({
-            "metric": f"weight on the noisy task at noise {top:g}",
-            "higher_is_better": False, "expect": "better",
-            "method": {"name": "ExcessMTL",
-                       "value": runs[("excessmtl", top)]["metrics"]["noisy_weight"]},
-            "baseline": {"name": "GroupDRO",
-                         "value": runs[("groupdro", top)]["metrics"]["noisy_weight"]}})
+    return {"cfg": cfg, "t_start": t_start,
+            "history": {f"{k}/noise={n:g}": r["history"] for (k, n), r in runs.items()},
+            "metrics": metrics, "arms": {}, "runs": runs, "methods": methods, "levels": levels}
+
+
+# The claims this run checks, in order; the first `better` row is what the repo index shows.
+# Each is (row name, metric key) for the method and the baseline; `{top}` is the largest noise.
+CLAIMS = [
+    dict(metric="clean-task test excess error at noise {top}", higher_is_better=False,
+         expect=expect, method=("ExcessMTL", "clean_excess/excessmtl/noise={top}"),
+         baseline=(NAMES[base], f"clean_excess/{base}/noise={{top}}"))
+    for base, expect in (("ew", "better"), ("uw", "better"), ("groupdro", "better"),
+                         ("dwa", "report"))
+] + [
+    dict(metric="weight on the noisy task at noise {top}", higher_is_better=False,
+         expect="better", method=("ExcessMTL", "noisy_weight/excessmtl/noise={top}"),
+         baseline=("GroupDRO", "noisy_weight/groupdro/noise={top}")),
+]
+
+
+def claims_at(top: float, methods: list[str]) -> list[dict]:
+    """The CLAIMS rows whose two arms ran, with the largest noise level filled in."""
+    rows = []
+    for c in CLAIMS:
+        c = {k: (tuple(s.format(top=f"{top:g}") for s in v) if isinstance(v, tuple) else
+                 v.format(top=f"{top:g}") if isinstance(v, str) else v) for k, v in c.items()}
+        arms = {key.split("/")[1] for _, key in (c["method"], c["baseline"])}
+        if arms <= set(methods):
+            rows.append(c)
+    return rows
+
+
+def report(results: dict) -> dict:
+    """The table, summary.json, the plots and the verdict. Returns the summary."""
+    cfg, m = results["cfg"], results["metrics"]
+    runs, methods, levels = results["runs"], results["methods"], results["levels"]
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    top = max(levels)
+    headline = headline_rows(claims_at(top, methods), m)
+    print_table(runs, methods, levels, cfg)
     plot(runs, methods, levels, cfg, out / "excessmtl.png")
     if "excessmtl" in methods:
         plot_diagnostic(runs[("excessmtl", top)], cfg, top, out / "excessmtl_diagnostic.png")
-    summary = {
-        "folder": FOLDER,
-        "seed": cfg.seed,
-        "config": dataclasses.asdict(cfg),
-        "wall_seconds": time.time() - t0,
-        "metrics": metrics,
-        "headline": headline,
-    }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    print_table(runs, methods, levels, cfg)
-    print(f"wall time {summary['wall_seconds']:.1f} s, outputs in {out}")
-    return {"runs": runs, "metrics": metrics, "summary": summary}
+    summary = write_summary(cfg, out, results["t_start"], m, headline, [], results["arms"])
+    print_verdict(headline, cfg.quick, out, results["t_start"])
+    return summary
 
 
-# %% 8. Reporting
 def print_table(runs: dict, methods: list[str], levels: list[float], cfg: Config) -> None:
+    """PLUMBING: per noise level, each method's clean-task error / weight on the noisy task."""
     err = "excess MSE" if cfg.toy == "regression" else "error"
     print(f"\nclean-task test {err} (mean over clean tasks) / weight on noisy task "
           f"{cfg.noisy_task} (last 20% of steps)")
-    print("| noise | " + " | ".join(f"{NAMES[k]:>16s}" for k in methods) + " |")
+    names = [NAMES[k] + (" (method)" if k == "excessmtl" else "") for k in methods]
+    print("| noise | " + " | ".join(f"{n:>18s}" for n in names) + " |")
     print("|" + "---|" * (len(methods) + 1))
     for noise in levels:
         cells = [f"{runs[(k, noise)]['metrics']['clean_excess']:8.4f} / "
                  f"{runs[(k, noise)]['metrics']['noisy_weight']:.2f}" for k in methods]
-        print(f"| {noise:5g} | " + " | ".join(f"{c:>16s}" for c in cells) + " |")
+        print(f"| {noise:5g} | " + " | ".join(f"{c:>18s}" for c in cells) + " |")
 
 
 def plot(runs: dict, methods: list[str], levels: list[float], cfg: Config, path: Path) -> None:
     """Three panels: clean excess vs noise, noisy weight vs noise, noisy weight over training."""
     import matplotlib
 
-    if not in_notebook():
+    if not IN_NOTEBOOK:
         matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -727,7 +751,7 @@ def plot(runs: dict, methods: list[str], levels: list[float], cfg: Config, path:
     ax[0].legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.show() if in_notebook() else plt.close(fig)
+    plt.show() if IN_NOTEBOOK else plt.close(fig)
 
 
 def plot_diagnostic(run: dict, cfg: Config, noise: float, path: Path) -> None:
@@ -736,7 +760,7 @@ def plot_diagnostic(run: dict, cfg: Config, noise: float, path: Path) -> None:
     alpha_i proportional to exp(eta * sum_t r_i(t))), and the weights themselves."""
     import matplotlib
 
-    if not in_notebook():
+    if not IN_NOTEBOOK:
         matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -759,15 +783,145 @@ def plot_diagnostic(run: dict, cfg: Config, noise: float, path: Path) -> None:
     fig.suptitle(f"ExcessMTL diagnostic, seed {cfg.seed}, noise {noise:g}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
-    plt.show() if in_notebook() else plt.close(fig)
+    plt.show() if IN_NOTEBOOK else plt.close(fig)
 
 
-# %% 9. The run's last lines
-# PLUMBING: what `expect` means (../CONTRIBUTING.md, section 2): "better" = the method should
-# beat the baseline; "level" = a control, the two should be within 2 %; "report" = a diagnostic
-# or a reported negative, not a claim.
-EXPECT = {"better": "method should beat baseline", "level": "control: within 2 % expected",
+# %% 7. Entry point
+def main(argv=None) -> dict:
+    cfg = parse_args(argv)
+    torch.set_num_threads(1)  # tiny model: one thread is faster than two
+    prepare_out_dir(cfg.out_dir)  # before training: a bad --out-dir fails in a second
+    return report(train(cfg))
+
+
+# %% Appendix: run plumbing (the same bytes in every folder; skip on a first read)
+# PLUMBING: tests/test_repo.py keeps this cell identical in all ten files and the template.
+# It parses and validates the command line, prepares the run folder, builds the claim rows,
+# writes summary.json and prints the run's last lines (CONTRIBUTING.md, section 2).
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a user mistake is one line on stderr and exit code 2, never a traceback."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def parse_args(argv=None) -> Config:
+    """The CLI, generated from Config's fields; in a notebook, --quick (never the kernel's argv)."""
+    if argv is None and IN_NOTEBOOK:
+        argv = ["--quick"]
+    p = _Parser(prog=f"{FOLDER}/train.py", description=__doc__.splitlines()[0])
+    for f in dataclasses.fields(Config):
+        flag, meta = "--" + f.name.replace("_", "-"), f.metadata
+        if f.type in (bool, "bool"):
+            p.add_argument(flag, action="store_true", help=meta["help"])
+            continue
+        extra = f"; range {meta['range']}" if "range" in meta else ""
+        p.add_argument(flag, type=type(f.default), default=f.default,
+                       choices=meta.get("choices"),
+                       help=meta["help"] + f" (default: %(default)s{extra})")
+    cfg = Config(**vars(p.parse_args(argv)))
+    problem = validate(cfg)
+    if problem:
+        p.error(problem)
+    return cfg
+
+
+_RANGE = re.compile(r"^([\[(])\s*([^,\s]+)\s*,\s*([^\]\)\s]+)\s*([\])])$")
+
+
+def validate(cfg: Config) -> str | None:
+    """The first broken rule as one line ("--steps must be in [1, inf), got -3"), or None."""
+    for f in dataclasses.fields(cfg):
+        value, spec = getattr(cfg, f.name), f.metadata.get("range")
+        if spec is None:
+            continue
+        lo_br, lo, hi, hi_br = _RANGE.match(spec).groups()
+        lo, hi = float(lo), float(hi)
+        ok = (value >= lo if lo_br == "[" else value > lo) and (value <= hi if hi_br == "]"
+                                                                 else value < hi)
+        if not ok:
+            return f"--{f.name.replace('_', '-')} must be in {spec}, got {value}"
+    if str(getattr(cfg, "device", "cpu")).startswith("cuda"):
+        torch = sys.modules.get("torch")
+        if torch is None or not torch.cuda.is_available():
+            return "--device cuda: no CUDA GPU is available on this machine"
+    return check_config(cfg)
+
+
+def prepare_out_dir(path: str) -> Path:
+    """Create the run folder and prove it is writable *before* any training (one-line error)."""
+    out = Path(path)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise SystemExit(f"{FOLDER}/train.py: error: --out-dir {path!r} is not a writable "
+                         f"folder ({e.strerror or e})") from None
+    return out
+
+
+def premise_row(name: str, value: float, cmp: str | None = None,
+                threshold: float | None = None) -> dict:
+    """A row of `premise`: a statistic of the toy, and whether it passes its stated threshold.
+
+    Without cmp/threshold it is a reported value (an upper bound, a ceiling): holds is None.
+    """
+    holds = None if cmp is None else bool(value >= threshold if cmp == ">=" else value <= threshold)
+    return {"name": name, "value": float(value), "cmp": cmp, "threshold": threshold,
+            "holds": holds}
+
+
+def print_premise(premise: list[dict]) -> None:
+    """The premise rows, printed before the headline: does this toy pose the paper's problem?"""
+    print("\nPremise (does this toy pose the paper's problem?):")
+    for r in premise:
+        test = ("" if r["cmp"] is None else
+                f" (want {r['cmp']} {r['threshold']:.4g}: {'holds' if r['holds'] else 'FAILS'})")
+        print(f"  {r['name']}: {r['value']:.4g}{test}")
+
+
+def headline_rows(claims: list[dict], values: dict) -> list[dict]:
+    """summary.json's headline rows from the CLAIMS table: (name, key) pairs read from values."""
+    rows = []
+    for c in claims:
+        row = {"metric": c["metric"], "higher_is_better": c["higher_is_better"],
+               "expect": c["expect"],
+               "method": {"name": c["method"][0], "value": float(values[c["method"][1]])},
+               "baseline": {"name": c["baseline"][0], "value": float(values[c["baseline"][1]])}}
+        if "margin" in c:
+            row["margin"], row["margin_why"] = float(c["margin"]), c["margin_why"]
+        rows.append(row)
+    return rows
+
+
+# What `expect` means (CONTRIBUTING.md, section 2).
+EXPECT = {"better": "method should beat baseline",
+          "level": "control: within the stated margin expected",
           "report": "diagnostic, not a claim"}
+LEVEL_TOL = 0.02  # a level row without its own margin: within 2 % of the larger value
+
+
+def held(row: dict) -> bool | None:
+    """Did this seed's row show what it claims? The rule tools/run_all.py counts (k/5)."""
+    m, b = row["method"]["value"], row["baseline"]["value"]
+    if row["expect"] == "report":
+        return None
+    if row["expect"] == "level":
+        tol = row.get("margin", LEVEL_TOL * max(abs(m), abs(b), 1e-12))
+        return abs(m - b) <= tol
+    return (m > b) if row["higher_is_better"] else (m < b)
+
+
+def write_summary(cfg: Config, out: Path, t_start: float, metrics: dict, headline: list[dict],
+                  premise: list[dict], arms: dict) -> dict:
+    """summary.json: what tools/run_all.py and the tests read. Returns it."""
+    summary = {"folder": FOLDER, "seed": cfg.seed, "config": dataclasses.asdict(cfg),
+               "wall_seconds": time.time() - t_start, "metrics": metrics, "headline": headline,
+               "premise": premise, "arms": arms}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    return summary
 
 
 def seed_record(row: dict) -> str:
@@ -777,7 +931,7 @@ def seed_record(row: dict) -> str:
     results = next((d / "RESULTS.md" for d in (here.parent, here) if (d / "RESULTS.md").is_file()),
                    None)
     if results is None:
-        return "no RESULTS.md beside this folder"
+        return "no seed record here (tools/run_all.py writes one)"
     arrow = "↑" if row["higher_is_better"] else "↓"
     for line in results.read_text().splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
@@ -791,16 +945,15 @@ def print_verdict(headline: list[dict], quick: bool, out: Path, t_start: float) 
     """One plain line per headline row, a --quick warning, and the files this run wrote."""
     print("\nVerdict (this seed):")
     for row in headline:
-        m, b = row["method"]["value"], row["baseline"]["value"]
-        better = (m > b) if row["higher_is_better"] else (m < b)
-        level = abs(m - b) <= 0.02 * max(abs(m), abs(b), 1e-12)
-        # PLUMBING: the same rule tools/run_all.py counts ("better": strictly ahead; "level":
-        # within 2 %), so this seed's line and the k/5 in RESULTS.md never disagree.
+        m, b, ok = row["method"]["value"], row["baseline"]["value"], held(row)
         if row["expect"] == "level":
-            seen = "level, held" if level else "not level"
+            seen = "level, held" if ok else "not level"
+            seen += f" (margin {row['margin']:.3g})" if "margin" in row else " (within 2 %)"
         else:
-            seen = "method ahead" if better else "baseline ahead"
-            seen += " (by < 2 %)" if level else ""
+            ahead = (m > b) if row["higher_is_better"] else (m < b)
+            seen = "method ahead" if ahead else "baseline ahead"
+            close = abs(m - b) <= LEVEL_TOL * max(abs(m), abs(b), 1e-12)
+            seen += " (by < 2 %)" if close else ""
         direction = "higher" if row["higher_is_better"] else "lower"
         print(f"  [{row['expect']}] {row['metric']} ({direction} is better): "
               f"{row['method']['name']} {m:.4g} vs {row['baseline']['name']} {b:.4g} -> {seen}; "
@@ -810,19 +963,6 @@ def print_verdict(headline: list[dict], quick: bool, out: Path, t_start: float) 
               "show the paper's effect. Run without --quick for that.")
     written = sorted(p for p in out.rglob("*") if p.is_file() and p.stat().st_mtime >= t_start)
     print("Files written:", ", ".join(str(p) for p in written) or "none")
-
-
-# %% 10. Entry point
-def main(argv=None) -> dict:
-    if argv is None and in_notebook():
-        argv = ["--quick"]  # PLUMBING: in a notebook, never parse the kernel's sys.argv
-    cfg = parse_args(argv)
-    torch.set_num_threads(1)  # tiny model: one thread is faster than two
-    t_start = time.time()
-    out = prepare_out_dir(cfg.out_dir)  # before training: a bad --out-dir fails in a second
-    result = train(cfg)
-    print_verdict(result["summary"]["headline"], cfg.quick, out, t_start)
-    return result
 
 
 if __name__ == "__main__":
