@@ -11,6 +11,7 @@ import ast
 import json
 import os
 import re
+import resource
 import subprocess
 import sys
 import tempfile
@@ -408,17 +409,68 @@ def check_exercise_marks(folder: Path, test_file: Path) -> list[str]:
 
 def quick_run(folder: Path, timeout: float = 300) -> dict:
     """`python train.py --quick` in a fresh temporary folder: exit code, stdout, summary."""
-    env = dict(os.environ, MPLBACKEND="Agg", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-               TQDM_DISABLE="1", OMP_NUM_THREADS="1")
     with tempfile.TemporaryDirectory() as cwd:
+        figs = Path(cwd) / "figures.jsonl"
+        # tests/figprobe/sitecustomize.py records every saved figure's size and labels.
+        env = dict(os.environ, MPLBACKEND="Agg", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+                   TQDM_DISABLE="1", OMP_NUM_THREADS="1", FIG_REPORT=str(figs),
+                   PYTHONPATH=os.pathsep.join([str(ROOT / "tests" / "figprobe")]
+                                              + os.environ.get("PYTHONPATH", "").split(
+                                                  os.pathsep)).rstrip(os.pathsep))
         out = Path(cwd) / "out"
+        t0 = resource.getrusage(resource.RUSAGE_CHILDREN)
         proc = subprocess.run([sys.executable, str((folder / "train.py").resolve()), "--quick",
                                "--out-dir", str(out)], cwd=cwd, env=env, capture_output=True,
                               text=True, timeout=timeout)
+        t1 = resource.getrusage(resource.RUSAGE_CHILDREN)
         summary = out / "summary.json"
         return {"code": proc.returncode, "stdout": proc.stdout, "stderr": proc.stderr,
                 "out": str(out), "files": sorted(str(p) for p in out.rglob("*") if p.is_file()),
-                "summary": json.loads(summary.read_text()) if summary.is_file() else None}
+                "summary": json.loads(summary.read_text()) if summary.is_file() else None,
+                "cpu_seconds": (t1.ru_utime + t1.ru_stime) - (t0.ru_utime + t0.ru_stime),
+                "figures": ([json.loads(ln) for ln in figs.read_text().splitlines()]
+                            if figs.is_file() else [])}
+
+
+# Figures must read at the size they are saved (CONTRIBUTING.md, section 3).
+FIG_MIN_WIDTH, FIG_MIN_HEIGHT, FIG_MIN_DPI = 900, 300, 100
+QUICK_CPU_BUDGET = 8.0  # CPU seconds (user + sys) of `train.py --quick`
+
+
+def check_figures(run: dict) -> list[str]:
+    """Each saved figure: big enough, every plotted axes labelled, the paper's method named."""
+    problems = []
+    if not run["figures"]:
+        return ["the --quick run saved no figure"]
+    for fig in run["figures"]:
+        name = Path(fig["path"]).name
+        if fig["width_px"] < FIG_MIN_WIDTH or fig["height_px"] < FIG_MIN_HEIGHT:
+            problems.append(f"{name}: {fig['width_px']}x{fig['height_px']} px, want at least "
+                            f"{FIG_MIN_WIDTH}x{FIG_MIN_HEIGHT}")
+        if fig["dpi"] < FIG_MIN_DPI:
+            problems.append(f"{name}: saved at {fig['dpi']:.0f} dpi, want >= {FIG_MIN_DPI}")
+        for i, ax in enumerate(fig["axes"]):
+            if not (ax["axis_on"] and ax["has_data"]) or ax["only_image"]:
+                continue
+            categorical = any(t and not re.fullmatch(r"[\d.,\-−+e ]*", t)
+                              for t in ax["xticks_text"])
+            if not ax["ylabel"]:
+                problems.append(f"{name}: panel {i + 1} ({ax['title'] or 'untitled'}) has no "
+                                "y label")
+            if not ax["xlabel"] and not categorical:
+                problems.append(f"{name}: panel {i + 1} ({ax['title'] or 'untitled'}) has no "
+                                "x label")
+        texts = fig["fig_texts"] + [t for ax in fig["axes"] for t in ax["texts"]]
+        if not any("method" in t.lower() for t in texts):
+            problems.append(f"{name}: nothing in the figure marks the paper's method "
+                            "(name it '... (method)' in a legend, title or label)")
+    return problems
+
+
+def check_quick_budget(run: dict, budget: float = QUICK_CPU_BUDGET) -> list[str]:
+    """`--quick` is a smoke run: a few CPU seconds, so the suite stays fast."""
+    cpu = run.get("cpu_seconds", 0.0)
+    return [] if cpu <= budget else [f"--quick took {cpu:.1f} CPU-s, budget {budget:.0f}"]
 
 
 def check_quick_run(run: dict, moved: bool = True) -> list[str]:

@@ -89,11 +89,37 @@ def test_every_coding_exercise_is_graded_by_tests_with_its_number(folder):
     assert rc.check_exercise_marks(folder, tests) == []
 
 
+_quick_runs: dict[Path, dict] = {}
+
+
+def quick(folder: Path) -> dict:
+    """One `--quick` run per folder, shared by the tests that read it (one xdist group each)."""
+    if folder not in _quick_runs:
+        _quick_runs[folder] = rc.quick_run(folder)
+    return _quick_runs[folder]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("folder", FOLDERS, ids=IDS)
 def test_quick_run_ends_with_verdict_warning_and_files_and_rows_say_what_they_claim(folder):
     moved = folder.name not in rc.NOT_YET_MOVED
-    assert rc.check_quick_run(rc.quick_run(folder), moved=moved) == []
+    assert rc.check_quick_run(quick(folder), moved=moved) == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("folder", FOLDERS, ids=IDS)
+def test_figures_read_at_their_saved_size_and_name_the_method(folder):
+    if folder.name in rc.NOT_YET_MOVED:
+        pytest.skip("listed in NOT_YET_MOVED: its paper issue moves it")
+    assert rc.check_figures(quick(folder)) == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("folder", FOLDERS, ids=IDS)
+def test_quick_run_fits_its_cpu_budget(folder):
+    if folder.name in rc.NOT_YET_MOVED:
+        pytest.skip("listed in NOT_YET_MOVED: its paper issue moves it")
+    assert rc.check_quick_budget(quick(folder)) == []
 
 
 @pytest.mark.parametrize("folder", FOLDERS, ids=IDS)
@@ -430,3 +456,24 @@ def test_quick_run_check_catches_a_missing_or_late_premise_and_missing_arms(brok
                                                                            complaint):
     problems = rc.check_quick_run(rc.quick_run(broken(train_edit=edit)))
     assert any(complaint in p for p in problems), problems
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("edit, complaint", [
+    (lambda t: t.replace("figsize=(9, 4.5)", "figsize=(16, 3.2)").replace("dpi=100)", "dpi=80)"),
+     "want at least 900x300"),
+    (lambda t: t.replace("figsize=(9, 4.5)", "figsize=(12, 5)").replace("dpi=100)", "dpi=80)"),
+     "saved at 80 dpi"),
+    (lambda t: t.replace('    ax.set_ylabel("loss, Eq. (2)")\n', ""), "has no y label"),
+    (lambda t: t.replace('    ax.set_xlabel("gradient step")\n', ""), "has no x label"),
+    (lambda t: t.replace("logistic regression (the method)", "logistic regression"),
+     "marks the paper's method"),
+])
+def test_figure_check_catches_small_unlabelled_or_anonymous_figures(broken, edit, complaint):
+    problems = rc.check_figures(rc.quick_run(broken(train_edit=edit)))
+    assert any(complaint in p for p in problems), problems
+
+
+def test_quick_budget_check_catches_a_slow_quick_run():
+    assert rc.check_quick_budget({"cpu_seconds": 7.9}) == []
+    assert "took 9.0 CPU-s" in rc.check_quick_budget({"cpu_seconds": 9.0})[0]

@@ -245,7 +245,7 @@ def plot(history: dict, best_step: int, out: Path) -> None:
         matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(9, 4.5))
     steps = np.arange(1, len(history["loss"]) + 1)
     ax.plot(steps, history["loss"], label="train loss")
     ax.plot(steps, history["val_loss"], label="validation loss")
