@@ -619,6 +619,7 @@ def test_node_classification_learns_from_labels_with_a_separable_lm(monkeypatch,
 @pytest.mark.slow
 def test_quick_run_schema_decreasing_loss_and_determinism(tmp_path):
     out = galm.train(galm.Config(quick=True, out_dir=str(tmp_path / "a")))
+    assert not (tmp_path / "a").exists()  # train() writes nothing; report() does
     hist, m = out["history"], out["metrics"]
     for name, losses in hist["pretrain"].items():
         assert np.all(np.isfinite(losses)), name
@@ -632,16 +633,18 @@ def test_quick_run_schema_decreasing_loss_and_determinism(tmp_path):
         assert np.mean(losses[-3:]) < np.mean(losses[:3]), name
     assert all(0.0 < v <= 1.0 for k, v in m.items() if k.startswith(("mrr/", "hits")))
     assert all(0.0 <= v <= 1.0 for k, v in m.items() if k.startswith("acc/"))
+    galm.report(out)
     summary = json.loads((tmp_path / "a" / "summary.json").read_text())
-    assert set(summary) == {"folder", "seed", "config", "wall_seconds", "metrics", "headline"}
+    assert set(summary) == {"folder", "seed", "config", "wall_seconds", "metrics", "headline",
+                            "premise", "arms"}
     assert summary["folder"] == "galm" and summary["config"]["steps"] == galm.QUICK["steps"]
-    assert len(summary["headline"]) == len(galm.HEADLINE)
-    for row, (label, key, method, base, expect) in zip(summary["headline"], galm.HEADLINE):
-        assert row["higher_is_better"] is True and row["expect"] == expect
+    assert len(summary["headline"]) == len(galm.CLAIMS)
+    for row, claim in zip(summary["headline"], galm.CLAIMS):
+        assert row["higher_is_better"] is True and row["expect"] == claim["expect"]
         assert (row["metric"], row["method"]["name"], row["baseline"]["name"]) == (
-            label, method, base)
-        assert row["method"]["value"] == m[key.format(method)]
-        assert row["baseline"]["value"] == m[key.format(base)]
+            claim["metric"], claim["method"][0], claim["baseline"][0])
+        assert row["method"]["value"] == m[claim["method"][1]]
+        assert row["baseline"]["value"] == m[claim["baseline"][1]]
     # the index shows the first "better" row: GaLM against the general LM, never a random floor
     first = next(r for r in summary["headline"] if r["expect"] == "better")
     assert (first["method"]["name"], first["baseline"]["name"]) == ("galm", "mlm")
@@ -672,8 +675,8 @@ def test_bad_arguments_are_one_line_errors(argv, capsys):
 def test_help_shows_defaults(capsys):
     with pytest.raises(SystemExit):
         galm.parse_args(["--help"])
-    out = capsys.readouterr().out
-    assert "(default: 200)" in out and "(default: 0.15)" in out
+    out = " ".join(capsys.readouterr().out.split())
+    assert "default: 200;" in out and "default: 0.15;" in out
 
 
 def test_unwritable_out_dir_fails_before_training(tmp_path):
