@@ -20,6 +20,23 @@ answers, at its own tuned lr and with the same forward/backward compute) and aga
 random negatives, once with an imperfect and once with a perfect teacher, on held-out
 instructions that never occur in training.
 
+Reading map (the paper is section 3; read it first, next to the paper):
+    evolve -> make_chain                  one evolution round; a chain I^(0..K), R^(0..K)  [R]
+    make_ecd_pairs -> drop_identical      the ECD pairs (I^(k), R^(k), R^(k-1))   (abstract)
+    token_logps -> seq_logps              log pi(y|x) over the response tokens only
+    dpo_loss (Eq. 7) -> train_dpo         DPO with the frozen SFT model as pi_ref
+    section 3b, prior work                sft_loss -> train_sft (the SFT stage before DPO)
+    the `Try it` cell                     the DPO loss and the ECD pairs on hand-made inputs
+    section 4, the toy world              the constraint language, check (the judge), repair /
+                                          teacher (the stand-in LLM), make_dataset, make_model,
+                                          and the premise statistics (premise_stats)
+    section 5, baselines and rivals       SFT+ (sft_plus_data), DPO with random negatives
+    section 6, training and the report    train -> run_stage_two -> evaluate; report
+    evolve and make_chain call the toy's judge and teacher (section 4): they stand in for the
+    paper's LLM, so they live with the toy world, not with the paper.
+    A first read may skip Config's knobs (section 2), the plotting and the Appendix (run plumbing,
+    the same bytes in every folder).
+
 Notation (paper -> code):
     I^(k)            instrs[k]             the instruction after k evolution rounds (constraints)
     R^(k)            resps[k]              the teacher's answer to I^(k) (list of word strings)
@@ -31,17 +48,17 @@ Notation (paper -> code):
     r(x, y)          rewards               implicit reward beta * (log pi_theta - log pi_ref)
 Dimensions: B pairs in a batch, T sequence length, V vocabulary size (50).
 
-What the miniature simplifies (each is a DEVIATION comment below):
+What the miniature leaves out (each is a DEVIATION comment below):
   * the proprietary LLM that evolves instructions and writes answers is a rule-based evolver over
     a tiny constraint language, and a teacher that minimally repairs the parent answer;
   * a 2-layer, 64-wide Llama student trained from scratch instead of a 7B pretrained model;
   * IFEval / FollowBench / InFoBench become an exact constraint checker on held-out chains;
-  * beta = 2 and lr = 3e-4 instead of the usual beta = 0.1, lr = 5e-7 (see the DPO section).
+  * beta = 2 and lr = 3e-4 instead of the usual beta = 0.1, lr = 5e-7 (see run_stage_two).
 
-Run:   python ecd/train.py            (about 100 CPU-seconds; --quick: a few seconds)
-Ends:  a table, one row per teacher and method: sampled / greedy constraint satisfaction, pair
-       accuracy and the per-constraint rates; then one verdict line per headline row (DPO ECD vs
-       SFT+, vs DPO random, vs SFT, per teacher) and the files written.
+Run:   python ecd/train.py            (about 75 CPU-seconds; --quick: a few seconds)
+Ends:  the premise rows, a table, one row per teacher and method: sampled / greedy constraint
+       satisfaction, pair accuracy and the per-constraint rates; then one verdict line per
+       headline row (DPO ECD vs SFT+, vs DPO random, vs SFT, per teacher) and the files written.
 """
 
 # %% 1. Imports
@@ -52,6 +69,7 @@ import copy
 import dataclasses
 import json
 import random
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -63,102 +81,94 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 FOLDER = "ecd"
+# PLUMBING: inside Jupyter, sys.argv holds the kernel's arguments and figures show inline; the
+# `Try it` cells run only there.
+IN_NOTEBOOK = "ipykernel" in sys.modules
 
 
 # %% 2. Config
-# PLUMBING: one field per knob; the CLI is generated from these fields.
+# PLUMBING: one field per knob; the CLI is generated from these fields. `range` is the valid
+# interval ("[1, inf)": 1 included, no upper end); the Appendix turns a violation into one line.
 @dataclass
 class Config:
-    seed: int = field(default=0, metadata={"help": "random seed (same seed, same numbers)"})
+    seed: int = field(default=0, metadata={"help": "random seed (same seed, same numbers)",
+                                           "range": "[0, 4294967295]"})
     quick: bool = field(default=False, metadata={"help": "a run of a few seconds for tests"})
     out_dir: str = field(default=f"runs/{FOLDER}", metadata={"help": "where outputs go"})
-    device: str = field(default="cpu", metadata={"help": "cpu only in this folder"})
-    steps: int = field(default=1200, metadata={"help": "SFT steps (the main training loop)"})
+    device: str = field(default="cpu", metadata={"help": "cpu only in this folder",
+                                                 "choices": ("cpu",)})
+    steps: int = field(default=1200, metadata={"help": "SFT steps (the main training loop)",
+                                               "range": "[1, inf)"})
     pref_steps: int = field(
         default=150, metadata={"help": "DPO steps of the second stage (SFT+ gets the compute "
-                                       "match, 2x as many SFT steps: see --sft-plus-steps)"})
+                                       "match, 2x as many SFT steps: see --sft-plus-steps)",
+                               "range": "[1, inf)"})
     sft_plus_steps: int = field(
         default=0, metadata={"help": "SFT+ steps; 0 = 2 * pref_steps, the same number of "
-                                     "forward/backward passes as DPO (step-matched: pref_steps)"})
-    batch_size: int = field(default=32, metadata={"help": "sequences (or pairs) per step"})
-    lr_sft: float = field(default=2e-3, metadata={"help": "AdamW learning rate for SFT"})
+                                     "forward/backward passes as DPO (step-matched: pref_steps)",
+                             "range": "[0, inf)"})
+    batch_size: int = field(default=32, metadata={"help": "sequences (or pairs) per step",
+                                                  "range": "[1, inf)"})
+    lr_sft: float = field(default=2e-3, metadata={"help": "AdamW learning rate for SFT",
+                                                  "range": "(0, inf)"})
     # Each tuned on seeds 100-101 over the same grid {1e-4, 3e-4, 1e-3, 3e-3}: the lr with the
     # best mean sampled satisfaction over both teachers (README, Run).
-    lr_sft_plus: float = field(default=1e-3, metadata={"help": "AdamW lr of SFT+"})
+    lr_sft_plus: float = field(default=1e-3, metadata={"help": "AdamW lr of SFT+",
+                                                       "range": "(0, inf)"})
     lr_dpo_rand: float = field(
-        default=3e-4, metadata={"help": "AdamW lr of DPO with random negatives"})
+        default=3e-4, metadata={"help": "AdamW lr of DPO with random negatives",
+                                "range": "(0, inf)"})
     lr_dpo_ecd: float = field(
-        default=3e-4, metadata={"help": "AdamW lr of DPO with ECD negatives (7B DPO: 5e-7)"})
+        default=3e-4, metadata={"help": "AdamW lr of DPO with ECD negatives (7B DPO: 5e-7)",
+                                "range": "(0, inf)"})
     lr_grid: str = field(
         default="", metadata={"help": "tuning mode: comma-separated lrs; every second-stage "
                                       "method runs at every lr (empty: the three lrs above)"})
-    beta: float = field(default=2.0, metadata={"help": "DPO beta (TRL default / typical: 0.1)"})
+    beta: float = field(default=2.0, metadata={"help": "DPO beta (TRL default / typical: 0.1)",
+                                               "range": "(0, inf)"})
     teacher_errs: str = field(
         default="0.3,0",
         metadata={"help": "comma-separated teacher error rates, one full run each (error = the "
                           "teacher repeats the parent answer on an evolved instruction)"})
-    n_train: int = field(default=1500, metadata={"help": "training chains (seed instructions)"})
-    n_test: int = field(default=300, metadata={"help": "held-out chains (perfect teacher)"})
-    depth: int = field(default=3, metadata={"help": "evolution rounds (Evol-Instruct: 4)"})
-    n_samples: int = field(default=4, metadata={"help": "sampled answers per test instruction"})
-    hidden: int = field(default=64, metadata={"help": "student width (paper: a 7B model)"})
-    layers: int = field(default=2, metadata={"help": "student transformer layers"})
+    n_train: int = field(default=1500, metadata={"help": "training chains (seed instructions)",
+                                                 "range": "[1, inf)"})
+    n_test: int = field(default=300, metadata={"help": "held-out chains (perfect teacher)",
+                                               "range": "[1, inf)"})
+    depth: int = field(default=3, metadata={"help": "evolution rounds (Evol-Instruct: 4; the toy "
+                                                    "runs out of constraint types after 4)",
+                                            "range": "[1, 4]"})
+    n_samples: int = field(default=4, metadata={"help": "sampled answers per test instruction",
+                                                "range": "[1, inf)"})
+    hidden: int = field(default=64, metadata={"help": "student width, a multiple of 4 (paper: a "
+                                                      "7B model)", "range": "[4, inf)"})
+    layers: int = field(default=2, metadata={"help": "student transformer layers",
+                                             "range": "[1, inf)"})
     all_ancestors: bool = field(
         default=False, metadata={"help": "also add a DPO run with every ancestor as a negative"})
     norep: bool = field(
         default=False, metadata={"help": "add the relational constraint NOREP (no repeated word)"})
-    log_every: int = field(default=100, metadata={"help": "steps between log lines"})
+    log_every: int = field(default=100, metadata={"help": "steps between log lines",
+                                                  "range": "[1, inf)"})
 
 
 # What --quick changes (it wins over the defaults above).
 QUICK = dict(steps=40, pref_steps=8, n_train=100, n_test=20, n_samples=2, log_every=20)
-DEVICES = ("cpu",)
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse, but a user mistake is one line on stderr and exit code 2, never a traceback."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
-def parse_args(argv=None) -> Config:
-    p = _Parser(prog=f"{FOLDER}/train.py", description=__doc__.splitlines()[0])
-    for f in dataclasses.fields(Config):
-        flag = "--" + f.name.replace("_", "-")
-        if f.type in (bool, "bool"):
-            p.add_argument(flag, action="store_true", help=f.metadata["help"])
-        else:
-            kind = type(f.default)
-            p.add_argument(flag, type=kind, default=f.default,
-                           help=f.metadata["help"] + " (default: %(default)s)",
-                           choices=DEVICES if f.name == "device" else None)
-    cfg = Config(**vars(p.parse_args(argv)))
-    if not 0 <= cfg.seed < 2**32:
-        p.error(f"--seed must be in [0, 2**32), got {cfg.seed}")
-    for name in ("steps", "pref_steps", "batch_size", "n_train", "n_test", "depth", "n_samples",
-                 "hidden", "layers", "log_every"):
-        if getattr(cfg, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
-    if cfg.sft_plus_steps < 0:
-        p.error(f"--sft-plus-steps must be >= 0, got {cfg.sft_plus_steps}")
+def check_config(cfg: Config) -> str | None:
+    """PLUMBING: rules that join two fields or parse a list (the Appendix checks the ranges)."""
     if cfg.hidden % 4:
-        p.error(f"--hidden must be a multiple of 4 (4 attention heads), got {cfg.hidden}")
-    if cfg.depth > 4:
-        p.error(f"--depth must be <= 4 (the toy runs out of constraint types), got {cfg.depth}")
-    for name in ("lr_sft", "lr_sft_plus", "lr_dpo_rand", "lr_dpo_ecd", "beta"):
-        if not getattr(cfg, name) > 0:
-            p.error(f"--{name.replace('_', '-')} must be > 0, got {getattr(cfg, name)}")
+        return f"--hidden must be a multiple of 4 (4 attention heads), got {cfg.hidden}"
     try:
         errs = parse_floats(cfg.teacher_errs, "--teacher-errs")
         grid = parse_floats(cfg.lr_grid, "--lr-grid") if cfg.lr_grid else []
     except ValueError as e:
-        p.error(str(e))
+        return str(e)
     if not errs or not all(0.0 <= e < 1.0 for e in errs):
-        p.error(f"--teacher-errs must be numbers in [0, 1), got {cfg.teacher_errs!r}")
+        return f"--teacher-errs must be numbers in [0, 1), got {cfg.teacher_errs!r}"
     if not all(lr > 0 for lr in grid):
-        p.error(f"--lr-grid must hold numbers > 0, got {cfg.lr_grid!r}")
-    return cfg
+        return f"--lr-grid must hold numbers > 0, got {cfg.lr_grid!r}"
+    return None
 
 
 def parse_floats(text: str, flag: str) -> list[float]:
@@ -169,29 +179,230 @@ def parse_floats(text: str, flag: str) -> list[float]:
         raise ValueError(f"{flag} must be comma-separated numbers, got {text!r}") from None
 
 
-def in_notebook() -> bool:
-    """PLUMBING: True inside a Jupyter kernel, where sys.argv holds the kernel's own arguments."""
-    return "ipykernel" in sys.modules
+# %% 3. The paper: ECD pairs from evolved instructions, trained with DPO
+# PAPER: ECD's recipe has two parts. (i) Data: evolve each instruction one requirement at a time
+# and answer every version; the answer to the parent is a hard negative for the child. (ii)
+# Training: a contrastive preference loss on (child, child's answer, parent's answer), "such as
+# DPO" (abstract). We implement (i) in evolve / make_chain / make_ecd_pairs and (ii) in
+# token_logps / seq_logps / dpo_loss / train_dpo.
+def evolve(instr: list, parent: list[str], rng: np.random.Generator,
+           ops: list[str]) -> list | None:
+    """One evolution round: add ONE constraint that the parent answer fails. Returns the child.
 
-
-def prepare_out_dir(path: str) -> Path:
-    """PLUMBING: create the run folder and prove it is writable *before* any training.
-
-    A mistyped --out-dir must cost the user one line, not a finished run and a traceback.
+    PAPER: each round makes the instruction a little harder. PAPER [R]: we only keep evolutions
+    the parent answer fails (otherwise the "hard negative" would be a correct answer, a mislabelled
+    pair) and that a correct answer exists for. Types are drawn uniformly among those still
+    available (each type once, EXCLUDE as often as its argument is new), then an argument.
     """
-    out = Path(path)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as e:
-        raise SystemExit(f"{FOLDER}/train.py: error: --out-dir {path!r} is not a writable "
-                         f"folder ({e.strerror or e})") from None
-    return out
+    used = {op for op, _ in instr}
+    by_type: dict[str, list] = {}
+    for op in ops:
+        if op in used and op != "EXCLUDE":
+            continue
+        args = [None] if op in ("UPPER", "NOREP") else list(range(N_WORDS))
+        for a in args:
+            cand = (op, a)
+            if cand not in instr and not check([cand], parent)[0]:  # the parent must fail it
+                by_type.setdefault(op, []).append(cand)
+    while by_type:
+        op = sorted(by_type)[int(rng.integers(len(by_type)))]
+        cand = by_type[op].pop(int(rng.integers(len(by_type[op]))))
+        if not by_type[op]:
+            del by_type[op]
+        # A correct answer must exist (INCLUDE a after EXCLUDE a has none); the probe uses its own
+        # generator so that it does not shift the data stream.
+        if repair(instr + [cand], parent, np.random.default_rng(0)) is not None:
+            return instr + [cand]
+    return None
 
 
-# %% 3. Seeding
+def make_chain(rng: np.random.Generator, depth: int, err: float, ops: list[str]):
+    """PAPER: I^(0) -> I^(1) -> ... -> I^(K), with teacher answers R^(0..K).
+
+    I^(0) = "COUNT n" (n in 2..5); its answer is n random lower-case words. Returns
+    (instrs, resps), each a list of length depth + 1, or None when the chain got stuck.
+    """
+    instrs = [[("COUNT", int(rng.integers(2, MAX_WORDS + 1)))]]
+    resps = [teacher(instrs[0], None, rng)]
+    for _ in range(depth):
+        child = evolve(instrs[-1], resps[-1], rng, ops)
+        if child is None:
+            return None
+        # PAPER: R^(k) = Teacher(I^(k)); here the teacher sees the parent answer (minimal repair).
+        resp = teacher(child, resps[-1], rng, err)
+        if resp is None:
+            return None
+        instrs.append(child)
+        resps.append(resp)
+    return instrs, resps
+
+
+def make_ecd_pairs(chains, all_ancestors: bool = False) -> list[tuple]:
+    """PAPER: ECD preference pairs (x = I^(k), y_w = R^(k), y_l = R^(k-1)) for k = 1..K.
+
+    PAPER [R]: with `all_ancestors`, every earlier answer R^(j), j < k, is also used as a negative
+    (the abstract says the previous answer; whether older ones are used was not readable).
+    Returns a list of (instr, chosen, rejected).
+    """
+    pairs = []
+    for instrs, resps in chains:
+        for k in range(1, len(instrs)):
+            # BEGIN SOLUTION (exercise 3)
+            # Exercise 3: append the ECD pair(s) of level k: the parent's answer is the negative.
+            # PAPER: (x, y_w, y_l) = (I^(k), R^(k), R^(k-1)); [R] all_ancestors: R^(j), j < k-1 too.
+            lows = range(k) if all_ancestors else [k - 1]
+            for j in lows:
+                pairs.append((instrs[k], resps[k], resps[j]))
+            # END SOLUTION
+    return pairs
+
+
+def drop_identical(pairs: list[tuple]) -> list[tuple]:
+    """PAPER [R]: drop pairs with chosen == rejected (the imperfect teacher repeated the parent).
+
+    DPO gets exactly zero gradient from such a pair; SFT would imitate its chosen answer, which
+    fails the new constraint. Both second stages use the deduplicated pairs, so they see the same
+    information.
+    """
+    return [(x, yw, yl) for x, yw, yl in pairs if yw != yl]
+
+
+def token_logps(model: torch.nn.Module, input_ids: torch.Tensor,
+                loss_mask: torch.Tensor) -> torch.Tensor:
+    """PAPER: per-token log pi(y_t | x, y_<t) on response positions, 0 elsewhere.
+
+    Args: input_ids (B, T) right-padded prompt + response + <eos>; loss_mask (B, T), 1 on response
+    tokens and <eos>. Returns (B, T-1): entry t is the log-prob of token t+1.
+    """
+    # BEGIN SOLUTION (exercise 2)
+    # Exercise 2: return the masked per-token log-probs of the next token (mind the shift by one).
+    # PLUMBING: no attention mask is needed: padding is on the right and attention is causal, so
+    # padding never influences a real position.
+    logits = model(input_ids=input_ids).logits  # (B, T, V)
+    # The logits at position t predict token t+1: shift the labels (and the mask) left by one.
+    logp = logits[:, :-1].log_softmax(-1)  # (B, T-1, V)
+    labels = input_ids[:, 1:]  # (B, T-1)
+    per_tok = logp.gather(-1, labels.unsqueeze(-1)).squeeze(-1)  # (B, T-1)
+    return per_tok * loss_mask[:, 1:]  # (B, T-1): prompt and padding contribute exactly 0
+
+
+def seq_logps(model: torch.nn.Module, input_ids: torch.Tensor,
+              loss_mask: torch.Tensor) -> torch.Tensor:
+    """PAPER: log pi(y|x) = sum over response tokens (+ <eos>) of log pi(y_t | x, y_<t); (B,)."""
+    return token_logps(model, input_ids, loss_mask).sum(-1)  # (B,)
+
+
+def dpo_loss(pi_logps_w: torch.Tensor, pi_logps_l: torch.Tensor, ref_logps_w: torch.Tensor,
+             ref_logps_l: torch.Tensor, beta: float):
+    """PAPER: DPO (Rafailov et al. 2023, Eq. 7), the contrastive algorithm ECD trains with.
+
+    Args: the four (B,) sequence log-probs log pi_theta(y_w|x), log pi_theta(y_l|x),
+    log pi_ref(y_w|x), log pi_ref(y_l|x); beta > 0.
+    Returns (losses (B,), chosen_rewards (B,), rejected_rewards (B,)); the rewards are detached.
+    """
+    # BEGIN SOLUTION (exercise 1)
+    # Exercise 1: compute the per-pair DPO loss of Eq. 7 and the implicit rewards.
+    # Implicit reward r(x, y) = beta * (log pi_theta(y|x) - log pi_ref(y|x)).
+    h = (pi_logps_w - ref_logps_w) - (pi_logps_l - ref_logps_l)  # (B,)
+    # Eq. (7): L_DPO = -log sigma( beta * [log pi/pi_ref (y_w|x) - log pi/pi_ref (y_l|x)] )
+    losses = -F.logsigmoid(beta * h)  # (B,)
+    chosen_rewards = beta * (pi_logps_w - ref_logps_w).detach()  # (B,)
+    rejected_rewards = beta * (pi_logps_l - ref_logps_l).detach()  # (B,)
+    # END SOLUTION
+    return losses, chosen_rewards, rejected_rewards
+
+
+@torch.no_grad()
+def batched_seq_logps(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor,
+                      chunk: int = 1024) -> torch.Tensor:
+    """PAPER: pi_ref's log pi(y|x) for a whole dataset, once (no gradients, in chunks). (N,)"""
+    model.eval()
+    return torch.cat([seq_logps(model, ids[i:i + chunk], mask[i:i + chunk])
+                      for i in range(0, len(ids), chunk)])  # (N,)
+
+
+def train_dpo(policy, ref_model, pairs: dict, steps, lr, beta, batch_size, gen, log_every,
+              tag="dpo"):
+    """PAPER [R]: DPO from the SFT weights with the SFT model as the frozen reference pi_ref.
+
+    `pairs` holds c_ids/c_mask (chosen) and r_ids/r_mask (rejected), each (N, T). Returns a
+    history with the loss, reward margin, reward accuracy and the log-prob drift of chosen and
+    rejected answers, log pi_theta - log pi_ref (the likelihood-displacement diagnostic).
+    """
+    # PLUMBING: pi_ref never changes, so its log-probs are computed once for every pair.
+    ref_w = batched_seq_logps(ref_model, pairs["c_ids"], pairs["c_mask"])  # (N,)
+    ref_l = batched_seq_logps(ref_model, pairs["r_ids"], pairs["r_mask"])  # (N,)
+    opt = torch.optim.AdamW(policy.parameters(), lr=lr, weight_decay=0.0)
+    policy.train()
+    hist = {k: [] for k in ("loss", "margin", "reward_acc", "drift_chosen", "drift_rejected")}
+    for step in tqdm(range(steps), desc=tag, leave=False, mininterval=1.0):
+        idx = torch.randint(len(ref_w), (batch_size,), generator=gen)  # (B,)
+        # PLUMBING: chosen and rejected go through the model as one batch of 2B (as TRL does).
+        ids = torch.cat([pairs["c_ids"][idx], pairs["r_ids"][idx]])  # (2B, T)
+        mask = torch.cat([pairs["c_mask"][idx], pairs["r_mask"][idx]])  # (2B, T)
+        logps = seq_logps(policy, ids, mask)  # (2B,)
+        pi_w, pi_l = logps[:batch_size], logps[batch_size:]  # (B,) each
+        losses, r_w, r_l = dpo_loss(pi_w, pi_l, ref_w[idx], ref_l[idx], beta)
+        loss = losses.mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        hist["loss"].append(loss.item())
+        hist["margin"].append((r_w - r_l).mean().item())
+        hist["reward_acc"].append((r_w > r_l).float().mean().item())
+        hist["drift_chosen"].append((r_w / beta).mean().item())
+        hist["drift_rejected"].append((r_l / beta).mean().item())
+        if step % log_every == 0 or step == steps - 1:
+            tqdm.write(f"{tag} step {step:4d} | loss {loss.item():.4f} | margin "
+                       f"{hist['margin'][-1]:.3f} | d_logp chosen {hist['drift_chosen'][-1]:+.3f}"
+                       f" | d_logp rejected {hist['drift_rejected'][-1]:+.3f}")
+    return hist
+
+
+# %% 3b. Prior work: supervised fine-tuning, the stage before DPO
+def sft_loss(model: torch.nn.Module, input_ids: torch.Tensor,
+             loss_mask: torch.Tensor) -> torch.Tensor:
+    """PAPER [R]: SFT, the mean negative log-likelihood per response token. Returns a scalar."""
+    lp = token_logps(model, input_ids, loss_mask)  # (B, T-1)
+    return -lp.sum() / loss_mask[:, 1:].sum()
+
+
+def train_sft(model, ids, mask, steps, lr, batch_size, gen, log_every, tag="sft"):
+    """PAPER [R]: supervised fine-tuning on (I^(k), R^(k)); returns the loss per step."""
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    model.train()
+    losses = []
+    for step in tqdm(range(steps), desc=tag, leave=False, mininterval=1.0):
+        idx = torch.randint(len(ids), (batch_size,), generator=gen)  # (B,)
+        loss = sft_loss(model, ids[idx], mask[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+        if step % log_every == 0 or step == steps - 1:
+            tqdm.write(f"{tag} step {step:4d} | loss {loss.item():.4f}")
+    return losses
+
+
+# %% Try it: the DPO loss and the ECD pairs on hand-made inputs (runs only in a notebook)
+if IN_NOTEBOOK:
+    # Eq. (7) on one pair: the policy prefers y_w by 2 nats more than the reference does.
+    t = torch.tensor
+    loss_try, rw_try, rl_try = dpo_loss(t([-1.0]), t([-3.0]), t([-2.0]), t([-2.0]), beta=0.1)
+    print(f"DPO loss {loss_try.item():.6f} (hand value 0.598139), rewards {rw_try.item():+.2f} / "
+          f"{rl_try.item():+.2f}; policy == reference gives log 2 = 0.693147")
+    # A hand-made chain: COUNT 3 -> + UPPER -> + START a2, answered by minimal repairs.
+    instrs_try = [[("COUNT", 3)], [("COUNT", 3), ("UPPER", None)],
+                  [("COUNT", 3), ("UPPER", None), ("START", 2)]]
+    resps_try = [["w1", "w5", "w0"], ["W1", "W5", "W0"], ["W2", "W5", "W0"]]
+    for x_try, yw_try, yl_try in make_ecd_pairs([(instrs_try, resps_try)]):
+        print(f"prompt {x_try}\n  chosen {yw_try}  rejected (the parent's answer) {yl_try}")
+    # An imperfect teacher that repeated the parent answer makes chosen == rejected: dropped.
+    print("pairs left after drop_identical:", len(drop_identical(
+        [(instrs_try[1], resps_try[0], resps_try[0])])))
+
+
+# %% 4. The toy world and its premise: a constraint language, its judge, the teacher
 def set_seed(seed: int) -> np.random.Generator:
     """PLUMBING: seed random, numpy and torch; the data pipeline gets its own numpy Generator."""
     random.seed(seed)
@@ -200,7 +411,6 @@ def set_seed(seed: int) -> np.random.Generator:
     return np.random.default_rng(seed)
 
 
-# %% 4. Toy data: a constraint language, its checker, the evolver and the teacher
 # DEVIATION: ECD prompts a proprietary LLM to evolve real instructions and to answer them. We need
 # a world where "does this answer follow this instruction?" has an exact answer and a CPU run takes
 # a minute, so instructions are lists of machine-checkable constraints and answers are lists of
@@ -235,6 +445,7 @@ TAXONOMY = {
     "format": ["START"],  # COUNT is the seed instruction itself and never changes
     "relational": ["NOREP"],
 }
+
 
 
 def evolution_ops(norep: bool = False) -> list[str]:
@@ -338,58 +549,6 @@ def teacher(instr: list, parent: list[str] | None, rng: np.random.Generator,
     return repair(instr, parent, rng)
 
 
-def evolve(instr: list, parent: list[str], rng: np.random.Generator,
-           ops: list[str]) -> list | None:
-    """One evolution round: add ONE constraint that the parent answer fails. Returns the child.
-
-    PAPER: each round makes the instruction a little harder. PAPER [R]: we only keep evolutions
-    the parent answer fails (otherwise the "hard negative" would be a correct answer, a mislabelled
-    pair) and that a correct answer exists for. Types are drawn uniformly among those still
-    available (each type once, EXCLUDE as often as its argument is new), then an argument.
-    """
-    used = {op for op, _ in instr}
-    by_type: dict[str, list] = {}
-    for op in ops:
-        if op in used and op != "EXCLUDE":
-            continue
-        args = [None] if op in ("UPPER", "NOREP") else list(range(N_WORDS))
-        for a in args:
-            cand = (op, a)
-            if cand not in instr and not check([cand], parent)[0]:  # the parent must fail it
-                by_type.setdefault(op, []).append(cand)
-    while by_type:
-        op = sorted(by_type)[int(rng.integers(len(by_type)))]
-        cand = by_type[op].pop(int(rng.integers(len(by_type[op]))))
-        if not by_type[op]:
-            del by_type[op]
-        # A correct answer must exist (INCLUDE a after EXCLUDE a has none); the probe uses its own
-        # generator so that it does not shift the data stream.
-        if repair(instr + [cand], parent, np.random.default_rng(0)) is not None:
-            return instr + [cand]
-    return None
-
-
-def make_chain(rng: np.random.Generator, depth: int, err: float, ops: list[str]):
-    """PAPER: I^(0) -> I^(1) -> ... -> I^(K), with teacher answers R^(0..K).
-
-    I^(0) = "COUNT n" (n in 2..5); its answer is n random lower-case words. Returns
-    (instrs, resps), each a list of length depth + 1, or None when the chain got stuck.
-    """
-    instrs = [[("COUNT", int(rng.integers(2, MAX_WORDS + 1)))]]
-    resps = [teacher(instrs[0], None, rng)]
-    for _ in range(depth):
-        child = evolve(instrs[-1], resps[-1], rng, ops)
-        if child is None:
-            return None
-        # PAPER: R^(k) = Teacher(I^(k)); here the teacher sees the parent answer (minimal repair).
-        resp = teacher(child, resps[-1], rng, err)
-        if resp is None:
-            return None
-        instrs.append(child)
-        resps.append(resp)
-    return instrs, resps
-
-
 def instr_key(instr: list) -> tuple:
     """An instruction as a set of constraints: the same key whatever the order of its parts."""
     return tuple(sorted((op, -1 if a is None else a) for op, a in instr))
@@ -413,61 +572,6 @@ def make_chains(n: int, rng: np.random.Generator, depth: int, err: float, ops: l
 def make_sft_data(chains) -> list[tuple]:
     """SFT examples (I^(k), R^(k)) for every level k = 0..K."""
     return [(ins[k], res[k]) for ins, res in chains for k in range(len(ins))]
-
-
-def make_ecd_pairs(chains, all_ancestors: bool = False) -> list[tuple]:
-    """PAPER: ECD preference pairs (x = I^(k), y_w = R^(k), y_l = R^(k-1)) for k = 1..K.
-
-    PAPER [R]: with `all_ancestors`, every earlier answer R^(j), j < k, is also used as a negative
-    (the abstract says the previous answer; whether older ones are used was not readable).
-    Returns a list of (instr, chosen, rejected).
-    """
-    pairs = []
-    for instrs, resps in chains:
-        for k in range(1, len(instrs)):
-            # BEGIN SOLUTION (exercise 3)
-            # Exercise 3: append the ECD pair(s) of level k: the parent's answer is the negative.
-            # PAPER: (x, y_w, y_l) = (I^(k), R^(k), R^(k-1)); [R] all_ancestors: R^(j), j < k-1 too.
-            lows = range(k) if all_ancestors else [k - 1]
-            for j in lows:
-                pairs.append((instrs[k], resps[k], resps[j]))
-            # END SOLUTION
-    return pairs
-
-
-def drop_identical(pairs: list[tuple]) -> list[tuple]:
-    """Drop pairs with chosen == rejected (the imperfect teacher repeated the parent answer).
-
-    DPO gets exactly zero gradient from such a pair; SFT would imitate its chosen answer, which
-    fails the new constraint. Both second stages use the deduplicated pairs, so they see the same
-    information.
-    """
-    return [(x, yw, yl) for x, yw, yl in pairs if yw != yl]
-
-
-def sft_plus_data(pairs: list[tuple]) -> list[tuple]:
-    """The SFT+ control's examples: (x, y_w) of every pair whose answers differ; never y_l."""
-    # BEGIN SOLUTION (exercise 4)
-    # Exercise 4: return the (instruction, chosen answer) examples SFT+ trains on.
-    return [(x, yw) for x, yw, _ in drop_identical(pairs)]
-    # END SOLUTION
-
-
-def make_random_pairs(pairs: list[tuple], pool: list[list[str]],
-                      rng: np.random.Generator) -> list[tuple]:
-    """Baseline negatives: same (x, y_w) as `pairs`, y_l = a random teacher answer failing x.
-
-    Index i of the result has the same prompt and chosen answer as `pairs[i]`, so the two DPO runs
-    see identical chosen answers in identical order; only the negative differs.
-    """
-    out = []
-    for instr, chosen, _ in pairs:
-        while True:
-            neg = pool[int(rng.integers(len(pool)))]
-            if not satisfied(instr, neg):
-                break
-        out.append((instr, chosen, neg))
-    return out
 
 
 def encode(examples: list[tuple], T: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -535,7 +639,6 @@ def make_dataset(cfg: Config, rng: np.random.Generator) -> dict:
     return data
 
 
-# %% 5. Model: a tiny Llama from a config (no download)
 def make_model(cfg: Config) -> torch.nn.Module:
     """A 2-layer LlamaForCausalLM over our 58-token vocabulary.
 
@@ -555,125 +658,73 @@ def make_model(cfg: Config) -> torch.nn.Module:
     return LlamaForCausalLM(conf)
 
 
-# %% 6. The paper's core: response-only log-probs, the SFT loss, the DPO loss
-def token_logps(model: torch.nn.Module, input_ids: torch.Tensor,
-                loss_mask: torch.Tensor) -> torch.Tensor:
-    """Per-token log pi(y_t | x, y_<t) on response positions, 0 elsewhere.
+def mean_violations(pairs: list[tuple]) -> float:
+    """Mean number of constraints of x that the rejected answer breaks (ECD: exactly 1)."""
+    return float(np.mean([len(x) - sum(check(x, yl)) for x, _, yl in pairs]))
 
-    Args: input_ids (B, T) right-padded prompt + response + <eos>; loss_mask (B, T), 1 on response
-    tokens and <eos>. Returns (B, T-1): entry t is the log-prob of token t+1.
+
+def premise_stats(data: dict, cfg: Config) -> dict:
+    """The statistics that say whether this toy poses ECD's problem (summary.json `premise`).
+
+    Per teacher: how often an ECD negative is *hard* (it passes every constraint of the parent
+    instruction and fails exactly the child's new one), how often a random negative is *trivially*
+    wrong (it already breaks a constraint of the parent instruction, so no new requirement needs
+    reading to reject it), and how often the teacher's answers to evolved instructions are right
+    (what SFT imitates). Plus chance: the satisfaction of a random answer of the right length on
+    the held-out instructions. Uses its own generator, so the data stream is untouched.
     """
-    # BEGIN SOLUTION (exercise 2)
-    # Exercise 2: return the masked per-token log-probs of the next token (mind the shift by one).
-    # PLUMBING: no attention mask is needed: padding is on the right and attention is causal, so
-    # padding never influences a real position.
-    logits = model(input_ids=input_ids).logits  # (B, T, V)
-    # The logits at position t predict token t+1: shift the labels (and the mask) left by one.
-    logp = logits[:, :-1].log_softmax(-1)  # (B, T-1, V)
-    labels = input_ids[:, 1:]  # (B, T-1)
-    per_tok = logp.gather(-1, labels.unsqueeze(-1)).squeeze(-1)  # (B, T-1)
-    return per_tok * loss_mask[:, 1:]  # (B, T-1): prompt and padding contribute exactly 0
-    # END SOLUTION
+    out = {}
+    for err, d in data["train"].items():
+        hard = [check(x, yl) == [True] * (len(x) - 1) + [False] for x, _, yl in d["ecd"]]
+        trivial = [not satisfied(x[:-1], yl) for x, _, yl in d["random"]]
+        teacher_ok = [satisfied(ins[k], res[k]) for ins, res in d["chains"]
+                      for k in range(1, len(ins))]
+        out[teacher_tag(err)] = {"ecd_neg_hard": float(np.mean(hard)),
+                                 "random_neg_trivial": float(np.mean(trivial)),
+                                 "teacher_sat": float(np.mean(teacher_ok))}
+    rng = np.random.default_rng(cfg.seed + 3)
+    hits = []
+    for x in data["test_instrs"]:
+        for _ in range(4):
+            n = dict(x)["COUNT"]
+            hits.append(satisfied(x, [str(rng.choice(["w", "W"])) + str(int(rng.integers(N_WORDS)))
+                                      for _ in range(n)]))
+    out["chance_sat"] = float(np.mean(hits))
+    return out
 
 
-def seq_logps(model: torch.nn.Module, input_ids: torch.Tensor,
-              loss_mask: torch.Tensor) -> torch.Tensor:
-    """log pi(y|x) = sum over response tokens (+ <eos>) of log pi(y_t | x, y_<t). Returns (B,)."""
-    return token_logps(model, input_ids, loss_mask).sum(-1)  # (B,)
+# %% 5. Baselines and rivals: SFT+ (the compute-matched control) and DPO with random negatives
+def sft_plus_data(pairs: list[tuple]) -> list[tuple]:
+    """The SFT+ control's examples: (x, y_w) of every pair whose answers differ; never y_l."""
+    # BEGIN SOLUTION (exercise 4)
+    # Exercise 4: return the (instruction, chosen answer) examples SFT+ trains on.
+    return [(x, yw) for x, yw, _ in drop_identical(pairs)]
 
 
-def sft_loss(model: torch.nn.Module, input_ids: torch.Tensor,
-             loss_mask: torch.Tensor) -> torch.Tensor:
-    """SFT: mean negative log-likelihood per response token. Returns a scalar."""
-    lp = token_logps(model, input_ids, loss_mask)  # (B, T-1)
-    return -lp.sum() / loss_mask[:, 1:].sum()
+def make_random_pairs(pairs: list[tuple], pool: list[list[str]],
+                      rng: np.random.Generator) -> list[tuple]:
+    """Baseline negatives: same (x, y_w) as `pairs`, y_l = a random teacher answer failing x.
 
-
-def dpo_loss(pi_logps_w: torch.Tensor, pi_logps_l: torch.Tensor, ref_logps_w: torch.Tensor,
-             ref_logps_l: torch.Tensor, beta: float):
-    """DPO (Rafailov et al. 2023, Eq. 7), the contrastive algorithm ECD trains with.
-
-    Args: the four (B,) sequence log-probs log pi_theta(y_w|x), log pi_theta(y_l|x),
-    log pi_ref(y_w|x), log pi_ref(y_l|x); beta > 0.
-    Returns (losses (B,), chosen_rewards (B,), rejected_rewards (B,)); the rewards are detached.
+    Index i of the result has the same prompt and chosen answer as `pairs[i]`, so the two DPO runs
+    see identical chosen answers in identical order; only the negative differs.
     """
-    # BEGIN SOLUTION (exercise 1)
-    # Exercise 1: compute the per-pair DPO loss of Eq. 7 and the implicit rewards.
-    # Implicit reward r(x, y) = beta * (log pi_theta(y|x) - log pi_ref(y|x)).
-    h = (pi_logps_w - ref_logps_w) - (pi_logps_l - ref_logps_l)  # (B,)
-    # Eq. (7): L_DPO = -log sigma( beta * [log pi/pi_ref (y_w|x) - log pi/pi_ref (y_l|x)] )
-    losses = -F.logsigmoid(beta * h)  # (B,)
-    chosen_rewards = beta * (pi_logps_w - ref_logps_w).detach()  # (B,)
-    rejected_rewards = beta * (pi_logps_l - ref_logps_l).detach()  # (B,)
-    # END SOLUTION
-    return losses, chosen_rewards, rejected_rewards
+    out = []
+    for instr, chosen, _ in pairs:
+        while True:
+            neg = pool[int(rng.integers(len(pool)))]
+            if not satisfied(instr, neg):
+                break
+        out.append((instr, chosen, neg))
+    return out
 
 
-@torch.no_grad()
-def batched_seq_logps(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor,
-                      chunk: int = 1024) -> torch.Tensor:
-    """PLUMBING: seq_logps over a whole dataset in chunks, without gradients. Returns (N,)."""
-    model.eval()
-    return torch.cat([seq_logps(model, ids[i:i + chunk], mask[i:i + chunk])
-                      for i in range(0, len(ids), chunk)])  # (N,)
+def sft_plus_steps(cfg: Config) -> int:
+    """SFT+ steps. A DPO step runs forward and backward on 2B sequences (chosen and rejected), an
+    SFT step on B, so 2 * pref_steps SFT steps match DPO's forward/backward passes."""
+    return cfg.sft_plus_steps or 2 * cfg.pref_steps
 
 
-def train_sft(model, ids, mask, steps, lr, batch_size, gen, log_every, tag="sft"):
-    """Supervised fine-tuning on (I^(k), R^(k)); returns the loss per step."""
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    model.train()
-    losses = []
-    for step in tqdm(range(steps), desc=tag, leave=False, mininterval=1.0):
-        idx = torch.randint(len(ids), (batch_size,), generator=gen)  # (B,)
-        loss = sft_loss(model, ids[idx], mask[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-        if step % log_every == 0 or step == steps - 1:
-            tqdm.write(f"{tag} step {step:4d} | loss {loss.item():.4f}")
-    return losses
-
-
-def train_dpo(policy, ref_model, pairs: dict, steps, lr, beta, batch_size, gen, log_every,
-              tag="dpo"):
-    """DPO from the SFT weights with the SFT model as the frozen reference pi_ref.
-
-    `pairs` holds c_ids/c_mask (chosen) and r_ids/r_mask (rejected), each (N, T). Returns a
-    history with the loss, reward margin, reward accuracy and the log-prob drift of chosen and
-    rejected answers, log pi_theta - log pi_ref (the likelihood-displacement diagnostic).
-    """
-    # PLUMBING: pi_ref never changes, so its log-probs are computed once for every pair.
-    ref_w = batched_seq_logps(ref_model, pairs["c_ids"], pairs["c_mask"])  # (N,)
-    ref_l = batched_seq_logps(ref_model, pairs["r_ids"], pairs["r_mask"])  # (N,)
-    opt = torch.optim.AdamW(policy.parameters(), lr=lr, weight_decay=0.0)
-    policy.train()
-    hist = {k: [] for k in ("loss", "margin", "reward_acc", "drift_chosen", "drift_rejected")}
-    for step in tqdm(range(steps), desc=tag, leave=False, mininterval=1.0):
-        idx = torch.randint(len(ref_w), (batch_size,), generator=gen)  # (B,)
-        # PLUMBING: chosen and rejected go through the model as one batch of 2B (as TRL does).
-        ids = torch.cat([pairs["c_ids"][idx], pairs["r_ids"][idx]])  # (2B, T)
-        mask = torch.cat([pairs["c_mask"][idx], pairs["r_mask"][idx]])  # (2B, T)
-        logps = seq_logps(policy, ids, mask)  # (2B,)
-        pi_w, pi_l = logps[:batch_size], logps[batch_size:]  # (B,) each
-        losses, r_w, r_l = dpo_loss(pi_w, pi_l, ref_w[idx], ref_l[idx], beta)
-        loss = losses.mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        hist["loss"].append(loss.item())
-        hist["margin"].append((r_w - r_l).mean().item())
-        hist["reward_acc"].append((r_w > r_l).float().mean().item())
-        hist["drift_chosen"].append((r_w / beta).mean().item())
-        hist["drift_rejected"].append((r_l / beta).mean().item())
-        if step % log_every == 0 or step == steps - 1:
-            tqdm.write(f"{tag} step {step:4d} | loss {loss.item():.4f} | margin "
-                       f"{hist['margin'][-1]:.3f} | d_logp chosen {hist['drift_chosen'][-1]:+.3f}"
-                       f" | d_logp rejected {hist['drift_rejected'][-1]:+.3f}")
-    return hist
-
-
-# %% 7. Training: for each teacher, SFT, then three second stages from the same SFT weights
+# %% 6. Training and the report: per teacher, SFT, then three second stages from the same weights
 METHODS = ("SFT+", "DPO random neg", "DPO ECD")
 
 
@@ -686,38 +737,61 @@ def method_lr(cfg: Config, name: str) -> float:
             "DPO ECD all-anc": cfg.lr_dpo_ecd}[name]
 
 
-def sft_plus_steps(cfg: Config) -> int:
-    """SFT+ steps. A DPO step runs forward and backward on 2B sequences (chosen and rejected), an
-    SFT step on B, so 2 * pref_steps SFT steps match DPO's forward/backward passes."""
-    return cfg.sft_plus_steps or 2 * cfg.pref_steps
+# PAPER [R]: which training set each second stage reads from the data of make_dataset. The ECD
+# arm reads the parent answers as negatives; the rival keeps the same chosen answers with random
+# failing answers; SFT+ reads the chosen answers only. `arms` in summary.json records these keys.
+STAGE_TWO_DATA = {"SFT+": "sft_plus", "DPO random neg": "random", "DPO ECD": "ecd",
+                  "DPO ECD all-anc": "ecd_all"}
 
 
 def run_stage_two(name: str, sft_model, ref_model, d: dict, cfg: Config, lr: float):
-    """One second stage from a copy of the SFT weights. Returns (model, DPO history or None).
+    """One second stage from a copy of the SFT weights.
 
+    Returns (model, DPO history or None, what the arm got: data key, init, steps, lr, ...).
     Every second stage draws its batch indices from the same generator, so SFT+ sees the same
     chosen answers in the same order as the two DPO runs (and then as many again).
     """
     T = seq_len(cfg.depth)
     model = copy.deepcopy(sft_model)
     gen = torch.Generator().manual_seed(cfg.seed + 1)
+    key = STAGE_TWO_DATA[name]
     if name == "SFT+":
         # The fair control: SFT on the chosen answers of the same deduplicated pairs, at its own
         # tuned lr, with as many forward/backward passes as DPO (the rejected answers unused).
-        ids, mask = encode(d["sft_plus"], T)  # (N, T) each
-        train_sft(model, ids, mask, sft_plus_steps(cfg), lr, cfg.batch_size, gen,
-                  cfg.log_every, "sft+")
-        return model, None
+        ids, mask = encode(d[key], T)  # (N, T) each
+        steps = sft_plus_steps(cfg)
+        train_sft(model, ids, mask, steps, lr, cfg.batch_size, gen, cfg.log_every, "sft+")
+        return model, None, {"data": key, "init": "sft", "steps": steps, "lr": lr,
+                             "fwd_bwd_sequences": steps * cfg.batch_size, "decoding": DECODING}
     # PAPER: the method is DPO on the ECD pairs (child answer over parent answer); the baseline
     # keeps every chosen answer and replaces the hard negative by a random failing answer.
     # DEVIATION: beta = 2 (typical 7B DPO: beta = 0.1, lr = 5e-7; ECD's values were not
     # readable). Near-identical pairs push both log-probs down (likelihood displacement); a large
     # beta keeps the tiny student close to the reference (exercise 5).
-    pairs = {"DPO random neg": d["random"], "DPO ECD": d["ecd"],
-             "DPO ECD all-anc": d.get("ecd_all")}[name]
+    pairs = d[key]
     hist = train_dpo(model, ref_model, encode_pairs(pairs, T), cfg.pref_steps, lr, cfg.beta,
                      cfg.batch_size, gen, cfg.log_every, name)
-    return model, hist
+    return model, hist, {"pairs": key, "init": "sft", "reference": "sft (frozen)",
+                         "steps": cfg.pref_steps, "lr": lr, "beta": cfg.beta,
+                         "fwd_bwd_sequences": cfg.pref_steps * 2 * cfg.batch_size,
+                         "decoding": DECODING}
+
+
+def merge_arms(got: dict) -> dict:
+    """PLUMBING: {(teacher, arm): record} -> {arm: record}; a field that differs between the
+    teachers becomes {teacher: value}."""
+    arms: dict = {}
+    for (tag, name), rec in got.items():
+        arms.setdefault(name, {})[tag] = rec
+    out = {}
+    for name, per in arms.items():
+        fields = {k for rec in per.values() for k in rec}
+        out[name] = {"teachers": list(per)}
+        for k in sorted(fields):
+            vals = {tag: rec.get(k) for tag, rec in per.items()}
+            same = len({json.dumps(v, default=str) for v in vals.values()}) == 1
+            out[name][k] = next(iter(vals.values())) if same else vals
+    return out
 
 
 def key_of(name: str) -> str:
@@ -726,17 +800,23 @@ def key_of(name: str) -> str:
 
 
 def train(cfg: Config) -> dict:
-    """Build the data; per teacher: SFT, then SFT+ / DPO(random) / DPO(ECD); evaluate; write."""
+    """Build the data; per teacher: SFT, then SFT+ / DPO(random) / DPO(ECD); evaluate.
+
+    Writes nothing. Returns the results `report` reads: cfg (after --quick), t_start, history
+    (SFT losses and DPO histories per teacher), metrics (flat, for summary.json), results
+    ((teacher, method) -> evaluation), arms (what each compared arm got), premise statistics,
+    and the trained models and data (for tests and notebooks).
+    """
     if cfg.quick:
         cfg = dataclasses.replace(cfg, **QUICK)
-    t0 = time.time()
+    t_start = time.time()
     rng = set_seed(cfg.seed)
     data = make_dataset(cfg, rng)
     grid = parse_floats(cfg.lr_grid, "--lr-grid") if cfg.lr_grid else []
     print(f"test | {len(data['test_instrs'])} held-out instructions (levels "
           f"{list(eval_levels(cfg.depth))}) from {len(data['test_chains'])} chains; none of them "
           f"appears in any training set")
-    results, dpo_hist, models, metrics = {}, {}, {}, {}
+    results, dpo_hist, models, metrics, sft_hist, got = {}, {}, {}, {}, {}, {}
     for err, d in data["train"].items():
         tag = teacher_tag(err)
         n_same = len(d["ecd_raw"]) - len(d["ecd"])
@@ -750,17 +830,21 @@ def train(cfg: Config) -> dict:
         sft_losses = train_sft(sft_model, sft_ids, sft_mask, cfg.steps, cfg.lr_sft,
                                cfg.batch_size, torch.Generator().manual_seed(cfg.seed),
                                cfg.log_every, f"sft [{tag}]")
+        sft_hist[tag] = sft_losses
         # PAPER [R]: the reference for DPO is the SFT model, frozen (the standard SFT -> DPO
         # recipe).
         ref_model = copy.deepcopy(sft_model).eval().requires_grad_(False)
         results[(tag, "SFT")] = evaluate(sft_model, data, cfg)
         models[(tag, "SFT")] = sft_model
+        got[(tag, "SFT")] = {"data": "sft", "init": f"random (torch seed {cfg.seed})",
+                             "steps": cfg.steps, "lr": cfg.lr_sft, "decoding": DECODING}
         # --- Stage 2: each method at its own tuned lr (or at every lr of --lr-grid).
         names = list(METHODS) + (["DPO ECD all-anc"] if cfg.all_ancestors else [])
         for name in names:
             for lr in grid or [method_lr(cfg, name)]:
                 label = f"{name} @ {lr:g}" if grid else name
-                model, hist = run_stage_two(name, sft_model, ref_model, d, cfg, lr)
+                model, hist, got[(tag, label)] = run_stage_two(name, sft_model, ref_model, d,
+                                                               cfg, lr)
                 results[(tag, label)] = evaluate(model, data, cfg)
                 if hist is not None:
                     dpo_hist[(tag, label)] = hist
@@ -789,50 +873,17 @@ def train(cfg: Config) -> dict:
     # PLUMBING: compute, in sequences passed forward and backward through the student.
     metrics["fwd_bwd_sequences/sft_plus"] = sft_plus_steps(cfg) * cfg.batch_size
     metrics["fwd_bwd_sequences/dpo"] = cfg.pref_steps * 2 * cfg.batch_size
-
-    headline = make_headline(results, data, grid)
-    summary = {
-        "folder": FOLDER,
-        "seed": cfg.seed,
-        "config": dataclasses.asdict(cfg),
-        "wall_seconds": time.time() - t0,
-        "metrics": metrics,
-        "headline": headline,
-    }
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    plot(results, dpo_hist, [teacher_tag(e) for e in data["train"]], grid, out / "ecd.png")
-    print_table(results)
-    return {"results": results, "dpo_history": dpo_hist, "metrics": metrics, "summary": summary,
-            "models": models, "data": data, "sft_losses": sft_losses}
-
-
-def make_headline(results: dict, data: dict, grid: list[float]) -> list[dict]:
-    """The headline rows of summary.json (see README, Expected output)."""
     tags = [teacher_tag(e) for e in data["train"]]
-
-    def row(tag, metric, method, base, expect, key="sampled_sat"):
-        return {"metric": f"{metric}, {tag}", "higher_is_better": True, "expect": expect,
-                "method": {"name": method, "value": results[(tag, method)][key]},
-                "baseline": {"name": base, "value": results[(tag, base)][key]}}
-
-    if grid:  # tuning mode: every method at every lr against SFT, for reading only
-        return [row(tag, f"sampled satisfaction, lr {lr:g}", f"{name} @ {lr:g}", "SFT", "report")
-                for tag in tags for name in METHODS for lr in grid]
-    rows = [row(tag, "sampled satisfaction", "DPO ECD", "SFT+", "better") for tag in tags]
-    rows += [row(tag, "sampled satisfaction", "DPO ECD", "DPO random neg", "better")
-             for tag in tags]
-    rows += [row(tag, "sampled satisfaction", "DPO ECD", "SFT", "report") for tag in tags]
-    rows += [row(tag, "EXCLUDE satisfaction", "DPO ECD", "SFT+", "report", "sat_EXCLUDE")
-             for tag in tags]
-    return rows
+    return {"cfg": cfg, "t_start": t_start, "grid": grid, "tags": tags,
+            "history": {"sft_losses": sft_hist, "dpo": dpo_hist},
+            "metrics": metrics, "results": results,
+            "premise": premise_stats(data, cfg),
+            "arms": merge_arms(got),
+            "models": models, "data": data}
 
 
-# %% 8. Evaluation and plot
-def mean_violations(pairs: list[tuple]) -> float:
-    """Mean number of constraints of x that the rejected answer breaks (ECD: exactly 1)."""
-    return float(np.mean([len(x) - sum(check(x, yl)) for x, _, yl in pairs]))
+# PLUMBING: how answers are decoded for the headline (recorded per arm in summary.json `arms`).
+DECODING = "sampled at temperature 1 (n_samples per instruction); greedy reported"
 
 
 @torch.no_grad()
@@ -907,6 +958,80 @@ def evaluate(model, data: dict, cfg: Config) -> dict:
     return res
 
 
+# The claims this run checks, one row per teacher each, in order; the first `better` row is the
+# folder's headline (ECD against the fair, compute-matched control). `key` is the evaluation
+# metric the row reads (evaluate's names).
+CLAIMS = [
+    dict(metric="sampled satisfaction", method="DPO ECD", baseline="SFT+", expect="better",
+         key="sampled_sat"),
+    dict(metric="sampled satisfaction", method="DPO ECD", baseline="DPO random neg",
+         expect="better", key="sampled_sat"),
+    dict(metric="sampled satisfaction", method="DPO ECD", baseline="SFT", expect="report",
+         key="sampled_sat"),
+    dict(metric="EXCLUDE satisfaction", method="DPO ECD", baseline="SFT+", expect="report",
+         key="sat_EXCLUDE"),
+]
+
+
+def claim_rows(results: dict, tags: list[str], grid: list[float]) -> list[dict]:
+    """The headline rows of summary.json: CLAIMS for every teacher, read by headline_rows.
+
+    In tuning mode (--lr-grid) every method at every lr against SFT, for reading only.
+    """
+    values = {f"{tag}|{name}|{k}": v for (tag, name), res in results.items()
+              for k, v in res.items()}
+    if grid:
+        claims = [dict(metric=f"sampled satisfaction, lr {lr:g}, {tag}", higher_is_better=True,
+                       expect="report", method=(f"{name} @ {lr:g}",
+                                                f"{tag}|{name} @ {lr:g}|sampled_sat"),
+                       baseline=("SFT", f"{tag}|SFT|sampled_sat"))
+                  for tag in tags for name in METHODS for lr in grid]
+    else:
+        claims = [dict(metric=f"{c['metric']}, {tag}", higher_is_better=True,
+                       expect=c["expect"], method=(c["method"], f"{tag}|{c['method']}|{c['key']}"),
+                       baseline=(c["baseline"], f"{tag}|{c['baseline']}|{c['key']}"))
+                  for c in CLAIMS for tag in tags]
+    return headline_rows(claims, values)
+
+
+def premise_rows(results: dict) -> list[dict]:
+    """summary.json's `premise`: does this toy pose ECD's problem? (EXPERIMENTS.md, section 1)"""
+    p, rows = results["premise"], []
+    for tag in results["tags"]:
+        s = p[tag]
+        rows += [
+            premise_row(f"{tag}: ECD negatives that miss exactly the child's new constraint "
+                        "(hard)", s["ecd_neg_hard"], ">=", 0.5),
+            premise_row(f"{tag}: random negatives that already break a parent constraint "
+                        "(trivially wrong)", s["random_neg_trivial"], ">=", 0.5),
+            premise_row(f"{tag}: room above SFT, 1 - SFT sampled satisfaction",
+                        1.0 - results["results"][(tag, "SFT")]["sampled_sat"], ">=", 0.05),
+            premise_row(f"{tag}: the teacher's satisfaction on evolved training instructions "
+                        "(what SFT imitates)", s["teacher_sat"]),
+        ]
+    rows.append(premise_row("chance: satisfaction of a random answer of the right length",
+                            p["chance_sat"]))
+    rows.append(premise_row("ceiling: satisfaction of the checker's own answers (held-out)", 1.0))
+    return rows
+
+
+def report(results: dict) -> dict:
+    """The premise, the table, summary.json, the plot and the verdict. Returns the summary."""
+    cfg, m = results["cfg"], results["metrics"]
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    premise = premise_rows(results)
+    print_premise(premise)
+    print_table(results["results"])
+    headline = claim_rows(results["results"], results["tags"], results["grid"])
+    plot(results["results"], results["history"]["dpo"], results["tags"], results["grid"],
+         out / "ecd.png")
+    summary = write_summary(cfg, out, results["t_start"], m, headline, premise, results["arms"])
+    print(f"wall time {summary['wall_seconds']:.1f} s")
+    print_verdict(headline, cfg.quick, out, results["t_start"])
+    return summary
+
+
 def print_table(results: dict) -> None:
     ops = [op for op in OPS if any(f"sat_{op}" in r for r in results.values())]
     head = (f"| {'teacher':<16} | {'method':<18} | sampled sat | greedy sat | pair acc | "
@@ -924,7 +1049,7 @@ def plot(results: dict, dpo_hist: dict, tags: list[str], grid: list[float], path
     (tuning mode: satisfaction against the learning rate)."""
     import matplotlib
 
-    if not in_notebook():
+    if not IN_NOTEBOOK:
         matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -969,15 +1094,149 @@ def plot(results: dict, dpo_hist: dict, tags: list[str], grid: list[float], path
         ax[-1].legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
-    plt.show() if in_notebook() else plt.close(fig)
+    plt.show() if IN_NOTEBOOK else plt.close(fig)
 
 
-# %% 9. The run's last lines
-# PLUMBING: what `expect` means (../CONTRIBUTING.md, section 2): "better" = the method should
-# beat the baseline; "level" = a control, the two should be within 2 %; "report" = a diagnostic
-# or a reported negative, not a claim.
-EXPECT = {"better": "method should beat baseline", "level": "control: within 2 % expected",
+# %% 7. Entry point
+def main(argv=None) -> dict:
+    cfg = parse_args(argv)
+    prepare_out_dir(cfg.out_dir)  # before training: a bad --out-dir fails in a second
+    # PLUMBING: one thread is faster than two for a model this small (measured on a 2-core box).
+    torch.set_num_threads(1)
+    try:
+        return report(train(cfg))
+    except KeyboardInterrupt:
+        sys.exit(f"{FOLDER}/train.py: error: interrupted")
+
+
+# %% Appendix: run plumbing (the same bytes in every folder; skip on a first read)
+# PLUMBING: tests/test_repo.py keeps this cell identical in all ten files and the template.
+# It parses and validates the command line, prepares the run folder, builds the claim rows,
+# writes summary.json and prints the run's last lines (CONTRIBUTING.md, section 2).
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a user mistake is one line on stderr and exit code 2, never a traceback."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def parse_args(argv=None) -> Config:
+    """The CLI, generated from Config's fields; in a notebook, --quick (never the kernel's argv)."""
+    if argv is None and IN_NOTEBOOK:
+        argv = ["--quick"]
+    p = _Parser(prog=f"{FOLDER}/train.py", description=__doc__.splitlines()[0])
+    for f in dataclasses.fields(Config):
+        flag, meta = "--" + f.name.replace("_", "-"), f.metadata
+        if f.type in (bool, "bool"):
+            p.add_argument(flag, action="store_true", help=meta["help"])
+            continue
+        extra = f"; range {meta['range']}" if "range" in meta else ""
+        p.add_argument(flag, type=type(f.default), default=f.default,
+                       choices=meta.get("choices"),
+                       help=meta["help"] + f" (default: %(default)s{extra})")
+    cfg = Config(**vars(p.parse_args(argv)))
+    problem = validate(cfg)
+    if problem:
+        p.error(problem)
+    return cfg
+
+
+_RANGE = re.compile(r"^([\[(])\s*([^,\s]+)\s*,\s*([^\]\)\s]+)\s*([\])])$")
+
+
+def validate(cfg: Config) -> str | None:
+    """The first broken rule as one line ("--steps must be in [1, inf), got -3"), or None."""
+    for f in dataclasses.fields(cfg):
+        value, spec = getattr(cfg, f.name), f.metadata.get("range")
+        if spec is None:
+            continue
+        lo_br, lo, hi, hi_br = _RANGE.match(spec).groups()
+        lo, hi = float(lo), float(hi)
+        ok = (value >= lo if lo_br == "[" else value > lo) and (value <= hi if hi_br == "]"
+                                                                 else value < hi)
+        if not ok:
+            return f"--{f.name.replace('_', '-')} must be in {spec}, got {value}"
+    if str(getattr(cfg, "device", "cpu")).startswith("cuda"):
+        torch = sys.modules.get("torch")
+        if torch is None or not torch.cuda.is_available():
+            return "--device cuda: no CUDA GPU is available on this machine"
+    return check_config(cfg)
+
+
+def prepare_out_dir(path: str) -> Path:
+    """Create the run folder and prove it is writable *before* any training (one-line error)."""
+    out = Path(path)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise SystemExit(f"{FOLDER}/train.py: error: --out-dir {path!r} is not a writable "
+                         f"folder ({e.strerror or e})") from None
+    return out
+
+
+def premise_row(name: str, value: float, cmp: str | None = None,
+                threshold: float | None = None) -> dict:
+    """A row of `premise`: a statistic of the toy, and whether it passes its stated threshold.
+
+    Without cmp/threshold it is a reported value (an upper bound, a ceiling): holds is None.
+    """
+    holds = None if cmp is None else bool(value >= threshold if cmp == ">=" else value <= threshold)
+    return {"name": name, "value": float(value), "cmp": cmp, "threshold": threshold,
+            "holds": holds}
+
+
+def print_premise(premise: list[dict]) -> None:
+    """The premise rows, printed before the headline: does this toy pose the paper's problem?"""
+    print("\nPremise (does this toy pose the paper's problem?):")
+    for r in premise:
+        test = ("" if r["cmp"] is None else
+                f" (want {r['cmp']} {r['threshold']:.4g}: {'holds' if r['holds'] else 'FAILS'})")
+        print(f"  {r['name']}: {r['value']:.4g}{test}")
+
+
+def headline_rows(claims: list[dict], values: dict) -> list[dict]:
+    """summary.json's headline rows from the CLAIMS table: (name, key) pairs read from values."""
+    rows = []
+    for c in claims:
+        row = {"metric": c["metric"], "higher_is_better": c["higher_is_better"],
+               "expect": c["expect"],
+               "method": {"name": c["method"][0], "value": float(values[c["method"][1]])},
+               "baseline": {"name": c["baseline"][0], "value": float(values[c["baseline"][1]])}}
+        if "margin" in c:
+            row["margin"], row["margin_why"] = float(c["margin"]), c["margin_why"]
+        rows.append(row)
+    return rows
+
+
+# What `expect` means (CONTRIBUTING.md, section 2).
+EXPECT = {"better": "method should beat baseline",
+          "level": "control: within the stated margin expected",
           "report": "diagnostic, not a claim"}
+LEVEL_TOL = 0.02  # a level row without its own margin: within 2 % of the larger value
+
+
+def held(row: dict) -> bool | None:
+    """Did this seed's row show what it claims? The rule tools/run_all.py counts (k/5)."""
+    m, b = row["method"]["value"], row["baseline"]["value"]
+    if row["expect"] == "report":
+        return None
+    if row["expect"] == "level":
+        tol = row.get("margin", LEVEL_TOL * max(abs(m), abs(b), 1e-12))
+        return abs(m - b) <= tol
+    return (m > b) if row["higher_is_better"] else (m < b)
+
+
+def write_summary(cfg: Config, out: Path, t_start: float, metrics: dict, headline: list[dict],
+                  premise: list[dict], arms: dict) -> dict:
+    """summary.json: what tools/run_all.py and the tests read. Returns it."""
+    summary = {"folder": FOLDER, "seed": cfg.seed, "config": dataclasses.asdict(cfg),
+               "wall_seconds": time.time() - t_start, "metrics": metrics, "headline": headline,
+               "premise": premise, "arms": arms}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    return summary
 
 
 def seed_record(row: dict) -> str:
@@ -987,7 +1246,7 @@ def seed_record(row: dict) -> str:
     results = next((d / "RESULTS.md" for d in (here.parent, here) if (d / "RESULTS.md").is_file()),
                    None)
     if results is None:
-        return "no RESULTS.md beside this folder"
+        return "no RESULTS.md here (the record over seeds 0-4 is in the course repository)"
     arrow = "↑" if row["higher_is_better"] else "↓"
     for line in results.read_text().splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
@@ -1001,16 +1260,15 @@ def print_verdict(headline: list[dict], quick: bool, out: Path, t_start: float) 
     """One plain line per headline row, a --quick warning, and the files this run wrote."""
     print("\nVerdict (this seed):")
     for row in headline:
-        m, b = row["method"]["value"], row["baseline"]["value"]
-        better = (m > b) if row["higher_is_better"] else (m < b)
-        level = abs(m - b) <= 0.02 * max(abs(m), abs(b), 1e-12)
-        # PLUMBING: the same rule tools/run_all.py counts ("better": strictly ahead; "level":
-        # within 2 %), so this seed's line and the k/5 in RESULTS.md never disagree.
+        m, b, ok = row["method"]["value"], row["baseline"]["value"], held(row)
         if row["expect"] == "level":
-            seen = "level, held" if level else "not level"
+            seen = "level, held" if ok else "not level"
+            seen += f" (margin {row['margin']:.3g})" if "margin" in row else " (within 2 %)"
         else:
-            seen = "method ahead" if better else "baseline ahead"
-            seen += " (by < 2 %)" if level else ""
+            ahead = (m > b) if row["higher_is_better"] else (m < b)
+            seen = "method ahead" if ahead else "baseline ahead"
+            close = abs(m - b) <= LEVEL_TOL * max(abs(m), abs(b), 1e-12)
+            seen += " (by < 2 %)" if close else ""
         direction = "higher" if row["higher_is_better"] else "lower"
         print(f"  [{row['expect']}] {row['metric']} ({direction} is better): "
               f"{row['method']['name']} {m:.4g} vs {row['baseline']['name']} {b:.4g} -> {seen}; "
@@ -1022,23 +1280,16 @@ def print_verdict(headline: list[dict], quick: bool, out: Path, t_start: float) 
     print("Files written:", ", ".join(str(p) for p in written) or "none")
 
 
-# %% 10. Entry point
-def main(argv=None) -> dict:
-    if argv is None and in_notebook():
-        argv = ["--quick"]  # PLUMBING: in a notebook, never parse the kernel's sys.argv
-    cfg = parse_args(argv)
-    # PLUMBING: one thread is faster than two for a model this small (measured on a 2-core box).
-    torch.set_num_threads(1)
-    t_start = time.time()
-    out = prepare_out_dir(cfg.out_dir)  # before training: a bad --out-dir fails in a second
-    try:
-        result = train(cfg)
-    except KeyboardInterrupt:
-        sys.exit(f"{FOLDER}/train.py: error: interrupted")
-    print(f"wall time {result['summary']['wall_seconds']:.1f} s")
-    print_verdict(result["summary"]["headline"], cfg.quick, out, t_start)
-    return result
+def unsolved_exercises() -> list[int]:
+    """The exercises of a student copy whose code is still `raise NotImplementedError`."""
+    text = Path(__file__).read_text() if "__file__" in globals() else ""
+    return sorted({int(n) for n in re.findall(r'NotImplementedError\("Exercise (\d+)', text)})
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except NotImplementedError:
+        todo = ", ".join(map(str, unsolved_exercises())) or "?"
+        raise SystemExit(f"{FOLDER}/train.py: exercise(s) {todo} not solved yet: fill in the "
+                         "code, then check it with `python -m pytest -m exercise`") from None

@@ -465,30 +465,114 @@ def test_controls_see_the_same_pairs_and_compute(quick_data):
     assert ecd.sft_plus_steps(dataclasses.replace(cfg, sft_plus_steps=5)) == 5
 
 
-# --- tier 4: smoke run --------------------------------------------------------------------------
+# --- tier 4: smoke run, and the design record of a --quick run --------------------------------
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("quick")
+    results = ecd.train(ecd.Config(quick=True, out_dir=str(out / "a")))
+    summary = ecd.report(results)
+    return out, results, summary
+
+
 @pytest.mark.slow
-def test_quick_run_smoke_and_determinism(tmp_path):
-    out = ecd.train(ecd.Config(quick=True, out_dir=str(tmp_path / "a")))
-    losses = out["sft_losses"]
-    assert all(math.isfinite(x) for x in losses)
-    assert np.mean(losses[-10:]) < np.mean(losses[:10]) - 0.5
-    assert len(out["dpo_history"]) == 4  # 2 teachers x (random, ECD)
-    for h in out["dpo_history"].values():
+def test_quick_run_smoke_and_determinism(quick_run):
+    tmp_path, out, s = quick_run
+    for losses in out["history"]["sft_losses"].values():
+        assert all(math.isfinite(x) for x in losses)
+        assert np.mean(losses[-10:]) < np.mean(losses[:10]) - 0.5
+    assert len(out["history"]["dpo"]) == 4  # 2 teachers x (random, ECD)
+    for h in out["history"]["dpo"].values():
         assert all(math.isfinite(x) for x in h["loss"])
         assert h["loss"][0] == pytest.approx(math.log(2), abs=1e-4)  # policy starts at reference
-    s = json.loads((tmp_path / "a" / "summary.json").read_text())
-    assert set(s) == {"folder", "seed", "config", "wall_seconds", "metrics", "headline"}
+    assert json.loads((tmp_path / "a" / "summary.json").read_text()) == json.loads(
+        json.dumps(s, default=str))
+    assert set(s) == {"folder", "seed", "config", "wall_seconds", "metrics", "headline",
+                      "premise", "arms"}
     assert s["folder"] == "ecd" and s["config"]["steps"] == ecd.QUICK["steps"]
     for row in s["headline"]:
-        assert set(row) == {"metric", "higher_is_better", "expect", "method", "baseline"}
+        assert {"metric", "higher_is_better", "expect", "method", "baseline"} <= set(row)
         assert row["expect"] in ("better", "level", "report")
         assert 0.0 <= row["method"]["value"] <= 1.0
     first = next(r for r in s["headline"] if r["expect"] == "better")
     assert first["baseline"]["name"] == "SFT+"  # the index shows ECD vs the fair control
     assert (tmp_path / "a" / "ecd.png").exists()
     again = ecd.train(ecd.Config(quick=True, out_dir=str(tmp_path / "b")))
-    assert again["sft_losses"] == losses
+    assert again["history"]["sft_losses"] == out["history"]["sft_losses"]
     assert again["metrics"] == out["metrics"]
+
+
+def test_arms_record_the_papers_design(quick_run):
+    """What each compared arm got, from a --quick run, against the design (EXPERIMENTS.md, 7)."""
+    _, out, s = quick_run
+    cfg, arms = out["cfg"], s["arms"]
+    assert set(arms) == {"SFT", "SFT+", "DPO random neg", "DPO ECD"}
+    assert all(a["teachers"] == ["teacher err 0.3", "perfect teacher"] for a in arms.values())
+    # the data: ECD reads the parent answers, the rival random failing answers, SFT+ the chosen
+    assert arms["DPO ECD"]["pairs"] == "ecd" and arms["DPO random neg"]["pairs"] == "random"
+    assert arms["SFT+"]["data"] == "sft_plus" and arms["SFT"]["data"] == "sft"
+    # every second stage starts from the SFT weights; DPO's reference is the frozen SFT model
+    assert all(arms[n]["init"] == "sft" for n in ("SFT+", "DPO random neg", "DPO ECD"))
+    assert arms["DPO ECD"]["reference"] == arms["DPO random neg"]["reference"] == "sft (frozen)"
+    # each arm at its own learning rate (the lr each one actually trained with)
+    assert arms["SFT+"]["lr"] == cfg.lr_sft_plus != cfg.lr_dpo_ecd
+    assert arms["DPO ECD"]["lr"] == cfg.lr_dpo_ecd and arms["DPO random neg"]["lr"] == (
+        cfg.lr_dpo_rand)
+    assert arms["DPO ECD"]["beta"] == arms["DPO random neg"]["beta"] == cfg.beta
+    assert len({a["decoding"] for a in arms.values()}) == 1  # one decoding rule for all arms
+
+
+def test_method_lr_gives_each_arm_its_own_lr():
+    cfg = ecd.Config(lr_sft_plus=1.0, lr_dpo_rand=2.0, lr_dpo_ecd=3.0)
+    assert [ecd.method_lr(cfg, n) for n in ecd.METHODS] == [1.0, 2.0, 3.0]
+
+
+def test_dpo_ecd_arm_trains_on_the_parent_answers(quick_data, monkeypatch):
+    cfg, data = quick_data
+    d = data["train"][0.3]
+    seen = {}
+
+    def spy(policy, ref_model, pairs, steps, lr, beta, batch_size, gen, log_every, tag="dpo"):
+        seen[tag] = pairs
+        return {"loss": [0.0]}
+
+    monkeypatch.setattr(ecd, "train_dpo", spy)
+    torch.manual_seed(0)
+    model = ecd.make_model(tiny_cfg())
+    for name in ("DPO ECD", "DPO random neg"):
+        ecd.run_stage_two(name, model, model, d, cfg, 1e-3)
+
+    def decode(ids, mask):
+        return [[ecd.VOCAB[t] for t, m in zip(r.tolist(), mr.tolist()) if m == 1][:-1]
+                for r, mr in zip(ids, mask)]
+
+    ecd_pairs = seen["DPO ECD"]
+    assert decode(ecd_pairs["r_ids"], ecd_pairs["r_mask"]) == [yl for _, _, yl in d["ecd"]]
+    assert decode(ecd_pairs["c_ids"], ecd_pairs["c_mask"]) == [yw for _, yw, _ in d["ecd"]]
+    rand = seen["DPO random neg"]
+    assert decode(rand["r_ids"], rand["r_mask"]) == [yl for _, _, yl in d["random"]]
+    assert decode(rand["c_ids"], rand["c_mask"]) == [yw for _, yw, _ in d["ecd"]]
+
+
+class _CoinLM(torch.nn.Module):
+    """A fake LM whose next token is W1 with probability 0.75 and W2 with 0.25 at temperature 1
+    (every other token gets -inf), whatever the context."""
+
+    def forward(self, input_ids):
+        B, T = input_ids.shape
+        logits = torch.full((B, T, len(ecd.VOCAB)), -1e9)  # (B, T, V)
+        logits[..., ecd.TOK["W1"]] = math.log(0.75)
+        logits[..., ecd.TOK["W2"]] = math.log(0.25)
+        return type("Out", (), {"logits": logits})()
+
+
+def test_sampling_is_at_temperature_one():
+    # 400 answers x MAX_NEW tokens: the share of W1 must be 0.75 (temperature 0.5 would give 0.9)
+    out = ecd.generate(_CoinLM(), [[("COUNT", 2)]], 400, False, torch.Generator().manual_seed(0))
+    toks = [t for ans in out[0] for t in ans]
+    assert len(toks) == 400 * ecd.MAX_NEW
+    assert np.mean([t == "W1" for t in toks]) == pytest.approx(0.75, abs=0.02)
+    greedy = ecd.generate(_CoinLM(), [[("COUNT", 2)]], 400, True, torch.Generator())
+    assert greedy == [[["W1"] * ecd.MAX_NEW]]
 
 
 def test_main_rejects_unwritable_out_dir(tmp_path):
