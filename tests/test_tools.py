@@ -114,9 +114,9 @@ def test_student_bundle_stands_alone_fails_unsolved_and_leaves_the_answers_out(t
     bundle = tmp_path / "example_paper"
     student = bundle / "example_paper" / "train.py"
     assert "NotImplementedError" in student.read_text()
-    # the README is copied as it is; the teacher notes are not copied at all
-    assert (bundle / "example_paper" / "README.md").read_bytes() == \
-        (TEMPLATE / "README.md").read_bytes()
+    # the README is copied without what points to the teacher's files; the notes are not copied
+    assert (bundle / "example_paper" / "README.md").read_text() == \
+        make_exercises.student_readme((TEMPLATE / "README.md").read_text())
     assert (TEMPLATE / "TEACHER.md").is_file()
     assert not (bundle / "example_paper" / "TEACHER.md").exists()
     assert (bundle / "tests" / "test_example_paper.py").is_file()
@@ -371,7 +371,7 @@ def test_generated_notebook_runs_end_to_end_in_a_kernel(tmp_path):
     nb = nbformat.read(out / "example_paper.ipynb", as_version=4)
     assert nb.cells[0].cell_type == "markdown"
     code = [c for c in nb.cells if c.cell_type == "code"]
-    assert code[-1].source.rstrip().endswith("main()")
+    assert code[-1].source.startswith('if __name__ == "__main__":') and "main()" in code[-1].source
     text = "".join(o.get("text", "") for o in code[-1].outputs)
     assert "Verdict (this seed):" in text and "--quick is a smoke run" in text
     assert not any(o.get("output_type") == "error" for c in code for o in c.outputs)

@@ -129,24 +129,78 @@ filterwarnings =
 BUNDLE_README = """\
 # {folder}: your exercise copy
 
-Made by `tools/make_exercises.py`. What is here:
+Everything you need for this folder's exercises, on its own: the method with the coding
+exercises blanked out, the tests that grade them, and the packages they need.
+
+## Set-up (once, about 5 minutes)
+
+You need Python 3.11 (`python3 --version`). In this folder:
+
+```bash
+python3 -m venv .venv && source .venv/bin/activate     # Windows: .venv\\Scripts\\activate
+pip install -r requirements.txt                          # CPU-only PyTorch, about 1 GB
+```
+
+## What is here
 
 - `{folder}/train.py`: the method, with each coding exercise's solution replaced by
   `raise NotImplementedError("Exercise N: ...")` between its `# BEGIN SOLUTION (exercise N)` and
   `# END SOLUTION` fences. Write your code there, between the fences; change nothing else.
 - `{folder}/README.md`: the paper, the run command and the exercises (coding and experiment).
-- `tests/`: the same tests your teacher grades with.
+- `tests/`: the same tests your teacher grades with.{notebook}
 
-Run the method from this folder: `python {folder}/train.py --quick` (seconds), then without
-`--quick`. Check your coding exercises:
+## Work
 
 ```bash
-python -m pytest -m exercise          # all of them
-python -m pytest -m exercise -k ex2   # a test name usually says which one; or read tests/
+python -m pytest -m exercise             # check your coding exercises (all of them)
+python -m pytest -m exercise -k ex2      # one of them: a test's name says which
+python {folder}/train.py --quick         # a smoke run; it names the exercises still to do
+python {folder}/train.py                 # the full run, once they pass
 ```
 
-Exercise numbers in this copy: {numbers}.
+Exercise numbers in this copy: {numbers}. Hand in `{folder}/train.py`{hand_in}.
 """
+
+NOTEBOOK_NOTE = """
+- `{folder}/train.ipynb`: the same file as a notebook, cell by cell (the `Try it` cells show the
+  method on tiny inputs). Open it with `pip install jupyterlab && jupyter lab {folder}/train.ipynb`.
+  It is paired with `train.py` (jupytext): work in either; your teacher grades whichever you
+  changed last."""
+
+SOLUTION_NUMBERS = re.compile(r"^[ \t]*# BEGIN SOLUTION \(exercise (\d+)\)", re.M)
+
+# Packages the bundle does not need: the repo's linter and its parallel test runner.
+DEV_ONLY = ("ruff", "pytest-xdist")
+
+
+def bundle_requirements(root: Path = ROOT) -> str:
+    """The repo's pinned requirements, less the developer-only tools."""
+    keep = []
+    for line in (root / "requirements.txt").read_text().splitlines():
+        name = re.split(r"[=<>!~ \[]", line.split("#")[0].strip())[0].lower()
+        if name not in DEV_ONLY:
+            keep.append(line)
+    return "\n".join(keep).rstrip() + "\n"
+
+
+# What a student copy of a folder README must not point to: files it does not contain.
+TEACHER_ONLY = re.compile(r"TEACHER\.md|tools/|make_exercises|RESULTS\.md")
+
+
+def student_readme(text: str) -> str:
+    """The folder README for a student copy: paragraphs and code blocks that point to files the
+    bundle lacks (the teacher notes, the repo's tools, RESULTS.md) are left out."""
+    blocks, current, fenced = [], [], False
+    for line in text.splitlines(keepends=True):
+        if line.startswith("```"):
+            fenced = not fenced
+        current.append(line)
+        if not fenced and (line.strip() == "" or line.startswith("```")):
+            blocks.append("".join(current))
+            current = []
+    blocks.append("".join(current))
+    kept = [b for b in blocks if not TEACHER_ONLY.search(b) or b.lstrip().startswith("#")]
+    return re.sub(r"\n{3,}", "\n\n", "".join(kept))
 
 
 def make_student_copy(folder: Path, out: Path, tests_dir: Path | None = None
@@ -172,9 +226,15 @@ def make_student_copy(folder: Path, out: Path, tests_dir: Path | None = None
     if folder.resolve() in (bundle.resolve(), *bundle.resolve().parents) or \
             bundle.resolve() in folder.resolve().parents:
         raise FenceError("--out must not contain or be inside the folder itself")
-    if bundle.exists():
-        shutil.rmtree(bundle)
-    shutil.copytree(folder, dest, ignore=shutil.ignore_patterns("__pycache__", *TEACHER_FILES))
+    # Only what this tool writes is replaced; anything else in the bundle (a runs/ folder, a
+    # notebook) stays.
+    for old in (dest, bundle / "tests"):
+        if old.exists():
+            shutil.rmtree(old)
+    shutil.copytree(folder, dest, ignore=shutil.ignore_patterns("__pycache__", "runs",
+                                                                *TEACHER_FILES))
+    if (dest / "README.md").is_file():
+        (dest / "README.md").write_text(student_readme((dest / "README.md").read_text()))
     report = {}
     for src, (text, numbers) in stripped.items():
         (dest / src.relative_to(folder)).write_text(text)
@@ -186,10 +246,18 @@ def make_student_copy(folder: Path, out: Path, tests_dir: Path | None = None
             if (tests_dir / name).is_file():
                 shutil.copy2(tests_dir / name, bundle / "tests" / name)
     (bundle / "pytest.ini").write_text(PYTEST_INI.format(folder=folder.name))
+    (bundle / "requirements.txt").write_text(bundle_requirements())
     numbers = sorted({n for v in report.values() for n in v})
-    (bundle / "README.md").write_text(BUNDLE_README.format(
-        folder=folder.name, numbers=", ".join(map(str, numbers)) or "none"))
+    (bundle / "README.md").write_text(bundle_readme(folder.name, numbers, notebook=False))
     return report
+
+
+def bundle_readme(folder: str, numbers: list[int], notebook: bool) -> str:
+    """The bundle's own README (set-up, what is here, how to work)."""
+    return BUNDLE_README.format(
+        folder=folder, numbers=", ".join(map(str, numbers)) or "none",
+        notebook=NOTEBOOK_NOTE.format(folder=folder) if notebook else "",
+        hand_in=f" (or `{folder}/train.ipynb`)" if notebook else "")
 
 
 def find_tests_dir(folder: Path) -> Path | None:

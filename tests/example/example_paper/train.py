@@ -443,6 +443,7 @@ def unsolved_exercises() -> list[int]:
     return sorted({int(n) for n in re.findall(r'NotImplementedError\("Exercise (\d+)', text)})
 
 
+# %% Run (in a notebook: the --quick configuration; main(["--seed", "1"]) for another)
 if __name__ == "__main__":
     try:
         main()
