@@ -493,10 +493,19 @@ def test_handwritten_qformer_matches_transformers_blip2_qformer():
 # --------------------------------------------------------------------------------------------
 # Smoke run
 # --------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def quick_pair(tmp_path_factory):
+    """Two --quick runs with the same seed (train() only) and the first one's report."""
+    tmp = tmp_path_factory.mktemp("quick")
+    a = xf.train(xf.Config(quick=True, out_dir=str(tmp / "a")))
+    b = xf.train(xf.Config(quick=True, out_dir=str(tmp / "b")))
+    summary = xf.report(a)
+    return a, b, summary, tmp / "a"
+
+
 @pytest.mark.slow
-def test_quick_run_is_finite_decreasing_and_deterministic(tmp_path):
-    a = xf.train(xf.Config(quick=True, out_dir=str(tmp_path / "a")))
-    b = xf.train(xf.Config(quick=True, out_dir=str(tmp_path / "b")))
+def test_quick_run_is_finite_decreasing_and_deterministic(quick_pair):
+    a, b, summary, out = quick_pair
     assert list(a["runs"]) == ["BLIP-2", "concat", "no L_REC", "X-Former"]
     for name, run in a["runs"].items():
         loss = np.array(run["history"]["total"])
@@ -507,15 +516,23 @@ def test_quick_run_is_finite_decreasing_and_deterministic(tmp_path):
         n_s2 = 0 if name == "no L_REC" else xf.QUICK["stage2_seeds"]  # the ablation: probe only
         assert len(run["zero_shot_runs"]) == n_s2, name
     assert a["metrics"] == b["metrics"]
-    summary = json.loads((tmp_path / "a" / "summary.json").read_text())
-    assert set(summary) == {"folder", "seed", "config", "wall_seconds", "metrics", "headline"}
+
+
+@pytest.mark.slow
+def test_report_writes_the_summary_the_first_row_reads_x_former_vs_concat(quick_pair):
+    a, _, summary, out = quick_pair
+    assert json.loads((out / "summary.json").read_text()) == json.loads(json.dumps(summary))
+    assert set(summary) == {"folder", "seed", "config", "wall_seconds", "metrics", "headline",
+                            "premise", "arms"}
     assert summary["folder"] == "xformer"
+    assert summary["config"]["steps"] == xf.QUICK["steps"]  # the config after --quick
     head = summary["headline"]
     assert all(r["expect"] in ("better", "level", "report") for r in head)
     first = next(r for r in head if r["expect"] == "better")  # the row the root index shows
     assert first["baseline"]["name"].startswith("concat")
     assert first["method"]["value"] == a["runs"]["X-Former"]["zero_shot_count"]
-    assert (tmp_path / "a" / "xformer.png").stat().st_size > 1000
+    assert first["baseline"]["value"] == a["runs"]["concat"]["zero_shot_count"]
+    assert (out / "xformer.png").stat().st_size > 1000
 
 
 def test_bad_arguments_are_one_line_errors(capsys):
