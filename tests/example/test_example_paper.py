@@ -28,6 +28,11 @@ def test_ex2_logistic_gradient_matches_hand_value():
     y = np.array([1.0, 0.0])
     _, grad = example.logistic_loss(np.zeros(2), X, y, lam=0.0)
     assert grad == pytest.approx([(1 * -0.5 + 3 * 0.5) / 2, (2 * -0.5 + -1 * 0.5) / 2])
+    # with the penalty: w = (1, 0), lam = 2 adds lam * w = (2, 0) to the data gradient
+    _, grad_w = example.logistic_loss(np.array([1.0, 0.0]), X, y, lam=2.0)
+    s1, s3 = example.sigmoid(1.0), example.sigmoid(3.0)
+    data = [(1 * (s1 - 1) + 3 * s3) / 2, (2 * (s1 - 1) + -1 * s3) / 2]
+    assert grad_w == pytest.approx([data[0] + 2.0, data[1]])
 
 
 @pytest.mark.exercise(2)
