@@ -88,11 +88,17 @@ IN_NOTEBOOK = "ipykernel" in sys.modules
 
 
 # %% 2. Config
-METHODS = ("ew", "groupdro", "uw", "dwa", "excessmtl")
-NAMES = {"ew": "EW", "groupdro": "GroupDRO", "uw": "UW", "dwa": "DWA", "excessmtl": "ExcessMTL"}
+METHODS = ("ew", "groupdro", "dwa", "excessmtl", "exact", "oracle", "uw", "ew_adam",
+           "oracle_adam")
+NAMES = {"ew": "EW", "groupdro": "GroupDRO", "uw": "UW (Adam)", "dwa": "DWA",
+         "excessmtl": "ExcessMTL", "exact": "EG on exact excess", "oracle": "drop-noisy oracle",
+         "ew_adam": "EW (Adam)", "oracle_adam": "drop-noisy oracle (Adam)"}
+# The arms trained with Adam at --adam-lr (UW is published with Adam; the other two separate UW's
+# weighting from its optimiser). Every other arm uses SGD with momentum at --lr.
+ADAM_METHODS = ("uw", "ew_adam", "oracle_adam")
 # The noise sweep of each toy when --noise-levels is left empty: Gaussian std sigma_0 on the noisy
 # regression target; fraction p of random labels on the noisy digit.
-TOY_NOISE = {"regression": "0.1,1,4", "digits": "0,0.3,0.6"}
+TOY_NOISE = {"regression": "0.1,4", "digits": "0,0.6"}
 
 
 # PLUMBING: one field per knob; the CLI is generated from these fields. `range` is the valid
@@ -132,6 +138,9 @@ class Config:
     task_scale: str = field(default="equal", metadata={
         "help": "equal: every clean signal has unit variance; random: |u_i| as drawn (old toy)",
         "choices": ("equal", "random")})
+    redraw: bool = field(default=False, metadata={
+        "help": "re-draw the noisy task's noise at every step, as the official Office-Home loader "
+                "does (default: drawn once with the data)"})
     batch_size: int = field(default=0, metadata={"help": "0 = full batch (paper: 64 / 8)",
                                                  "range": "[0, inf)"})
     lr: float = field(default=0.05, metadata={"help": "SGD learning rate",
@@ -151,8 +160,16 @@ class Config:
     uw_init: float = field(default=-0.5, metadata={"help": "UW initial log-variance s_i",
                                                    "range": "(-inf, inf)"})
     uw_lr: float = field(default=1e-2, metadata={
-        "help": "UW trains with Adam at this lr (with SGD its weights 1/(2 e^s) blow up the step)",
-        "range": "(0, inf)"})
+        "help": "lr of the Adam arms (UW, EW (Adam), oracle (Adam)); with SGD UW's weights "
+                "1/(2 e^s) blow up the step", "range": "(0, inf)"})
+    eta_exact: float = field(default=0.5, metadata={
+        "help": "EG step of the upper bound that ascends the exact excess risk",
+        "range": "[0, inf)"})
+    n_val: int = field(default=2000, metadata={
+        "help": "validation examples (noisy like training) that choose each arm's checkpoint",
+        "range": "[1, inf)"})
+    eval_every: int = field(default=25, metadata={
+        "help": "steps between checkpoints (test and validation evaluated)", "range": "[1, inf)"})
     log_every: int = field(default=100, metadata={"help": "steps between log lines",
                                                   "range": "[1, inf)"})
 
@@ -160,7 +177,8 @@ class Config:
 # What --quick changes (it wins over the defaults above, flags included). The noise levels depend
 # on the toy (a std for regression, a flip fraction for digits), so --quick takes its levels from
 # QUICK_NOISE[toy] instead of one value that would be wrong for the other toy.
-QUICK = dict(steps=40, n_train=2000, n_test=500, warmup=5, log_every=20)
+QUICK = dict(steps=40, n_train=2000, n_test=500, n_val=500, warmup=5, log_every=20,
+             eval_every=10)
 QUICK_NOISE = {"regression": "0.1,4", "digits": "0,0.6"}
 
 
@@ -275,6 +293,7 @@ class Weighting(nn.Module):
     """
 
     needs_grads = False
+    needs_excess = False  # only the exact-excess upper bound reads the noiseless targets
 
     def __init__(self, m: int):
         super().__init__()
@@ -310,6 +329,11 @@ class ExcessMTL(Weighting):
             self.S = torch.zeros_like(grads)  # (m, P)
         # Eqs. (6)-(7): the excess-risk estimate from the task's own gradient history.
         e_hat, self.S = excess_risk_estimate(grads.detach(), self.S)
+        self.ascend(e_hat)
+        return self.weighted(losses)
+
+    def ascend(self, e_hat: torch.Tensor) -> None:
+        """PAPER: scale processing (Sec. 3.2) and the EG step (Eq. 9) on excess risks e_hat (m,)."""
         self.e_hat = e_hat
         self.t += 1
         if self.t <= self.warmup:
@@ -328,7 +352,6 @@ class ExcessMTL(Weighting):
             self.r = e_hat / (self.e0_sum / self.warmup)  # (m,)
             # Eq. (9): the max player's EG step on the normalised excess risks.
             self.alpha = eg_update(self.alpha, self.r, self.eta)
-        return self.weighted(losses)
 
 
 # %% 3b. Prior work: loss-driven robust weighting (GroupDRO), the foil the paper fixes
@@ -373,8 +396,9 @@ def make_regression(cfg: Config, gen: torch.Generator) -> dict:
     """m regression tasks on shared features: y_i = u_i . tanh(A x) + eps_i.
 
     Returns tensors x_train (N, D), f_train (N, m) noiseless targets, z_train (N, m) unit-variance
-    noise draws, x_test (N_test, D), y_test (N_test, m) noiseless targets. The training target of
-    a noise level is f + sigma * z (built by `noisy_targets`), so every level shares one draw.
+    noise draws, x_test (N_test, D), y_test (N_test, m) noiseless targets, and a validation split
+    x_val, f_val, z_val drawn like the training data. The training target of a noise level is
+    f + sigma * z (built by `noisy_targets`), so every level shares one draw.
     """
     D, K, m = cfg.d_in, cfg.d_latent, cfg.n_tasks
     A = torch.randn(K, D, generator=gen) * 2.0 / math.sqrt(D)  # (K, D)
@@ -390,6 +414,13 @@ def make_regression(cfg: Config, gen: torch.Generator) -> dict:
         # A, the directions of u_i and the inputs still vary with the seed.
         scale = f_train.std(0, keepdim=True)  # (1, m)
         f_train, f_test = f_train / scale, f_test / scale
+    else:
+        scale = torch.ones(1, m)  # (1, m)
+    # PLUMBING: the validation split is drawn last, so the training and test data of a seed are
+    # the same with or without it.
+    x_val = torch.randn(cfg.n_val, D, generator=gen)  # (N_val, D)
+    z_val = torch.randn(cfg.n_val, m, generator=gen)  # (N_val, m)
+    f_val = torch.tanh(x_val @ A.T) @ U / scale  # (N_val, m)
     return {
         "kind": "regression",
         "x_train": x_train,
@@ -397,6 +428,7 @@ def make_regression(cfg: Config, gen: torch.Generator) -> dict:
         "z_train": z_train,
         "x_test": x_test,
         "y_test": f_test,  # (N_test, m) noiseless
+        "x_val": x_val, "f_val": f_val, "z_val": z_val,
     }
 
 
@@ -422,7 +454,7 @@ def make_digits(cfg: Config, gen: torch.Generator) -> dict:
 
     x_train, f_train = pairs(perm[:cut], cfg.n_train)
     x_test, y_test = pairs(perm[cut:], cfg.n_test)
-    return {
+    data = {
         "kind": "digits",
         "x_train": x_train,
         "f_train": f_train,
@@ -431,22 +463,29 @@ def make_digits(cfg: Config, gen: torch.Generator) -> dict:
         "x_test": x_test,
         "y_test": y_test,
     }
+    # PLUMBING: validation pairs from the training images, flipped like the training labels;
+    # drawn last, so the training and test data of a seed are the same with or without them.
+    data["x_val"], data["f_val"] = pairs(perm[:cut], cfg.n_val)
+    data["z_val"] = torch.randint(10, (cfg.n_val, 2), generator=gen)  # (N_val, 2)
+    data["u_val"] = torch.rand(cfg.n_val, generator=gen)  # (N_val,)
+    return data
 
 
 def make_dataset(cfg: Config, gen: torch.Generator) -> dict:
     return make_digits(cfg, gen) if cfg.toy == "digits" else make_regression(cfg, gen)
 
 
-def noisy_targets(data: dict, noise: float, noisy_task: int, sigma_clean: float) -> torch.Tensor:
-    """The training targets of one noise level: label noise on `noisy_task` only.
+def noisy_targets(data: dict, noise: float, noisy_task: int, sigma_clean: float,
+                  split: str = "train") -> torch.Tensor:
+    """The training (or validation) targets of one noise level: label noise on `noisy_task` only.
 
     Regression: y_i = f_i + sigma_i z_i with sigma = noise for the noisy task, sigma_clean else.
     Digits: a fraction `noise` of the noisy task's labels is replaced by a uniform random class.
     Returns (N, m): float targets (regression) or int64 labels (digits).
     """
-    f, z = data["f_train"], data["z_train"]
+    f, z = data[f"f_{split}"], data[f"z_{split}"]
     if data["kind"] == "digits":
-        flip = data["u_train"] < noise  # (N,)
+        flip = data[f"u_{split}"] < noise  # (N,)
         y = f.clone()  # (N, 2)
         y[flip, noisy_task] = z[flip, noisy_task]
         # DEVIATION: the noisy labels are drawn once; the official Office-Home loader re-draws
@@ -543,9 +582,46 @@ class DynamicWeightAverage(Weighting):
         return self.weighted(losses)
 
 
+class DropNoisyOracle(Weighting):
+    """The prize: fixed weights that know which task is noisy and drop it (alpha_noisy = 0).
+
+    Not a method (it reads the answer); it shows how much the clean tasks could gain if the
+    weighting found the noisy task, the best any task weighting can hope for here.
+    """
+
+    def __init__(self, m: int, noisy_task: int):
+        super().__init__(m)
+        self.alpha = torch.full((m,), 1.0 / (m - 1))  # (m,)
+        self.alpha[noisy_task] = 0.0
+
+    def forward(self, losses, grads=None):
+        return self.weighted(losses)
+
+
+class ExactExcessEG(ExcessMTL):
+    """The estimator's upper bound: ExcessMTL's game played on the *exact* excess risk.
+
+    The toy holds the noiseless targets f, so the in-sample excess risk of task i on the batch,
+    mean((prediction_i - f_i)^2) (regression) or the loss against the clean labels (digits), is
+    known exactly. Same scale processing and EG step (Eq. 9) as ExcessMTL; only the estimate of
+    Eqs. (6)-(7) is replaced by the truth. If this arm cannot beat EW, no estimator can.
+    """
+
+    needs_grads = False
+    needs_excess = True
+
+    def forward(self, losses, grads=None, excess=None):
+        self.ascend(excess.detach())
+        return self.weighted(losses)
+
+
 def make_weighting(method: str, cfg: Config, m: int) -> Weighting:
-    if method == "ew":
+    if method in ("ew", "ew_adam"):
         return EqualWeighting(m)
+    if method in ("oracle", "oracle_adam"):
+        return DropNoisyOracle(m, cfg.noisy_task)
+    if method == "exact":
+        return ExactExcessEG(m, cfg.eta_exact, cfg.warmup)
     if method == "groupdro":
         return GroupDRO(m, cfg.eta_dro)
     if method == "uw":
@@ -559,10 +635,14 @@ def make_weighting(method: str, cfg: Config, m: int) -> Weighting:
 
 # %% 6. Training and the report
 def train_one(cfg: Config, data: dict, method: str, noise: float, bar=None) -> dict:
-    """Train one model with one weighting at one noise level.
+    """Train one model with one weighting at one noise level (the loop of Algorithm 1).
 
-    Returns {"history": per-step loss, alpha and task losses, "metrics": see `evaluate` plus
-    "noisy_weight", "weighting": the final Weighting object (its state, e.g. ExcessMTL's S)}.
+    Every `eval_every` steps the model is scored on the validation split (the geometric mean of
+    the task losses, noisy targets like training: what any user could compute) and on the clean
+    test data; the checkpoint with the lowest validation loss is the one reported.
+    Returns {"history": per-step loss, alpha and task losses, the checkpoints' curve, "metrics":
+    see `evaluate` at the chosen checkpoint plus "noisy_weight" and "best_step", "weighting": the
+    final Weighting object (its state, e.g. ExcessMTL's S)}.
     """
     torch.manual_seed(cfg.seed)  # PLUMBING: every method starts from the same initial network
     model = make_model(cfg)
@@ -572,29 +652,55 @@ def train_one(cfg: Config, data: dict, method: str, noise: float, bar=None) -> d
     # DEVIATION: SGD with momentum instead of the paper's Adam. Adam rescales every parameter's
     # update by its own gradient size, so task weights barely change what a head learns; with SGD
     # the effect of the weights is what a student sees.
-    if method == "uw":
+    if method in ADAM_METHODS:
         # DEVIATION: UW with Adam (Kendall et al. and LibMTL train it with Adam). Under plain SGD
         # its weights 1/(2 exp(s_i)) reach ~50 for a clean task at loss 0.01 and multiply the
-        # step size: UW then diverges, which says nothing about the weighting itself.
+        # step size: UW then diverges, which says nothing about the weighting itself. EW and the
+        # oracle also run on Adam, so UW's weighting and its optimiser can be told apart.
         opt = torch.optim.Adam(params, lr=cfg.uw_lr)
     else:
         opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum)
     shared = list(model.encoder.parameters())
+    # PLUMBING: what this arm really got, read back from the objects (the `arms` record).
+    setup = {"optimizer": type(opt).__name__, "lr": opt.param_groups[0]["lr"],
+             "momentum": opt.param_groups[0].get("momentum"),
+             "init_checksum": float(sum(p.detach().abs().sum() for p in model.parameters())),
+             "data_checksum": float(data["x_train"].abs().sum())}
     x, y = data["x_train"], noisy_targets(data, noise, cfg.noisy_task, cfg.sigma_clean)
+    f = data["f_train"]  # (N, m) noiseless targets: only the exact-excess upper bound reads them
+    y_val = noisy_targets(data, noise, cfg.noisy_task, cfg.sigma_clean, split="val")
     batch_gen = torch.Generator().manual_seed(cfg.seed + 1)
-    hist = {"loss": [], "alpha": [], "task_losses": [], "e_hat": [], "r": []}
+    noise_gen = torch.Generator().manual_seed(cfg.seed + 2)  # only used with --redraw
+    hist = {"loss": [], "alpha": [], "task_losses": [], "e_hat": [], "r": [],
+            "eval_step": [], "val_loss": [], "clean_excess": []}
+    best = {"val_loss": math.inf, "step": 0, "state": None}
     for step in range(cfg.steps):
+        if cfg.redraw:
+            # DEVIATION (default off): fixed noise keeps full-batch training deterministic given
+            # the seed; --redraw re-draws it every step like the official loader, so the noise
+            # can no longer be memorised.
+            fresh = {"kind": data["kind"], "f_train": f,
+                     "z_train": (torch.randn(f.shape, generator=noise_gen)
+                                 if data["kind"] == "regression"
+                                 else torch.randint(10, f.shape, generator=noise_gen)),
+                     "u_train": torch.rand(len(f), generator=noise_gen)}
+            y = noisy_targets(fresh, noise, cfg.noisy_task, cfg.sigma_clean)  # (N, m)
         if cfg.batch_size and cfg.batch_size < len(x):
             idx = torch.randint(len(x), (cfg.batch_size,), generator=batch_gen)  # (B,)
-            xb, yb = x[idx], y[idx]
+            xb, yb, fb = x[idx], y[idx], f[idx]
         else:
             # DEVIATION: full-batch gradients by default. The estimate uses the batch gradient,
             # whose squared norm includes the gradient noise; a noisy task has a lot of it and
             # would look "far from converged" (see exercise 3).
-            xb, yb = x, y
+            xb, yb, fb = x, y, f
         losses = task_losses(model, xb, yb)  # (m,)
         grads = per_task_grads(losses, shared) if weighting.needs_grads else None  # (m, P)
-        total = weighting(losses, grads)
+        if weighting.needs_excess:
+            with torch.no_grad():
+                excess = task_losses(model, xb, fb)  # (m,) the exact in-sample excess risk
+            total = weighting(losses, grads, excess=excess)
+        else:
+            total = weighting(losses, grads)
         opt.zero_grad()
         total.backward()
         opt.step()
@@ -604,38 +710,60 @@ def train_one(cfg: Config, data: dict, method: str, noise: float, bar=None) -> d
         if isinstance(weighting, ExcessMTL):  # the diagnostic: raw estimates and ratios
             hist["e_hat"].append(weighting.e_hat.tolist())
             hist["r"].append(weighting.r.tolist())
+        if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
+            # PLUMBING: training length is a knob like the step size; each arm keeps the
+            # checkpoint with the lowest validation loss (EXPERIMENTS.md, section 3).
+            with torch.no_grad():
+                # the geometric mean of the tasks' validation losses: scale-free, so the noisy
+                # task's large loss does not decide every arm's checkpoint on its own
+                val_loss = float(task_losses(model, data["x_val"], y_val).log().mean().exp())
+            hist["eval_step"].append(step + 1)
+            hist["val_loss"].append(val_loss)
+            hist["clean_excess"].append(evaluate(model, data, cfg.noisy_task)["clean_excess"])
+            if val_loss < best["val_loss"]:
+                best = {"val_loss": val_loss, "step": step + 1,
+                        "state": {k: v.clone() for k, v in model.state_dict().items()}}
         if bar is not None:
             bar.update(1)
         if (step + 1) % cfg.log_every == 0 or step == 0:
             w = " ".join(f"{a:.3f}" for a in weighting.alpha.tolist())
-            line = (f"noise {noise:g} | {method:9s} | step {step + 1:4d} | "
+            line = (f"noise {noise:g} | {method:11s} | step {step + 1:4d} | "
                     f"loss {float(losses.detach().sum()):.4f} | alpha {w}")
             (bar.write if bar is not None else print)(line)
-    metrics = evaluate(model, data, cfg.noisy_task)
+    final = evaluate(model, data, cfg.noisy_task)
+    model.load_state_dict(best["state"])
+    metrics = evaluate(model, data, cfg.noisy_task, in_sample=True)
+    metrics["best_step"] = best["step"]
+    metrics["clean_excess_last"] = final["clean_excess"]
     # The weight on the noisy task, averaged over the last fifth of training.
     tail = np.array(hist["alpha"])[-max(1, cfg.steps // 5):]  # (steps/5, m)
     metrics["noisy_weight"] = float(tail[:, cfg.noisy_task].mean())
-    return {"history": hist, "metrics": metrics, "weighting": weighting}
+    return {"history": hist, "metrics": metrics, "weighting": weighting, "setup": setup}
 
 
 @torch.no_grad()
-def evaluate(model: MultiTaskNet, data: dict, noisy_task: int) -> dict:
-    """Per-task excess error on clean test data.
+def evaluate(model: MultiTaskNet, data: dict, noisy_task: int, in_sample: bool = False) -> dict:
+    """Per-task excess error on clean test data, and the in-sample excess on the training inputs.
 
-    Regression: test MSE against the noiseless target = the excess risk over the Bayes predictor.
-    Digits: test error rate (clean digits have ~0 Bayes error, so this is the excess error).
+    Regression: test MSE against the noiseless target = the excess risk over the Bayes predictor;
+    with `in_sample`, `train_excess` is the same on the training inputs (what the exact-excess
+    arm ascends).
+    Digits: test error rate (clean digits have ~0 Bayes error, so this is the excess error), and
+    the training inputs' error against the clean labels.
     """
-    outs = model(data["x_test"])
-    y = data["y_test"]
-    if data["kind"] == "digits":
-        err = [float((o.argmax(1) != y[:, i]).float().mean()) for i, o in enumerate(outs)]
-    else:
-        err = [float(F.mse_loss(o[:, 0], y[:, i])) for i, o in enumerate(outs)]
+    def errors(x, y):
+        outs = model(x)
+        if data["kind"] == "digits":
+            return [float((o.argmax(1) != y[:, i]).float().mean()) for i, o in enumerate(outs)]
+        return [float(F.mse_loss(o[:, 0], y[:, i])) for i, o in enumerate(outs)]
+
+    err = errors(data["x_test"], data["y_test"])
     clean = [e for i, e in enumerate(err) if i != noisy_task]
-    return {"task_excess": err, "clean_excess": float(np.mean(clean)),
-            "noisy_excess": err[noisy_task]}
-
-
+    out = {"task_excess": err, "clean_excess": float(np.mean(clean)),
+           "noisy_excess": err[noisy_task]}
+    if in_sample:
+        out["train_excess"] = errors(data["x_train"], data["f_train"])
+    return out
 
 
 def train(cfg: Config) -> dict:
@@ -657,25 +785,89 @@ def train(cfg: Config) -> dict:
                 runs[(method, noise)] = train_one(cfg, data, method, noise, bar)
     metrics = {}
     for (method, noise), run in runs.items():
-        for k in ("clean_excess", "noisy_excess", "noisy_weight"):
+        for k in ("clean_excess", "noisy_excess", "noisy_weight", "best_step",
+                  "clean_excess_last"):
             metrics[f"{k}/{method}/noise={noise:g}"] = run["metrics"][k]
+        for i, e in enumerate(run["metrics"]["train_excess"]):
+            metrics[f"train_excess/{method}/noise={noise:g}/task={i}"] = e
+        for i, loss in enumerate(run["history"]["task_losses"][-1]):
+            metrics[f"train_loss/{method}/noise={noise:g}/task={i}"] = loss
     return {"cfg": cfg, "t_start": t_start,
             "history": {f"{k}/noise={n:g}": r["history"] for (k, n), r in runs.items()},
-            "metrics": metrics, "arms": {}, "runs": runs, "methods": methods, "levels": levels}
+            "metrics": metrics, "arms": arms_record(cfg, runs, methods, max(levels)),
+            "runs": runs, "methods": methods, "levels": levels}
+
+
+def arms_record(cfg: Config, runs: dict, methods: list[str], top: float) -> dict:
+    """What each compared arm got (EXPERIMENTS.md, section 7); a test checks it against the design.
+
+    `steps` is the checkpoint the validation split chose at the largest noise level.
+    """
+    weights = {"ew": "1/m fixed", "ew_adam": "1/m fixed", "groupdro": "EG on the raw losses",
+               "dwa": "softmax of loss ratios / T", "uw": "learned 1/(2 exp(s_i))",
+               "excessmtl": "EG on the estimated excess risk (Eqs. 6-7, 9)",
+               "exact": "EG on the exact in-sample excess risk (reads the noiseless targets)",
+               "oracle": "0 on the noisy task, 1/(m-1) on the others (reads which is noisy)",
+               "oracle_adam": "0 on the noisy task, 1/(m-1) on the others (reads which is noisy)"}
+    arms = {}
+    for k in methods:
+        got = runs[(k, top)]["setup"]
+        arm = {"data": f"{cfg.toy} train split, n={cfg.n_train}, noise on task {cfg.noisy_task}"
+                       f" (inputs checksum {got['data_checksum']:.6g})",
+               "batch": cfg.batch_size or "full", "redraw": cfg.redraw,
+               "init": f"seed {cfg.seed} network (checksum {got['init_checksum']:.8g})",
+               "steps": runs[(k, top)]["metrics"]["best_step"], "max_steps": cfg.steps,
+               "chosen_on": "validation geometric-mean loss", "weights": weights[k],
+               "optimizer": got["optimizer"], "lr": got["lr"], "momentum": got["momentum"]}
+        if k == "excessmtl":
+            arm.update(eta=cfg.eta_excess, warmup=cfg.warmup)
+        if k == "exact":
+            arm.update(eta=cfg.eta_exact, warmup=cfg.warmup)
+        if k == "groupdro":
+            arm.update(eta=cfg.eta_dro)
+        if k == "dwa":
+            arm.update(T=cfg.dwa_temp)
+        arms[NAMES[k]] = arm
+    return arms
 
 
 # The claims this run checks, in order; the first `better` row is what the repo index shows.
 # Each is (row name, metric key) for the method and the baseline; `{top}` is the largest noise.
+# The paper's claim is against loss-adaptive weighting (GroupDRO, DWA); against EW it is a
+# control (level); the oracle, UW and the exact-excess upper bound are reported, not claimed.
+_CLEAN = "clean-task test excess error at noise {top}"
 CLAIMS = [
-    dict(metric="clean-task test excess error at noise {top}", higher_is_better=False,
-         expect=expect, method=("ExcessMTL", "clean_excess/excessmtl/noise={top}"),
-         baseline=(NAMES[base], f"clean_excess/{base}/noise={{top}}"))
-    for base, expect in (("ew", "better"), ("uw", "better"), ("groupdro", "better"),
-                         ("dwa", "report"))
-] + [
+    dict(metric=_CLEAN, higher_is_better=False, expect="better",
+         method=("ExcessMTL", "clean_excess/excessmtl/noise={top}"),
+         baseline=("GroupDRO", "clean_excess/groupdro/noise={top}")),
+    dict(metric=_CLEAN, higher_is_better=False, expect="better",
+         method=("ExcessMTL", "clean_excess/excessmtl/noise={top}"),
+         baseline=("DWA", "clean_excess/dwa/noise={top}")),
     dict(metric="weight on the noisy task at noise {top}", higher_is_better=False,
          expect="better", method=("ExcessMTL", "noisy_weight/excessmtl/noise={top}"),
          baseline=("GroupDRO", "noisy_weight/groupdro/noise={top}")),
+    dict(metric=_CLEAN, higher_is_better=False, expect="level",
+         method=("ExcessMTL", "clean_excess/excessmtl/noise={top}"),
+         baseline=("EW", "clean_excess/ew/noise={top}"), margin=0.0012,
+         margin_why="a tenth of the prize, stated before the reported runs: EW's clean-task "
+                    "excess at noise 4 minus the drop-noisy oracle's was 0.0113 on tuning seed "
+                    "100 (0.0122 vs 0.0009); within a tenth of it, the weighting did not move "
+                    "the clean tasks"),
+    dict(metric=_CLEAN, higher_is_better=False, expect="report",
+         method=("ExcessMTL", "clean_excess/excessmtl/noise={top}"),
+         baseline=("drop-noisy oracle", "clean_excess/oracle/noise={top}")),
+    dict(metric=_CLEAN, higher_is_better=False, expect="report",
+         method=("EG on exact excess", "clean_excess/exact/noise={top}"),
+         baseline=("EW", "clean_excess/ew/noise={top}")),
+    dict(metric=_CLEAN, higher_is_better=False, expect="report",
+         method=("ExcessMTL", "clean_excess/excessmtl/noise={top}"),
+         baseline=("UW (Adam)", "clean_excess/uw/noise={top}")),
+    dict(metric=_CLEAN, higher_is_better=False, expect="report",
+         method=("UW (Adam)", "clean_excess/uw/noise={top}"),
+         baseline=("EW (Adam)", "clean_excess/ew_adam/noise={top}")),
+    dict(metric=_CLEAN, higher_is_better=False, expect="report",
+         method=("UW (Adam)", "clean_excess/uw/noise={top}"),
+         baseline=("drop-noisy oracle (Adam)", "clean_excess/oracle_adam/noise={top}")),
 ]
 
 
@@ -691,19 +883,64 @@ def claims_at(top: float, methods: list[str]) -> list[dict]:
     return rows
 
 
+def premise_rows(cfg: Config, m: dict, methods: list[str], levels: list[float]) -> list[dict]:
+    """Does this toy pose the paper's problem? The harm, the premise itself, the prize, the bound.
+
+    The paper's premise: a noisy task has a large Bayes error but *not* a large excess risk, so a
+    weighting by excess risk leaves it alone while a weighting by loss chases it.
+    """
+    top, low = f"{max(levels):g}", f"{min(levels):g}"
+    rows = []
+    if "ew" not in methods:
+        return rows
+    clean = [i for i in range(2 if cfg.toy == "digits" else cfg.n_tasks) if i != cfg.noisy_task]
+    ew = m[f"clean_excess/ew/noise={top}"]
+    if len(levels) > 1:
+        rows.append(premise_row(f"EW is hurt: clean-task excess at noise {top} / at noise {low}",
+                                ew / max(m[f"clean_excess/ew/noise={low}"], 1e-12), ">=", 2.0))
+    te = [m[f"train_excess/ew/noise={top}/task={i}"] for i in range(len(clean) + 1)]
+    te_clean = float(np.mean([te[i] for i in clean]))
+    rows.append(premise_row(f"the premise: noisy / mean clean task in-sample excess risk under "
+                            f"EW at noise {top}", te[cfg.noisy_task] / te_clean, "<=", 1.0))
+    bayes = (max(levels) ** 2 if cfg.toy == "regression" else 0.9 * max(levels))
+    rows.append(premise_row(f"noisy task's Bayes error at noise {top} ("
+                            + ("sigma_0^2" if cfg.toy == "regression" else "0.9 p") + ")",
+                            bayes))
+    rows.append(premise_row(f"noisy task's in-sample excess risk under EW at noise {top}",
+                            te[cfg.noisy_task]))
+    rows.append(premise_row(f"clean tasks' in-sample excess risk under EW at noise {top}",
+                            te_clean))
+    tl = [m[f"train_loss/ew/noise={top}/task={i}"] for i in range(len(clean) + 1)]
+    rows.append(premise_row(f"noisy / mean clean training loss under EW at noise {top} "
+                            "(what GroupDRO ascends)",
+                            tl[cfg.noisy_task] / float(np.mean([tl[i] for i in clean]))))
+    if "oracle" in methods:
+        rows.append(premise_row(f"the prize: drop-noisy oracle / EW clean-task excess at noise "
+                                f"{top}", m[f"clean_excess/oracle/noise={top}"] / ew, "<=", 0.5))
+    if "exact" in methods:
+        rows.append(premise_row(f"upper bound: EG on the exact excess / EW clean-task excess at "
+                                f"noise {top}", m[f"clean_excess/exact/noise={top}"] / ew))
+        rows.append(premise_row(f"upper bound: EG on the exact excess, weight on the noisy task "
+                                f"at noise {top}", m[f"noisy_weight/exact/noise={top}"]))
+    return rows
+
+
 def report(results: dict) -> dict:
-    """The table, summary.json, the plots and the verdict. Returns the summary."""
+    """The premise, the table, summary.json, the plots and the verdict. Returns the summary."""
     cfg, m = results["cfg"], results["metrics"]
     runs, methods, levels = results["runs"], results["methods"], results["levels"]
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     top = max(levels)
+    premise = premise_rows(cfg, m, methods, levels)
+    print_premise(premise)
     headline = headline_rows(claims_at(top, methods), m)
     print_table(runs, methods, levels, cfg)
     plot(runs, methods, levels, cfg, out / "excessmtl.png")
+    plot_compute(runs, methods, top, cfg, out / "excessmtl_compute.png")
     if "excessmtl" in methods:
         plot_diagnostic(runs[("excessmtl", top)], cfg, top, out / "excessmtl_diagnostic.png")
-    summary = write_summary(cfg, out, results["t_start"], m, headline, [], results["arms"])
+    summary = write_summary(cfg, out, results["t_start"], m, headline, premise, results["arms"])
     print_verdict(headline, cfg.quick, out, results["t_start"])
     return summary
 
@@ -711,15 +948,31 @@ def report(results: dict) -> dict:
 def print_table(runs: dict, methods: list[str], levels: list[float], cfg: Config) -> None:
     """PLUMBING: per noise level, each method's clean-task error / weight on the noisy task."""
     err = "excess MSE" if cfg.toy == "regression" else "error"
-    print(f"\nclean-task test {err} (mean over clean tasks) / weight on noisy task "
-          f"{cfg.noisy_task} (last 20% of steps)")
-    names = [NAMES[k] + (" (method)" if k == "excessmtl" else "") for k in methods]
-    print("| noise | " + " | ".join(f"{n:>18s}" for n in names) + " |")
-    print("|" + "---|" * (len(methods) + 1))
-    for noise in levels:
-        cells = [f"{runs[(k, noise)]['metrics']['clean_excess']:8.4f} / "
-                 f"{runs[(k, noise)]['metrics']['noisy_weight']:.2f}" for k in methods]
-        print(f"| {noise:5g} | " + " | ".join(f"{c:>18s}" for c in cells) + " |")
+    print(f"\nclean-task test {err} (mean over clean tasks, at the validation-chosen step) / "
+          f"weight on noisy task {cfg.noisy_task} (last 20% of steps)")
+    print("| method | " + " | ".join(f"noise {n:g}" for n in levels) + " | chosen step |")
+    print("|---|" + "---|" * (len(levels) + 1))
+    for k in methods:
+        name = NAMES[k] + (" (method)" if k == "excessmtl" else "")
+        cells = [f"{runs[(k, n)]['metrics']['clean_excess']:.4f} / "
+                 f"{runs[(k, n)]['metrics']['noisy_weight']:.2f}" for n in levels]
+        print(f"| {name} | " + " | ".join(cells)
+              + f" | {runs[(k, max(levels))]['metrics']['best_step']} |")
+
+
+# PLUMBING: one colour per arm in every figure; the method is black and thick.
+COLORS = {"ew": "tab:blue", "groupdro": "tab:red", "dwa": "tab:orange", "excessmtl": "black",
+          "exact": "tab:purple", "oracle": "tab:green", "uw": "tab:brown", "ew_adam": "tab:cyan",
+          "oracle_adam": "tab:olive"}
+
+
+def _label(k: str) -> str:
+    return NAMES[k] + (" (method)" if k == "excessmtl" else "")
+
+
+def _style(k: str) -> dict:
+    return dict(color=COLORS[k], lw=2.5 if k == "excessmtl" else 1.3,
+                ls="--" if k in ADAM_METHODS else "-")
 
 
 def plot(runs: dict, methods: list[str], levels: list[float], cfg: Config, path: Path) -> None:
@@ -730,27 +983,55 @@ def plot(runs: dict, methods: list[str], levels: list[float], cfg: Config, path:
         matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(1, 3, figsize=(14, 4))
+    fig, ax = plt.subplots(1, 3, figsize=(14, 4.6))
     for k in methods:
-        ax[0].plot(levels, [runs[(k, s)]["metrics"]["clean_excess"] for s in levels], "o-",
-                   label=NAMES[k])
-        ax[1].plot(levels, [runs[(k, s)]["metrics"]["noisy_weight"] for s in levels], "o-",
-                   label=NAMES[k])
+        ax[0].plot(levels, [runs[(k, s)]["metrics"]["clean_excess"] for s in levels], "o",
+                   label=_label(k), **_style(k))
+        ax[1].plot(levels, [runs[(k, s)]["metrics"]["noisy_weight"] for s in levels], "o",
+                   **_style(k))
         alpha = np.array(runs[(k, max(levels))]["history"]["alpha"])  # (steps, m)
-        ax[2].plot(np.arange(1, len(alpha) + 1), alpha[:, cfg.noisy_task], label=NAMES[k])
+        ax[2].plot(np.arange(1, len(alpha) + 1), alpha[:, cfg.noisy_task], **_style(k))
     m = len(runs[(methods[0], levels[0])]["history"]["alpha"][0])
     noise_name = "noise std sigma_0" if cfg.toy == "regression" else "label-flip fraction p"
     ax[0].set(xlabel=noise_name, ylabel="clean-task test excess error", yscale="log",
-              title="clean tasks")
-    ax[1].set(xlabel=noise_name, ylabel="weight on the noisy task", ylim=(0, 1.05),
+              title="clean tasks (chosen checkpoint)")
+    ax[1].set(xlabel=noise_name, ylabel="weight on the noisy task", ylim=(-0.02, 1.05),
               title="noisy-task weight (last 20% of steps)")
-    ax[2].set(xlabel="step", ylabel="weight on the noisy task", ylim=(0, 1.05),
+    ax[2].set(xlabel="step", ylabel="weight on the noisy task", ylim=(-0.02, 1.05),
               title=f"weights over training, noise {max(levels):g}")
     for a in ax[1:]:
         a.axhline(1 / m, color="gray", ls=":", lw=1)
-    ax[0].legend()
-    fig.tight_layout()
+    fig.legend(loc="lower center", ncol=min(len(methods), 5), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.12, 1, 1))
     fig.savefig(path, dpi=110)
+    plt.show() if IN_NOTEBOOK else plt.close(fig)
+
+
+def plot_compute(runs: dict, methods: list[str], top: float, cfg: Config, path: Path) -> None:
+    """Metric against compute: each arm's clean-task test excess at every checkpoint (left) and
+    its validation loss (right), at the largest noise; the chosen checkpoint is a dot."""
+    import matplotlib
+
+    if not IN_NOTEBOOK:
+        matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(1, 2, figsize=(12, 4.6))
+    for k in methods:
+        h, best = runs[(k, top)]["history"], runs[(k, top)]["metrics"]["best_step"]
+        at = h["eval_step"].index(best)
+        ax[0].plot(h["eval_step"], h["clean_excess"], label=_label(k), **_style(k))
+        ax[0].plot([best], [h["clean_excess"][at]], "o", color=COLORS[k])
+        ax[1].plot(h["eval_step"], h["val_loss"], **_style(k))
+        ax[1].plot([best], [h["val_loss"][at]], "o", color=COLORS[k])
+    ax[0].set(xlabel="training step (one full-batch gradient each)" if not cfg.batch_size
+              else "training step", ylabel="clean-task test excess error", yscale="log",
+              title=f"clean tasks vs compute, noise {top:g}")
+    ax[1].set(xlabel="training step", ylabel="validation loss (geometric mean over tasks)",
+              yscale="log", title="what chooses each arm's checkpoint (dots)")
+    fig.legend(loc="lower center", ncol=min(len(methods), 5), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.12, 1, 1))
+    fig.savefig(path, dpi=100)
     plt.show() if IN_NOTEBOOK else plt.close(fig)
 
 
@@ -774,15 +1055,17 @@ def plot_diagnostic(run: dict, cfg: Config, noise: float, path: Path) -> None:
         ax[1].plot(steps[cfg.warmup:], r[cfg.warmup:, i], label=name)
         ax[2].plot(steps, np.cumsum(r[:, i]), label=name)
         ax[3].plot(steps, alpha[:, i], label=name)
-    ax[0].set(yscale="log", xlabel="step", title="raw estimate e_hat_i (Eqs. 6-7)")
-    ax[1].set(yscale="log", xlabel="step", title="ratio r_i = e_hat_i / e_hat_i(t0)")
-    ax[2].set(xlabel="step", title="sum of r_i so far (sets log alpha_i / eta)")
-    ax[3].set(xlabel="step", ylim=(0, 1.05), title="weights alpha_i")
-    for a in ax:
-        a.legend(fontsize=7)
-    fig.suptitle(f"ExcessMTL diagnostic, seed {cfg.seed}, noise {noise:g}", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    ax[0].set(yscale="log", xlabel="step", ylabel="e_hat_i", title="raw estimate (Eqs. 6-7)")
+    ax[1].set(yscale="log", xlabel="step", ylabel="r_i", title="ratio r_i = e_hat_i / e_hat_i(t0)")
+    ax[2].set(xlabel="step", ylabel="sum of r_i so far",
+              title="running sum (sets log alpha_i / eta)")
+    ax[3].set(xlabel="step", ylabel="alpha_i", ylim=(0, 1.05), title="weights alpha_i")
+    fig.legend(*ax[0].get_legend_handles_labels(), loc="lower center", ncol=alpha.shape[1],
+               fontsize=8, frameon=False)
+    fig.suptitle(f"ExcessMTL (method) diagnostic, seed {cfg.seed}, noise {noise:g}",
+                 fontsize=10)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    fig.savefig(path, dpi=100)
     plt.show() if IN_NOTEBOOK else plt.close(fig)
 
 
@@ -931,7 +1214,7 @@ def seed_record(row: dict) -> str:
     results = next((d / "RESULTS.md" for d in (here.parent, here) if (d / "RESULTS.md").is_file()),
                    None)
     if results is None:
-        return "no seed record here (tools/run_all.py writes one)"
+        return "no RESULTS.md here (the record over seeds 0-4 is in the course repository)"
     arrow = "↑" if row["higher_is_better"] else "↓"
     for line in results.read_text().splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
@@ -965,5 +1248,17 @@ def print_verdict(headline: list[dict], quick: bool, out: Path, t_start: float) 
     print("Files written:", ", ".join(str(p) for p in written) or "none")
 
 
+def unsolved_exercises() -> list[int]:
+    """The exercises of a student copy whose code is still `raise NotImplementedError`."""
+    text = Path(__file__).read_text() if "__file__" in globals() else ""
+    return sorted({int(n) for n in re.findall(r'NotImplementedError\("Exercise (\d+)', text)})
+
+
+# %% Run (in a notebook: the --quick configuration; main(["--seed", "1"]) for another)
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except NotImplementedError:
+        todo = ", ".join(map(str, unsolved_exercises())) or "?"
+        raise SystemExit(f"{FOLDER}/train.py: exercise(s) {todo} not solved yet: fill in the "
+                         "code, then check it with `python -m pytest -m exercise`") from None

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from excessmtl import train as excessmtl
 
@@ -43,20 +44,21 @@ def test_first_step_estimate_is_the_l1_norm_of_the_gradient():
 
 @pytest.mark.exercise(1)
 def test_estimate_matches_hand_value_on_a_two_step_history():
-    S = torch.zeros(2, 2)
-    e1, S = excessmtl.excess_risk_estimate(torch.tensor([[3.0, 0.0], [0.0, 4.0]]), S)
-    assert torch.allclose(e1, torch.tensor([3.0, 4.0]), atol=1e-5)
-    e2, S = excessmtl.excess_risk_estimate(torch.tensor([[1.0, 0.0], [0.0, 2.0]]), S)
-    # S_1 = [10, 0], S_2 = [0, 20]; e_hat = [1/sqrt(10), 4/sqrt(20)]
-    assert torch.allclose(S, torch.tensor([[10.0, 0.0], [0.0, 20.0]]))
-    assert torch.allclose(e2, torch.tensor([0.316228, 0.894427]), atol=1e-5)
+    S = torch.zeros(3, 2)  # three tasks, two shared parameters
+    e1, S = excessmtl.excess_risk_estimate(torch.tensor([[3.0, 0.0], [0.0, 4.0], [1.0, 1.0]]), S)
+    assert torch.allclose(e1, torch.tensor([3.0, 4.0, 2.0]), atol=1e-5)
+    e2, S = excessmtl.excess_risk_estimate(torch.tensor([[1.0, 0.0], [0.0, 2.0], [1.0, -1.0]]),
+                                           S)
+    # S_1 = [10, 0], S_2 = [0, 20], S_3 = [2, 2]; e_hat = [1/sqrt(10), 4/sqrt(20), 2/sqrt(2)]
+    assert torch.allclose(S, torch.tensor([[10.0, 0.0], [0.0, 20.0], [2.0, 2.0]]))
+    assert torch.allclose(e2, torch.tensor([0.316228, 0.894427, 1.414214]), atol=1e-5)
 
 
 @pytest.mark.exercise(1)
 def test_estimate_is_zero_when_the_gradient_is_zero():
-    S = torch.tensor([[5.0, 1.0], [0.0, 0.0]])  # a history, and none
-    e_hat, S_new = excessmtl.excess_risk_estimate(torch.zeros(2, 2), S)
-    assert torch.equal(e_hat, torch.zeros(2))
+    S = torch.tensor([[5.0, 1.0, 2.0], [0.0, 0.0, 0.0]])  # a history, and none; m=2, P=3
+    e_hat, S_new = excessmtl.excess_risk_estimate(torch.zeros(2, 3), S)
+    assert torch.equal(e_hat, torch.zeros(2))  # one estimate per task, not per parameter
     assert torch.equal(S_new, S)
 
 
@@ -77,6 +79,10 @@ def test_eg_update_matches_hand_value():
     # the GroupDRO step of the notes: alpha = [.5, .5], losses [2, .5], eta = .1
     new = excessmtl.eg_update(torch.tensor([0.5, 0.5]), torch.tensor([2.0, 0.5]), 0.1)
     assert torch.allclose(new, torch.tensor([0.537430, 0.462570]), atol=1e-6)
+    # and from weights that are not uniform (the update must remember them):
+    # alpha = [.2, .8], r = [1, 0], eta = ln 2 -> [.2 * 2, .8] / 1.2 = [1/3, 2/3]
+    new = excessmtl.eg_update(torch.tensor([0.2, 0.8]), torch.tensor([1.0, 0.0]), math.log(2.0))
+    assert torch.allclose(new, torch.tensor([1 / 3, 2 / 3]), atol=1e-6)
 
 
 @pytest.mark.exercise(2)
@@ -98,7 +104,7 @@ def test_eg_update_stays_on_the_simplex_and_is_detached():
     for _ in range(20):
         score = (5 * torch.randn(5, generator=gen)).requires_grad_()
         alpha = excessmtl.eg_update(alpha, score, 0.3)
-        assert not alpha.requires_grad
+        assert not alpha.requires_grad and alpha.grad_fn is None
         assert (alpha >= 0).all()
         assert alpha.sum().item() == pytest.approx(1.0, abs=1e-6)
 
@@ -362,14 +368,25 @@ def test_quick_run_writes_summary_with_the_contract_schema(quick_run):
                             "premise", "arms"}
     assert summary["folder"] == "excessmtl"
     assert summary["config"]["steps"] == excessmtl.QUICK["steps"]
-    assert len(summary["headline"]) == 5  # vs EW, UW, GroupDRO, DWA, and the noisy weight
+    assert len(summary["headline"]) == len(excessmtl.CLAIMS)
+    # the paper's own claim first: against loss-driven weighting
     assert summary["headline"][0]["expect"] == "better"
-    assert summary["headline"][0]["baseline"]["name"] == "EW"
+    assert summary["headline"][0]["baseline"]["name"] == "GroupDRO"
+    level = [r for r in summary["headline"] if r["expect"] == "level"]
+    assert [r["baseline"]["name"] for r in level] == ["EW"] and level[0]["margin"] > 0
+    # every row reads the metric of the arms it names, at the largest noise level
+    m = result["metrics"]
+    for row in summary["headline"]:
+        for side in ("method", "baseline"):
+            key = next(k for k, v in excessmtl.NAMES.items() if v == row[side]["name"])
+            stat = "noisy_weight" if row["metric"].startswith("weight") else "clean_excess"
+            assert row[side]["value"] == m[f"{stat}/{key}/noise=4"], (row["metric"], side)
     for row in summary["headline"]:
         assert {"metric", "higher_is_better", "expect", "method", "baseline"} <= set(row)
         assert row["expect"] in ("better", "level", "report")
         assert math.isfinite(row["method"]["value"]) and math.isfinite(row["baseline"]["value"])
     assert (out / "excessmtl.png").stat().st_size > 0
+    assert (out / "excessmtl_compute.png").stat().st_size > 0
     assert (out / "excessmtl_diagnostic.png").stat().st_size > 0
 
 
@@ -464,7 +481,10 @@ def _fake_run(cfg):
     return {"history": {"loss": [1.0], "alpha": [[1 / m] * m], "task_losses": [[1.0] * m],
                         "e_hat": [], "r": []},
             "metrics": {"task_excess": [0.1] * m, "clean_excess": 0.1, "noisy_excess": 0.1,
-                        "noisy_weight": 1 / m}, "weighting": None}
+                        "noisy_weight": 1 / m, "best_step": 1, "clean_excess_last": 0.1,
+                        "train_excess": [0.1] * m}, "weighting": None,
+            "setup": {"optimizer": "SGD", "lr": 0.1, "momentum": 0.9, "init_checksum": 1.0,
+                      "data_checksum": 1.0}}
 
 
 @pytest.mark.slow
@@ -491,3 +511,165 @@ def test_bad_arguments_exit_with_an_error(argv, capsys):
         excessmtl.parse_args(argv)
     assert err.value.code != 0
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+# --------------------------------------------------------------------------------------------
+# 5. The design as data: what each arm got, the premise, the rivals' wiring
+# --------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_quick_run_arms_follow_the_design(quick_run):
+    """Every arm: the same data and initial network, the optimiser and step sizes of the design,
+    and the checkpoint its own validation curve chose."""
+    out, result = quick_run
+    cfg, arms = result["cfg"], json.loads((out / "summary.json").read_text())["arms"]
+    assert set(arms) == {excessmtl.NAMES[k] for k in excessmtl.METHODS}
+    assert len({a["init"] for a in arms.values()}) == 1  # paired: one initial network
+    assert len({a["data"] for a in arms.values()}) == 1  # paired: one training set
+    for key in excessmtl.METHODS:
+        arm = arms[excessmtl.NAMES[key]]
+        if key in ("uw", "ew_adam", "oracle_adam"):
+            assert (arm["optimizer"], arm["lr"]) == ("Adam", cfg.uw_lr), key
+        else:
+            assert (arm["optimizer"], arm["lr"], arm["momentum"]) == (
+                "SGD", cfg.lr, cfg.momentum), key
+        hist = result["runs"][(key, 4.0)]["history"]
+        assert arm["steps"] == hist["eval_step"][hist["val_loss"].index(min(hist["val_loss"]))]
+        assert arm["max_steps"] == cfg.steps and arm["batch"] == "full"
+    assert arms["ExcessMTL"]["eta"] == cfg.eta_excess and arms["ExcessMTL"]["warmup"] == cfg.warmup
+    assert arms["GroupDRO"]["eta"] == cfg.eta_dro
+    assert arms["EG on exact excess"]["eta"] == cfg.eta_exact
+    # the weighting each arm really ran
+    kinds = {k: type(result["runs"][(k, 4.0)]["weighting"]).__name__ for k in excessmtl.METHODS}
+    assert kinds == {"ew": "EqualWeighting", "groupdro": "GroupDRO",
+                     "dwa": "DynamicWeightAverage", "excessmtl": "ExcessMTL",
+                     "exact": "ExactExcessEG", "oracle": "DropNoisyOracle",
+                     "uw": "UncertaintyWeighting", "ew_adam": "EqualWeighting",
+                     "oracle_adam": "DropNoisyOracle"}
+
+
+@pytest.mark.slow
+def test_quick_run_reports_its_premise(quick_run):
+    out, result = quick_run
+    premise = json.loads((out / "summary.json").read_text())["premise"]
+    names = [r["name"] for r in premise]
+    assert any(n.startswith("EW is hurt") for n in names)
+    assert any(n.startswith("the premise") for n in names)
+    assert any(n.startswith("the prize") for n in names)
+    assert any(n.startswith("upper bound") for n in names)
+    assert all(math.isfinite(r["value"]) for r in premise)
+
+
+def test_premise_rows_match_hand_values():
+    cfg = excessmtl.Config()
+    m = {"clean_excess/ew/noise=4": 0.02, "clean_excess/ew/noise=0.1": 0.004,
+         "clean_excess/oracle/noise=4": 0.005, "clean_excess/exact/noise=4": 0.03,
+         "noisy_weight/exact/noise=4": 0.7}
+    for i, (te, tl) in enumerate([(0.3, 16.2), (0.05, 0.06), (0.1, 0.12)]):
+        m[f"train_excess/ew/noise=4/task={i}"] = te
+        m[f"train_loss/ew/noise=4/task={i}"] = tl
+    rows = {r["name"].split(":")[0]: r for r in excessmtl.premise_rows(
+        cfg, m, ["ew", "oracle", "exact"], [0.1, 4.0])}
+    assert rows["EW is hurt"]["value"] == pytest.approx(5.0) and rows["EW is hurt"]["holds"]
+    premise = next(r for n, r in rows.items() if n.startswith("the premise"))
+    assert premise["value"] == pytest.approx(0.3 / 0.075) and premise["holds"] is False
+    prize = next(r for n, r in rows.items() if n.startswith("the prize"))
+    assert prize["value"] == pytest.approx(0.25) and prize["holds"] is True
+    loss = next(r for n, r in rows.items() if "training loss" in n)
+    assert loss["value"] == pytest.approx(16.2 / 0.09)
+    bayes = next(r for n, r in rows.items() if "Bayes" in n)
+    assert bayes["value"] == pytest.approx(16.0)
+
+
+def test_exact_excess_arm_ascends_the_in_sample_excess_of_the_noiseless_targets(monkeypatch):
+    cfg, data, _, _ = tiny_setup()
+    cfg = dataclasses.replace(cfg, steps=2, warmup=1, log_every=100, eval_every=1)
+    seen = []
+    real = excessmtl.ExactExcessEG.ascend
+    monkeypatch.setattr(excessmtl.ExactExcessEG, "ascend",
+                        lambda self, e: seen.append(e.clone()) or real(self, e))
+    run = excessmtl.train_one(cfg, data, "exact", 4.0)
+    torch.manual_seed(cfg.seed)
+    model = excessmtl.make_model(cfg)  # the arm's initial network
+    with torch.no_grad():
+        pred = torch.cat(model(data["x_train"]), dim=1)  # (N, m)
+    want = ((pred - data["f_train"]) ** 2).mean(0)  # (m,) against the noiseless targets
+    assert torch.allclose(seen[0], want, rtol=1e-5)
+    assert not seen[0].requires_grad
+    assert run["weighting"].t == 2 and not torch.equal(run["weighting"].alpha,
+                                                        torch.full((3,), 1 / 3))
+
+
+def test_oracle_drops_exactly_the_noisy_task():
+    cfg, data, model, y = tiny_setup()
+    cfg = dataclasses.replace(cfg, noisy_task=1, steps=3, log_every=100)
+    run = excessmtl.train_one(cfg, data, "oracle", 4.0)
+    assert run["history"]["alpha"][-1] == pytest.approx([0.5, 0.0, 0.5])
+    w = excessmtl.make_weighting("oracle", cfg, 3)
+    losses = torch.tensor([1.0, 50.0, 3.0])
+    assert w(losses).item() == pytest.approx(3 * (0.5 + 1.5))
+
+
+def test_adam_arms_are_exactly_the_adam_methods():
+    cfg, data, _, _ = tiny_setup()
+    cfg = dataclasses.replace(cfg, steps=1, log_every=100)
+    for key in excessmtl.METHODS:
+        got = excessmtl.train_one(cfg, data, key, 1.0)["setup"]
+        want = ("Adam", cfg.uw_lr) if key in ("uw", "ew_adam", "oracle_adam") else ("SGD", cfg.lr)
+        assert (got["optimizer"], got["lr"]) == want, key
+
+
+def test_checkpoint_is_the_lowest_validation_loss_and_its_test_error_is_reported():
+    cfg, data, _, _ = tiny_setup()
+    cfg = dataclasses.replace(cfg, steps=30, eval_every=5, log_every=100)
+    run = excessmtl.train_one(cfg, data, "ew", 4.0)
+    h, m = run["history"], run["metrics"]
+    assert h["eval_step"] == [5, 10, 15, 20, 25, 30]
+    at = h["val_loss"].index(min(h["val_loss"]))
+    assert m["best_step"] == h["eval_step"][at]
+    assert m["clean_excess"] == pytest.approx(h["clean_excess"][at], rel=1e-6)
+    assert m["clean_excess_last"] == pytest.approx(h["clean_excess"][-1], rel=1e-6)
+
+
+def test_validation_loss_is_the_geometric_mean_over_tasks_on_noisy_validation_targets():
+    cfg, data, _, _ = tiny_setup()
+    cfg = dataclasses.replace(cfg, steps=1, eval_every=1, log_every=100, lr=0.0)
+    run = excessmtl.train_one(cfg, data, "ew", 4.0)  # lr 0: the initial network
+    torch.manual_seed(cfg.seed)
+    model = excessmtl.make_model(cfg)
+    y_val = excessmtl.noisy_targets(data, 4.0, 0, cfg.sigma_clean, split="val")
+    with torch.no_grad():
+        pred = torch.cat(model(data["x_val"]), dim=1)  # (N_val, m)
+    per_task = ((pred - y_val) ** 2).mean(0)  # (m,)
+    assert run["history"]["val_loss"][0] == pytest.approx(
+        float(per_task.prod() ** (1 / 3)), rel=1e-5)
+    assert (y_val - data["f_val"]).std(0)[0] > 3.0  # the noise reaches the validation split
+
+
+def test_digits_evaluation_counts_wrong_argmax_predictions():
+    cfg = excessmtl.Config(toy="digits", n_train=50, n_test=40, n_val=10)
+    d = excessmtl.make_dataset(cfg, torch.Generator().manual_seed(0))
+    y = d["y_test"]  # (N_test, 2)
+
+    class Known(torch.nn.Module):  # task 0: right on every example; task 1: right on the first 10
+        def forward(self, x):
+            right = F.one_hot(y[:, 0], 10).float() * 5  # (N, 10)
+            wrong = F.one_hot((y[:, 1] + 1) % 10, 10).float() * 5  # (N, 10)
+            wrong[:10] = F.one_hot(y[:10, 1], 10).float() * 5
+            return [right, wrong]
+
+    out = excessmtl.evaluate(Known(), d, noisy_task=0)
+    assert out["task_excess"] == pytest.approx([0.0, 0.75])
+    assert out["clean_excess"] == pytest.approx(0.75) and out["noisy_excess"] == 0.0
+
+
+def test_redraw_changes_the_noise_every_step_but_not_its_level():
+    cfg, data, _, _ = tiny_setup()
+    cfg = dataclasses.replace(cfg, steps=3, log_every=100, redraw=True)
+    a = excessmtl.train_one(cfg, data, "ew", 4.0)
+    b = excessmtl.train_one(dataclasses.replace(cfg, redraw=False), data, "ew", 4.0)
+    assert a["history"]["task_losses"][0][0] != b["history"]["task_losses"][0][0]
+    # the same noise level: the noisy task's first loss is ~ 1 + 16 either way
+    assert a["history"]["task_losses"][0][0] == pytest.approx(
+        b["history"]["task_losses"][0][0], rel=0.2)
+    assert a["history"]["task_losses"][0][1:] == pytest.approx(b["history"]["task_losses"][0][1:],
+                                                               rel=0.05)
