@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -503,6 +504,45 @@ def test_finetune_co_optimises_lm_gnn_and_decoder_and_lm_ft_has_no_gnn(graphs, q
     assert galm.finetune(state, app, "lm_ft", cfg, len(vocab), seed=0)["model"].gnn is None
 
 
+@pytest.mark.parametrize("variant", ["lm_ft", "co"])
+def test_finetune_negatives_are_items_never_users(monkeypatch, graphs, qcfg, variant):
+    # F2 (no GNN) draws its own negatives; F3 goes through graph_lp_step. Both must corrupt the
+    # tail of buys (user -> item) with items: a user as a "negative item" is trivially easy.
+    vocab, _, app = graphs
+    cfg = dataclasses.replace(qcfg, finetune_steps=3)
+    seen, real = [], galm.lp_batch_loss
+
+    def spy(z, w_r, target, neg, loss_fn):
+        seen.append((target.clone(), neg.clone()))
+        return real(z, w_r, target, neg, loss_fn)
+
+    monkeypatch.setattr(galm, "lp_batch_loss", spy)
+    torch.manual_seed(0)
+    galm.finetune(galm.TextEncoder(len(vocab), cfg).state_dict(), app, variant, cfg, len(vocab),
+                  seed=0)
+    items, users = set(app.type_nodes["item"].tolist()), set(app.type_nodes["user"].tolist())
+    assert seen
+    for target, neg in seen:
+        assert set(neg.reshape(-1).tolist()) <= items
+        assert set(target[0].tolist()) <= users and set(target[1].tolist()) <= items
+
+
+@pytest.mark.parametrize("variant", galm.FINETUNE_MODES)
+def test_finetune_starts_from_the_pretrained_lm_it_is_given(graphs, qcfg, variant):
+    # A pre-trained LM that no seed can recreate (a fresh init, shifted by 0.37): if finetune
+    # forgot to load it, its LM would be finetune's own fresh init and the record would differ.
+    vocab, _, app = graphs
+    cfg = dataclasses.replace(qcfg, finetune_steps=1)
+    torch.manual_seed(123)
+    lm = galm.TextEncoder(len(vocab), cfg)
+    with torch.no_grad():
+        for prm in lm.parameters():
+            prm.add_(0.37)
+    for seed in (0, 123):  # also the seed that made it
+        out = galm.finetune(lm.state_dict(), app, variant, cfg, len(vocab), seed=seed)
+        assert out["arm"]["init_fingerprint"] == galm.fingerprint(lm)
+
+
 class _FixedLM(nn.Module):
     """A stand-in LM that returns fixed embeddings, whatever the texts."""
 
@@ -616,9 +656,46 @@ def test_node_classification_learns_from_labels_with_a_separable_lm(monkeypatch,
 # ---------------------------------------------------------------------------------------------
 # 6. Smoke run of the whole pipeline
 # ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def quick_results(tmp_path_factory):
+    """One train(--quick) for the smoke and design tests (about 5 s)."""
+    return galm.train(galm.Config(quick=True, out_dir=str(tmp_path_factory.mktemp("q") / "a")))
+
+
 @pytest.mark.slow
-def test_quick_run_schema_decreasing_loss_and_determinism(tmp_path):
-    out = galm.train(galm.Config(quick=True, out_dir=str(tmp_path / "a")))
+def test_quick_run_arms_record_the_papers_design(quick_results):
+    arms = quick_results["arms"]
+    # Pre-training: the general LM from the random init; GaLM and the MLM control from the general
+    # LM; GaLM_co from GaLM. The fingerprints are read off the weights each arm really started from.
+    assert {a: arms[a]["init"] for a in ("mlm", "mlm_cont", "galm", "galm_co")} == {
+        "mlm": "random", "mlm_cont": "mlm", "galm": "mlm", "galm_co": "galm"}
+    for name in ("mlm", "mlm_cont", "galm", "galm_co"):
+        arm = arms[name]
+        assert arm["init_fingerprint"] == arms[arm["init"]]["fingerprint"], name
+        assert arm["fingerprint"] != arm["init_fingerprint"], name  # it trained
+    assert arms["mlm_cont"]["steps"] == arms["galm"]["steps"]  # the compute-matched control
+    assert arms["galm"]["data"].startswith("corpus edges")
+    assert arms["mlm_cont"]["data"].startswith("corpus texts")
+    # Fine-tuning: every arm starts from its pre-trained LM and trains what its variant names.
+    want = {"frozen_gnn": ["decoder", "gnn"], "lm_ft": ["decoder", "lm"],
+            "co": ["decoder", "gnn", "lm"], "probe": ["head"], "nc_ft": ["head", "lm"]}
+    for pt in galm.PRETRAIN_MODES:
+        for ft in (*galm.FINETUNE_MODES, *galm.NC_MODES):
+            arm = arms[f"{pt}/{ft}"]
+            assert arm["init"] == pt
+            assert arm["init_fingerprint"] == arms[pt]["fingerprint"], (pt, ft)
+            assert arm["trains"] == want[ft], (pt, ft)
+    # Paired: every pre-training gets the same fine-tuning budget and learning rate.
+    for ft in (*galm.FINETUNE_MODES, *galm.NC_MODES):
+        rec = {(arms[f"{pt}/{ft}"]["lr"], arms[f"{pt}/{ft}"]["data"])
+               for pt in galm.PRETRAIN_MODES}
+        assert len(rec) == 1, ft
+
+
+@pytest.mark.slow
+def test_quick_run_schema_decreasing_loss_and_determinism(quick_results, tmp_path):
+    out = quick_results
+    tmp_path = Path(out["cfg"].out_dir).parent
     assert not (tmp_path / "a").exists()  # train() writes nothing; report() does
     hist, m = out["history"], out["metrics"]
     for name, losses in hist["pretrain"].items():
