@@ -338,13 +338,14 @@ def test_balance_extremes():
 
 # --------------------------------------------------------------------------- data and baselines
 def test_dataset_is_a_real_click_log():
-    cfg = _cfg(n_docs=200, n_queries=400)
+    cfg = _cfg(n_docs=200, n_queries=400, combo=0.0)
     d = mico.make_dataset(cfg, np.random.default_rng(0))
     T, S = cfg.n_topics, cfg.n_styles
     n_doc_words = T * cfg.topic_words
     n_style = S * cfg.style_words
     assert d["Cd"].shape == (200, n_doc_words + n_style + T * cfg.synonyms)
     np.testing.assert_array_equal(d["Cd"].sum(1), cfg.doc_topic_len + cfg.doc_style_len)
+    assert d["Cd"].shape[1] == n_doc_words + n_style + T * cfg.synonyms  # no aspect words
     assert d["Cd"][:, n_doc_words + n_style:].sum() == 0  # synonyms never in documents
     assert d["Cq"][:, n_doc_words:n_doc_words + n_style].sum() == 0  # no boilerplate in queries
     assert set(d["Cq"].sum(1)) <= {2.0, 3.0, 4.0}
@@ -358,6 +359,94 @@ def test_dataset_is_a_real_click_log():
     assert sorted(idx) == list(range(400)) and len(d["test"]) == 80
     np.testing.assert_allclose(np.linalg.norm(d["Xd"], axis=1) ** 2,
                                (d["Cd"] ** 2).sum(1) / d["Cd"].sum(1), rtol=1e-5)
+
+
+def test_combination_documents_name_their_intent_only_by_a_pair_of_aspects():
+    cfg = _cfg(n_docs=400, n_queries=200, combo=0.5)
+    d = mico.make_dataset(cfg, np.random.default_rng(0))
+    T, n_asp = cfg.n_topics, cfg.aspect_words
+    start_a = T * (cfg.topic_words + cfg.synonyms) + cfg.n_styles * cfg.style_words
+    assert d["Cd"].shape[1] == start_a + 2 * T * n_asp
+    assert 0.4 < d["is_combo"].mean() < 0.6
+    for j in range(400):
+        words = np.nonzero(d["Cd"][j])[0]
+        topic_words = words[words < T * cfg.topic_words]
+        aspects = words[words >= start_a] - start_a
+        if d["is_combo"][j]:
+            # no intent word; half the tokens from one group of A, half from one group of B
+            assert len(topic_words) == 0
+            groups_a = set(aspects[aspects < T * n_asp] // n_asp)
+            groups_b = set((aspects[aspects >= T * n_asp] - T * n_asp) // n_asp)
+            assert len(groups_a) == 1 and len(groups_b) == 1
+            assert (groups_a.pop() + groups_b.pop()) % T == d["doc_topic"][j]
+        else:
+            assert len(aspects) == 0 and np.all(topic_words // cfg.topic_words
+                                                == d["doc_topic"][j])
+    # every aspect group of A appears under many intents: a single aspect word says nothing
+    a_group = [(np.nonzero(d["Cd"][j, start_a:start_a + T * n_asp])[0] // n_asp)[0]
+               for j in range(400) if d["is_combo"][j]]
+    intents = d["doc_topic"][d["is_combo"]]
+    assert len(set(intents[np.array(a_group) == 0])) >= 4
+    # queries are the same in every world
+    d0 = mico.make_dataset(_cfg(n_docs=400, n_queries=200, combo=0.0), np.random.default_rng(0))
+    assert d["Cq"].shape[0] == d0["Cq"].shape[0]
+
+
+def test_linear_decodability_separates_the_two_worlds():
+    lin = _cfg(n_docs=600, n_queries=100, combo=0.0)
+    xor = _cfg(n_docs=600, n_queries=100, combo=1.0)
+    d_lin = mico.make_dataset(lin, np.random.default_rng(0))
+    d_xor = mico.make_dataset(xor, np.random.default_rng(0))
+    assert mico.linear_decodability(d_lin, lin) > 0.95
+    assert mico.linear_decodability(d_xor, xor) < 0.2  # chance is 1/16
+
+
+def test_ridge_solve_matches_a_hand_solution():
+    X = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    Y = np.array([[1.0], [2.0], [3.0]])
+    W = mico.ridge_solve(X, Y, [0.5])[0.5]
+    Xb = np.concatenate([X, np.ones((3, 1))], 1)
+    want = np.linalg.solve(Xb.T @ Xb + 0.5 * np.eye(3), Xb.T @ Y)
+    np.testing.assert_allclose(W, want, atol=1e-10)
+    # alpha -> 0 with exact data: the fit is exact
+    W0 = mico.ridge_solve(X, Y, [1e-9])[1e-9]
+    np.testing.assert_allclose(mico.with_bias(X) @ W0, Y, atol=1e-6)
+
+
+def test_word_model_keeps_real_profiles_and_predicts_only_unclicked_docs():
+    cfg = _cfg(n_docs=300, n_queries=600, kmeans_init=1, lsa_dim=16, combo=0.0)
+    d = mico.make_dataset(cfg, np.random.default_rng(0))
+    ed, eq = mico.lsa_embed(d, cfg)
+    prof = mico.click_profile(eq, d["click"], d["train"], 300)
+    clicked = np.linalg.norm(prof, axis=1) > 0
+    assert 0 < (~clicked).sum() < 300
+    out = mico.word_model_profiles(d, eq, [1.0])[1.0]
+    np.testing.assert_allclose(out[clicked], prof[clicked])
+    np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1.0, atol=1e-6)
+    # in the linear world the prediction for an unclicked doc points at its own intent's profile
+    means = np.stack([prof[clicked & (d["doc_topic"] == t)].mean(0) for t in range(16)])
+    nearest = (out[~clicked] @ means.T).argmax(1)
+    assert np.mean(nearest == d["doc_topic"][~clicked]) > 0.9
+    # test and validation clicks are never read
+    d2 = dict(d, click=d["click"].copy())
+    held = np.concatenate([d["val"], d["test"]])
+    d2["click"][held] = np.random.default_rng(3).integers(0, 300, len(held))
+    np.testing.assert_allclose(mico.word_model_profiles(d2, eq, [1.0])[1.0], out)
+
+
+def test_word_model_rung_is_chosen_on_validation_queries_not_test():
+    cfg = _cfg(n_docs=200, n_queries=400, kmeans_init=1, lsa_dim=16, K=8, combo=0.0,
+               click_weights="1,4", ridge_alphas="0.1,10")
+    d = mico.make_dataset(cfg, np.random.default_rng(0))
+    emb = mico.lsa_embed(d, cfg)
+    best, aucs, (docs, scores) = mico.select_word_model(d, cfg, emb)
+    assert set(aucs) == {(0.1, 1.0), (0.1, 4.0), (10.0, 1.0), (10.0, 4.0)}
+    assert aucs[best] == max(aucs.values())
+    assert docs.shape == (200,) and scores.shape == (400, 8)
+    d2 = dict(d, click=d["click"].copy())
+    d2["click"][d["test"]] = np.random.default_rng(1).integers(0, 200, len(d["test"]))
+    best2, aucs2, _ = mico.select_word_model(d2, cfg, emb)
+    assert best2 == best and aucs2 == pytest.approx(aucs)
 
 
 def test_click_profile_sums_training_clicks_only_and_normalises():
@@ -469,9 +558,42 @@ def test_quick_run_smoke(tmp_path):
     assert r1["metrics"] == r2["metrics"]
 
 
+def test_arms_record_what_each_arm_got_and_the_checkpoint_is_the_chosen_one(tmp_path):
+    # The design as data (EXPERIMENTS.md, section 7): MICO trains on the training clicks and the
+    # documents' text with the configured lr and lambda, for the step validation AUC chose; each
+    # rival's knobs are the ones with the best validation AUC; the text-only floor reads no clicks.
+    cfg = _cfg(quick=True, out_dir=str(tmp_path), lr=4e-3)
+    res = mico.train(cfg)
+    m, arms = res["metrics"], res["arms"]
+    assert set(arms) == {"MICO", "k-means + clicks + words", "k-means + clicks (w on val)",
+                         "k-means (LSA)"}
+    init = f"N(0, {cfg.init_first:g}) trunk, N(0, {cfg.init_last:g}) heads"
+    assert arms["MICO"] == {"data": "train clicks + doc text", "init": init,
+                            "lr": 4e-3, "lam": cfg.lam, "steps": m["best_step"],
+                            "chosen_on": "val AUC"}
+    assert m["best_step"] in res["history"]["eval_step"]
+    assert m["best_val_auc"] == max(res["history"]["val_auc"])
+    assert res["history"]["val_auc"][res["history"]["eval_step"].index(m["best_step"])] == (
+        m["best_val_auc"])
+    # the model the test metrics come from is the chosen checkpoint, not the last step's
+    data = mico.make_dataset(res["cfg"], np.random.default_rng(cfg.seed))
+    curve, _ = mico.evaluate_mico(res["model"], data, data["val"], cfg.K)
+    assert mico.curve_auc(curve["cost"], curve["coverage"]) == pytest.approx(m["best_val_auc"])
+    assert arms["k-means + clicks (w on val)"]["w"] == max(res["val_aucs"],
+                                                           key=res["val_aucs"].get)
+    best_words = max(res["word_aucs"], key=res["word_aucs"].get)
+    words = arms["k-means + clicks + words"]
+    assert (words["ridge_alpha"], words["w"]) == best_words
+    assert m["kmwords_val_auc"] == res["word_aucs"][best_words]
+    assert arms["k-means (LSA)"]["data"] == "doc text"
+    for arm in arms.values():
+        assert {"init"} <= set(arm) and ("steps" in arm or "checkpoint" in arm)
+
+
 @pytest.mark.slow
-def test_mico_beats_kmeans_with_balanced_clusters(tmp_path):
-    m = mico.train(_cfg(steps=1000, out_dir=str(tmp_path)))["metrics"]
+def test_mico_beats_kmeans_with_balanced_clusters_in_the_linear_world(tmp_path):
+    # the old world (every document names its intent): MICO far above text-only k-means
+    m = mico.train(_cfg(steps=1000, combo=0.0, out_dir=str(tmp_path)))["metrics"]
     assert m["MICO_cov1"] > m["kmeans_cov1"] + 0.3
     assert m["MICO_cost1"] <= m["kmeans_cost1"] + 0.02
     assert m["MICO_auc"] > m["kmeans_auc"] + 0.05
