@@ -535,6 +535,96 @@ def test_report_writes_the_summary_the_first_row_reads_x_former_vs_concat(quick_
     assert (out / "xformer.png").stat().st_size > 1000
 
 
+@pytest.mark.slow
+def test_arms_record_what_each_arm_got(quick_pair):
+    # The design as data (EXPERIMENTS.md, section 7): every arm trains on the same split from the
+    # same torch seed; BLIP-2 reads no MAE, concat the full image in both stages, X-Former the
+    # half-masked image in stage 1 (for L_REC) and the full image in stage 2; only X-Former has
+    # L_REC; the readout is scored on the test split; the no-L_REC rung has no stage 2.
+    a, _, summary, _ = quick_pair
+    cfg, arms = a["cfg"], summary["arms"]
+    assert set(arms) == {"BLIP-2", "concat", "no L_REC", "X-Former"}
+    for name, arm in arms.items():
+        assert arm["data"].startswith(f"train split ({cfg.n_train} images)"), name
+        assert arm["init"] == f"torch seed {cfg.seed + 1} (shared parts equal across arms)"
+        assert arm["steps"] == cfg.steps and arm["lr"] == cfg.lr, name
+        assert arm["params"] == a["runs"][name]["n_params"], name
+    assert arms["BLIP-2"]["mae_stage1"] == arms["BLIP-2"]["mae_stage2"] == "none"
+    assert arms["concat"]["mae_stage1"] == arms["concat"]["mae_stage2"] == "full image"
+    assert arms["X-Former"]["mae_stage1"] == f"masked {cfg.mae_mask_ratio}"
+    assert arms["X-Former"]["mae_stage2"] == "full image"
+    assert arms["X-Former"]["lambda_rec"] == cfg.lambda_rec > 0
+    assert arms["no L_REC"]["lambda_rec"] == arms["concat"]["lambda_rec"] == 0.0
+    assert arms["no L_REC"]["stage2_steps"] == 0 and arms["no L_REC"]["mae_stage2"] == "no stage 2"
+    for name in ("BLIP-2", "concat", "X-Former"):
+        assert arms[name]["stage2_steps"] == cfg.stage2_steps
+        assert arms[name]["lr_stage2"] == cfg.lr_stage2
+        assert arms[name]["stage2_seeds"] == arms["X-Former"]["stage2_seeds"]  # paired
+        assert len(arms[name]["stage2_seeds"]) == cfg.stage2_seeds
+
+
+@pytest.mark.slow
+def test_premise_rows_are_the_encoder_probes(quick_pair):
+    a, _, summary, _ = quick_pair
+    m, rows = a["metrics"], {r["name"]: r for r in summary["premise"]}
+    gap = next(r for name, r in rows.items() if name.startswith("count probe, MAE tokens"))
+    assert gap["value"] == pytest.approx(m["encoder_mae_count_probe"]
+                                         - m["encoder_clip_count_probe"])
+    assert gap["cmp"] == ">=" and gap["holds"] == (gap["value"] >= gap["threshold"])
+    for k in ("clip", "mae", "both"):
+        assert 0.0 <= m[f"encoder_{k}_count_probe"] <= 1.0
+
+
+def test_stage2_feeds_each_variant_its_mae_tokens_in_training(world, monkeypatch):
+    # concat must read the full MAE tokens while stage 2 trains it, not only at evaluation
+    data, enc = world
+    cfg = dataclasses.replace(TINY, stage2_steps=3, eval_every=100)
+    for variant, reads in (("concat", True), ("xformer", True), ("blip2", False)):
+        seen, orig = [], xf.Stage2.forward
+
+        def spy(self, clip_tokens, mae_tokens, text_ids, seen=seen, orig=orig):
+            seen.append(mae_tokens)
+            return orig(self, clip_tokens, mae_tokens, text_ids)
+
+        monkeypatch.setattr(xf.Stage2, "forward", spy)
+        r = xf.stage2("x", qformer(variant), cfg, data, enc, seed=3)
+        monkeypatch.setattr(xf.Stage2, "forward", orig)
+        assert len(seen) == 3, variant
+        assert all((s is not None) == reads for s in seen), variant
+        assert r["history"]["mae_fed"] == (3 if reads else 0), variant
+        if reads:  # the full (unmasked) tokens of the batch's own images
+            assert all(s.shape[1] == enc["mae_full"].shape[1] for s in seen)
+
+
+@torch.no_grad()
+def test_zero_shot_accuracy_scores_the_test_images(world, monkeypatch):
+    data, enc = world
+    s2 = xf.Stage2(qformer("concat"), enc["lm"], TINY.width)
+    seen = {}
+
+    def spy(clip_tokens, mae_tokens):
+        seen["clip"], seen["mae"] = clip_tokens, mae_tokens
+        return data["count"][data["test"]]  # a perfect prediction for the test images
+
+    monkeypatch.setattr(s2, "zero_shot_count", spy)
+    acc = xf.zero_shot_accuracy(s2, enc, data)
+    torch.testing.assert_close(seen["clip"], enc["clip_tokens"][data["test"]])
+    torch.testing.assert_close(seen["mae"], enc["mae_full"][data["test"]])
+    assert acc == 1.0
+
+
+def test_mae_tokens_cover_every_patch_in_order(world):
+    # the unmasked MAE tokens the stages read: CLS + one token per 8 px patch, in raster order
+    data, enc = world
+    L = (32 // TINY.mae_patch) ** 2
+    assert enc["mae_full"].shape == (len(data["images"]), 1 + L, TINY.width)
+    with torch.no_grad():
+        enc["mae"].config.mask_ratio = 0.0
+        ref = enc["mae"].vit(pixel_values=data["images"][:3],
+                             noise=torch.arange(L).expand(3, L)).last_hidden_state
+    torch.testing.assert_close(enc["mae_full"][:3], ref)
+
+
 def test_bad_arguments_are_one_line_errors(capsys):
     for argv in (["--seed", "-1"], ["--stage2-seeds", "0"], ["--stage2-mask-ratio", "1.5"],
                  ["--lr-stage2", "0"], ["--placement", "middle"]):
