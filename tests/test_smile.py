@@ -119,9 +119,11 @@ def test_exercise1_lb_gradient_flows_only_through_P():
 @pytest.mark.exercise(2)
 def test_exercise2_alltoall_cost_matches_worked_example():
     # the worked example in the notes: M = 8, d = 1024, bf16, cf = 1
+    # (the notes' link constants, 10 us and 2 us, not the cited defaults)
+    links = dict(smile.LINKS, lat_slow=10e-6, lat_fast=2e-6)
     for N, T, flat_ms, smile_ms in ((2, 4096, 0.78, 0.72), (8, 4096, 1.75, 1.28),
                                     (16, 512, 1.37, 0.32)):
-        c = smile.alltoall_cost(N, 8, T, 1024, 2, 1.0, 1.0, 1.0)
+        c = smile.alltoall_cost(N, 8, T, 1024, 2, 1.0, 1.0, 1.0, links=links)
         assert c["flat_time"] * 1e3 == pytest.approx(flat_ms, abs=0.006)
         assert c["smile_time"] * 1e3 == pytest.approx(smile_ms, abs=0.006)
         assert c["flat_slow_msgs"] == (N - 1) * 8 and c["smile_slow_msgs"] == N - 1
@@ -137,10 +139,14 @@ def test_exercise2_slow_bytes_equal_and_hand_example():
     assert (c["smile_slow_msgs"], c["smile_slow_bytes"]) == (1, 2.0)
     assert (c["flat_fast_msgs"], c["flat_fast_bytes"]) == (1, 1.0)
     assert (c["smile_fast_msgs"], c["smile_fast_bytes"]) == (1, 2.0)
-    a_s, a_f = smile.LAT_SLOW, smile.LAT_FAST
-    b_s, b_f = 1 / smile.BW_SLOW, 1 / smile.BW_FAST
+    k = smile.LINKS
+    a_s, a_f, g_s = k["lat_slow"], k["lat_fast"], k["gap_slow"]
+    b_s, b_f = 1 / k["bw_slow"], 1 / k["bw_fast"]
     assert c["flat_time"] == pytest.approx(2 * (a_s + b_s) + (a_f + b_f))
     assert c["smile_time"] == pytest.approx((a_s + 2 * b_s) + (a_f + 2 * b_f))
+    # pipelined: the second slow message pays a gap, not a latency; links in parallel for flat
+    assert c["flat_time_pipelined"] == pytest.approx(max(a_s + g_s + 2 * b_s, a_f + b_f))
+    assert c["smile_time_pipelined"] == pytest.approx((a_s + 2 * b_s) + (a_f + 2 * b_f))
     # overlapped: one latency per link and hop; flat's two links in parallel, SMILE's hops in series
     assert c["flat_time_overlap"] == pytest.approx(max(a_s + 2 * b_s, a_f + b_f))
     assert c["smile_time_overlap"] == pytest.approx((a_s + 2 * b_s) + (a_f + 2 * b_f))
@@ -161,6 +167,28 @@ def test_exercise2_cost_model_uses_each_capacity_factor():
     c = smile.alltoall_cost(4, 4, 64, 8, 1, 1.5, 1.0, 1.0)  # cf only the flat buffer
     assert c["flat_slow_bytes"] == pytest.approx(1.5 * base["flat_slow_bytes"])
     assert c["smile_slow_bytes"] == base["smile_slow_bytes"]
+
+
+@pytest.mark.exercise(2)
+def test_exercise2_pipelined_lies_between_sequential_and_overlapped():
+    for N, T in ((2, 64), (16, 512), (32, 65536)):
+        c = smile.alltoall_cost(N, 8, T, 1024, 2, 1.25, 1.25, 1.0)
+        for who in ("flat", "smile"):
+            assert c[f"{who}_time_overlap"] <= c[f"{who}_time_pipelined"] <= c[f"{who}_time"]
+        no_gap = smile.alltoall_cost(N, 8, T, 1024, 2, 1.25, 1.25, 1.0,
+                                     links=dict(smile.LINKS, gap_slow=0.0, gap_fast=0.0))
+        assert no_gap["flat_time_pipelined"] == pytest.approx(no_gap["flat_time_overlap"])
+        # a gap larger than the latency is capped at it
+        big = smile.alltoall_cost(N, 8, T, 1024, 2, 1.25, 1.25, 1.0,
+                                  links=dict(smile.LINKS, gap_slow=1.0, gap_fast=1.0))
+        assert big["smile_time_pipelined"] == pytest.approx(big["smile_time"])
+
+
+def test_link_constants_are_the_cited_ones():
+    # NCCL's tuning table (Simple: NET 9.6 us, NVLink 3.4 us; LL: 2.7 us, 0.47 us), AWS p4d
+    # (400 Gb/s EFA for 8 GPUs) and A100 NVLink (600 GB/s both directions)
+    assert smile.LINKS == dict(lat_slow=9.6e-6, bw_slow=400e9 / 8 / 8, lat_fast=3.4e-6,
+                               bw_fast=600e9 / 2, gap_slow=2.7e-6, gap_fast=0.47e-6)
 
 
 def test_overlapped_smile_never_beats_flat_when_cf_equals_cf1():
@@ -586,6 +614,13 @@ def _dist_worker(rank, world, N, M, init, out_dir):
     w = torch.randn(1, N, 2, 3, dtype=torch.double)
     (comm.inter(xa) * w).sum().backward()
     res["a2a_grad_ok"] = torch.equal(xa.grad, comm.inter(w))
+    # bytes per hop: one exchange each, float32 chunks of 3 * 5 numbers (60 bytes)
+    comm.reset_stats()
+    comm.inter(torch.zeros(1, N, 3, 5))
+    comm.intra(torch.zeros(1, M, 3, 5))
+    comm.world(torch.zeros(1, N * M, 3, 5))
+    res["bytes"] = {h: (s["slow_bytes"], s["fast_bytes"], s["calls"])
+                    for h, s in comm.stats.items()}
     for kind in ("smile", "switch"):
         torch.manual_seed(0)
         cfg = small_cfg(nodes=N, gpus_per_node=M, cf=0.75, cf1=0.9, cf2=0.8)
@@ -611,6 +646,11 @@ def test_distributed_matches_single_process(tmp_path):
     mp.spawn(_dist_worker, args=(N * M, N, M, init, str(tmp_path)), nprocs=N * M, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(N * M)]
     assert all(r["roundtrip_inter"] and r["roundtrip_intra"] and r["a2a_grad_ok"] for r in ranks)
+    # the inter hop is slow, the intra hop fast; the world exchange is slow to the other node's
+    # M GPUs and fast to the M - 1 others of its own node (60-byte chunks, self excluded)
+    for r in ranks:
+        assert r["bytes"] == {"inter": ((N - 1) * 60, 0, 1), "intra": (0, (M - 1) * 60, 1),
+                              "world": ((N * M - M) * 60, (M - 1) * 60, 1)}
     for kind in ("smile", "switch"):
         torch.manual_seed(0)
         cfg = small_cfg(nodes=N, gpus_per_node=M, cf=0.75, cf1=0.9, cf2=0.8)
@@ -663,11 +703,21 @@ def test_distributed_training_run_and_failed_worker(tmp_path, monkeypatch):
 
 
 # ---------------------------------------------------------------- tier 4: smoke run
-@pytest.mark.slow
-def test_quick_train_smoke(tmp_path):
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    """One --quick run (train, then report), shared by the tests below."""
+    tmp_path = tmp_path_factory.mktemp("quick")
     out = smile.train(smile.Config(quick=True, out_dir=str(tmp_path)))
-    assert not (tmp_path / "summary.json").exists()  # train() writes nothing; report() does
-    smile.report(out)
+    wrote_before_report = (tmp_path / "summary.json").exists()
+    summary = smile.report(out)
+    return {"results": out, "summary": summary, "path": tmp_path,
+            "wrote_before_report": wrote_before_report}
+
+
+@pytest.mark.slow
+def test_quick_train_smoke(quick_run):
+    out, tmp_path = quick_run["results"], quick_run["path"]
+    assert not quick_run["wrote_before_report"]  # train() writes nothing; report() does
     for k in smile.VARIANTS:
         h = out["history"][k]
         assert all(math.isfinite(v) for v in h["loss"] + h["val"])
@@ -683,6 +733,56 @@ def test_quick_train_smoke(tmp_path):
     assert summary["headline"][0]["expect"] == "level"  # the convergence claim is a control
     assert summary["metrics"]["slow_msgs_real_switch"] > summary["metrics"]["slow_msgs_real_smile"]
     assert (tmp_path / "smile.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_quick_run_arms_record_the_paired_design(quick_run):
+    """The arms of summary.json against the design: every arm sees the same batches from the
+    same trunk weights for the same steps and lr; each gets its own router and capacity."""
+    arms, cfg = quick_run["summary"]["arms"], quick_run["results"]["cfg"]
+    assert set(arms) == {"dense", "Switch", "additive Switch", "SMILE"}
+    for key in ("data", "first_batch_checksum", "init", "init_checksum", "steps", "lr"):
+        assert len({json.dumps(a[key]) for a in arms.values()}) == 1, key  # paired
+    assert arms["SMILE"]["data"] == f"shared training stream (batch seed {cfg.seed + 1})"
+    assert arms["SMILE"]["steps"] == smile.QUICK["steps"] and arms["SMILE"]["lr"] == cfg.lr
+    assert arms["Switch"]["capacity"] == f"cf {cfg.cf}"
+    assert arms["additive Switch"]["capacity"] == f"cf {cfg.cf}"
+    assert arms["SMILE"]["capacity"] == f"cf1 {cfg.cf1}, cf2 {cfg.cf2}"
+    assert arms["SMILE"]["router"].startswith("W_node, then W_gpu")
+    assert arms["Switch"]["router"].startswith("full W_r")
+    # the recorded first batch is the one the shared stream really starts with
+    tables = smile.make_languages(cfg)
+    g = torch.Generator().manual_seed(cfg.seed + 1)
+    x, _ = smile.sample_batch(tables, cfg.batch, cfg.seq_len, g)
+    assert arms["SMILE"]["first_batch_checksum"] == smile._checksum([x])
+
+
+@pytest.mark.slow
+def test_modelled_rows_read_the_stated_node_count(quick_run):
+    """The 'N=16, M=8' headline rows hold the cost model at N = 16, not another sweep point."""
+    rows = {r["metric"]: r for r in quick_run["summary"]["headline"]}
+    cfg = quick_run["results"]["cfg"]
+    for T in (512, 4096):
+        c = smile.alltoall_cost(16, 8, T, smile.SWEEP_D, 2, cfg.cf, cfg.cf1, cfg.cf2)
+        for how, suffix in (("sequential", ""), ("pipelined", "_pipelined"),
+                            ("overlapped", "_overlap")):
+            r = rows[f"modelled All2All ms, {how} msgs (N=16, M=8, T={T})"]
+            assert r["expect"] == "report"  # the same on every seed: a property, not evidence
+            assert r["method"]["value"] == pytest.approx(1e3 * c[f"smile_time{suffix}"])
+            assert r["baseline"]["value"] == pytest.approx(1e3 * c[f"flat_time{suffix}"])
+    premise = {p["name"]: p for p in quick_run["summary"]["premise"]}
+    c = smile.alltoall_cost(16, 8, 512, smile.SWEEP_D, 2, cfg.cf, cfg.cf1, cfg.cf2)
+    share = next(p for name, p in premise.items() if "T=512, sequential" in name)
+    assert share["value"] == pytest.approx(120 * smile.LINKS["lat_slow"] / c["flat_time"])
+
+
+@pytest.mark.slow
+def test_level_rows_state_their_margin(quick_run):
+    rows = quick_run["summary"]["headline"]
+    for r in rows:
+        if r["expect"] == "level":
+            assert r["margin"] > 0 and r["margin_why"]
+    assert rows[0]["margin"] == smile.LOSS_MARGIN and rows[1]["margin"] == smile.STEPS_MARGIN
 
 
 def test_same_seed_same_numbers(tmp_path):
