@@ -1,5 +1,6 @@
 """Tests for ecd/train.py: DPO loss, response-only log-probs, evolver/teacher/checker, smoke run."""
 
+import copy
 import dataclasses
 import json
 import math
@@ -354,6 +355,9 @@ def test_held_out_instructions_never_appear_in_training(quick_data):
         assert not test_keys & {ecd.instr_key(x) for x in train_instrs}  # not even reordered
         assert not test_toks & {tuple(ecd.instr_tokens(x)) for x in train_instrs}
         assert not test_keys & {ecd.instr_key(x) for x, _ in d["sft"] + d["sft_plus"]}
+        val_keys = {ecd.instr_key(x) for x in data["val_instrs"]}
+        assert not val_keys & {ecd.instr_key(x) for x in train_instrs}
+    assert len(data["val_instrs"]) == cfg.n_val * 2 and not val_keys & test_keys
     # the test pairs are graded on the same held-out levels
     assert [x for x, _, _ in data["test_pairs"]] == data["test_instrs"]
 
@@ -440,7 +444,7 @@ def test_sft_plus_trains_on_chosen_answers_never_rejected(quick_data, monkeypatc
     # wiring: what run_stage_two hands to the SFT loop decodes to exactly those chosen answers
     seen = {}
 
-    def spy(model, ids, mask, steps, lr, batch_size, gen, log_every, tag="sft"):
+    def spy(model, ids, mask, steps, lr, batch_size, gen, log_every, tag="sft", *args):
         seen.update(ids=ids, mask=mask, steps=steps, lr=lr)
         return [0.0]
 
@@ -453,16 +457,56 @@ def test_sft_plus_trains_on_chosen_answers_never_rejected(quick_data, monkeypatc
     assert resp == [yw for _, yw, _ in d["ecd"]]
     rejected_only = {tuple(yl) for _, _, yl in d["ecd"]} - {tuple(yw) for _, yw, _ in d["ecd"]}
     assert rejected_only and not rejected_only & {tuple(r) for r in resp}
-    assert seen["lr"] == 0.123 and seen["steps"] == 2 * cfg.pref_steps
+    assert seen["lr"] == 0.123 and seen["steps"] == ecd.sft_plus_steps(cfg, len(d["ecd"]))
 
 
 def test_controls_see_the_same_pairs_and_compute(quick_data):
     cfg, data = quick_data
     for d in data["train"].values():
         assert [(x, yw) for x, yw, _ in d["random"]] == [(x, yw) for x, yw, _ in d["ecd"]]
-    # compute match: SFT+ passes as many sequences forward/backward as DPO (2 per pair)
-    assert ecd.sft_plus_steps(cfg) * cfg.batch_size == cfg.pref_steps * 2 * cfg.batch_size
-    assert ecd.sft_plus_steps(dataclasses.replace(cfg, sft_plus_steps=5)) == 5
+    # compute: SFT+'s most steps cost at least DPO's most steps plus its reference pass, and
+    # less than one SFT step more
+    for n in (7, len(data["train"][0.3]["ecd"])):
+        dpo = ecd.stage_two_compute("DPO ECD", cfg.pref_steps, n, cfg.batch_size)
+        sft_plus = ecd.stage_two_compute("SFT+", ecd.sft_plus_steps(cfg, n), n, cfg.batch_size)
+        assert dpo <= sft_plus < dpo + ecd.FWD_BWD * cfg.batch_size
+    assert ecd.sft_plus_steps(dataclasses.replace(cfg, sft_plus_steps=5), 7) == 5
+
+
+def test_stage_two_compute_hand_values():
+    # SFT: 3 forward-equivalents per sequence per step; DPO: 2 sequences per pair, plus the
+    # reference's forward pass over both answers of every pair, once
+    assert ecd.stage_two_compute("SFT+", 10, 100, 4) == 3 * 4 * 10
+    assert ecd.stage_two_compute("DPO ECD", 10, 100, 4) == 2 * 100 + 3 * 2 * 4 * 10
+    assert ecd.stage_two_compute("DPO random neg", 0, 100, 4) == 200
+
+
+def test_checkpoint_is_chosen_on_validation(quick_data, monkeypatch):
+    cfg, data = quick_data
+    cfg = dataclasses.replace(cfg, pref_steps=6, val_every=2)
+    d = data["train"][0.0]
+    scores = iter([0.5, 0.2, 0.9, 0.9, 0.1])  # step 0 (SFT), 2, 4, 6 (a tie: keep the first)
+    saved = []
+
+    def fake_val(model, instrs):
+        saved.append({k: t.clone() for k, t in model.state_dict().items()})
+        return next(scores)
+
+    monkeypatch.setattr(ecd, "val_score", fake_val)
+    torch.manual_seed(0)
+    sft = ecd.make_model(tiny_cfg())
+    ref = copy.deepcopy(sft).eval().requires_grad_(False)
+    model, hist, rec = ecd.run_stage_two("DPO ECD", sft, ref, d, cfg, 1e-2, data["val_instrs"])
+    assert [(c[0], c[2]) for c in rec["val_curve"]] == [(0, 0.5), (2, 0.2), (4, 0.9), (6, 0.9)]
+    assert rec["steps"] == 4 and rec["max_steps"] == 6 and len(hist["loss"]) == 6
+    assert rec["compute"] == ecd.stage_two_compute("DPO ECD", 4, len(d["ecd"]), cfg.batch_size)
+    assert all(torch.equal(saved[2][k], v) for k, v in model.state_dict().items())  # step 4
+    assert not all(torch.equal(saved[3][k], v) for k, v in model.state_dict().items())
+    # when no checkpoint beats the SFT weights on validation, the arm keeps the SFT weights
+    scores = iter([0.5, 0.2, 0.3, 0.4])
+    model, _, rec = ecd.run_stage_two("DPO ECD", sft, ref, d, cfg, 1e-2, data["val_instrs"])
+    assert rec["steps"] == 0 and rec["compute"] == 2 * len(d["ecd"])
+    assert all(torch.equal(sft.state_dict()[k], v) for k, v in model.state_dict().items())
 
 
 # --- tier 4: smoke run, and the design record of a --quick run --------------------------------
@@ -495,7 +539,7 @@ def test_quick_run_smoke_and_determinism(quick_run):
         assert 0.0 <= row["method"]["value"] <= 1.0
     first = next(r for r in s["headline"] if r["expect"] == "better")
     assert first["baseline"]["name"] == "SFT+"  # the index shows ECD vs the fair control
-    assert (tmp_path / "a" / "ecd.png").exists()
+    assert (tmp_path / "a" / "ecd.png").exists() and (tmp_path / "a" / "ecd_compute.png").exists()
     again = ecd.train(ecd.Config(quick=True, out_dir=str(tmp_path / "b")))
     assert again["history"]["sft_losses"] == out["history"]["sft_losses"]
     assert again["metrics"] == out["metrics"]
@@ -519,6 +563,19 @@ def test_arms_record_the_papers_design(quick_run):
         cfg.lr_dpo_rand)
     assert arms["DPO ECD"]["beta"] == arms["DPO random neg"]["beta"] == cfg.beta
     assert len({a["decoding"] for a in arms.values()}) == 1  # one decoding rule for all arms
+    assert arms["SFT+"]["decoding"].startswith("greedy")
+    # each second stage's length is chosen on validation, within its own most steps
+    for n in ("SFT+", "DPO random neg", "DPO ECD"):
+        assert arms[n]["checkpoint"] == "best greedy satisfaction on validation"
+        steps, most = arms[n]["steps"], arms[n]["max_steps"]
+        for tag in arms[n]["teachers"]:
+            s_, m_ = (steps[tag] if isinstance(steps, dict) else steps,
+                      most[tag] if isinstance(most, dict) else most)
+            assert 0 <= s_ <= m_
+    assert arms["DPO ECD"]["max_steps"] == cfg.pref_steps
+    assert arms["SFT+"]["max_steps"] == {
+        t: ecd.sft_plus_steps(cfg, len(out["data"]["train"][e]["ecd"]))
+        for t, e in zip(arms["SFT+"]["teachers"], (0.3, 0.0))}
 
 
 def test_method_lr_gives_each_arm_its_own_lr():
@@ -531,7 +588,8 @@ def test_dpo_ecd_arm_trains_on_the_parent_answers(quick_data, monkeypatch):
     d = data["train"][0.3]
     seen = {}
 
-    def spy(policy, ref_model, pairs, steps, lr, beta, batch_size, gen, log_every, tag="dpo"):
+    def spy(policy, ref_model, pairs, steps, lr, beta, batch_size, gen, log_every, tag="dpo",
+            *args):
         seen[tag] = pairs
         return {"loss": [0.0]}
 
