@@ -196,18 +196,21 @@ def test_message_passing_never_sees_target_or_test_edges(monkeypatch, graphs, qc
     lm_state = galm.TextEncoder(len(vocab), cfg).state_dict()
     galm.finetune(lm_state, app, "co", cfg, len(vocab), seed=0)
     train_buys, test_buys = _edge_set(app.edges["buys"]), _edge_set(app.test_edges["buys"])
-    assert len(seen) == 4  # 3 training steps + the evaluation
+    val_buys = _edge_set(app.val_edges["buys"])
+    # the evaluation at step 0, 3 training steps, the evaluation at the last step
+    assert len(seen) == 5
     for step_edges in seen:
         mp = _edge_set(step_edges["buys"])
         rev = {(v, u) for u, v in _edge_set(step_edges["rev_buys"])}
-        assert mp == rev and mp.isdisjoint(test_buys) and mp <= train_buys
+        assert mp == rev and mp.isdisjoint(test_buys | val_buys) and mp <= train_buys
     n_train = len(train_buys)
-    training_sizes = [len(_edge_set(s["buys"])) for s in seen[:-1]]
+    training_sizes = [len(_edge_set(s["buys"])) for s in seen[1:-1]]
     if leak:  # the exercise switch really leaks: every training edge passes messages
         assert training_sizes == [n_train] * 3
     else:  # half of the training edges are held back as targets in each step
         assert training_sizes == [n_train - n_train // 2] * 3
-    assert len(_edge_set(seen[-1]["buys"])) == n_train  # at test time all training edges pass
+    for i in (0, -1):  # at evaluation all training edges pass
+        assert len(_edge_set(seen[i]["buys"])) == n_train
 
 
 def test_graph_lp_step_excludes_exactly_its_targets(monkeypatch, graphs):
@@ -331,23 +334,23 @@ def test_downstream_schema_split_and_labels(graphs, qcfg):
     assert set(app.type_nodes).isdisjoint(corpus.type_nodes)
     assert set(app.schema).isdisjoint(corpus.schema)
     train, test = _edge_set(app.edges["buys"]), _edge_set(app.test_edges["buys"])
-    assert train.isdisjoint(test)
-    assert len(train) == round(qcfg.train_frac * (len(train) + len(test)))
+    val = _edge_set(app.val_edges["buys"])
+    assert train.isdisjoint(test) and val.isdisjoint(train | test)
+    assert (len(train), len(val)) == (qcfg.n_train_edges, qcfg.n_val_edges)
     G = app.nx_graph
-    for u, i in train | test:  # a user buys only items of exactly its category and material
+    for u, i in train | val | test:  # a user buys only items of exactly its category and material
         assert app.node_type[u] == "user" and app.node_type[i] == "item"
         assert (G.nodes[u]["category"], G.nodes[u]["material"]) == \
             (G.nodes[i]["category"], G.nodes[i]["material"])
-    assert set(app.test_edges) == {"buys"}
+    assert set(app.test_edges) == set(app.val_edges) == {"buys"}
     # buys is not a renamed click: the user's colour is unknown, its material decides
     assert all(G.nodes[int(u)]["colour"] == -1 for u in app.type_nodes["user"])
-    # node classification: every item labelled, users split into labelled / unlabelled
-    lab, unl = set(app.nc_train.tolist()), set(app.nc_test.tolist())
-    assert lab.isdisjoint(unl) and lab | unl == set(range(len(app.texts)))
-    assert set(app.type_nodes["item"].tolist()) <= lab
-    assert {app.node_type[v] for v in unl} == {"user"}
-    n_lab = len(lab) - qcfg.n_items
-    assert n_lab == max(1, round(qcfg.nc_user_frac * qcfg.n_users))
+    # node classification: the users split into labelled / validation / test; no item labelled
+    lab, val_u, unl = (set(x.tolist()) for x in (app.nc_train, app.nc_val, app.nc_test))
+    assert lab.isdisjoint(unl) and val_u.isdisjoint(lab | unl)
+    assert lab | val_u | unl == set(app.type_nodes["user"].tolist())
+    assert len(lab) == max(1, round(qcfg.nc_user_frac * qcfg.n_users))
+    assert len(val_u) == max(1, round(qcfg.nc_val_frac * qcfg.n_users))
     for v in range(len(app.texts)):
         assert app.labels[v] == G.nodes[v]["category"]
 
@@ -364,6 +367,7 @@ def test_graph_builders_are_deterministic_per_seed(qcfg):
     for r in c0.edges:
         assert torch.equal(c0.edges[r], c1.edges[r])
     assert torch.equal(a0.test_edges["buys"], a1.test_edges["buys"])
+    assert torch.equal(a0.val_edges["buys"], a1.val_edges["buys"])
     assert not torch.equal(c0.texts, c2.texts)
 
 
@@ -392,7 +396,7 @@ def test_frozen_variant_trains_gnn_and_leaves_lm_untouched(graphs, qcfg):
     vocab, _, app = graphs
     torch.manual_seed(0)
     state = galm.TextEncoder(len(vocab), qcfg).state_dict()
-    cfg = dataclasses.replace(qcfg, finetune_steps=3)
+    cfg = dataclasses.replace(qcfg, frozen_steps=3)
     model = galm.finetune(state, app, "frozen_gnn", cfg, len(vocab), seed=0)["model"]
     for k, p in model.lm.state_dict().items():
         assert torch.equal(p, state[k]), k
@@ -510,21 +514,22 @@ def test_finetune_negatives_are_items_never_users(monkeypatch, graphs, qcfg, var
     # tail of buys (user -> item) with items: a user as a "negative item" is trivially easy.
     vocab, _, app = graphs
     cfg = dataclasses.replace(qcfg, finetune_steps=3)
-    seen, real = [], galm.lp_batch_loss
+    pools, real = [], galm.sample_negatives
 
-    def spy(z, w_r, target, neg, loss_fn):
-        seen.append((target.clone(), neg.clone()))
-        return real(z, w_r, target, neg, loss_fn)
+    def spy(tail_pool, n, k, gen):
+        out = real(tail_pool, n, k, gen)
+        pools.append((tail_pool.clone(), out.clone()))
+        return out
 
-    monkeypatch.setattr(galm, "lp_batch_loss", spy)
+    monkeypatch.setattr(galm, "sample_negatives", spy)
     torch.manual_seed(0)
     galm.finetune(galm.TextEncoder(len(vocab), cfg).state_dict(), app, variant, cfg, len(vocab),
                   seed=0)
-    items, users = set(app.type_nodes["item"].tolist()), set(app.type_nodes["user"].tolist())
-    assert seen
-    for target, neg in seen:
-        assert set(neg.reshape(-1).tolist()) <= items
-        assert set(target[0].tolist()) <= users and set(target[1].tolist()) <= items
+    items = app.type_nodes["item"]
+    assert len(pools) == cfg.finetune_steps
+    for pool, neg in pools:
+        assert torch.equal(pool, items)
+        assert set(neg.reshape(-1).tolist()) <= set(items.tolist())
 
 
 @pytest.mark.parametrize("variant", galm.FINETUNE_MODES)
@@ -573,7 +578,7 @@ def test_evaluate_filters_the_users_other_known_items():
     # 1-d embeddings: user 4 scores items 0 > 1 > 2 > 3; user 5 scores 3 highest
     z = torch.tensor([[4.0], [3.0], [2.0], [1.0], [1.0], [-1.0]])
     model = galm.LinkModel(_FixedLM(z), None, galm.DistMult(1, ["buys"]))
-    mrr, hits1 = galm.evaluate(model, app, k=1)
+    mrr, hits1 = galm.evaluate(model, app, k=1)["test"]
     # user 4 -> item 1: item 0 (its training buy) is filtered, so rank 1, not 2;
     # user 5 -> item 3: scores -4, -3, -2, -1 -> rank 1
     assert mrr == pytest.approx(1.0) and hits1 == 1.0
@@ -589,6 +594,87 @@ def test_evaluate_passes_only_training_edges_through_the_gnn(monkeypatch):
     gnn = galm.RGCN(2, galm.message_passing_relations(app.schema))
     galm.evaluate(galm.LinkModel(_FixedLM(z), gnn, galm.DistMult(2, ["buys"])), app, k=1)
     assert _edge_set(seen[0]["buys"]) == {(4, 0)}
+
+
+def _worded_app():
+    """_tiny_app with words: items 0-3 say 5, 6, 5, 7; users 4 and 5 both say 8."""
+    app = _tiny_app()
+    app.texts = torch.zeros(6, galm.MAX_LEN, dtype=torch.long)
+    app.texts[:, 0] = 1  # [CLS]
+    app.texts[:, 1] = torch.tensor([5, 6, 5, 7, 8, 8])
+    return app
+
+
+def test_cooc_table_hand_value():
+    app = _worded_app()
+    # the only training edge (4, 0) pairs words (8, 5): items 0 and 2 score 1, items 1 and 3 score 0
+    # user 4 -> item 1 (item 0 filtered): item 2 above, item 3 ties -> rank 2.5
+    # user 5 -> item 3: items 0 and 2 above, item 1 ties -> rank 3.5
+    mrr, _ = galm.cooc_mrr(app, k=10)
+    assert mrr == pytest.approx((1 / 2.5 + 1 / 3.5) / 2)
+    # a given table replaces the training edges: (8, 7) makes item 3 first for user 5
+    table = torch.zeros(10, 10)
+    table[8, 7] = 1.0
+    mrr, _ = galm.cooc_mrr(app, k=10, table=table)
+    assert mrr == pytest.approx((1 / 2.5 + 1.0) / 2)  # user 4: item 3 above, item 2 ties
+
+
+def test_chance_mrr_is_the_mean_harmonic_over_candidates():
+    app = _tiny_app()
+    # user 4 ranks items 1, 2, 3 (item 0 filtered), user 5 all four
+    want = ((1 + 1 / 2 + 1 / 3) / 3 + (1 + 1 / 2 + 1 / 3 + 1 / 4) / 4) / 2
+    assert galm.chance_mrr(app) == pytest.approx(want)
+
+
+def test_category_lookup_is_naive_bayes_by_hand():
+    app = _tiny_app()
+    app.texts = torch.zeros(6, galm.MAX_LEN, dtype=torch.long)
+    app.texts[:, 0] = 1
+    # labelled: node 0 says (8, 10), label 0; nodes 1, 3 say (9, 10), label 1.
+    app.texts[[0, 1, 3], 1:3] = torch.tensor([[8, 10], [9, 10], [9, 10]])
+    app.texts[2, 1], app.texts[4, 1] = 8, 11
+    app.labels = torch.tensor([0, 1, 0, 1, 1, 0])
+    app.nc_train, app.nc_val, app.nc_test = torch.tensor([0, 1, 3]), None, torch.tensor([2, 4])
+    # V = 12 words; with alpha = 1: P(8 | 0) = 2 / 14, P(8 | 1) = 1 / 16; priors 1/3, 2/3.
+    # node 2 (word 8): log(1/3) + log(2/14) = -3.04 > log(2/3) + log(1/16) = -3.18 -> label 0.
+    # node 4 (word 11, never seen): the likelihoods 1/14 vs 1/16 against priors 1/3 vs 2/3 -> 1.
+    assert galm.category_lookup_acc(app, alphas=(1.0,)) == pytest.approx(1.0)
+    # without the class prior node 4 would tie; with labels flipped for node 4 it is wrong
+    app.labels[4] = 0
+    assert galm.category_lookup_acc(app, alphas=(1.0,)) == pytest.approx(0.5)
+    # the smoothing is chosen on the validation users: validating on the test users themselves,
+    # the result is the best single-alpha accuracy
+    app.nc_val = app.nc_test
+    alphas = (0.001, 0.1, 1.0, 100.0)
+    assert galm.category_lookup_acc(app, alphas) == max(
+        galm.category_lookup_acc(app, (a,)) for a in alphas)
+
+
+def test_corpus_clicks_link_the_test_edges_more_than_random_pairs(graphs, qcfg):
+    vocab, corpus, app = graphs
+    users, items = app.type_nodes["user"], app.type_nodes["item"]
+    pairs = torch.stack([users.repeat_interleave(len(items)), items.repeat(len(users))])
+    on_test = galm.click_link_frac(corpus, app, vocab, qcfg.n_categories, app.test_edges["buys"])
+    on_all = galm.click_link_frac(corpus, app, vocab, qcfg.n_categories, pairs)
+    assert on_test == 1.0 and on_all < 0.5
+
+
+def test_finetune_reports_the_test_score_of_the_best_validation_step(graphs, qcfg):
+    vocab, _, app = graphs
+    torch.manual_seed(0)
+    state = galm.TextEncoder(len(vocab), qcfg).state_dict()
+    cfg = dataclasses.replace(qcfg, finetune_steps=12, eval_every=4, patience=100)
+    out = galm.finetune(state, app, "co", cfg, len(vocab), seed=0)
+    steps, val, test = zip(*out["curve"])
+    assert steps == (0, 4, 8, 12)
+    best = int(np.argmax(val))  # the first of equal maxima
+    assert out["best_step"] == steps[best] == out["arm"]["steps"]
+    assert out["mrr"] == test[best]
+    # patience 1: it stops at the first check that does not improve on the best validation MRR
+    cfg = dataclasses.replace(cfg, finetune_steps=200, patience=1, finetune_lr=1e-9)
+    out = galm.finetune(state, app, "co", cfg, len(vocab), seed=0)
+    assert out["curve"][-1][0] - out["best_step"] <= cfg.eval_every
+    assert len(out["losses"]) < 200
 
 
 def test_oracle_mrr_expected_rank_over_random_tie_order():
@@ -630,10 +716,14 @@ def test_node_classification_trains_the_right_parameters_and_scores_unlabelled_u
     unchanged = all(torch.equal(v, state[k]) for k, v in lm.state_dict().items())
     assert unchanged == (variant == "probe")
     assert len(out["losses"]) == 3 and 0.0 <= out["acc"] <= 1.0
-    # the accuracy is measured on the unlabelled users only
+    # the accuracy is measured on the test users, at the last (here: only) validation check
+    assert [c[0] for c in out["curve"]] == [3] and out["best_step"] == 3
     with torch.no_grad():
         pred = out["model"]["head"](lm(app.texts[app.nc_test])).argmax(1)
+        pred_val = out["model"]["head"](lm(app.texts[app.nc_val])).argmax(1)
     assert out["acc"] == pytest.approx(float((pred == app.labels[app.nc_test]).float().mean()))
+    assert out["curve"][0][1] == pytest.approx(
+        float((pred_val == app.labels[app.nc_val]).float().mean()))
 
 
 def test_node_classification_learns_from_labels_with_a_separable_lm(monkeypatch, graphs, qcfg):
@@ -650,7 +740,11 @@ def test_node_classification_learns_from_labels_with_a_separable_lm(monkeypatch,
     monkeypatch.setattr(galm, "TextEncoder", Lookup)
     out = galm.node_classification(galm.TextEncoder(len(vocab), cfg).state_dict(), app,
                                    "probe", cfg, len(vocab), seed=0)
-    assert out["acc"] == 1.0
+    # it trains on the labelled users only: exactly the test users whose category some labelled
+    # user has are right (an unseen category can never be predicted)
+    seen = set(app.labels[app.nc_train].tolist())
+    coverage = np.mean([int(y) in seen for y in app.labels[app.nc_test]])
+    assert out["acc"] == pytest.approx(coverage) and 0 < coverage < 1
 
 
 # ---------------------------------------------------------------------------------------------
