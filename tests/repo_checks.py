@@ -434,7 +434,11 @@ def quick_run(folder: Path, timeout: float = 300) -> dict:
 
 # Figures must read at the size they are saved (CONTRIBUTING.md, section 3).
 FIG_MIN_WIDTH, FIG_MIN_HEIGHT, FIG_MIN_DPI = 900, 300, 100
-QUICK_CPU_BUDGET = 8.0  # CPU seconds (user + sys) of `train.py --quick`
+QUICK_CPU_BUDGET = 8.0  # CPU seconds (user + sys) of `train.py --quick` on a quiet machine
+# The suite runs two workers on two cores, and a busy machine inflates CPU time (shared caches,
+# frequency): measured up to 1.6x for the same run at load 12-17. The test allows that much, so
+# it fails on a --quick that grew, not on a busy CI machine; READMEs state the quiet-machine time.
+QUICK_CPU_SLACK = 1.6
 
 
 def check_figures(run: dict) -> list[str]:
@@ -467,10 +471,11 @@ def check_figures(run: dict) -> list[str]:
     return problems
 
 
-def check_quick_budget(run: dict, budget: float = QUICK_CPU_BUDGET) -> list[str]:
+def check_quick_budget(run: dict, budget: float = QUICK_CPU_BUDGET * QUICK_CPU_SLACK
+                       ) -> list[str]:
     """`--quick` is a smoke run: a few CPU seconds, so the suite stays fast."""
     cpu = run.get("cpu_seconds", 0.0)
-    return [] if cpu <= budget else [f"--quick took {cpu:.1f} CPU-s, budget {budget:.0f}"]
+    return [] if cpu <= budget else [f"--quick took {cpu:.1f} CPU-s, budget {budget:.1f}"]
 
 
 def check_quick_run(run: dict, moved: bool = True) -> list[str]:
