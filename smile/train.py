@@ -1132,6 +1132,9 @@ def train(cfg: Config) -> dict:
         metrics[f"val_{k}"] = h["final_val"]
         metrics[f"val_train_cf_{k}"] = h["final_val_train_cf"]
         metrics[f"steps_to_L_{k}"] = steps_to_reach(h["val_step"], h["val"], level)
+        # training length is a knob too: the validation point where each curve is lowest (the
+        # last one while the curves still descend, so the last step is every arm's checkpoint)
+        metrics[f"best_val_step_{k}"] = h["val_step"][int(np.argmin(h["val"]))]
     for k in moe:
         r = hists[k]["routing"]
         metrics[f"drop_{k}"] = r["drop"]
@@ -1159,7 +1162,8 @@ def train(cfg: Config) -> dict:
                        "first_batch_checksum": h["first_batch_checksum"],
                        "init": f"paired (build_model, seed {cfg.seed})",
                        "init_checksum": h["init_checksum"],
-                       "steps": cfg.steps, "checkpoint": "last step", "lr": cfg.lr,
+                       "steps": cfg.steps, "checkpoint": "last step",
+                       "best_val_step": metrics[f"best_val_step_{k}"], "lr": cfg.lr,
                        "optimizer": "Adam", "router": ROUTERS[k],
                        "capacity": CAPACITIES[k](cfg), "lb_alpha": LB_ALPHAS[k](cfg),
                        "eval": "validation without drops"}
