@@ -351,7 +351,9 @@ def quick_run(tmp_path_factory):
 @pytest.mark.slow
 def test_quick_run_loss_is_finite_and_decreasing(quick_run):
     _, result = quick_run
-    assert len(result["runs"]) == 2 * len(excessmtl.METHODS)
+    control = excessmtl.Config().control_arms.split(",")
+    assert set(result["runs"]) == ({(k, 4.0) for k in excessmtl.METHODS}
+                                   | {(k, 0.1) for k in control})
     for key, run in result["runs"].items():
         loss = run["history"]["loss"]
         assert all(math.isfinite(v) for v in loss), key
