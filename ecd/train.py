@@ -100,7 +100,7 @@ class Config:
     steps: int = field(default=1200, metadata={"help": "SFT steps (the main training loop)",
                                                "range": "[1, inf)"})
     pref_steps: int = field(
-        default=300, metadata={"help": "most DPO steps of the second stage; the checkpoint is "
+        default=250, metadata={"help": "most DPO steps of the second stage; the checkpoint is "
                                        "chosen on the validation split", "range": "[1, inf)"})
     sft_plus_steps: int = field(
         default=0, metadata={"help": "most SFT+ steps; 0 = as much student compute as DPO's "
@@ -1043,6 +1043,10 @@ def evaluate(model, data: dict, cfg: Config) -> dict:
 # The headline metric is greedy satisfaction, the way instruction-following benchmarks such as
 # IFEval score a model (one greedy answer, strict: every constraint must hold); sampling at
 # temperature 1 is reported beside it (it rewards a sharper distribution, not only a better mode).
+# Conditions whose premise was measured absent on tuning seed 100 (README, Run): with the perfect
+# teacher, SFT alone already satisfies 97 % of the held-out instructions greedily (room above SFT
+# 0.03 < 0.05), so its rows cannot test the method and are reported, not claimed.
+PREMISE_ABSENT = ("perfect teacher",)
 CLAIMS = [
     dict(metric="greedy satisfaction", method="DPO ECD", baseline="SFT+", expect="better",
          key="greedy_sat"),
@@ -1073,7 +1077,8 @@ def claim_rows(results: dict, tags: list[str], grid: list[float]) -> list[dict]:
                   for tag in tags for name in METHODS for lr in grid]
     else:
         claims = [dict(metric=f"{c['metric']}, {tag}", higher_is_better=True,
-                       expect=c["expect"], method=(c["method"], f"{tag}|{c['method']}|{c['key']}"),
+                       expect="report" if tag in PREMISE_ABSENT else c["expect"],
+                       method=(c["method"], f"{tag}|{c['method']}|{c['key']}"),
                        baseline=(c["baseline"], f"{tag}|{c['baseline']}|{c['key']}"))
                   for c in CLAIMS for tag in tags]
     return headline_rows(claims, values)
@@ -1205,7 +1210,7 @@ def plot(results: dict, history: dict, tags: list[str], grid: list[float], out: 
         ax[1, 0].axis("off")
         ax[1, 2].axis("off")
     fig.tight_layout()
-    fig.savefig(out / "ecd.png", dpi=80)
+    fig.savefig(out / "ecd.png", dpi=100)
     plt.show() if IN_NOTEBOOK else plt.close(fig)
     # The metric against compute (EXPERIMENTS.md, section 3): every arm's validation curve, the
     # checkpoint each one keeps marked with a star.
