@@ -697,6 +697,20 @@ def test_question_sequences_ask_about_the_context():
          xf.PAD]]
 
 
+def test_stage2_never_shows_a_question(world, monkeypatch):
+    # zero-shot means the question words appear in the LM's text-only pre-training, never in
+    # the captions that stage 1 and stage 2 train on
+    data, enc = world
+    qs = torch.tensor([xf.WID["how-many"], xf.WID["what-colour"]])
+    assert not torch.isin(data["caption"], qs).any()
+    seen = []
+    monkeypatch.setattr(xf, "prefix_lm_loss", lambda logits, ids, n: (
+        seen.append(ids) or (logits.sum() * 0.0, None)))
+    xf.stage2("x", qformer(), dataclasses.replace(TINY, stage2_steps=3, eval_every=100),
+              data, enc, seed=1)
+    assert len(seen) == 3 and not any(torch.isin(ids, qs).any() for ids in seen)
+
+
 def test_splits_are_disjoint_and_cover_the_images():
     data = xf.make_dataset(TINY)
     tr, va, te = (set(data[k].tolist()) for k in ("train", "val", "test"))

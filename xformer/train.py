@@ -114,7 +114,7 @@ class Config:
     patience: int = field(default=3, metadata={
         "help": "stage 2 stops after this many evaluations without a validation gain",
         "range": "[1, inf)"})
-    stage2_seeds: int = field(default=2, metadata={
+    stage2_seeds: int = field(default=1, metadata={
         "help": "stage-2 runs per model from its one stage-1 model; zero-shot is their mean",
         "range": "[1, inf)"})
     n_images: int = field(default=2300, metadata={"help": "toy images (paper: 14M pairs)",
