@@ -129,6 +129,18 @@ def test_ortho_loss_zero_for_orthogonal_two_for_equal_and_hand_value():
     assert got.item() == pytest.approx(0.36, abs=1e-9)
 
 
+def test_ortho_loss_squares_both_modalities_terms():
+    """Negative inner products: each term is squared, (-0.6)^2 = 0.36, never -0.6 or 0.6."""
+    e1, e2 = unit([1.0, 0.0]), unit([0.0, 1.0])
+    tilted = unit([-0.6, 0.8])  # <e1, tilted> = -0.6
+    assert LS.ortho_loss(e1, e2, e1, tilted).item() == pytest.approx(0.36, abs=1e-9)  # text
+    assert LS.ortho_loss(e1, tilted, e1, e2).item() == pytest.approx(0.36, abs=1e-9)  # image
+    # two pairs, mean over j: (0.36 + 0.64) / 2 for the image, (0.36 + 0) / 2 for the text
+    z = unit([1.0, 0.0], [0.0, 1.0])
+    zi_v, zi_t = unit([-0.6, 0.8], [0.6, -0.8]), unit([-0.6, 0.8], [1.0, 0.0])
+    assert LS.ortho_loss(z, zi_v, z, zi_t).item() == pytest.approx(0.68, abs=1e-9)
+
+
 @pytest.mark.exercise(3)
 def test_uniformity_hand_values():
     # antipodal: ||u - v||^2 = 4 -> log exp(-2 * 4) = -8
@@ -251,7 +263,7 @@ def test_variant_loss_adds_exactly_the_named_regulariser():
     assert abs(im - base) > 1e-3  # the two base losses differ on this batch
     want = {"clip": base, "align": base + 2.0 * al, "sep": base + 0.7 * sep,
             "br": base + 1.3 * br, "gc": base + 0.4 * gc, "all": base + 0.7 * sep + 1.3 * br
-            + 0.4 * gc, "im": im, "im_sep": im + 0.7 * sep, "im_br": im + 1.3 * br,
+            + 0.4 * gc, "im": im, "im_aug": im, "im_sep": im + 0.7 * sep, "im_br": im + 1.3 * br,
             "im_gc": im + 0.4 * gc}
     assert set(want) == set(LS.VARIANTS)
     for name, value in want.items():
@@ -285,6 +297,16 @@ class _FixedTower(torch.nn.Module):
         return x[:, :4], z, z
 
 
+def _fixed_data(n, rng, text_shift=1, image_scale=1.0):
+    """Images of class c at image_scale * e_c, texts of class c at e_{c + text_shift}."""
+    c = rng.integers(0, 4, n)
+    x_v = np.zeros((n, LS.D_IN), np.float32)
+    x_t = np.zeros((n, LS.D_IN), np.float32)
+    x_v[np.arange(n), c] = image_scale
+    x_t[np.arange(n), (c + text_shift) % 4] = 1.0
+    return {"x_v": x_v, "x_t": x_t, "c": c, "y": c, "a": 0 * c, "b": 0 * c}
+
+
 def test_zero_shot_class_centres_come_from_text_features():
     protos = LS.class_prototypes(unit([1.0, 0.0], [0.0, 1.0], [3.0, 0.1]).float(),
                                  torch.tensor([0, 1, 0]), n_class=2)
@@ -294,20 +316,71 @@ def test_zero_shot_class_centres_come_from_text_features():
     # features send every clean image to class c - 1 (accuracy 0); prototypes built from image
     # features would score 1. The probes and the gap are computed as usual.
     rng = np.random.default_rng(0)
-
-    def data(n):
-        c = rng.integers(0, 4, n)
-        x_v = np.zeros((n, LS.D_IN), np.float32)
-        x_t = np.zeros((n, LS.D_IN), np.float32)
-        x_v[np.arange(n), c] = 1.0
-        x_t[np.arange(n), (c + 1) % 4] = 1.0
-        return {"x_v": x_v, "x_t": x_t, "c": c, "y": c, "a": 0 * c, "b": 0 * c}
-
     towers = {"v": _FixedTower(), "t": _FixedTower()}
-    r = LS.evaluate(towers, LS.Config(sigma_shift=0.0), data(200), data(100))
-    assert r["zs_acc"] == 0.0 and r["zs_shift_acc"] == 0.0
+    r = LS.evaluate(towers, LS.Config(sigma_shift=0.0), _fixed_data(200, rng),
+                    _fixed_data(100, rng))
+    assert r["zs_acc"] == 0.0 and r["zs_noise_acc"] == 0.0
     assert r["probe_acc"] == 1.0 and r["probe_z_acc"] == 1.0  # y = c is linear in e_c
     assert r["gap"] == pytest.approx(math.sqrt(2), abs=1e-6)
+
+
+def test_zero_shot_prototypes_come_from_the_training_pairs_not_the_test_pairs():
+    """Training texts of class c sit at e_{c+1}, test texts at e_c: prototypes from the training
+    texts score 0 on the test images (at e_c); prototypes from the test texts would score 1."""
+    rng = np.random.default_rng(1)
+    towers = {"v": _FixedTower(), "t": _FixedTower()}
+    train_data, test_data = _fixed_data(200, rng, text_shift=1), _fixed_data(100, rng, text_shift=0)
+    r = LS.evaluate(towers, LS.Config(sigma_shift=0.0), train_data, test_data)
+    assert r["zs_acc"] == 0.0
+    # and the other way round: training texts at e_c score 1, whatever the test texts say
+    train_data, test_data = _fixed_data(200, rng, text_shift=0), _fixed_data(100, rng, text_shift=3)
+    r = LS.evaluate(towers, LS.Config(sigma_shift=0.0), train_data, test_data)
+    assert r["zs_acc"] == 1.0 and r["zs_noise_acc"] == 1.0  # accuracies, not counts
+
+
+def test_noise_shift_scores_the_noisy_images():
+    """Clean images score 1; with sigma_shift = 3 on unit signals the noisy ones must not."""
+    rng = np.random.default_rng(2)
+    towers = {"v": _FixedTower(), "t": _FixedTower()}
+    train_data, test_data = _fixed_data(200, rng, text_shift=0), _fixed_data(400, rng, text_shift=0)
+    r = LS.evaluate(towers, LS.Config(sigma_shift=3.0), train_data, test_data)
+    assert r["zs_acc"] == 1.0
+    assert 0.25 < r["zs_noise_acc"] < 0.75  # about 0.4 for four classes at this noise
+
+
+def test_sensor_shift_scores_the_shifted_images_and_keeps_the_latents():
+    rng = np.random.default_rng(3)
+    towers = {"v": _FixedTower(), "t": _FixedTower()}
+    train_data, test_data = _fixed_data(200, rng, text_shift=0), _fixed_data(100, rng, text_shift=0)
+    # the sensor-shifted images of class c are drawn at e_{c+2}: zero-shot 0 there, 1 when clean
+    wrong = np.roll(test_data["x_v"], 2, axis=1)
+    test_data["x_v_sensor"] = {0.5: wrong, 0.25: test_data["x_v"]}
+    r = LS.evaluate(towers, LS.Config(sigma_shift=0.0), train_data, test_data)
+    assert r["zs_acc"] == 1.0 and r["zs_sensor0.5"] == 0.0 and r["zs_sensor0.25"] == 1.0
+    # make_dataset: the same latents and texts, a changed image sensor; rho = 0 changes nothing
+    cfg = LS.Config()
+    d = LS.make_dataset(cfg, 50, np.random.default_rng(0), shift_rhos=(0.0, 0.5))
+    plain = LS.make_dataset(cfg, 50, np.random.default_rng(0))
+    for k in ("x_v", "x_t", "c", "a", "b", "y"):
+        np.testing.assert_array_equal(d[k], plain[k])
+    np.testing.assert_allclose(d["x_v_sensor"][0.0], d["x_v"], atol=1e-6)
+    assert not np.allclose(d["x_v_sensor"][0.5], d["x_v"], atol=1e-2)
+    w = np.random.default_rng(0).normal(size=(LS.D_LATENT, LS.D_IN))
+    w_new = LS.sensor_shift(w, 1.0, cfg)  # rho = 1: a wholly new sensor, the same scale
+    assert abs(np.std(w_new) * math.sqrt(LS.D_LATENT) - 1.0) < 0.15
+    np.testing.assert_allclose(LS.sensor_shift(w, 0.6, cfg),
+                               0.8 * w + 0.6 * w_new, atol=1e-12)
+
+
+def test_retrieval_r1_counts_own_caption_at_rank_one():
+    rng = np.random.default_rng(4)
+    towers = {"v": _FixedTower(), "t": _FixedTower()}
+    d = _fixed_data(4, rng, text_shift=0)
+    d["x_v"] = np.eye(4, LS.D_IN, dtype=np.float32)  # (4, D): four distinct images ...
+    d["x_t"] = d["x_v"][[0, 1, 3, 2]]  # ... and captions: pairs 0, 1 match, 2 and 3 swapped
+    d["c"] = d["y"] = np.arange(4)
+    r = LS.evaluate(towers, LS.Config(sigma_shift=0.0), d, d)
+    assert r["retrieval_r1"] == pytest.approx(0.5)
 
 
 def test_data_seed_varies_the_mixing_matrices():
@@ -361,7 +434,8 @@ def test_toy_data_matches_its_pmf():
 # ---------------------------------------------------------------- CLI and smoke run
 @pytest.mark.parametrize("argv", [["--steps", "-3"], ["--device", "tpu"], ["--bogus"],
                                   ["--variants", "clip,nope"], ["--bridge-t", "1.5"],
-                                  ["--seed", "-1"], ["--data-seed", "-2"]])
+                                  ["--seed", "-1"], ["--data-seed", "-2"], ["--budget", "best"],
+                                  ["--batch", "1"], ["--lr", "0"]])
 def test_bad_arguments_exit_with_code_2(argv, capsys):
     with pytest.raises(SystemExit) as e:
         LS.parse_args(argv)
@@ -374,14 +448,14 @@ def quick_runs(tmp_path_factory):
     a = LS.train(LS.Config(quick=True, out_dir=str(tmp_path_factory.mktemp("a"))))
     a["summary"] = LS.report(a)
     # the same seed again, for two of the variants (each variant starts from the seed on its own)
-    b = LS.train(LS.Config(quick=True, variants="clip,im_sep",
-                           out_dir=str(tmp_path_factory.mktemp("b"))))
+    b = LS.train(LS.Config(quick=True, out_dir=str(tmp_path_factory.mktemp("b"))))
     return a, b
 
 
 def test_smoke_run_finite_decreasing_loss_and_schema(quick_runs):
     out, _ = quick_runs
-    for name in LS.DEFAULT_VARIANTS:
+    assert list(out["history"]) == LS.QUICK["variants"].split(",")
+    for name in out["history"]:
         loss = out["history"][name]["loss"]
         assert all(math.isfinite(v) for v in loss)
         assert np.mean(loss[-10:]) < np.mean(loss[:10]), name
@@ -403,11 +477,92 @@ def test_smoke_run_finite_decreasing_loss_and_schema(quick_runs):
 
 def test_same_seed_same_numbers(quick_runs):
     a, b = quick_runs
-    for name in ("clip", "im_sep"):
+    assert a["metrics"] == b["metrics"]
+    for name in a["history"]:
         assert a["results"][name] == b["results"][name]
         assert a["history"][name] == b["history"][name]
     # ...and a different variant trained from the same start does not reproduce them
-    assert a["history"]["sep"]["loss"] != a["history"]["im_sep"]["loss"]
+    assert a["history"]["im"]["loss"] != a["history"]["im_gc"]["loss"]
+    assert a["history"]["im"]["loss"] != a["history"]["im_aug"]["loss"]
+
+
+def test_arms_record_matches_the_papers_design(quick_runs):
+    """The design as data: every arm starts from the same towers and data, the base loss and the
+    regulariser its name says, its own tuned budget, and only the rival gets stronger noise."""
+    out, _ = quick_runs
+    cfg, arms = out["cfg"], out["summary"]["arms"]
+    assert set(arms) == {LS.VARIANT_NAMES[n] for n in out["history"]}
+    design = {"clip": ("CLIP (cross only)", "none", 0.0), "im": ("L_Con (cross + in-modal)",
+                                                                 "none", 0.0),
+              "im_aug": ("L_Con (cross + in-modal)", "none", 0.0),
+              "im_gc": ("L_Con (cross + in-modal)", "gc", 0.25)}
+    for name in out["history"]:
+        arm = arms[LS.VARIANT_NAMES[name]]
+        assert (arm["base_loss"], arm["regulariser"], arm["lam"]) == design[name], name
+        assert arm["init"] == arms["CLIP"]["init"] and arm["data"] == arms["CLIP"]["data"]
+        assert "seed 0" in arm["init"] and arm["batch"] == cfg.batch
+        # each arm's own budget, chosen on the tuning seeds, capped by --quick's steps
+        assert arm["lr"] == LS.TUNED[name]["lr"]
+        assert arm["steps"] == min(LS.TUNED[name]["steps"], LS.QUICK["steps"])
+        assert out["history"][name]["eval_step"][-1] == arm["steps"]
+        assert len(out["history"][name]["loss"]) == arm["steps"]
+        assert arm["sigma_anchor"] == cfg.sigma_anchor
+        want_aug = cfg.sigma_strong if name == "im_aug" else cfg.sigma_aug
+        assert arm["sigma_aug"] == want_aug, name
+    assert cfg.sigma_strong > cfg.sigma_aug
+    # the headline compares the method with the strongest rival and with the paper's base loss
+    first = [r for r in out["summary"]["headline"] if r["expect"] == "better"][:2]
+    assert [(r["method"]["name"], r["baseline"]["name"]) for r in first] == [
+        (LS.VARIANT_NAMES["im_gc"], LS.VARIANT_NAMES["im_aug"]),
+        (LS.VARIANT_NAMES["im_gc"], LS.VARIANT_NAMES["im"])]
+    assert all(r["method"]["value"] == out["metrics"][f"im_gc/{LS.HEAD_KEY}"] for r in first)
+
+
+def test_the_rival_trains_on_stronger_noise_than_the_others():
+    """make_views gives the augmented view the noise it is told; train_variant tells im_aug
+    sigma_strong: the rival's first batch differs from im's only in its augmented view."""
+    cfg = LS.Config(sigma_aug=0.15, sigma_strong=0.9)
+    assert LS.arm_sigma_aug("im_aug", cfg) == 0.9
+    assert all(LS.arm_sigma_aug(n, cfg) == 0.15 for n in LS.VARIANTS if n != "im_aug")
+    torch.manual_seed(0)
+    towers = torch.nn.ModuleDict({"v": LS.Tower(), "t": LS.Tower()})
+    x_v, x_t = torch.rand(64, LS.D_IN), torch.rand(64, LS.D_IN)
+    weak = LS.make_views(towers, x_v, x_t, cfg, torch.Generator().manual_seed(1))
+    strong = LS.make_views(towers, x_v, x_t, cfg, torch.Generator().manual_seed(1), 0.9)
+    torch.testing.assert_close(weak["h_v"], strong["h_v"])  # the same anchor view
+    clean = LS.encode(towers, x_v, x_t, 0.0, torch.Generator().manual_seed(0))
+    d_weak = (weak["h_v_a"] - clean["h_v"]).norm(dim=-1).mean()
+    d_strong = (strong["h_v_a"] - clean["h_v"]).norm(dim=-1).mean()
+    assert d_strong > 3 * d_weak
+
+
+def test_arm_budget_tuned_capped_or_shared():
+    cfg = LS.Config(steps=100000)
+    for name in LS.VARIANTS:
+        assert LS.arm_budget(name, cfg) == (LS.TUNED[name]["lr"], LS.TUNED[name]["steps"])
+    assert LS.arm_budget("im_gc", LS.Config(steps=7)) == (LS.TUNED["im_gc"]["lr"], 7)
+    assert LS.arm_budget("im_gc", LS.Config(budget="shared", lr=0.02, steps=9)) == (0.02, 9)
+
+
+def test_budget_curves_average_seeds_and_choose_the_best_point(tmp_path):
+    def write(folder, lr, arm_curves, budget="shared"):
+        (tmp_path / folder).mkdir(parents=True)
+        hist = {arm: {"eval_step": [100, 200, 300], LS.HEAD_KEY: v}
+                for arm, v in arm_curves.items()}
+        (tmp_path / folder / "curves.json").write_text(json.dumps(
+            {"budget": budget, "lr": lr, "history": hist}))
+
+    write("a/seed100", 1e-3, {"im": [0.5, 0.7, 0.6], "im_gc": [0.5, 0.6, 0.9]})
+    write("a/seed101", 1e-3, {"im": [0.7, 0.9, 0.8], "im_gc": [0.5, 0.6, 0.7]})
+    write("b/seed100", 3e-4, {"im": [0.4, 0.8, 0.8], "im_gc": [0.1, 0.2, 0.3]})
+    write("c/seed100", 3e-3, {"im": [1.0, 1.0, 1.0]}, budget="tuned")  # not a sweep: ignored
+    curves = LS.budget_curves(tmp_path)
+    assert curves["im"][1e-3] == ([100, 200, 300], [pytest.approx(0.6), pytest.approx(0.8),
+                                                    pytest.approx(0.7)], 2)
+    best = LS.choose_budgets(curves)
+    # im: 0.8 at step 200 for both lrs -> the tie goes to the fewer steps, then the larger lr
+    assert best["im"]["steps"] == 200 and best["im"]["value"] == pytest.approx(0.8)
+    assert best["im_gc"] == {"lr": 1e-3, "steps": 300, "value": pytest.approx(0.8)}
 
 
 def test_quick_run_has_the_theorem_rows_and_the_two_plots(quick_runs):
