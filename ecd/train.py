@@ -1184,9 +1184,8 @@ def plot(results: dict, history: dict, tags: list[str], grid: list[float], out: 
                   color=COLOURS[n], label=arm_label(n))
         a.axhline(chance, color="k", ls=":", lw=1, label="chance (random answer)")
         a.set_xticks(xs, tags)
-        a.set(ylabel="all constraints satisfied", ylim=(0, 1.35),
+        a.set(ylabel="all constraints satisfied", ylim=(0, 1.05),
               title=f"held-out test instructions, {what}")
-        a.legend(loc="upper center", fontsize=8, ncol=3)
     ops = [op for op in OPS if f"sat_{op}" in results[(tags[0], "SFT")]]
     for a, tag in zip((ax[0, 2], ax[1, 0]), tags[:2]):
         for i, n in enumerate(names):
@@ -1194,22 +1193,25 @@ def plot(results: dict, history: dict, tags: list[str], grid: list[float], out: 
                   [results[(tag, n)][f"sat_{op}"] for op in ops], w, color=COLOURS[n],
                   label=arm_label(n))
         a.set_xticks(np.arange(len(ops)), ops)
-        a.set(ylim=(0, 1.35), xlabel="constraint type", ylabel="checks that hold (sampled)",
+        a.set(ylim=(0, 1.05), xlabel="constraint type", ylabel="checks that hold (sampled)",
               title=f"per-constraint satisfaction, {tag}")
-        a.legend(loc="upper center", fontsize=8, ncol=3)
     for a, tag in zip((ax[1, 1], ax[1, 2]), tags[:2]):
         for (t, n), h in history["dpo"].items():
             if t == tag:
                 a.plot(h["drift_chosen"], color=COLOURS[n], label=f"{arm_label(n)}: chosen")
                 a.plot(h["drift_rejected"], "--", color=COLOURS[n], label=f"{n}: rejected")
         a.axhline(0, color="k", lw=0.5)
+        a.set_ylim(bottom=1.6 * a.get_ylim()[0])  # room for the legend below the curves
         a.set(xlabel="DPO step", ylabel="log pi - log pi_ref (batch mean, nats)",
-              title=f"log-prob drift during DPO, {tag}")
-        a.legend(loc="lower left", fontsize=8)
+              title=f"DPO log-prob drift, {tag}")
+        a.legend(loc="lower left", fontsize=7, ncol=2)
     if len(tags) == 1:  # one teacher: its panels only (more than two: the first two shown)
         ax[1, 0].axis("off")
         ax[1, 2].axis("off")
-    fig.tight_layout()
+    # One legend for the bar panels, below them: one colour per arm throughout.
+    handles, labels = ax[0, 0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=9)
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
     fig.savefig(out / "ecd.png", dpi=100)
     plt.show() if IN_NOTEBOOK else plt.close(fig)
     # The metric against compute (EXPERIMENTS.md, section 3): every arm's validation curve, the
