@@ -1219,7 +1219,7 @@ def plot(runs: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(16, 4.6))
-    tasks = ["count probe", "unseen question", "trained readout", "colour probe"]
+    tasks = ["count\nprobe", "unseen\nquestion", "trained\nreadout", "colour\nprobe"]
     width = 0.8 / len(runs)
     for k, (name, r) in enumerate(runs.items()):
         vals = [r["probe"]["count"], r["question"] or 0.0, r["trained"] or 0.0,
@@ -1239,9 +1239,8 @@ def plot(runs: dict, path: Path) -> None:
         for j, curve in enumerate(r["stage2_curve"]):
             steps = [s for s, *_ in curve]
             ax2.plot(steps, [q for *_, q in curve], color=c, lw=1.5,
-                     label=label + ", unseen question" if j == 0 else None)
-            ax2.plot(steps, [tr for _, _, tr, _ in curve], color=c, lw=1, ls="--",
-                     label=label + ", trained readout" if j == 0 else None)
+                     label=label if j == 0 else None)
+            ax2.plot(steps, [tr for _, _, tr, _ in curve], color=c, lw=1, ls="--")
             best = r["stage2"][j]["best_step"]
             ax2.plot([best], [r["stage2"][j]["test"]["question"]], "o", color=c, ms=6)
         loss = np.array(r["history"]["total"])
@@ -1250,9 +1249,9 @@ def plot(runs: dict, path: Path) -> None:
     ax2.axhline(0.25, color="black", lw=0.8, ls=":")
     ax2.set_xlabel("stage-2 step (dots: the step validation chose)")
     ax2.set_ylabel("count accuracy through the frozen LM (test)")
-    ax2.set_ylim(0, 1.05)
-    ax2.legend(fontsize=7, loc="lower right")
-    ax2.set_title("stage 2: accuracy against compute", fontsize=10)
+    ax2.set_ylim(0, 1.3)
+    ax2.legend(fontsize=8, ncol=2, loc="upper left")
+    ax2.set_title("stage 2: solid = unseen question, dashed = trained readout", fontsize=10)
     ax3.set_xlabel("stage-1 step")
     ax3.set_ylabel("stage-1 loss (smoothed over 10 steps)")
     ax3.legend(fontsize=8, loc="upper right")
