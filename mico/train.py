@@ -106,17 +106,20 @@ class Config:
                                                 "range": "[1, inf)"})
     doc_topic_len: int = field(default=10, metadata={"help": "topic tokens per document",
                                                      "range": "[1, inf)"})
-    doc_style_len: int = field(default=20, metadata={"help": "boilerplate tokens per document",
+    doc_style_len: int = field(default=0, metadata={"help": "boilerplate tokens per document",
                                                      "range": "[0, inf)"})
     p_synonym: float = field(default=0.5, metadata={"help": "prob. a query token is a synonym",
                                                     "range": "[0, 1]"})
     combo: float = field(default=0.8, metadata={
-        "help": "share of documents written in combination words: such a document writes its "
-                "intent t with aspect words of groups a and b, a + b = t (mod n_topics), so no "
-                "single word says its intent (0 = every document names its intent)",
+        "help": "share of documents written in combination words: such a document writes each "
+                "bit of its intent as the XOR of two aspect bits, so no single word (and no "
+                "weighted sum of words) says its intent (0 = every document names its intent)",
         "range": "[0, 1]"})
-    aspect_words: int = field(default=20, metadata={"help": "words per aspect group (combo > 0)",
+    aspect_words: int = field(default=2, metadata={"help": "words per aspect group (combo > 0)",
                                                     "range": "[1, inf)"})
+    aspect_len: int = field(default=1, metadata={
+        "help": "tokens a combination document draws from each of its aspect groups",
+        "range": "[1, inf)"})
     click_skew: float = field(default=0.0, metadata={
         "help": "Zipf exponent s of document popularity: a query clicks the document of "
                 "popularity rank r with prob. ~ r^-s (0 = every document equally likely)",
@@ -166,7 +169,8 @@ class Config:
 
 
 # What --quick changes (it wins over the defaults above).
-QUICK = dict(steps=150, n_docs=600, n_queries=1200, batch=128, log_every=50, kmeans_init=1)
+QUICK = dict(steps=120, n_docs=500, n_queries=1000, batch=128, log_every=40, kmeans_init=1,
+             ridge_alphas="1", click_weights="1,4")
 
 
 def parse_weights(text: str) -> list[float]:
@@ -180,8 +184,9 @@ def check_config(cfg: Config) -> str | None:
     n_val = int(round(cfg.val_frac * (cfg.n_queries - n_test)))
     if min(n_test, n_val, cfg.n_queries - n_test - n_val) < 1:
         return "--n-queries, --test-frac and --val-frac leave an empty train, val or test split"
+    n_bits = max(1, (cfg.n_topics - 1).bit_length())
     V = (cfg.n_topics * (cfg.topic_words + cfg.synonyms) + cfg.n_styles * cfg.style_words
-         + (2 * cfg.n_topics * cfg.aspect_words if cfg.combo > 0 else 0))
+         + (4 * n_bits * cfg.aspect_words if cfg.combo > 0 else 0))
     if cfg.lsa_dim > V:
         return f"--lsa-dim ({cfg.lsa_dim}) must not exceed the vocabulary size ({V})"
     try:
@@ -451,11 +456,13 @@ def make_dataset(cfg: Config, rng: np.random.Generator) -> dict:
     popularity rank r with prob. ~ r^-s) and has 2-4 tokens, each a synonym of the document's
     topic with prob. `p_synonym`, else a document-side word of that topic.
 
-    With `combo` c > 0, each document is with prob. c a combination document: it draws an
-    aspect a uniformly and b = (t - a) mod T, and writes its intent tokens half from aspect group
-    a of vocabulary A and half from group b of vocabulary B. Every aspect word occurs equally
-    often under every intent, so no linear function of the words reads such a document's intent;
-    only the pair (a, b) does. Queries are the same in every world.
+    With `combo` c > 0, each document is with prob. c a combination document instead: the intent
+    t is a number of n_bits = log2(T) bits; the document draws a uniformly in [0, T) and sets
+    b = a XOR t. For each bit i it writes `aspect_len` words of the group "A, bit i, value a_i"
+    and `aspect_len` words of the group "B, bit i, value b_i" (2 * 2 * n_bits groups of
+    `aspect_words` words) in place of its intent words. Every aspect word occurs equally often
+    under every intent, so no weighted sum of words reads such a document's intent; bit i is the
+    XOR of two of its word groups. Queries are the same in every world.
 
     Returns a dict of numpy arrays: Cd (D, V) and Cq (N, V) token counts, Xd / Xq the same
     divided by sqrt(#tokens) (the encoders' input), doc_topic (D,), click (N,) the clicked
@@ -468,11 +475,11 @@ def make_dataset(cfg: Config, rng: np.random.Generator) -> dict:
     style_vocab = T * n_tw + np.arange(S * n_sw).reshape(S, n_sw)  # (S, style_words)
     syn_vocab = T * n_tw + S * n_sw + np.arange(T * n_syn).reshape(T, n_syn)  # (T, synonyms)
     V = T * n_tw + S * n_sw + T * n_syn
+    n_bits = max(1, (T - 1).bit_length())  # intents 0..T-1 written with n_bits bits
     n_asp = cfg.aspect_words if cfg.combo > 0 else 0
-    # PLUMBING: [... | aspect vocabulary A | aspect vocabulary B], only when combo > 0
-    aspect_a = V + np.arange(T * n_asp).reshape(T, n_asp)  # (T, aspect_words)
-    aspect_b = V + T * n_asp + np.arange(T * n_asp).reshape(T, n_asp)  # (T, aspect_words)
-    V += 2 * T * n_asp
+    # PLUMBING: [... | aspect groups], only when combo > 0: group (side, bit, value)
+    aspect = V + np.arange(2 * n_bits * 2 * n_asp).reshape(2, n_bits, 2, n_asp)  # (2, bits, 2, W)
+    V += 2 * n_bits * 2 * n_asp
 
     D, N = cfg.n_docs, cfg.n_queries
     doc_topic = rng.integers(0, T, size=D)  # (D,)
@@ -481,12 +488,13 @@ def make_dataset(cfg: Config, rng: np.random.Generator) -> dict:
     is_combo = np.zeros(D, dtype=bool)  # (D,)
     if cfg.combo > 0:
         is_combo = rng.random(D) < cfg.combo  # (D,) written in combination words
-        doc_a = rng.integers(0, T, size=D)  # (D,) aspect a, uniform whatever the intent
-        doc_b = (doc_topic - doc_a) % T  # (D,) a + b = t (mod T)
+        doc_a = rng.integers(0, 2 ** n_bits, size=D)  # (D,) aspect a, uniform whatever the intent
+        doc_b = doc_a ^ doc_topic  # (D,) b = a XOR t, so t = a XOR b
     for j in range(D):
         if is_combo[j]:
-            intent_words = [rng.choice(aspect_a[doc_a[j]], size=(cfg.doc_topic_len + 1) // 2),
-                            rng.choice(aspect_b[doc_b[j]], size=cfg.doc_topic_len // 2)]
+            intent_words = [rng.choice(aspect[side, i, (code >> i) & 1], size=cfg.aspect_len)
+                            for side, code in ((0, doc_a[j]), (1, doc_b[j]))
+                            for i in range(n_bits)]
         else:
             intent_words = [rng.choice(topic_vocab[doc_topic[j]], size=cfg.doc_topic_len)]
         words = intent_words + [rng.choice(style_vocab[doc_style[j]], size=cfg.doc_style_len)]
@@ -557,6 +565,35 @@ def linear_decodability(data: dict, cfg: Config) -> float:
     Xh = with_bias(data["Xd"][held_out])  # (D/2, V + 1)
     return max(float(np.mean((Xh @ W).argmax(1) == data["doc_topic"][held_out]))
                for W in Ws.values())
+
+
+def supervised_doc_view(data: dict, cfg: Config) -> float:
+    """The upper bound of MICO's document view: could its encoder read the intents at all?
+
+    The same architecture (MICO's document trunk and head, same init) is trained with the true
+    intents of the documents some training query clicked as labels (cross-entropy, Adam, lr,
+    `steps` // 2 steps, `batch`); returns its accuracy on the documents no training query
+    clicked. Near 1: the encoder can place unclicked documents, so co-training had something to
+    find; near 1 / n_topics: no clustering by this encoder could reach them.
+    """
+    gen = torch.Generator().manual_seed(cfg.seed + 2)  # PLUMBING: its own batches
+    with torch.random.fork_rng():  # its own init: the caller's torch stream is untouched
+        torch.manual_seed(cfg.seed + 2)
+        model = MICO(data["Xd"].shape[1], cfg)
+    opt = torch.optim.Adam(model.encoder_parameters(), lr=cfg.lr)
+    clicked = np.zeros(len(data["doc_topic"]), dtype=bool)  # (D,)
+    clicked[data["click"][data["train"]]] = True
+    Xd, y = torch.from_numpy(data["Xd"]), torch.from_numpy(data["doc_topic"])  # (D, V), (D,)
+    fit = torch.from_numpy(np.nonzero(clicked)[0])  # (n_clicked,)
+    for _ in range(max(1, cfg.steps // 2)):
+        b = fit[torch.randint(len(fit), (cfg.batch,), generator=gen)]  # (B,)
+        loss = F.cross_entropy(model.doc_logits(Xd[b]), y[b])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        pred = model.doc_logits(Xd[torch.from_numpy(~clicked)]).argmax(-1).numpy()  # (n_un,)
+    return float(np.mean(pred == data["doc_topic"][~clicked])) if (~clicked).any() else 1.0
 
 
 # %% 5. Baselines and rivals: k-means on text (+ clicks), random balanced clusters, the true topics
@@ -736,10 +773,10 @@ def evaluate_mico(model: MICO, data: dict, idx: np.ndarray, K: int) -> tuple[dic
 
 
 def summarise(name: str, curve: dict, doc_cluster: np.ndarray, target: np.ndarray,
-              seen: np.ndarray, K: int, budget: float) -> dict:
+              seen: np.ndarray, K: int, budget: float, doc_topic: np.ndarray | None = None) -> dict:
     """PLUMBING: the numbers of one method's row in the results table. target (N,) = the test
     queries' clicked documents (for the traffic balance); seen (N,) bool = whether some training
-    query clicked that document too."""
+    query clicked that document too; doc_topic (D,) the true intents (for the purity)."""
     out = dict(cov1=float(curve["coverage"][0]), cost1=float(curve["cost"][0]),
                cov2=float(curve["coverage"][1]), cost2=float(curve["cost"][1]),
                lat1=float(curve["latency"][0]),
@@ -751,6 +788,10 @@ def summarise(name: str, curve: dict, doc_cluster: np.ndarray, target: np.ndarra
     # coverage at one cluster, split by whether any training query clicked the target document
     for part, mask in (("clicked", seen), ("unclicked", ~seen)):
         out[f"cov1_{part}"] = float(curve["hit1"][mask].mean()) if mask.any() else None
+    if doc_topic is not None:
+        # purity: the share of documents whose cluster's most common intent is their own
+        out["purity"] = float(sum(np.bincount(doc_topic[doc_cluster == k]).max()
+                                  for k in range(K) if (doc_cluster == k).any()) / len(doc_topic))
     return {f"{name}_{k}": v for k, v in out.items()}
 
 
@@ -853,12 +894,18 @@ def train(cfg: Config) -> dict:
     metrics["test_share_unclicked"] = float(1 - seen.mean())
     for name in curves:
         metrics.update(summarise(KEYS[name], curves[name], clusterings[name], target, seen, K,
-                                 budget))
+                                 budget, data["doc_topic"]))
     # how much of MICO's gain over text-only k-means the clicks alone give (1 = all of it)
     for m in ("auc", "cov_at_budget", "cov1"):
         gain = metrics[f"MICO_{m}"] - metrics[f"kmeans_{m}"]
         clicks_gain = metrics[f"kmclicks_{m}"] - metrics[f"kmeans_{m}"]
         metrics[f"click_share_of_gain_{m}"] = clicks_gain / gain if gain > 0 else None
+    # MICO's AUC on as many training queries as there are validation queries: far above its test
+    # AUC means the router learned the training clicks, not the intents (README, "Why").
+    seen_q = data["train"][: len(data["val"])]
+    curve_tr, _ = evaluate_mico(model, data, seen_q, K)
+    metrics["MICO_train_auc"] = curve_auc(curve_tr["cost"], curve_tr["coverage"])
+    metrics["doc_view_upper_bound"] = supervised_doc_view(data, cfg)
     # What each compared arm got (EXPERIMENTS.md, section 7): a test checks this record.
     arms = {
         "MICO": {"data": "train clicks + doc text", "init": f"N(0, {cfg.init_first:g}) trunk, "
@@ -914,6 +961,13 @@ CLAIMS = [
     _claim("AUC of coverage vs cost", "auc", "kmeans", "report", method="kmclicks"),
     _claim("cluster-size entropy / log K", "balance_entropy", "kmeans", "better"),
     _claim("cost @ 1 cluster (share of docs)", "cost1", "kmeans", "report", higher=False),
+    # why MICO can fall behind: it fits the training clicks, not the intents
+    dict(metric="AUC of coverage vs cost, MICO on training vs unseen test queries",
+         higher_is_better=True, expect="report",
+         method=("MICO, training queries", "MICO_train_auc"),
+         baseline=("MICO, test queries", "MICO_auc")),
+    _claim("cluster purity (share of docs in their cluster's majority intent)", "purity",
+           "kmwords", "report"),
 ]
 
 
@@ -933,6 +987,9 @@ def report(results: dict) -> dict:
         premise_row("share of test queries whose document no training query clicked",
                     metrics["test_share_unclicked"], ">=", 0.1),
     ]
+    premise.append(premise_row("upper bound of MICO's document view: its encoder trained on the "
+                               "clicked documents' intents, accuracy on unclicked documents",
+                               metrics["doc_view_upper_bound"]))
     if "oracle_auc" in metrics:
         premise.append(premise_row("ceiling: AUC of the true intents as clusters, each query "
                                    "routed to its intent (oracle)", metrics["oracle_auc"]))
@@ -964,6 +1021,10 @@ def report(results: dict) -> dict:
           + ", ".join(f"{n} {_fmt(metrics[KEYS[n] + '_cov1_clicked'])} / "
                       f"{_fmt(metrics[KEYS[n] + '_cov1_unclicked'])}"
                       for n in ("MICO", "k-means+clicks+words", "k-means+clicks", "k-means")))
+    print(f"MICO AUC on training queries {metrics['MICO_train_auc']:.3f} vs unseen test queries "
+          f"{metrics['MICO_auc']:.3f}; cluster purity MICO {metrics['MICO_purity']:.3f}, "
+          f"k-means+clicks+words {metrics['kmwords_purity']:.3f}, oracle "
+          f"{metrics.get('oracle_purity', float('nan')):.3f}")
     shares = [metrics[f"click_share_of_gain_{m}"] for m in ("auc", "cov_at_budget", "cov1")]
     a, b, c = (_fmt(v, 2) for v in shares)
     print(f"share of MICO's gain over text-only k-means that clicks alone give (k-means + clicks):"

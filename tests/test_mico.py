@@ -361,35 +361,37 @@ def test_dataset_is_a_real_click_log():
                                (d["Cd"] ** 2).sum(1) / d["Cd"].sum(1), rtol=1e-5)
 
 
-def test_combination_documents_name_their_intent_only_by_a_pair_of_aspects():
+def test_combination_documents_write_each_intent_bit_as_an_xor_of_two_aspects():
     cfg = _cfg(n_docs=400, n_queries=200, combo=0.5)
     d = mico.make_dataset(cfg, np.random.default_rng(0))
-    T, n_asp = cfg.n_topics, cfg.aspect_words
-    start_a = T * (cfg.topic_words + cfg.synonyms) + cfg.n_styles * cfg.style_words
-    assert d["Cd"].shape[1] == start_a + 2 * T * n_asp
+    T, W, n_bits = cfg.n_topics, cfg.aspect_words, 4
+    start = T * (cfg.topic_words + cfg.synonyms) + cfg.n_styles * cfg.style_words
+    assert d["Cd"].shape[1] == start + 2 * n_bits * 2 * W
     assert 0.4 < d["is_combo"].mean() < 0.6
+    seen_bit_values = {}
     for j in range(400):
         words = np.nonzero(d["Cd"][j])[0]
-        topic_words = words[words < T * cfg.topic_words]
-        aspects = words[words >= start_a] - start_a
-        if d["is_combo"][j]:
-            # no intent word; half the tokens from one group of A, half from one group of B
-            assert len(topic_words) == 0
-            groups_a = set(aspects[aspects < T * n_asp] // n_asp)
-            groups_b = set((aspects[aspects >= T * n_asp] - T * n_asp) // n_asp)
-            assert len(groups_a) == 1 and len(groups_b) == 1
-            assert (groups_a.pop() + groups_b.pop()) % T == d["doc_topic"][j]
-        else:
-            assert len(aspects) == 0 and np.all(topic_words // cfg.topic_words
-                                                == d["doc_topic"][j])
-    # every aspect group of A appears under many intents: a single aspect word says nothing
-    a_group = [(np.nonzero(d["Cd"][j, start_a:start_a + T * n_asp])[0] // n_asp)[0]
-               for j in range(400) if d["is_combo"][j]]
-    intents = d["doc_topic"][d["is_combo"]]
-    assert len(set(intents[np.array(a_group) == 0])) >= 4
-    # queries are the same in every world
-    d0 = mico.make_dataset(_cfg(n_docs=400, n_queries=200, combo=0.0), np.random.default_rng(0))
-    assert d["Cq"].shape[0] == d0["Cq"].shape[0]
+        intent_words = words[words < T * cfg.topic_words]
+        aspects = words[words >= start] - start
+        if not d["is_combo"][j]:
+            assert len(aspects) == 0
+            assert np.all(intent_words // cfg.topic_words == d["doc_topic"][j])
+            continue
+        assert len(intent_words) == 0
+        assert d["Cd"][j, start:].sum() == 2 * n_bits * cfg.aspect_len
+        group = aspects // W  # group id = ((side * n_bits) + bit) * 2 + value
+        side, bit, value = group // (2 * n_bits), (group // 2) % n_bits, group % 2
+        t = 0
+        for i in range(n_bits):
+            a_i = set(value[(side == 0) & (bit == i)])
+            b_i = set(value[(side == 1) & (bit == i)])
+            assert len(a_i) == 1 and len(b_i) == 1  # one value per (side, bit)
+            t |= (a_i.pop() ^ b_i.pop()) << i
+            seen_bit_values.setdefault((i, int(d["doc_topic"][j] >> i & 1)), set()).update(
+                int(v) for v in value[(side == 0) & (bit == i)])
+        assert t == d["doc_topic"][j]  # intent = a XOR b, bit by bit
+    # a single aspect group says nothing: both values of a's bit occur under either intent bit
+    assert all(v == {0, 1} for v in seen_bit_values.values())
 
 
 def test_linear_decodability_separates_the_two_worlds():
@@ -592,8 +594,9 @@ def test_arms_record_what_each_arm_got_and_the_checkpoint_is_the_chosen_one(tmp_
 
 @pytest.mark.slow
 def test_mico_beats_kmeans_with_balanced_clusters_in_the_linear_world(tmp_path):
-    # the old world (every document names its intent): MICO far above text-only k-means
-    m = mico.train(_cfg(steps=1000, combo=0.0, out_dir=str(tmp_path)))["metrics"]
+    # the linear world (every document names its intent under heavy boilerplate): MICO far above
+    # text-only k-means
+    m = mico.train(_cfg(steps=1000, combo=0.0, doc_style_len=20, out_dir=str(tmp_path)))["metrics"]
     assert m["MICO_cov1"] > m["kmeans_cov1"] + 0.3
     assert m["MICO_cost1"] <= m["kmeans_cost1"] + 0.02
     assert m["MICO_auc"] > m["kmeans_auc"] + 0.05
