@@ -150,7 +150,7 @@ class Config:
                                                   "range": "[1, inf)"})
     clip: float = field(default=1.0, metadata={"help": "grad-norm clip of the outer step",
                                                "range": "(0, inf)"})
-    init_first: float = field(default=1.0, metadata={"help": "std of the first layer's init",
+    init_first: float = field(default=0.01, metadata={"help": "std of the first layer's init",
                                                      "range": "(0, inf)"})
     init_last: float = field(default=0.3, metadata={"help": "std of the heads' init",
                                                     "range": "(0, inf)"})
