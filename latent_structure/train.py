@@ -21,7 +21,7 @@ The toy. A 4-way class c and 6-d content s appear in both modalities; an image-o
 text-only bit b appear in one each. The target Y = 2c + a (8 classes) needs the image-only bit, so
 Delta_p = ln 2 exactly and perfectly aligned features reach at most 50% accuracy on Y. We train
 two small towers per arm: the paper's base loss L_Con alone, with stronger augmentation (the
-rival), and with each regulariser (Sep, Br, GC); plain CLIP alone and with Sep. Then we
+rival), and with each regulariser (Sep, Br, GC); plain CLIP alone is the floor. Then we
 linear-probe the frozen image backbone h and the shared image feature z for Y, classify c
 zero-shot with text prototypes on clean images, on images seen through a changed sensor (the
 distribution shift, a family no arm trained on) and on noisier images (the augmentation's own
@@ -63,7 +63,7 @@ towers instead of ResNet-50/BERT, Gaussian input noise instead of crop/flip/EDA,
 instead of CC3M, a handful of seconds of Adam per variant, a fixed temperature, and no ALBEF
 fusion experiments.
 
-Run:   python latent_structure/train.py          (seven arms, one seed, under a minute of CPU)
+Run:   python latent_structure/train.py          (six arms, one seed, under a minute of CPU)
 Ends:  the premise rows, a table `variant | probe h | probe z | probe CE | zero-shot | sensor
        shift | noise | R@1 | gap`, zero-shot along the shift dial, the base-loss x regulariser
        tables, then one verdict line per headline row and the files written.
@@ -99,7 +99,7 @@ IN_NOTEBOOK = "ipykernel" in sys.modules
 # regularisers together. A name "im_<reg>" puts <reg> on the paper's base loss.
 VARIANTS = ("clip", "sep", "br", "gc", "im", "im_aug", "im_sep", "im_br", "im_gc", "align",
             "all")
-DEFAULT_VARIANTS = ("clip", "sep", "im", "im_aug", "im_sep", "im_br", "im_gc")
+DEFAULT_VARIANTS = ("clip", "im", "im_aug", "im_sep", "im_br", "im_gc")
 VARIANT_NAMES = {"clip": "CLIP", "sep": "CLIP + Sep", "br": "CLIP + Br", "gc": "CLIP + GC",
                  "im": "CLIP + in-modal", "im_aug": "CLIP + in-modal, strong aug",
                  "im_sep": "CLIP + in-modal + Sep", "im_br": "CLIP + in-modal + Br",
@@ -196,7 +196,13 @@ QUICK = dict(steps=40, n_train=400, n_test=300, log_every=20, eval_every=20,
 # Each arm's learning rate and training length, chosen on the tuning seeds 100-102: the point of
 # its budget curve (lr x checkpoint) with the best mean headline metric (zero-shot accuracy under
 # the sensor shift). `--curves-from runs/tune` recomputes this table from the sweeps (README, Run).
+# Arms outside the default run (br, gc, align, all) were not swept: 1e-3 and 1,500 steps. The
+# sweeps reached 2,000 steps; im_aug, im_sep and sep chose that edge (README, Expected output).
 TUNED = {name: {"lr": 1e-3, "steps": 1500} for name in VARIANTS}
+TUNED.update({"clip": {"lr": 1e-3, "steps": 750}, "sep": {"lr": 1e-3, "steps": 2000},
+              "im": {"lr": 1e-3, "steps": 1750}, "im_aug": {"lr": 1e-3, "steps": 2000},
+              "im_sep": {"lr": 1e-3, "steps": 2000}, "im_br": {"lr": 1e-3, "steps": 750},
+              "im_gc": {"lr": 3e-3, "steps": 1750}})
 
 
 def check_config(cfg: Config) -> str | None:
@@ -793,23 +799,25 @@ PROBE_MARGIN = dict(margin=0.02, margin_why=(
     "1.0 (the image); 0.02 is 4 % of it, four standard errors of a 2,000-pair test accuracy near "
     "0.99"))
 # The claims this run checks, in order; the first `better` row is the folder's headline. The
-# `expect` of each row was fixed on the tuning seeds 100-102 before seeds 0-4 ran; "report" rows
-# are reported negatives or diagnostics (README, "Expected output"). A row appears when both of
-# its variants ran.
+# `expect` of each row was fixed on the tuning seeds 100-102 (each arm at its TUNED budget) before
+# seeds 0-4 ran: "better" rows held there on 3/3 seeds, except the first, the paper's claim
+# against the strongest rival, which held on 0/3 and stays the headline (CONTRIBUTING.md, 2);
+# "report" rows are reported negatives or diagnostics. A row appears when both of its arms ran.
 CLAIMS = [
     # The headline: a shift of another family than the augmentation, against the strongest rival
     # (the paper's base loss with stronger augmentation) and the paper's base loss itself.
     _claim(ZS_SENSOR, HEAD_KEY, True, "im_gc", "im_aug", "better"),
     _claim(ZS_SENSOR, HEAD_KEY, True, "im_gc", "im", "better"),
     _claim(ZS_SENSOR, HEAD_KEY, True, "im_br", "im_aug", "report"),
-    _claim(ZS_SENSOR, HEAD_KEY, True, "im_br", "im", "report"),
+    _claim(ZS_SENSOR, HEAD_KEY, True, "im_br", "im", "better"),
     _claim(ZS_SENSOR, HEAD_KEY, True, "im_sep", "im", "report"),
     _claim(ZS_SENSOR, HEAD_KEY, True, "im_aug", "im", "report"),
     # the dial: a weaker and a stronger sensor shift
     *[_claim(f"zero-shot acc, sensor-shifted images (rho {rho})", f"zs_sensor{rho}", True,
-             "im_gc", "im", "report") for rho in SHIFT_DIAL if rho != SHIFT_RHO],
+             "im_gc", base, "report") for rho in SHIFT_DIAL if rho != SHIFT_RHO
+      for base in ("im_aug", "im")],
     # the old "shift": stronger input noise, the family the augmentation trains
-    _claim(ZS_NOISE, "zs_noise_acc", True, "im_gc", "im", "report"),
+    _claim(ZS_NOISE, "zs_noise_acc", True, "im_gc", "im", "better"),
     _claim(ZS_NOISE, "zs_noise_acc", True, "im_gc", "im_aug", "report"),
     # collapse guards beside the headline: a class-only feature would ace zero-shot, not these
     _claim(R1, "retrieval_r1", True, "im_gc", "im", "report"),
