@@ -511,11 +511,28 @@ def test_tokenize_pads_right():
 @pytest.mark.slow
 def test_quick_run_smoke_cache_and_same_seed(tmp_path):
     out = dreamblend.train(dreamblend.Config(quick=True, out_dir=str(tmp_path / "a")))
+    summary = dreamblend.report(out)
     s = json.loads((tmp_path / "a" / "summary.json").read_text())
-    assert set(s) == {"folder", "seed", "config", "wall_seconds", "metrics", "headline"}
+    assert s == json.loads(json.dumps(summary))
+    assert set(s) == {"folder", "seed", "config", "wall_seconds", "metrics", "headline",
+                      "premise", "arms"}
     assert s["folder"] == "dreamblend" and s["config"]["steps"] == dreamblend.QUICK["steps"]
     assert all(set(r) == {"metric", "higher_is_better", "expect", "method", "baseline"}
                for r in s["headline"])
+    # the design as data: every checkpoint and variant from the same fine-tuning run; the
+    # guided variants use the configured lambda, inversion alone none; DreamBlend is the
+    # config's variant
+    cfg, arms = out["cfg"], s["arms"]
+    assert [arms[f"ckpt {k}"]["steps"] for k in out["ckpts"]] == out["ckpts"]
+    assert arms["guidance alone"]["guidance_lr"] == cfg.guidance_lr
+    assert arms["inversion + guidance"]["invert"] is True
+    assert arms["inversion alone (lambda=0)"]["guidance_lr"] == 0.0
+    assert arms["DreamBlend"] == arms["guidance alone"] and not cfg.invert
+    names = [r["name"] for r in s["premise"]]
+    assert any("early - late" in n for n in names) and any("after / before" in n for n in names)
+    before, after = out["descent"]
+    ratio = next(r for r in s["premise"] if "after / before" in r["name"])
+    assert ratio["value"] == pytest.approx(after / before) and before > 0
     assert s["headline"][0]["expect"] == "better"
     assert s["headline"][0]["baseline"]["name"] == "best checkpoint"
     assert {"both/DreamBlend", "both/DreamBlend, teal", "prompt_fid/guidance alone",
@@ -569,10 +586,11 @@ def test_unwritable_out_dir_is_one_line(tmp_path):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA message")
-def test_cuda_without_cuda_is_one_line():
+def test_cuda_without_cuda_is_one_line(capsys):
     with pytest.raises(SystemExit) as e:
         dreamblend.main(["--device", "cuda"])
-    assert "CUDA is not available" in str(e.value.code)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code != 0 and "no CUDA GPU is available" in err and len(err.splitlines()) == 1
 
 
 def _photo(path, colour):
@@ -651,7 +669,8 @@ def test_real_scale_path_runs_end_to_end_offline(tiny_sd, tmp_path, monkeypatch)
             "--eval-seeds", "2", "--eval-batch", "4", "--contexts", "on the beach,in snow",
             "--instance-prompt", "a sks dog", "--class-prompt", "a dog", "--seed", "3",
             "--mixed-precision", "bf16", "--grad-checkpointing", "--invert"]
-    res = dreamblend.main(argv)
+    res = dreamblend.train(dreamblend.parse_args(argv))
+    dreamblend.report(res)
     s = json.loads((out / "summary.json").read_text())
     assert s["seed"] == 3 and s["config"]["pretrained"] == str(pipe)
     assert s["config"]["steps"] == 3 and s["config"]["invert"] is True
