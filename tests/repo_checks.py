@@ -537,7 +537,7 @@ APPENDIX_MARK = "# %% Appendix: run plumbing"
 # Folders whose train.py has not moved to the paper-first layout yet. Their paper issue removes
 # them; `test_not_yet_moved_folders_really_lack_the_layout` fails once a listed folder passes the
 # layout check, so the list can only shrink honestly. Empty when every folder has moved.
-NOT_YET_MOVED: frozenset[str] = frozenset({"dreamblend"})
+NOT_YET_MOVED: frozenset[str] = frozenset()
 
 CELL_RE = re.compile(r"^# %%[ \t]*(.*)$", re.M)
 NUMBER_RE = re.compile(r"^\d+[a-z]?\.\s*")
