@@ -232,6 +232,7 @@ def bce_base_loss(logits: torch.Tensor, y: torch.Tensor, base_idx: torch.Tensor)
     # Eq. (3) [R]: L_cls = mean over (i, l in base) of -[y log p + (1 - y) log(1 - p)], with
     # log p = -softplus(-z) and log(1 - p) = -softplus(z), the numerically stable form.
     return (t * F.softplus(-z) + (1 - t) * F.softplus(z)).mean()
+    # END SOLUTION
 
 
 def expected_embedding(logits: torch.Tensor, wte: torch.Tensor) -> torch.Tensor:
@@ -244,6 +245,7 @@ def expected_embedding(logits: torch.Tensor, wte: torch.Tensor) -> torch.Tensor:
     # Eq. (4) [R]: pi = softmax(W_lm h), e = pi E_llm
     pi = torch.softmax(logits, dim=-1)  # (C, V)
     return pi @ wte  # (C, d)
+    # END SOLUTION
 
 
 def soft_generate(llm: GPT2LMHeadModel, prefix: torch.Tensor, label_ids: torch.Tensor, k: int):
@@ -451,6 +453,7 @@ def average_precision(scores: np.ndarray, y: np.ndarray) -> float:
     hits = y[order]  # (N,)
     precision_at_k = np.cumsum(hits) / np.arange(1, len(hits) + 1)  # (N,)
     return float((precision_at_k * hits).sum() / max(hits.sum(), 1))
+    # END SOLUTION
 
 
 def mean_ap(scores: np.ndarray, y: np.ndarray, cols: list[int]) -> float:

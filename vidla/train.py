@@ -218,6 +218,7 @@ def local_temporal_attention(z_patch: torch.Tensor, ln: nn.LayerNorm, attn: nn.M
     out, _ = attn(h, h, h, need_weights=False)  # (B*N, T, d)
     x = x + out  # (B*N, T, d)
     return x.view(B, N, T, d).transpose(1, 2).reshape(B, T * N, d)  # (B, TN, d)
+    # END SOLUTION
 
 
 def vidla_global_mask(T: int, N: int, U: int, V: int, r: int) -> torch.Tensor:
@@ -252,6 +253,7 @@ def vidla_global_mask(T: int, N: int, U: int, V: int, r: int) -> torch.Tensor:
     # patches see [CLS], but the text says patch and [MST] tokens do not, "to limit propagation
     # of global information". We follow the text.
     return torch.zeros(allowed.shape).masked_fill(~allowed, float("-inf"))  # (S, S)
+    # END SOLUTION
 
 
 def encode_text(clip: CLIPModel, ids: torch.Tensor) -> torch.Tensor:
@@ -366,6 +368,7 @@ def info_nce(v: torch.Tensor, t: torch.Tensor, logit_scale: torch.Tensor) -> tor
     target = torch.arange(len(v))  # (B,)
     # Eq. (3): video->text plus text->video, each averaged over the batch.
     return F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)
+    # END SOLUTION
 
 
 def vidla_loss(v: torch.Tensor, s: torch.Tensor | None, c: torch.Tensor,
@@ -633,6 +636,7 @@ class MeanPoolCLIP(VideoTextModel):
         # Exercise 4: meanP pooling: normalise each frame's embedding, average over T, normalise.
         frames = F.normalize(self.frame_features(video), dim=-1)  # (B, T, D) unit per frame
         return F.normalize(frames.mean(1), dim=-1)  # (B, D)
+        # END SOLUTION
 
 
 def build_rung(name: str, clip: CLIPModel, cfg: Config) -> VideoTextModel:
