@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import shutil
+import sys
 import tomllib
 from pathlib import Path
 
@@ -69,6 +70,17 @@ def test_bad_arguments_exit_nonzero_with_one_line(folder):
 @pytest.mark.parametrize("folder", FOLDERS, ids=IDS)
 def test_readme_exercises_ask_and_teacher_notes_hold_the_answers(folder):
     assert rc.check_teacher_split(folder) == []
+
+
+@pytest.mark.parametrize("folder", FOLDERS, ids=IDS)
+def test_solution_fences_are_well_formed_so_bundles_and_grading_work(folder):
+    # make_exercises.py and grade.py refuse a file whose fences do not pair up (a region whose
+    # END line was lost reads as a BEGIN inside the region).
+    sys.path.insert(0, str(ROOT / "tools"))
+    import make_exercises
+
+    text = (folder / "train.py").read_text()
+    make_exercises.strip_solutions(text, str(folder / "train.py"))  # raises FenceError if bad
 
 
 @pytest.mark.parametrize("folder", FOLDERS, ids=IDS)
