@@ -569,7 +569,8 @@ def test_arms_record_what_each_arm_got_and_the_checkpoint_is_the_chosen_one(tmp_
     m, arms = res["metrics"], res["arms"]
     assert set(arms) == {"MICO", "k-means + clicks + words", "k-means + clicks (w on val)",
                          "k-means (LSA)"}
-    init = f"N(0, {cfg.init_first:g}) trunk, N(0, {cfg.init_last:g}) heads"
+    run_cfg = res["cfg"]  # after QUICK
+    init = f"N(0, {run_cfg.init_first:g}) trunk, N(0, {run_cfg.init_last:g}) heads"
     assert arms["MICO"] == {"data": "train clicks + doc text", "init": init,
                             "lr": 4e-3, "lam": cfg.lam, "steps": m["best_step"],
                             "chosen_on": "val AUC"}
@@ -596,7 +597,8 @@ def test_arms_record_what_each_arm_got_and_the_checkpoint_is_the_chosen_one(tmp_
 def test_mico_beats_kmeans_with_balanced_clusters_in_the_linear_world(tmp_path):
     # the linear world (every document names its intent under heavy boilerplate): MICO far above
     # text-only k-means
-    m = mico.train(_cfg(steps=1000, combo=0.0, doc_style_len=20, out_dir=str(tmp_path)))["metrics"]
+    m = mico.train(_cfg(steps=1000, combo=0.0, doc_style_len=20, init_first=1.0,
+                        out_dir=str(tmp_path)))["metrics"]
     assert m["MICO_cov1"] > m["kmeans_cov1"] + 0.3
     assert m["MICO_cost1"] <= m["kmeans_cost1"] + 0.02
     assert m["MICO_auc"] > m["kmeans_auc"] + 0.05
