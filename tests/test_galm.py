@@ -626,28 +626,21 @@ def test_chance_mrr_is_the_mean_harmonic_over_candidates():
     assert galm.chance_mrr(app) == pytest.approx(want)
 
 
-def test_category_lookup_is_naive_bayes_by_hand():
+def test_category_lookup_reads_only_the_category_word_by_hand():
     app = _tiny_app()
     app.texts = torch.zeros(6, galm.MAX_LEN, dtype=torch.long)
     app.texts[:, 0] = 1
-    # labelled: node 0 says (8, 10), label 0; nodes 1, 3 say (9, 10), label 1.
-    app.texts[[0, 1, 3], 1:3] = torch.tensor([[8, 10], [9, 10], [9, 10]])
-    app.texts[2, 1], app.texts[4, 1] = 8, 11
-    app.labels = torch.tensor([0, 1, 0, 1, 1, 0])
-    app.nc_train, app.nc_val, app.nc_test = torch.tensor([0, 1, 3]), None, torch.tensor([2, 4])
-    # V = 12 words; with alpha = 1: P(8 | 0) = 2 / 14, P(8 | 1) = 1 / 16; priors 1/3, 2/3.
-    # node 2 (word 8): log(1/3) + log(2/14) = -3.04 > log(2/3) + log(1/16) = -3.18 -> label 0.
-    # node 4 (word 11, never seen): the likelihoods 1/14 vs 1/16 against priors 1/3 vs 2/3 -> 1.
-    assert galm.category_lookup_acc(app, alphas=(1.0,)) == pytest.approx(1.0)
-    # without the class prior node 4 would tie; with labels flipped for node 4 it is wrong
-    app.labels[4] = 0
-    assert galm.category_lookup_acc(app, alphas=(1.0,)) == pytest.approx(0.5)
-    # the smoothing is chosen on the validation users: validating on the test users themselves,
-    # the result is the best single-alpha accuracy
-    app.nc_val = app.nc_test
-    alphas = (0.001, 0.1, 1.0, 100.0)
-    assert galm.category_lookup_acc(app, alphas) == max(
-        galm.category_lookup_acc(app, (a,)) for a in alphas)
+    # category words 8 and 9; word 10 is noise. Labelled: node 0 (8, 10) -> 0, nodes 1 and 3
+    # (9, 10) -> 1. Test: node 2 (8) -> 0, right; node 4 (11, 10): no category word seen -> the
+    # most common label, 1; node 5 (8, 10) with label 1 -> 0, wrong.
+    app.texts[[0, 1, 3, 5], 1:3] = torch.tensor([[8, 10], [9, 10], [9, 10], [8, 10]])
+    app.texts[2, 1] = 8
+    app.texts[4, 1:3] = torch.tensor([11, 10])
+    app.labels = torch.tensor([0, 1, 0, 1, 1, 1])
+    app.nc_train, app.nc_test = torch.tensor([0, 1, 3]), torch.tensor([2, 4, 5])
+    assert galm.category_lookup_acc(app, torch.tensor([8, 9])) == pytest.approx(2 / 3)
+    # reading word 10 too changes the table: it votes [1, 2], so nodes 4 and 5 go to label 1
+    assert galm.category_lookup_acc(app, torch.tensor([8, 9, 10])) == pytest.approx(1.0)
 
 
 def test_corpus_clicks_link_the_test_edges_more_than_random_pairs(graphs, qcfg):
