@@ -396,10 +396,12 @@ def test_quick_run_writes_summary_with_the_contract_schema(quick_run):
 def test_quick_run_shows_groupdro_chasing_the_noisy_task(quick_run):
     _, result = quick_run
     m = result["runs"]
-    assert m[("groupdro", 4.0)]["metrics"]["noisy_weight"] > 0.9
-    assert m[("excessmtl", 4.0)]["metrics"]["noisy_weight"] < 0.5
+    # even at its small tuned step GroupDRO moves weight onto the noisy task; ExcessMTL does not
+    assert m[("groupdro", 4.0)]["metrics"]["noisy_weight"] > 0.4
+    assert m[("excessmtl", 4.0)]["metrics"]["noisy_weight"] < 0.36
     assert (m[("groupdro", 4.0)]["metrics"]["clean_excess"]
-            > 3 * m[("excessmtl", 4.0)]["metrics"]["clean_excess"])
+            > m[("excessmtl", 4.0)]["metrics"]["clean_excess"])
+    assert m[("groupdro", 0.1)]["metrics"]["noisy_weight"] == pytest.approx(1 / 3, abs=0.01)
 
 
 @pytest.mark.slow
