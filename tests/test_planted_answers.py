@@ -27,6 +27,10 @@ def test_as_student_file_replaces_only_the_named_exercise():
         planted_answers.as_student_file(text, 2, ["a = 1\n", "b = 2\n"])
 
 
+def test_every_planted_edit_still_applies_to_the_reference():
+    assert not planted_answers.STALE, "\n".join(planted_answers.STALE)
+
+
 def _test_file(folder):
     if folder == "example_paper":
         return ROOT / "tests" / "example" / "test_example_paper.py"
@@ -55,7 +59,7 @@ CASES = [(f, n, name) for f, ex in planted_answers.ANSWERS.items() for n, answer
 @pytest.mark.slow
 @pytest.mark.parametrize("folder, n, name", CASES, ids=[f"{f}-ex{n}-{a}" for f, n, a in CASES])
 def test_a_common_wrong_answer_scores_zero(graded, folder, n, name):
-    passed, total, first = graded[folder][str(n)][name]
+    passed, total, first, *_ = graded[folder][str(n)][name]
     assert total > 0, f"no test is marked exercise({n}) in {folder}"
     assert passed == 0, f"'{name}' passes {passed}/{total} tests of exercise {n}"
 
@@ -63,5 +67,5 @@ def test_a_common_wrong_answer_scores_zero(graded, folder, n, name):
 @pytest.mark.slow
 @pytest.mark.parametrize("folder, n", sorted({(f, n) for f, n, _ in CASES}))
 def test_the_reference_answer_passes_everything_through_the_same_harness(graded, folder, n):
-    passed, total, first = graded[folder][str(n)]["<reference>"]
+    passed, total, first, *_ = graded[folder][str(n)]["<reference>"]
     assert passed == total > 0, first
