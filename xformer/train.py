@@ -21,20 +21,23 @@ cross-attention; a reconstruction loss through the frozen MAE decoder keeps the 
 faithful to the pixels. In the toy, images hold 1-4 copies of one coloured shape, our CLIP has
 coarse 16 px patches (it was never told counts), our MAE has 8 px patches: counting is the detail.
 The ablation ladder is BLIP-2 (CLIP only) -> concat (the MAE tokens appended to the CLIP tokens that
-the queries read: more input, no dual block) -> X-Former without L_REC -> X-Former.
+the queries read: more input, no dual block) -> concat with X-Former's parameter count -> X-Former
+without L_REC -> X-Former. The headline asks the frozen LM a question stage 2 never showed it
+("how-many", learnt by the LM from text alone), so the count it answers is zero-shot.
 
 Reading map (the paper is section 3; read it first, next to the paper):
     DualCrossAttention (M' = CA_1(M <- Z_q), Z' = CA_2(Z_q <- M'))       3, X-Former's new block
     QFormerLayer -> QFormer (where the block sits [R]; the variants)     3
     mae_encode_random_mask -> reconstruction_loss (L_REC [R])            3
     stage1_loss (L_ITC + L_ITM + L_ITG + lambda L_REC)                   3, stage 1
-    Stage2 (FC(Z') as a soft prompt for the frozen LM; the readout)      3, stage 2
+    Stage2 (FC(Z') as a soft prompt; answer() asks the unseen question)  3, stage 2
     Attention, FeedForward, attention_mask, itc_loss,                    3b, BLIP-2 (prior work)
       sample_hard_negatives, itm_loss, itg_loss, prefix_lm_loss
     the `Try it` cell                                                    runs the block on noise
     make_dataset, pretrain_encoders (the toy world and its frozen parts) 4
-    LADDER (BLIP-2, concat, X-Former without L_REC)                      5, baselines and rivals
-    stage1, stage2, evaluate_probe, zero_shot_accuracy -> train -> report   6
+      encoder_probes, patch_matched_probe (the premise)
+    LADDER (BLIP-2, concat, parameter-matched concat, no L_REC)          5, baselines and rivals
+    stage1, stage2 (validation picks the checkpoint), readouts -> train -> report   6
     A first read may skip Config's knobs (section 2), the encoders' pre-training (section 4)
     and the Appendix (run plumbing, the same bytes in every folder).
 
@@ -59,10 +62,9 @@ a tiny OPT language model taught to copy its context instead of a 6.7B LLM; fixe
 
 Run:   python xformer/train.py            (about 2 CPU-minutes, one thread)
        python xformer/train.py --help
-Ends:  the premise rows, a table of count / colour / shape probe accuracy and zero-shot count
-       accuracy through the frozen LM (mean +- sd over the stage-2 seeds) for BLIP-2, concat,
-       X-Former without L_REC and X-Former, then one verdict line per headline row and the files
-       written.
+Ends:  the premise rows, a table per model (count / colour probe; through the frozen LM the unseen
+       question, the trained readout and the colour question; the chosen stage-2 step), then one
+       verdict line per headline row and the files written.
 """
 
 # %% 1. Imports
