@@ -703,8 +703,8 @@ def _probe(x_tr: np.ndarray, y_tr: np.ndarray, x_te: np.ndarray, y_te: np.ndarra
 @torch.no_grad()
 def evaluate(towers, cfg: Config, train_data: dict, test_data: dict) -> dict:
     """Linear probes of the frozen image backbone h and of the shared image feature z for Y,
-    zero-shot c by text prototypes (clean and shifted images), and the modality gap, all on
-    held-out pairs."""
+    zero-shot c by prototypes of the *training* texts (on clean, noisier and sensor-shifted test
+    images), image->text R@1 and the modality gap, all scored on the held-out test pairs."""
 
     def feats(d, sigma, seed):
         g = torch.Generator().manual_seed(seed)
