@@ -390,3 +390,21 @@ def test_a_paper_notebook_runs_and_shows_its_figures_inline(tmp_path):
     assert not [o for o in outputs if o.get("output_type") == "error"]
     assert sum("image/png" in o.get("data", {}) for o in outputs) >= 1
     assert "Verdict (this seed):" in "".join(o.get("text", "") for o in outputs)
+
+
+def test_running_some_folders_keeps_the_others_numbers(tmp_path):
+    # RESULTS.md and the index keep a folder that has no runs here (an earlier run_all made them)
+    root = tmp_path
+    for name in ("f", "g"):
+        (root / name).mkdir()
+        (root / name / "README.md").write_text(f"# {name.upper()}: a claim\n\nThe claim.\n")
+    (root / "RESULTS.md").write_text("# Results\n\n## g: G\n\n| old g table |\n\nSeeds 0-4.\n")
+    (root / "README.md").write_text("<!-- index:start -->\n| [`g/`](g/README.md) | G | old row |"
+                                    "\n<!-- index:end -->\n")
+    out = root / "runs" / "run_all" / "f" / "seed0"
+    out.mkdir(parents=True)
+    (out / "summary.json").write_text(json.dumps(_summary(0, [("main", 0.9, 0.2)], "f")))
+    run_all.write_reports(root, root / "runs" / "run_all", ["f", "g"], [0])
+    results = (root / "RESULTS.md").read_text()
+    assert "## f: F" in results and "## g: G\n\n| old g table |" in results
+    assert "| [`g/`](g/README.md) | G | old row |" in (root / "README.md").read_text()

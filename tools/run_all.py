@@ -182,6 +182,9 @@ def write_reports(root: Path, runs_dir: Path, folders: list[str], seeds: list[in
                "claim).", ""]
     index = ["| folder | paper | the idea | CPU time per run | headline (method vs baseline) "
              "| held on |", "|---|---|---|---|---|---|"]
+    # A folder without runs here keeps what RESULTS.md and the index said of it: running some
+    # folders must never erase the others' numbers (they were made by an earlier run_all).
+    old_sections, old_rows = previous_reports(root)
     for folder in folders:
         fdir = root / folder
         if not fdir.is_dir():
@@ -192,6 +195,11 @@ def write_reports(root: Path, runs_dir: Path, folders: list[str], seeds: list[in
         paper = title.split(":")[0] if title else folder
         claim = first_sentence(claim)
         summaries = load_summaries(runs_dir, folder, seeds)
+        if not summaries and folder in old_sections:
+            results += old_sections[folder]
+            index.append(old_rows.get(folder, f"| [`{folder}/`]({folder}/README.md) | {paper} "
+                                               f"| {claim} | see RESULTS.md | - | - |"))
+            continue
         if not summaries:
             index.append(f"| [`{folder}/`]({folder}/README.md) | {paper} | {claim} "
                          "| not run yet | - | - |")
@@ -215,6 +223,30 @@ def write_reports(root: Path, runs_dir: Path, folders: list[str], seeds: list[in
     top = root / "README.md"
     if top.is_file():
         top.write_text(replace_between(top.read_text(), INDEX_START, INDEX_END, index))
+
+
+def previous_reports(root: Path) -> tuple[dict[str, list[str]], dict[str, str]]:
+    """What the last RESULTS.md and root README index said of each folder: its section's lines
+    ({folder: lines}) and its index row ({folder: line})."""
+    sections: dict[str, list[str]] = {}
+    results = root / "RESULTS.md"
+    if results.is_file():
+        current = None
+        for line in results.read_text().splitlines():
+            m = re.match(r"^## ([\w-]+): ", line)
+            if m:
+                current = m.group(1)
+                sections[current] = []
+            if current is not None:
+                sections[current].append(line)
+    rows: dict[str, str] = {}
+    top = root / "README.md"
+    if top.is_file():
+        for line in top.read_text().splitlines():
+            m = re.match(r"^\| \[`([\w-]+)/`\]", line)
+            if m:
+                rows[m.group(1)] = line
+    return sections, rows
 
 
 def run_one(root: Path, folder: str, seed: int, out: Path, quick: bool, python: str,
