@@ -554,8 +554,8 @@ LINKS = dict(lat_slow=9.6e-6, bw_slow=6.25e9, lat_fast=3.4e-6, bw_fast=300e9,
              gap_slow=2.7e-6, gap_fast=0.47e-6)
 # The slow-link latencies of the sensitivity table: 1 us (InfiniBand-class hardware, the
 # 1-5 us range of public interconnect tables), NCCL's LL (2.7) and Simple (9.6) network steps,
-# and 31 us, a measured 256-byte NCCL send/recv between two nodes (NVIDIA/nccl-tests issue 214:
-# 31-34 us).
+# and 31 us, a measured 256-byte NCCL send/recv between two nodes (a user's sendrecv_perf output,
+# 31-34 us, github.com/NVIDIA/nccl-tests/issues/214).
 LAT_SLOW_SWEEP = (1e-6, 2.7e-6, 9.6e-6, 31e-6)
 TARGET_SPEEDUP = 2.5  # the paper's end-to-end throughput gain over Switch on C4 [V, abstract]
 
