@@ -408,3 +408,20 @@ def test_running_some_folders_keeps_the_others_numbers(tmp_path):
     results = (root / "RESULTS.md").read_text()
     assert "## f: F" in results and "## g: G\n\n| old g table |" in results
     assert "| [`g/`](g/README.md) | G | old row |" in (root / "README.md").read_text()
+
+
+def test_a_run_rewrites_only_the_folders_it_ran(tmp_path):
+    root = tmp_path
+    for name in ("f", "g"):
+        (root / name).mkdir()
+        (root / name / "README.md").write_text(
+            f"# {name.upper()}: a claim\n\nThe claim.\n\n<!-- results:start -->\nold\n"
+            "<!-- results:end -->\n")
+        out = root / "runs" / "run_all" / name / "seed0"
+        out.mkdir(parents=True)
+        (out / "summary.json").write_text(json.dumps(_summary(0, [("main", 0.9, 0.2)], name)))
+    (root / "RESULTS.md").write_text("# Results\n\n## g: G\n\n| old g table |\n")
+    run_all.write_reports(root, root / "runs" / "run_all", ["f", "g"], [0], rewrite={"f"})
+    assert "old" not in (root / "f" / "README.md").read_text()
+    assert "\nold\n" in (root / "g" / "README.md").read_text()
+    assert "| old g table |" in (root / "RESULTS.md").read_text()

@@ -169,8 +169,12 @@ def replace_between(text: str, start: str, end: str, body: list[str]) -> str:
     return pattern.sub(lambda _: "\n".join([start, *body, end]), text, count=1)
 
 
-def write_reports(root: Path, runs_dir: Path, folders: list[str], seeds: list[int]) -> None:
-    """RESULTS.md, each folder README's results block, the root README's index table."""
+def write_reports(root: Path, runs_dir: Path, folders: list[str], seeds: list[int],
+                  rewrite: set[str] | None = None) -> None:
+    """RESULTS.md, each folder README's results block, the root README's index table.
+
+    Only the folders in `rewrite` (all, if None) are recomputed from their runs; the others keep
+    their section of RESULTS.md and their index row, and their README is left alone."""
     results = ["# Results", "",
                "Made by `python tools/run_all.py`; do not edit by hand. Each row: the method "
                "against its baseline on the toy's headline metric, mean ± sample std over "
@@ -195,6 +199,8 @@ def write_reports(root: Path, runs_dir: Path, folders: list[str], seeds: list[in
         paper = title.split(":")[0] if title else folder
         claim = first_sentence(claim)
         summaries = load_summaries(runs_dir, folder, seeds)
+        if rewrite is not None and folder not in rewrite and folder in old_sections:
+            summaries = []
         if not summaries and folder in old_sections:
             results += old_sections[folder]
             index.append(old_rows.get(folder, f"| [`{folder}/`]({folder}/README.md) | {paper} "
@@ -327,7 +333,8 @@ def main(argv=None) -> int:
         ran = sorted(p.name for p in runs_dir.iterdir() if p.is_dir()) if runs_dir.is_dir() else []
         report_folders = list(PAPER_FOLDERS) + [f for f in dict.fromkeys(folders + ran)
                                                 if f not in PAPER_FOLDERS]
-        write_reports(root, runs_dir, report_folders, args.seeds)
+        write_reports(root, runs_dir, report_folders, args.seeds,
+                      rewrite=None if args.report_only else set(folders))
         print(f"wrote {root / 'RESULTS.md'} and the README tables")
     if failed:
         print(f"run_all.py: {len(failed)} run(s) failed: {', '.join(failed)}", file=sys.stderr)
