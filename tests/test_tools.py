@@ -422,6 +422,6 @@ def test_a_run_rewrites_only_the_folders_it_ran(tmp_path):
         (out / "summary.json").write_text(json.dumps(_summary(0, [("main", 0.9, 0.2)], name)))
     (root / "RESULTS.md").write_text("# Results\n\n## g: G\n\n| old g table |\n")
     run_all.write_reports(root, root / "runs" / "run_all", ["f", "g"], [0], rewrite={"f"})
-    assert "old" not in (root / "f" / "README.md").read_text()
+    assert "\nold\n" not in (root / "f" / "README.md").read_text()
     assert "\nold\n" in (root / "g" / "README.md").read_text()
     assert "| old g table |" in (root / "RESULTS.md").read_text()
