@@ -12,8 +12,8 @@ call exercise code included) is built afresh for it, as in grade.py's fresh proc
 It writes {folder: {exercise: {answer: [passed, total, first failure, CPU seconds, names of the
 tests passed]}}} as JSON to $PLANTED_REPORT; the answer "<reference>" is the reference's own
 region, graded the same way, which must pass everything. $PLANTED_FOLDERS (comma-separated)
-limits it to some folders; $PLANTED_PENDING grades the PENDING table instead of ANSWERS (for
-checking the stronger tests written for it).
+limits it to some folders. It grades ANSWERS and PENDING; with $PLANTED_PENDING, PENDING only
+(for checking the stronger tests written for it).
 """
 
 from __future__ import annotations
@@ -71,9 +71,12 @@ def pytest_runtestloop(session):
         folder = Path(item.path).stem.removeprefix("test_")
         items_of.setdefault((folder, _exercise(item)), []).append(item)
     only = os.environ.get("PLANTED_FOLDERS")  # e.g. "smile,mico": grade those folders only
-    table = planted_answers.ANSWERS
-    if os.environ.get("PLANTED_PENDING"):  # grade the PENDING table instead (writing tests)
-        table = planted_answers.PENDING
+    table: dict = {}  # ANSWERS and PENDING together (an answer's name is unique in its exercise)
+    for part in ([planted_answers.PENDING] if os.environ.get("PLANTED_PENDING") else
+                 [planted_answers.ANSWERS, planted_answers.PENDING]):
+        for folder, by_exercise in part.items():
+            for n, answers in by_exercise.items():
+                table.setdefault(folder, {}).setdefault(n, {}).update(answers)
     for folder, by_exercise in table.items():
         if only and folder not in only.split(","):
             continue

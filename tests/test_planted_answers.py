@@ -40,7 +40,7 @@ def _test_file(folder):
 @pytest.fixture(scope="module")
 def graded(tmp_path_factory):
     out = tmp_path_factory.mktemp("planted") / "report.json"
-    files = [str(_test_file(f)) for f in planted_answers.ANSWERS]
+    files = [str(_test_file(f)) for f in {**planted_answers.ANSWERS, **planted_answers.PENDING}]
     env = dict(os.environ, PLANTED_REPORT=str(out), MPLBACKEND="Agg", TQDM_DISABLE="1",
                PYTHONPATH=os.pathsep.join([str(ROOT / "tests"), str(ROOT / "tests" / "example"),
                                            str(ROOT)]))
@@ -62,6 +62,22 @@ def test_a_common_wrong_answer_scores_zero(graded, folder, n, name):
     passed, total, first, *_ = graded[folder][str(n)][name]
     assert total > 0, f"no test is marked exercise({n}) in {folder}"
     assert passed == 0, f"'{name}' passes {passed}/{total} tests of exercise {n}"
+
+
+PENDING = sorted((f, n, name) for f, ex in planted_answers.PENDING.items()
+                 for n, answers in ex.items() for name in answers)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("folder, n, name", PENDING, ids=[f"{f}-ex{n}-{a}" for f, n, a in PENDING])
+def test_a_pending_wrong_answer_still_passes_the_tests_it_is_pending_on(graded, folder, n, name):
+    """PENDING holds the wrong answers that some test passes until stronger tests replace them.
+    Once they do (the answer scores 0), its line in PENDING_BECAUSE goes: it is then in ANSWERS,
+    and stays at 0. Also catches a PENDING_BECAUSE that names tests the answer no longer passes."""
+    passed, total, first, _, names = graded[folder][str(n)][name]
+    assert passed > 0, (f"'{name}' now scores 0 on exercise {n}: delete its line in "
+                        "planted_answers.PENDING_BECAUSE (it then moves to ANSWERS)")
+    assert set(names) == set(planted_answers.PENDING_BECAUSE[folder, n, name]), names
 
 
 @pytest.mark.slow
