@@ -294,6 +294,7 @@ def token_logps(model: torch.nn.Module, input_ids: torch.Tensor,
     labels = input_ids[:, 1:]  # (B, T-1)
     per_tok = logp.gather(-1, labels.unsqueeze(-1)).squeeze(-1)  # (B, T-1)
     return per_tok * loss_mask[:, 1:]  # (B, T-1): prompt and padding contribute exactly 0
+    # END SOLUTION
 
 
 def seq_logps(model: torch.nn.Module, input_ids: torch.Tensor,
@@ -728,6 +729,7 @@ def sft_plus_data(pairs: list[tuple]) -> list[tuple]:
     # BEGIN SOLUTION (exercise 4)
     # Exercise 4: return the (instruction, chosen answer) examples SFT+ trains on.
     return [(x, yw) for x, yw, _ in drop_identical(pairs)]
+    # END SOLUTION
 
 
 def make_random_pairs(pairs: list[tuple], pool: list[list[str]],
