@@ -75,6 +75,7 @@ def test_mico_loss_uniform_everything_is_one_minus_lambda_log_k(K, lam):
     assert h_z_cond.item() == pytest.approx(math.log(K), abs=1e-6)
     assert h_z.item() == pytest.approx(math.log(K), abs=1e-6)
     assert loss.item() == pytest.approx((1 - lam) * math.log(K), abs=1e-5)
+    _mico_loss_hand_values_on_2x2()  # NEW
 
 
 @pytest.mark.exercise(1)
@@ -91,6 +92,7 @@ def test_mico_loss_perfect_balanced_coassignment_is_minus_lambda_log_k(K, lam):
     uniform, _, _ = mico.mico_loss(torch.full((2 * K, K), 1 / K),
                                    torch.full((2 * K, K), -math.log(K)), log_q_psi, lam)
     assert loss.item() < uniform.item()
+    _mico_loss_hand_values_on_2x2()  # NEW
 
 
 @pytest.mark.exercise(1)
@@ -107,6 +109,7 @@ def test_mico_loss_is_invariant_to_relabelling_clusters():
     # ...but relabelling only one view changes h_z_cond (the views must agree on labels)
     c = mico.mico_loss(p[:, perm], log_q, log_q_psi, 2.0)
     assert abs(c[1].item() - a[1].item()) > 1e-3
+    _mico_loss_hand_values_on_2x2()  # NEW
 
 
 # --------------------------------------------------------------------------- the model and steps
@@ -247,6 +250,7 @@ def test_curve_matches_hand_values_on_a_tiny_index():
     np.testing.assert_allclose(c["coverage"], [0.5, 1.0, 1.0])
     np.testing.assert_allclose(c["cost"], [(1 + 2) / 2 / 5, (3 + 3) / 2 / 5, 1.0])
     np.testing.assert_allclose(c["latency"], [(1 + 2) / 2 / 5, (2 + 2) / 2 / 5, 0.4])
+    _curve_with_an_empty_last_cluster()  # NEW
 
 
 def _naive_curve(doc_cluster, routes, target, K):
@@ -279,6 +283,7 @@ def test_vectorised_curve_equals_naive_loop_and_is_monotone():
     assert got["coverage"][-1] == pytest.approx(1.0)
     assert got["cost"][-1] == pytest.approx(1.0)
     assert np.all(got["coverage"] <= 1.0)
+    _curve_with_an_empty_last_cluster()  # NEW
 
 
 def test_curve_and_metrics_invariant_to_cluster_relabelling():
@@ -634,3 +639,27 @@ def test_help_shows_defaults(capsys):
     with pytest.raises(SystemExit):
         mico.parse_args(["--help"])
     assert "(default: 2000;" in capsys.readouterr().out
+
+
+def _mico_loss_hand_values_on_2x2():
+    """The hand values of test_mico_loss_matches_hand_values_on_2x2 (h_z is the cross-entropy
+    of p_bar against q_psi, not the entropy of p_bar; p before q; a minus before lambda)."""
+    p = torch.tensor([[0.9, 0.1], [0.2, 0.8]])
+    q = torch.tensor([[0.7, 0.3], [0.4, 0.6]])
+    q_psi = torch.tensor([0.25, 0.75])
+    loss, h_z_cond, h_z = mico.mico_loss(p, q.log(), q_psi.log(), 3.0)
+    hc = -((0.9 * math.log(0.7) + 0.1 * math.log(0.3))
+           + (0.2 * math.log(0.4) + 0.8 * math.log(0.6))) / 2
+    hz = -(0.55 * math.log(0.25) + 0.45 * math.log(0.75))
+    assert h_z_cond.item() == pytest.approx(hc, abs=1e-6)
+    assert h_z.item() == pytest.approx(hz, abs=1e-6)
+    assert loss.item() == pytest.approx(hc - 3.0 * hz, abs=1e-6)
+
+
+def _curve_with_an_empty_last_cluster():
+    """Docs in clusters [0, 0, 1] with K = 3: cluster 2 is empty (size 0, not missing)."""
+    c = mico.selective_search_curve(np.array([0, 0, 1]), np.array([[2, 0, 1], [0, 1, 2]]),
+                                    np.array([0, 2]), 3)
+    np.testing.assert_allclose(c["coverage"], [0.0, 1.0, 1.0])
+    np.testing.assert_allclose(c["cost"], [1 / 3, 5 / 6, 1.0])
+    np.testing.assert_allclose(c["latency"], [1 / 3, 2 / 3, 2 / 3])

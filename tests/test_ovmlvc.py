@@ -57,6 +57,7 @@ def test_bce_hand_values():
     hand = (-math.log(0.5) - math.log(sig(1)) - math.log(1 - sig(1)) - math.log(1 - sig(-2))) / 4
     assert ovmlvc.bce_base_loss(logits, y, torch.tensor([0, 1])).item() == pytest.approx(hand,
                                                                                         abs=1e-6)
+    _bce_large_logits_base_only()  # NEW
 
 
 @pytest.mark.exercise(2)
@@ -74,6 +75,7 @@ def test_bce_ignores_novel_columns_in_loss_and_gradient():
     y2, l2 = y.clone(), logits.detach().clone()
     y2[:, 1], l2[:, 1] = 1 - y2[:, 1], 9.0
     assert ovmlvc.bce_base_loss(l2, y2, base).item() == pytest.approx(loss.item(), abs=1e-7)
+    _bce_large_logits_base_only()  # NEW
 
 
 def test_label_scores_hand_value():
@@ -702,3 +704,12 @@ def test_paired_runs_see_the_same_batches_whatever_the_global_rng(models):
         losses.append(h["loss"])
     assert losses[0] == losses[1]
 
+
+def _bce_large_logits_base_only():
+    """Confident wrong logits (|z| = 60) give a finite loss of 60 per base entry, and the novel
+    column (label and logit) takes no part: log(sigmoid(z)) would be -inf here, and a mean over
+    all three columns would give about 40."""
+    logits = torch.tensor([[60.0, -60.0, 5.0]])
+    y = torch.tensor([[0.0, 1.0, 1.0]])
+    loss = ovmlvc.bce_base_loss(logits, y, torch.tensor([0, 1]))
+    assert torch.isfinite(loss) and loss.item() == pytest.approx(60.0, rel=1e-6)

@@ -84,6 +84,7 @@ def test_exercise1_lb_loss_is_alpha_at_uniform_routing():
     out = smile.load_balancing_loss(probs, expert, 0.01)
     assert out.shape == (3,)
     assert torch.allclose(out, torch.full((3,), 0.01))
+    _lb_loss_hand_values()  # NEW
 
 
 @pytest.mark.exercise(1)
@@ -113,6 +114,7 @@ def test_exercise1_lb_gradient_flows_only_through_P():
     # d/dp_i(x) of alpha * E * sum_i f_i * mean_x p_i(x) = alpha * E * f_i / T
     want = (0.5 * 3 * f / 6)[:, None, :].expand(2, 6, 3)
     assert torch.allclose(probs.grad, want)
+    _lb_loss_hand_values()  # NEW
 
 
 # ---------------------------------------------------------------- cost model
@@ -128,6 +130,7 @@ def test_exercise2_alltoall_cost_matches_worked_example():
         assert c["smile_time"] * 1e3 == pytest.approx(smile_ms, abs=0.006)
         assert c["flat_slow_msgs"] == (N - 1) * 8 and c["smile_slow_msgs"] == N - 1
         assert c["flat_fast_msgs"] == 7 and c["smile_fast_msgs"] == 7
+    _alltoall_cost_hand_example_with_three_capacity_factors()  # NEW
 
 
 @pytest.mark.exercise(2)
@@ -152,6 +155,7 @@ def test_exercise2_slow_bytes_equal_and_hand_example():
     assert c["smile_time_overlap"] == pytest.approx((a_s + 2 * b_s) + (a_f + 2 * b_f))
     big = smile.alltoall_cost(16, 8, 2048, 512, 2, 1.25, 1.25, 1.0)
     assert big["flat_slow_bytes"] == pytest.approx(big["smile_slow_bytes"])
+    _alltoall_cost_hand_example_with_three_capacity_factors()  # NEW
 
 
 @pytest.mark.exercise(2)
@@ -167,6 +171,7 @@ def test_exercise2_cost_model_uses_each_capacity_factor():
     c = smile.alltoall_cost(4, 4, 64, 8, 1, 1.5, 1.0, 1.0)  # cf only the flat buffer
     assert c["flat_slow_bytes"] == pytest.approx(1.5 * base["flat_slow_bytes"])
     assert c["smile_slow_bytes"] == base["smile_slow_bytes"]
+    _alltoall_cost_hand_example_with_three_capacity_factors()  # NEW
 
 
 @pytest.mark.exercise(2)
@@ -182,6 +187,7 @@ def test_exercise2_pipelined_lies_between_sequential_and_overlapped():
         big = smile.alltoall_cost(N, 8, T, 1024, 2, 1.25, 1.25, 1.0,
                                   links=dict(smile.LINKS, gap_slow=1.0, gap_fast=1.0))
         assert big["smile_time_pipelined"] == pytest.approx(big["smile_time"])
+    _alltoall_cost_hand_example_with_three_capacity_factors()  # NEW
 
 
 def test_link_constants_are_the_cited_ones():
@@ -834,3 +840,35 @@ def test_bad_out_dir_fails_before_training(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         smile.main(["--quick", "--out-dir", str(f / "sub")])
     assert "not a writable folder" in str(e.value)
+
+
+def _lb_loss_hand_values():
+    """The hand values of test_exercise1_lb_loss_hand_value_and_valid_mask: padding excluded,
+    f from the arg-max counts, one loss per device."""
+    p = torch.tensor([[[.9, .1], [.8, .2], [.3, .7], [.4, .6]]])
+    assert torch.allclose(smile.load_balancing_loss(p, p.argmax(-1), 1.0), torch.tensor([1.0]))
+    valid = torch.tensor([[True, True, True, False]])
+    out = smile.load_balancing_loss(p, p.argmax(-1), 1.0, valid=valid)
+    assert torch.allclose(out, torch.tensor([10 / 9]))
+    p2 = torch.cat([p, torch.tensor([[[1.0, 0.0]] * 4])])
+    assert torch.allclose(smile.load_balancing_loss(p2, p2.argmax(-1), 1.0),
+                          torch.tensor([1.0, 2.0]))
+
+
+def _alltoall_cost_hand_example_with_three_capacity_factors():
+    """N = 2, M = 2, T = 4, d = 1, 1 byte, cf = 1.5, cf1 = 1.25, cf2 = 2. Flat: S = 6 bytes,
+    S/P = 1.5 to each of the 2 GPUs on the other node and to the 1 other GPU on this one. SMILE:
+    S1 = 5, S1/N = 2.5 bytes to 1 GPU; S2 = cf2 cf1 T d = 10, S2/M = 5 bytes to 1 GPU."""
+    c = smile.alltoall_cost(2, 2, 4, 1, 1, 1.5, 1.25, 2.0)
+    assert (c["flat_slow_msgs"], c["flat_slow_bytes"]) == (2, 3.0)
+    assert (c["flat_fast_msgs"], c["flat_fast_bytes"]) == (1, 1.5)
+    assert (c["smile_slow_msgs"], c["smile_slow_bytes"]) == (1, 2.5)
+    assert (c["smile_fast_msgs"], c["smile_fast_bytes"]) == (1, 5.0)
+    k = smile.LINKS
+    a_s, a_f, g_s = k["lat_slow"], k["lat_fast"], min(k["gap_slow"], k["lat_slow"])
+    b_s, b_f = 1 / k["bw_slow"], 1 / k["bw_fast"]
+    assert c["flat_time"] == pytest.approx((2 * a_s + 3 * b_s) + (a_f + 1.5 * b_f))
+    assert c["flat_time_pipelined"] == pytest.approx(max(a_s + g_s + 3 * b_s, a_f + 1.5 * b_f))
+    assert c["flat_time_overlap"] == pytest.approx(max(a_s + 3 * b_s, a_f + 1.5 * b_f))
+    for key in ("smile_time", "smile_time_pipelined", "smile_time_overlap"):  # hops in series
+        assert c[key] == pytest.approx((a_s + 2.5 * b_s) + (a_f + 5 * b_f))

@@ -315,6 +315,7 @@ def test_info_nce_hand_value():
     val = vidla.info_nce(eye, eye, torch.tensor(1.0))
     assert abs(val.item() - 2 * math.log(1 + math.exp(-1))) < 1e-6
     assert abs(val.item() - 0.626523) < 1e-5
+    _info_nce_asymmetric_hand_value()  # NEW
 
 
 def _naive_info_nce(v, t, scale):
@@ -722,3 +723,16 @@ def test_bad_out_dir_is_one_line(tmp_path):
     with pytest.raises(SystemExit) as e:
         vidla.prepare_out_dir(str(blocker / "sub"))
     assert "error" in str(e.value) and len(str(e.value).splitlines()) == 1
+
+
+def _info_nce_asymmetric_hand_value():
+    """v = I, t = [(1, 0), (0.6, 0.8)], logit_scale 2: logits [[2, 1.2], [0, 1.6]]; video->text
+    over the rows plus text->video over the columns, each a mean over the batch."""
+    v = torch.eye(2)
+    t = torch.tensor([[1.0, 0.0], [0.6, 0.8]])
+
+    def ce(row, y):
+        return -row[y] + math.log(sum(math.exp(x) for x in row))
+
+    want = (ce([2.0, 1.2], 0) + ce([0.0, 1.6], 1)) / 2 + (ce([2.0, 0.0], 0) + ce([1.2, 1.6], 1)) / 2
+    assert abs(vidla.info_nce(v, t, torch.tensor(2.0)).item() - want) < 1e-5
