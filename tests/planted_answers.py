@@ -500,52 +500,6 @@ ANSWERS: dict[str, dict[int, dict[str, str | list[str]]]] = {
 # tests/test_<folder>.py). Delete an entry's line here once its tests are replaced: the answer
 # then moves back to ANSWERS, where it must score 0. PENDING (same shape as ANSWERS) holds them.
 PENDING_BECAUSE: dict[tuple[str, int, str], tuple[str, ...]] = {
-    ('ecd', 1, 'the reference terms forgotten'): (
-        'test_dpo_gradient_matches_hand_value',
-        'test_dpo_rewards_are_detached',
-    ),
-    ('ecd', 1, 'the sign of h swapped'): (
-        'test_dpo_rewards_are_detached',
-    ),
-    ('ecd', 1, 'the rewards not detached'): (
-        'test_dpo_loss_matches_hand_value',
-        'test_dpo_gradient_matches_hand_value',
-    ),
-    ('ecd', 4, 'the identical pairs kept'): (
-        'test_sft_plus_trains_on_chosen_answers_never_rejected',
-    ),
-    ('xformer', 1, 'dividing by tau after the softmax'): (
-        'test_itc_loss_matches_hand_value_with_max_over_queries',
-    ),
-    ('xformer', 1, 'no label smoothing'): (
-        'test_itc_loss_matches_hand_value_with_max_over_queries',
-    ),
-    ('xformer', 2, 'text-to-image negatives from the rows of sim'): (
-        'test_hard_negatives_are_never_the_positive_or_an_identical_caption',
-        'test_hard_negatives_follow_the_similarity',
-    ),
-    ('xformer', 2, 'only the diagonal masked, not identical captions'): (
-        'test_hard_negatives_follow_the_similarity',
-        'test_hard_negatives_for_texts_follow_the_similarity_column',
-    ),
-    ('xformer', 2, 'argmax instead of sampling'): (
-        'test_hard_negatives_are_never_the_positive_or_an_identical_caption',
-        'test_hard_negatives_follow_the_similarity',
-        'test_hard_negatives_for_texts_follow_the_similarity_column',
-    ),
-    ('galm', 1, 'divided by deg without the clamp'): (
-        'test_relation_mean_message_matches_naive_loop',
-    ),
-    ('galm', 1, 'W_r applied after the mean'): (
-        'test_relation_mean_message_by_hand_on_three_nodes',
-        'test_relation_mean_message_matches_naive_loop',
-    ),
-    ('galm', 3, 'lm(texts) with gradient, the other rows detached (the whole LM cost paid)'): (
-        'test_embed_with_subset_values_and_gradient_routing',
-    ),
-    ('galm', 2, 'neg.mean(1) before the softplus'): (
-        'test_link_bce_loss_hand_values',
-    ),
 }
 PENDING: dict[str, dict[int, dict[str, str | list[str]]]] = {}
 for (_f, _n, _name) in PENDING_BECAUSE:

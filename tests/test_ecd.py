@@ -42,17 +42,28 @@ def test_dpo_loss_matches_hand_value():
     assert rl.item() == pytest.approx(-0.1, abs=1e-7)  # beta * (-3 - -2)
     same, _, _ = ecd.dpo_loss(t([-5.0]), t([-5.0]), t([-5.0]), t([-5.0]), beta=0.1)
     assert same.item() == pytest.approx(math.log(2), abs=1e-6)
+    # NEW: the rewards of a policy that requires grad are logged values, detached from its graph
+    _, rw, rl = ecd.dpo_loss(t([-1.0], requires_grad=True), t([-3.0], requires_grad=True),
+                             t([-2.0]), t([-2.0]), beta=0.1)
+    assert not rw.requires_grad and not rl.requires_grad
 
 
 @pytest.mark.exercise(1)
 def test_dpo_gradient_matches_hand_value():
     pc = torch.tensor([-1.0], requires_grad=True)
     pr = torch.tensor([-3.0], requires_grad=True)
-    losses, _, _ = ecd.dpo_loss(pc, pr, torch.tensor([-2.0]), torch.tensor([-2.0]), beta=0.1)
+    losses, rw, rl = ecd.dpo_loss(pc, pr, torch.tensor([-2.0]), torch.tensor([-2.0]), beta=0.1)
     losses.sum().backward()
     # dL/dpc = -beta * sigma(-beta h) with h = 2
     assert pc.grad.item() == pytest.approx(-0.045017, abs=1e-6)
     assert pr.grad.item() == pytest.approx(0.045017, abs=1e-6)
+    assert not rw.requires_grad and not rl.requires_grad  # NEW
+    # NEW: with unequal reference log-probs the reference terms change h and so the gradient
+    pc = torch.tensor([-1.0], requires_grad=True)
+    losses, _, _ = ecd.dpo_loss(pc, torch.tensor([-3.0]), torch.tensor([-2.0]),
+                                torch.tensor([-4.5]), beta=0.1)  # h = 1 - 1.5 = -0.5
+    losses.sum().backward()
+    assert pc.grad.item() == pytest.approx(_dpo_by_hand(-1.0, -3.0, -2.0, -4.5, 0.1)[3], abs=1e-6)
 
 
 @pytest.mark.exercise(1)
@@ -60,6 +71,13 @@ def test_dpo_rewards_are_detached():
     x = [torch.tensor([v], requires_grad=True) for v in (-1.0, -3.0, -2.0, -2.0)]
     _, rw, rl = ecd.dpo_loss(*x, 0.1)
     assert not rw.requires_grad and not rl.requires_grad
+    # NEW: detached, but still the implicit rewards and the loss of Eq. 7 (unequal references)
+    vals = (-1.0, -3.0, -2.0, -4.5)
+    losses, rw, rl = ecd.dpo_loss(*[torch.tensor([v], requires_grad=True) for v in vals], 0.1)
+    loss, want_w, want_l, _ = _dpo_by_hand(*vals, 0.1)
+    assert losses.item() == pytest.approx(loss, abs=1e-6)
+    assert rw.item() == pytest.approx(want_w, abs=1e-6)
+    assert rl.item() == pytest.approx(want_l, abs=1e-6)
 
 
 def test_sft_loss_is_mean_response_token_nll():
@@ -436,11 +454,15 @@ def test_sft_plus_data_is_the_chosen_answers_of_distinct_pairs():
 
 
 @pytest.mark.exercise(4)
-def test_sft_plus_trains_on_chosen_answers_never_rejected(quick_data, monkeypatch):
+def test_sft_plus_trains_on_chosen_answers_never_rejected(quick_data, monkeypatch):  # noqa: F811
     cfg, data = quick_data
     d = data["train"][0.3]
     assert len(d["ecd"]) < len(d["ecd_raw"]) and all(yw != yl for _, yw, yl in d["ecd"])
     assert d["sft_plus"] == [(x, yw) for x, yw, _ in d["ecd"]]
+    # NEW: given the raw pairs (identical ones included), sft_plus_data drops them itself
+    raw = d["ecd_raw"]
+    assert any(yw == yl for _, yw, yl in raw)
+    assert ecd.sft_plus_data(raw) == [(x, yw) for x, yw, yl in raw if yw != yl]
     # wiring: what run_stage_two hands to the SFT loop decodes to exactly those chosen answers
     seen = {}
 
@@ -639,3 +661,10 @@ def test_main_rejects_unwritable_out_dir(tmp_path):
     with pytest.raises(SystemExit) as e:
         ecd.main(["--quick", "--out-dir", str(blocker / "sub")])
     assert "not a writable folder" in str(e.value)
+
+
+def _dpo_by_hand(pc, pr, rc, rr, beta):
+    """(loss, chosen reward, rejected reward, dL/dpc) of Eq. 7 for one pair, by hand."""
+    h = (pc - rc) - (pr - rr)
+    sig = 1 / (1 + math.exp(beta * h))  # sigma(-beta h)
+    return -math.log(1 - sig), beta * (pc - rc), beta * (pr - rr), -beta * sig

@@ -66,6 +66,9 @@ def test_link_bce_loss_hand_values():
     # a perfect scorer gets (near) zero loss; a reversed one a large loss
     assert galm.link_bce_loss(torch.full((4,), 30.0), torch.full((4, 3), -30.0)).item() < 1e-9
     assert galm.link_bce_loss(torch.full((4,), -30.0), torch.full((4, 3), 30.0)).item() > 29
+    # K = 2 negatives: one mean over all three terms, each negative scored on its own
+    v = galm.link_bce_loss(torch.tensor([2.0]), torch.tensor([[-1.0, 1.0]]))  # NEW
+    assert v.item() == pytest.approx((0.126928 + 0.313262 + 1.313262) / 3, abs=1e-6)  # NEW
 
 
 @pytest.mark.exercise(2)
@@ -130,6 +133,7 @@ def test_relation_mean_message_by_hand_on_three_nodes():
     assert torch.isfinite(m).all()
     # neighbour order does not matter
     torch.testing.assert_close(galm.relation_mean_message(h, edges.flip(1), W_r), m)
+    _relation_mean_message_applies_W_r_per_message()  # NEW
 
 
 @pytest.mark.exercise(1)
@@ -143,6 +147,11 @@ def test_relation_mean_message_matches_naive_loop():
         srcs = edges[0, edges[1] == v]
         want = W_r(h[srcs]).mean(0) if len(srcs) else torch.zeros(4)
         torch.testing.assert_close(out[v], want)
+    # a node without in-edges (node 7) gets 0, not 0 / 0
+    h8 = torch.randn(8, 4, generator=g)  # NEW
+    out8 = galm.relation_mean_message(h8, edges, W_r)  # NEW
+    assert torch.isfinite(out8).all() and torch.equal(out8[7], torch.zeros(4))  # NEW
+    _relation_mean_message_applies_W_r_per_message()  # NEW
 
 
 def test_rgcn_is_identity_at_init_and_hand_value_after():
@@ -272,7 +281,7 @@ def test_mask_tokens_bert_80_10_10_and_never_cls_or_pad():
 
 
 @pytest.mark.exercise(3)
-def test_embed_with_subset_values_and_gradient_routing(qcfg):
+def test_embed_with_subset_values_and_gradient_routing(qcfg):  # noqa: F811
     torch.manual_seed(0)
     lm = galm.TextEncoder(20, qcfg)
     texts = torch.randint(3, 20, (9, galm.MAX_LEN))
@@ -289,6 +298,7 @@ def test_embed_with_subset_values_and_gradient_routing(qcfg):
     # through the subset rows it does
     galm.embed_with_subset(lm, texts, subset)[subset].pow(2).sum().backward()
     assert lm.bert.embeddings.word_embeddings.weight.grad.abs().sum() > 0
+    _embed_with_subset_runs_only_the_subset_with_grad(qcfg)  # NEW
 
 
 # ---------------------------------------------------------------------------------------------
@@ -849,3 +859,34 @@ def test_unwritable_out_dir_fails_before_training(tmp_path):
     with pytest.raises(SystemExit) as e:
         galm.main(["--quick", "--out-dir", str(blocker / "sub")])
     assert "not a writable folder" in str(e.value)
+
+
+def _relation_mean_message_applies_W_r_per_message():
+    """W_r is any module (here with a bias and a tanh): the message is W_r of each neighbour,
+    then the mean, so W_r after the mean differs; a node without in-edges still gets 0."""
+    torch.manual_seed(5)
+    W_r = nn.Sequential(nn.Linear(3, 3), nn.Tanh())
+    h = torch.randn(5, 3)
+    edges = torch.tensor([[0, 1, 2, 3], [4, 4, 4, 0]])  # nodes 1, 2, 3 receive nothing
+    out = galm.relation_mean_message(h, edges, W_r)
+    with torch.no_grad():
+        want = torch.zeros(5, 3)
+        want[4] = W_r(h[[0, 1, 2]]).mean(0)
+        want[0] = W_r(h[3])
+    torch.testing.assert_close(out.detach(), want)
+
+
+def _embed_with_subset_runs_only_the_subset_with_grad(qcfg):  # noqa: F811
+    """The trick's point: the LM runs with gradient on the subset's rows only."""
+    torch.manual_seed(0)
+    lm = galm.TextEncoder(20, qcfg)
+    texts = torch.randint(3, 20, (9, galm.MAX_LEN))
+    seen, forward = [], lm.forward
+
+    def spy(t, *args, **kw):
+        seen.append((torch.is_grad_enabled(), len(t)))
+        return forward(t, *args, **kw)
+
+    lm.forward = spy
+    galm.embed_with_subset(lm, texts, torch.tensor([2, 5]))
+    assert sum(n for grad, n in seen if grad) == 2

@@ -51,6 +51,16 @@ def test_itc_loss_matches_hand_value_with_max_over_queries():
     cols = ce([1.0, 0.0], 0) + ce([0.8, 0.8], 1)
     assert float(loss) == pytest.approx(0.5 * (rows + cols) / 2)
 
+    # NEW: the same example at tau = 0.5 (the logits double) with label smoothing 0.1
+    def smoothed(logits, y, eps=0.1):
+        return (1 - eps) * ce(logits, y) + eps * sum(ce(logits, k) for k in range(2)) / 2
+
+    loss, sim = xf.itc_loss(img, txt, temp=0.5, label_smoothing=0.1)
+    assert sim.flatten().tolist() == pytest.approx([2.0, 1.6, 0.0, 1.6])
+    rows = smoothed([2.0, 1.6], 0) + smoothed([0.0, 1.6], 1)
+    cols = smoothed([2.0, 0.0], 0) + smoothed([1.6, 1.6], 1)
+    assert float(loss) == pytest.approx(0.5 * (rows + cols) / 2, rel=1e-5)
+
 
 @pytest.mark.exercise(1)
 def test_itc_loss_matches_a_naive_loop_with_label_smoothing():
@@ -87,6 +97,7 @@ def test_hard_negatives_are_never_the_positive_or_an_identical_caption():
         neg_t, neg_i = xf.sample_hard_negatives(sim, captions, torch.Generator().manual_seed(seed))
         rows = torch.arange(B)
         assert not same[rows, neg_t].any() and not same[neg_i, rows].any()
+    _hard_negative_basics()  # NEW
 
 
 @pytest.mark.exercise(2)
@@ -98,6 +109,7 @@ def test_hard_negatives_follow_the_similarity():
     picks = [int(xf.sample_hard_negatives(sim, captions, torch.Generator().manual_seed(s))[0][0])
              for s in range(40)]
     assert picks.count(3) >= 36  # softmax weight of text 3 is e^8 / (e^8 + 3) ~ 0.9995
+    _hard_negative_basics()  # NEW
 
 
 @pytest.mark.exercise(2)
@@ -114,6 +126,7 @@ def test_hard_negatives_for_texts_follow_the_similarity_column():
         picks_0.append(int(neg_i[0]))
     assert picks_3.count(0) >= 36  # column 3 of sim, softmax over images
     assert picks_0.count(3) <= 25  # a row-wise softmax would pick image 3 for text 0 every time
+    _hard_negative_basics()  # NEW
 
 
 def test_itm_loss_averages_the_head_over_queries_with_positive_first_labels():
@@ -741,3 +754,24 @@ def test_bad_arguments_are_one_line_errors(capsys):
         assert len(capsys.readouterr().err.strip().splitlines()) == 1, argv
     with pytest.raises(SystemExit, match="not a writable folder"):
         xf.prepare_out_dir("/proc/no/such/dir")
+
+
+def _hard_negative_basics():
+    """Checks every hard-negative test makes: texts' negatives come from the columns of sim,
+    identical captions are never negatives, and the negatives are sampled, not the arg-max."""
+    captions = torch.arange(5)[:, None].repeat(1, 3)  # all different
+    sim = torch.zeros(5, 5)
+    sim[0, 3] = 8.0  # image 0 <-> text 3
+    neg_t, neg_i = zip(*[xf.sample_hard_negatives(sim, captions,
+                                                  torch.Generator().manual_seed(s))
+                         for s in range(20)])
+    assert sum(int(n[3]) == 0 for n in neg_i) >= 18  # text 3 -> image 0 (column 3)
+    assert sum(int(n[0]) == 3 for n in neg_i) <= 15  # not image 3 for text 0 (row 0)
+    assert len({int(n[1]) for n in neg_t}) > 1  # a flat row: sampled, not always one arg-max
+    same = captions.clone()
+    same[4] = same[0]  # text 4 is image 0's caption too, and image 4's text is text 0's
+    sim = torch.zeros(5, 5)
+    sim[0, 4] = sim[4, 0] = 8.0
+    for s in range(20):
+        neg_t, neg_i = xf.sample_hard_negatives(sim, same, torch.Generator().manual_seed(s))
+        assert int(neg_t[0]) != 4 and int(neg_i[0]) != 4 and int(neg_t[4]) != 0
