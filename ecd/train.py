@@ -161,7 +161,7 @@ class Config:
 
 
 # What --quick changes (it wins over the defaults above).
-QUICK = dict(steps=25, pref_steps=4, n_train=60, n_test=10, n_val=5, n_samples=1,
+QUICK = dict(steps=20, pref_steps=4, n_train=40, n_test=10, n_val=5, n_samples=1,
              log_every=20, val_every=2)
 
 
