@@ -36,6 +36,8 @@ def pytest_cmdline_main(config):
         return
     if os.environ.get("PYTEST_XDIST_WORKER") or config.args_source != config.ArgsSource.TESTPATHS:
         return
+    if config.inipath is None or config.inipath.name != "pyproject.toml":
+        return  # a student bundle (its own pytest.ini) keeps one process
     config.option.numprocesses = "auto"
     config.option.dist = "loadgroup"
 
