@@ -58,7 +58,7 @@ What the miniature leaves out (each is a DEVIATION comment below):
   * the checkpoint of every second stage is chosen on a validation split (our design: ECD's
     training lengths were not readable).
 
-Run:   python ecd/train.py            (about 2 CPU-minutes; --quick: a few CPU-seconds)
+Run:   python ecd/train.py            (about 80 CPU-seconds; --quick: about 8)
 Ends:  the premise rows, a table, one row per teacher and arm: greedy (the headline) and sampled
        constraint satisfaction, pair accuracy, the validation score and chosen steps, and the
        per-constraint rates; then one verdict line per headline row (DPO ECD vs SFT+, vs DPO
