@@ -42,6 +42,9 @@ def pytest_cmdline_main(config):
     config.option.dist = "loadgroup"
 
 
+GRADING_FILES = ("test_tools.py", "test_grade_security.py")
+
+
 def pytest_collection_modifyitems(config, items):
     """With workers, keep what shares a module-scoped fixture on one worker: a folder's test
     file is one group (its trained models are built once), and test_repo.py's checks of one
@@ -55,6 +58,10 @@ def pytest_collection_modifyitems(config, items):
             folder = getattr(getattr(item, "callspec", None), "params", {}).get("folder")
             if folder is not None:
                 item.add_marker(pytest.mark.xdist_group(f"repo-{Path(folder).name}"))
+        elif item.path.name in GRADING_FILES:
+            # grading tests count the sandbox's processes: two classes graded at once would see
+            # each other's workers, so they share one worker
+            item.add_marker(pytest.mark.xdist_group("grading"))
         else:
             item.add_marker(pytest.mark.xdist_group(item.path.name))
 
