@@ -506,6 +506,8 @@ def check_quick_run(run: dict, moved: bool = True) -> list[str]:
         elif "Verdict (this seed):" in out and out.index(PREMISE_LINE) > out.index("Verdict"):
             problems.append("the premise is printed after the verdict; print it before the "
                             "headline")
+        if "(method)" not in out.split("Verdict (this seed):")[0]:
+            problems.append("the results table does not mark the paper's method ('(method)')")
     tail = run["stdout"].split("Verdict (this seed):")
     if len(tail) < 2:
         return problems + ["the run does not end with 'Verdict (this seed):'"]

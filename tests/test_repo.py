@@ -463,6 +463,7 @@ def test_design_check_catches_missing_premise_arms_and_margins(edit, complaint):
                                            "def plot"), "printed after the verdict"),
     (lambda t: t.replace('"arms": results["arms"]', '"arms": {}').replace(
         'results["arms"])', "{})"), "'arms' must be a non-empty dict"),
+    (lambda t: t.replace("| logistic (method) |", "| logistic |"), "does not mark the paper's"),
 ])
 def test_quick_run_check_catches_a_missing_or_late_premise_and_missing_arms(broken, edit,
                                                                            complaint):
