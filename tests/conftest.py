@@ -45,11 +45,13 @@ def pytest_cmdline_main(config):
 GRADING_FILES = ("test_tools.py", "test_grade_security.py")
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups off the items
 def pytest_collection_modifyitems(config, items):
     """With workers, keep what shares a module-scoped fixture on one worker: a folder's test
     file is one group (its trained models are built once), and test_repo.py's checks of one
     folder are one group (they share that folder's probe)."""
-    if not getattr(config.option, "numprocesses", None):
+    # In the workers the option that says so is "loadgroup" (set from --dist loadgroup).
+    if not (config.pluginmanager.hasplugin("xdist") and config.getvalue("loadgroup")):
         return
     for item in items:
         if item.get_closest_marker("xdist_group"):

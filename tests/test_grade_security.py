@@ -245,7 +245,7 @@ def _notebook(text: str, path: Path, mtime: float) -> None:
     os.utime(path, (mtime, mtime))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # once per worker, even if its tests are split
 def attacked_class(tmp_path_factory):
     """The class, graded once: ada (right), an attacker per attack, three notebook students."""
     tmp = tmp_path_factory.mktemp("attacks")

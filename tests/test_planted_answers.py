@@ -37,7 +37,7 @@ def _test_file(folder):
     return ROOT / "tests" / f"test_{folder}.py"
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # once per worker, even if its tests are split
 def graded(tmp_path_factory):
     out = tmp_path_factory.mktemp("planted") / "report.json"
     files = [str(_test_file(f)) for f in {**planted_answers.ANSWERS, **planted_answers.PENDING}]
