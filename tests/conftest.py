@@ -47,25 +47,31 @@ GRADING_FILES = ("test_tools.py", "test_grade_security.py")
 
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups off the items
 def pytest_collection_modifyitems(config, items):
-    """With workers, keep what shares a module-scoped fixture on one worker: a folder's test
-    file is one group (its trained models are built once), and test_repo.py's checks of one
-    folder are one group (they share that folder's probe)."""
+    """In a worker, keep what shares a module-scoped fixture together: a folder's test file is
+    one group (its trained models are built once), test_repo.py's checks of one folder are one
+    group (they share that folder's probe and --quick run), and the grading tests are one."""
     # In the workers the option that says so is "loadgroup" (set from --dist loadgroup).
-    if not (config.pluginmanager.hasplugin("xdist") and config.getvalue("loadgroup")):
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if not worker:
         return
     for item in items:
         if item.get_closest_marker("xdist_group"):
             continue
+        group = item.path.name
         if item.path.name == "test_repo.py":
             folder = getattr(getattr(item, "callspec", None), "params", {}).get("folder")
-            if folder is not None:
-                item.add_marker(pytest.mark.xdist_group(f"repo-{Path(folder).name}"))
+            if folder is None:
+                continue
+            group = f"repo-{Path(folder).name}"
         elif item.path.name in GRADING_FILES:
             # grading tests count the sandbox's processes: two classes graded at once would see
             # each other's workers, so they share one worker
-            item.add_marker(pytest.mark.xdist_group("grading"))
-        else:
-            item.add_marker(pytest.mark.xdist_group(item.path.name))
+            group = "grading"
+        item.add_marker(pytest.mark.xdist_group(group))
+        if not getattr(config.option, "loadgroup", False):
+            # The bare command sets --dist loadgroup in the controller only; its workers do not
+            # add the "@group" suffix the scheduler groups by, so we add it here.
+            item._nodeid = f"{item.nodeid}@{group}"
 
 
 def pytest_report_header(config):
