@@ -34,7 +34,7 @@ def pytest_cmdline_main(config):
     `pytest_collection_modifyitems` keeps tests that share a fixture on one worker."""
     if not config.pluginmanager.hasplugin("xdist") or config.option.numprocesses is not None:
         return
-    if os.environ.get("PYTEST_XDIST_WORKER") or config.args_source != config.ArgsSource.TESTPATHS:
+    if hasattr(config, "workerinput") or config.args_source != config.ArgsSource.TESTPATHS:
         return
     if config.inipath is None or config.inipath.name != "pyproject.toml":
         return  # a student bundle (its own pytest.ini) keeps one process
@@ -51,9 +51,8 @@ def pytest_collection_modifyitems(config, items):
     one group (its trained models are built once), test_repo.py's checks of one folder are one
     group (they share that folder's probe and --quick run), and the grading tests are one."""
     # In the workers the option that says so is "loadgroup" (set from --dist loadgroup).
-    worker = os.environ.get("PYTEST_XDIST_WORKER")
-    if not worker:
-        return
+    if not hasattr(config, "workerinput"):  # only in a pytest-xdist worker (not a child run
+        return                              # that inherited its PYTEST_XDIST_WORKER variable)
     for item in items:
         if item.get_closest_marker("xdist_group"):
             continue
