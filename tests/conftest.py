@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from _pytest.nodeid import coerce_node_id
 
 # Multi-threaded BLAS on tiny matrices is slow, and ruinous on a busy 2-core machine (one folder's
 # k-means step: 10 s with default threads, 1.6 s with one). The tests are about values, not speed.
@@ -67,10 +68,11 @@ def pytest_collection_modifyitems(config, items):
             # each other's workers, so they share one worker
             group = "grading"
         item.add_marker(pytest.mark.xdist_group(group))
-        if not getattr(config.option, "loadgroup", False):
-            # The bare command sets --dist loadgroup in the controller only; its workers do not
-            # add the "@group" suffix the scheduler groups by, so we add it here.
-            item._nodeid = f"{item.nodeid}@{group}"
+        # The scheduler groups by an "@group" suffix of the node id. pytest-xdist 3.8 writes it
+        # to `item._nodeid`, which pytest 9.2 no longer reads (the id lives in `item._id`), and
+        # the bare command's workers do not know they run loadgroup; so we write it here.
+        if "@" not in item.nodeid:
+            item._id = coerce_node_id(f"{item.nodeid}@{group}")
 
 
 def pytest_report_header(config):
