@@ -167,8 +167,6 @@ NOTEBOOK_NOTE = """
   It is paired with `train.py` (jupytext): work in either; your teacher grades whichever you
   changed last."""
 
-SOLUTION_NUMBERS = re.compile(r"^[ \t]*# BEGIN SOLUTION \(exercise (\d+)\)", re.M)
-
 # Packages the bundle does not need: the repo's linter and its parallel test runner.
 DEV_ONLY = ("ruff", "pytest-xdist")
 
@@ -203,13 +201,14 @@ def student_readme(text: str) -> str:
     return re.sub(r"\n{3,}", "\n\n", "".join(kept))
 
 
-def make_student_copy(folder: Path, out: Path, tests_dir: Path | None = None
-                      ) -> dict[str, list[int]]:
+def make_student_copy(folder: Path, out: Path, tests_dir: Path | None = None,
+                      notebook: bool = False) -> dict[str, list[int]]:
     """Write the student bundle out/<folder>/ and return {file: [exercise numbers]}.
 
     The bundle stands alone: `<folder>/` (the folder with the solutions stripped and the teacher
     notes left out), `tests/test_<folder>.py` and `tests/conftest.py` (when `tests_dir` holds
-    them), a `pytest.ini` and a short README. A student checks their work with
+    them), a `pytest.ini`, a `requirements.txt` and a README (which names the paired
+    notebook when `notebook`: make_notebooks.py writes it). A student checks their work with
     `cd out/<folder> && python -m pytest -m exercise`; a teacher grades the same copy with
     `PAPERS_DIR=out/<folder> pytest tests/test_<folder>.py -m exercise` or `tools/grade.py`.
     """
@@ -248,7 +247,7 @@ def make_student_copy(folder: Path, out: Path, tests_dir: Path | None = None
     (bundle / "pytest.ini").write_text(PYTEST_INI.format(folder=folder.name))
     (bundle / "requirements.txt").write_text(bundle_requirements())
     numbers = sorted({n for v in report.values() for n in v})
-    (bundle / "README.md").write_text(bundle_readme(folder.name, numbers, notebook=False))
+    (bundle / "README.md").write_text(bundle_readme(folder.name, numbers, notebook))
     return report
 
 

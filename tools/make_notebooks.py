@@ -130,7 +130,8 @@ def main(argv=None) -> int:
         if args.student:
             try:
                 make_exercises.make_student_copy(folder, Path(args.student_out),
-                                                 make_exercises.find_tests_dir(folder))
+                                                 make_exercises.find_tests_dir(folder),
+                                                 notebook=True)
             except make_exercises.FenceError as e:
                 print(f"make_notebooks.py: error: {e}", file=sys.stderr)
                 return 2
@@ -138,10 +139,6 @@ def main(argv=None) -> int:
             src, dest = bundle / folder.name / "train.py", bundle / folder.name / "train.ipynb"
             extra = ("\nThe coding exercises raise `NotImplementedError` until you fill them in; "
                      "check them with `python -m pytest -m exercise` in the bundle's folder.\n")
-            numbers = sorted({int(n) for n in make_exercises.SOLUTION_NUMBERS.findall(
-                (folder / "train.py").read_text())})
-            (bundle / "README.md").write_text(
-                make_exercises.bundle_readme(folder.name, numbers, notebook=True))
         else:
             src, dest = folder / "train.py", Path(args.out) / f"{folder.name}.ipynb"
             extra = ""
