@@ -13,21 +13,26 @@ reference region when planted.
 
 from __future__ import annotations
 
-import re
+import sys
 import textwrap
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-BEGIN = re.compile(r"^([ \t]*)# BEGIN SOLUTION \(exercise (\d+)\)", re.M)
+sys.path.insert(0, str(ROOT / "tools"))
+from make_exercises import region_spans  # noqa: E402
+
+
+def regions_of(text: str, n: int) -> tuple[list[str], list[tuple[int, int, str]]]:
+    """The file's lines, and (BEGIN line, END line, indentation) of each region of exercise n."""
+    lines = text.splitlines(keepends=True)
+    return lines, [(b, e, indent) for b, e, k, indent in region_spans(lines) if k == n]
 
 
 def reference_region(folder: str, n: int, k: int = 0) -> str:
     """The k-th region of exercise n in `<folder>/train.py`, dedented, fences excluded."""
-    text = (ROOT / folder / "train.py").read_text()
-    found = [m for m in BEGIN.finditer(text) if int(m.group(2)) == n]
-    start = text.index("\n", found[k].end()) + 1
-    end = text.rfind("\n", 0, text.index("# END SOLUTION", start)) + 1
-    return textwrap.dedent(text[start:end])
+    lines, spans = regions_of((ROOT / folder / "train.py").read_text(), n)
+    begin, end, _ = spans[k]
+    return textwrap.dedent("".join(lines[begin + 1:end]))
 
 
 STALE: list[str] = []  # edits whose text left the reference; test_planted_answers fails on them
@@ -515,19 +520,13 @@ for _table in (ANSWERS, PENDING):
 def as_student_file(reference: str, n: int, bodies: str | list[str]) -> str:
     """The reference file with exercise n's region(s) holding `bodies` (a student's file)."""
     bodies = [bodies] if isinstance(bodies, str) else list(bodies)
-    out, rest, k = [], reference, 0
-    while True:
-        m = next((m for m in BEGIN.finditer(rest) if int(m.group(2)) == n), None)
-        if m is None:
-            break
-        indent = m.group(1)
-        end = rest.index("# END SOLUTION", m.end())
-        end_line = rest.rfind("\n", 0, end) + 1
-        body = textwrap.indent(textwrap.dedent(bodies[k]), indent)
-        first_line_end = rest.index("\n", m.end()) + 1
-        out.append(rest[:first_line_end] + body)
-        rest = rest[end_line:]
-        k += 1
-    if k != len(bodies):
-        raise ValueError(f"exercise {n} has {k} region(s), the answer gives {len(bodies)}")
-    return "".join(out) + rest
+    lines, spans = regions_of(reference, n)
+    if len(spans) != len(bodies):
+        raise ValueError(f"exercise {n} has {len(spans)} region(s), the answer gives "
+                         f"{len(bodies)}")
+    out, last = [], 0
+    for (begin, end, indent), body in zip(spans, bodies):
+        out += lines[last:begin + 1]
+        out.append(textwrap.indent(textwrap.dedent(body), indent))
+        last = end
+    return "".join(out + lines[last:])
