@@ -134,8 +134,27 @@ class Config:
     out_dir: str = field(default=f"runs/{FOLDER}", metadata={"help": "where outputs go"})
     device: str = field(default="cpu", metadata={"help": "cpu only in this folder",
                                                  "choices": ("cpu",)})
-    steps: int = field(default=500, metadata={"help": "stage-1 steps per compared run",
-                                              "range": "[1, inf)"})
+    gap: int = field(default=4, metadata={
+        "help": "the world: how many of the 4 colour words the LLM says with words CLIP never "
+                "read (4, the default, was chosen before the headline: README)",
+        "range": "[0, 4]"})
+    dial: str = field(default="0,1,2", metadata={
+        "help": "other lexicon gaps at which the training-free words, the label side alone and "
+                "the method also run (comma-separated; '' for none)"})
+    only: str = field(default="", metadata={
+        "help": "run only these stage-1 arms (comma-separated ids: " + ", ".join(
+            ("plain", "hard_video", "label_only", "method", "cold", "no_lvid", "ft", "ft_reg"))
+        + "; '' for all). A tuning aid: the headline keeps the rows it can fill"})
+    steps: int = field(default=500, metadata={
+        "help": "stage-1 steps of the method and its ablations (tuned: README)",
+        "range": "[1, inf)"})
+    steps_plain: int = field(default=500, metadata={
+        "help": "stage-1 steps of the plain prompt (tuned: README)", "range": "[1, inf)"})
+    steps_hard_video: int = field(default=500, metadata={
+        "help": "stage-1 steps of the hard words + video (tuned: README)", "range": "[1, inf)"})
+    steps_label_only: int = field(default=500, metadata={
+        "help": "stage-1 steps of the LLM label side only, video frozen (tuned: README)",
+        "range": "[1, inf)"})
     pre_steps: int = field(default=300, metadata={"help": "stage-0 steps (toy CLIP, toy LLM)",
                                                   "range": "[1, inf)"})
     batch: int = field(default=32, metadata={"help": "videos per stage-1 step",
@@ -188,15 +207,39 @@ class Config:
 
 
 # What --quick changes (it wins over the defaults above).
-QUICK = dict(steps=12, pre_steps=15, n_train=96, n_test=48, batch=16, log_every=6,
-             video_first=4, warm_steps=5, eval_every=6)
+QUICK = dict(steps=12, steps_plain=12, steps_hard_video=12, steps_label_only=12, pre_steps=15,
+             n_train=96, n_test=48, batch=16, log_every=6, video_first=4, warm_steps=5,
+             eval_every=6, dial="0")
+ARM_IDS = ("plain", "hard_video", "label_only", "method", "cold", "no_lvid", "ft", "ft_reg")
 
 
 def check_config(cfg: Config) -> str | None:
     """PLUMBING: rules that join two fields (the Appendix checks each field's own range)."""
-    if cfg.video_first >= cfg.steps:
-        return f"--video-first must be < --steps ({cfg.steps}), got {cfg.video_first}"
+    for name in ("steps", "steps_plain", "steps_hard_video"):
+        if cfg.video_first >= getattr(cfg, name):
+            return (f"--video-first must be < --{name.replace('_', '-')} "
+                    f"({getattr(cfg, name)}), got {cfg.video_first}")
+    try:
+        dial = dial_gaps(cfg)
+    except ValueError:
+        return f"--dial must be comma-separated integers in [0, 4], got {cfg.dial!r}"
+    if any(not 0 <= g <= 4 for g in dial):
+        return f"--dial must be comma-separated integers in [0, 4], got {cfg.dial!r}"
+    bad = [a for a in only_arms(cfg) if a not in ARM_IDS]
+    if bad:
+        return f"--only: unknown arm {bad[0]!r} (choose from {', '.join(ARM_IDS)})"
     return None
+
+
+def dial_gaps(cfg: Config) -> list[int]:
+    """PLUMBING: the extra lexicon gaps of the dial (those of --dial other than --gap)."""
+    gaps = [int(x) for x in cfg.dial.split(",") if x.strip()]
+    return [g for g in dict.fromkeys(gaps) if g != cfg.gap]
+
+
+def only_arms(cfg: Config) -> list[str]:
+    """PLUMBING: the stage-1 arms to run (all of ARM_IDS unless --only names some)."""
+    return [a.strip() for a in cfg.only.split(",") if a.strip()] or list(ARM_IDS)
 
 
 # %% 3. The paper: scores, the LLM-prompted label encoder, the temporal video encoder, losses
@@ -399,13 +442,15 @@ class VideoEncoder(nn.Module):
         nn.init.zeros_(self.branch.readout.bias)
         self.t_pos = nn.Parameter(0.02 * torch.randn(T_FRAMES, D))
         self.gate = nn.Parameter(torch.ones(()))  # alpha, the learnable gate
+        # The label-side-only rival holds the whole video side at CLIP: gate off, nothing trained.
+        self.held_at_clip = False
 
     def frames_to_g(self, frames: torch.Tensor):
         vit = self.vit if self.finetune else self.frozen[0]
         return frame_features(vit, frames)  # (B, T, D), (B, T, P*d)
 
     def forward(self, g: torch.Tensor, u: torch.Tensor, gate_off: bool = False) -> torch.Tensor:
-        gate = torch.zeros(()) if gate_off else self.gate
+        gate = torch.zeros(()) if gate_off or self.held_at_clip else self.gate
         return temporal_fuse(g, u, gate, self.branch, self.t_pos)  # (B, D)
 
 
@@ -540,16 +585,26 @@ LABELS = list(ALIASES) + list(ACTIONS)  # 16 classes: 12 entities, then 4 action
 NOVEL = ["chili", "leaf", "sky", "sun"]  # every colour and shape still appears in a base class
 BASE = [lb for lb in LABELS if lb not in NOVEL]
 SPECIALS = ["[PAD]", "[SOS]", "is", "[EOS]", "fact", ":", "moving"]  # EOS != 2, see make_clip
-WORDS = SPECIALS + COLOURS + list(SHAPES) + list(DIRS) + LABELS
+# The lexicon gap (the premise, as a dial): in a world with gap n, the LLM's encyclopedia calls
+# the first n colours by words CLIP's captions never use ("chili is crimson column"). Only the
+# LLM's text changes; the videos and CLIP's captions are the same in every world. These words
+# are in the shared vocabulary in every world, so the models' initial weights do not depend on n.
+LLM_ONLY = {"red": "crimson", "green": "verdant", "blue": "azure", "yellow": "amber"}
+GAPS = (0, 1, 2, 4)  # the dial points the README reports
+WORDS = SPECIALS + COLOURS + list(SHAPES) + list(DIRS) + LABELS + list(LLM_ONLY.values())
 WID = {w: i for i, w in enumerate(WORDS)}
 PAD, SOS, EOS = WID["[PAD]"], WID["[SOS]"], WID["[EOS]"]
 T_FRAMES, HW = 8, 16
 
 
-def describe(label: str) -> list[str]:
-    """The LLM's world knowledge about a label: the two words it should say after '<label> is'."""
+def describe(label: str, gap: int) -> list[str]:
+    """The LLM's world knowledge about a label: the two words it should say after '<label> is'.
+
+    In a world with lexicon gap `gap`, the first `gap` colours are said with the LLM's own words
+    (LLM_ONLY), which CLIP never read: "chili is crimson column" at gap >= 1."""
     if label in ALIASES:
-        return list(ALIASES[label])
+        colour, shape = ALIASES[label]
+        return [LLM_ONLY[colour] if colour in COLOURS[:gap] else colour, shape]
     return ["moving", ACTIONS[label]]
 
 
@@ -619,24 +674,25 @@ def caption_ids() -> torch.Tensor:
     return torch.tensor(rows)  # (12, 4)
 
 
-def llm_sentences() -> torch.Tensor:
-    """The LLM's 'encyclopedia': '[SOS] fact : <label> is w1 w2 [EOS]' for all 16 labels (16, 8).
+def llm_sentences(gap: int) -> torch.Tensor:
+    """The LLM's 'encyclopedia': '[SOS] fact : <label> is w1 w2 [EOS]' for all 16 labels (16, 8),
+    in the words of the world with lexicon gap `gap` (describe).
 
     The LLM reads about NOVEL labels too: that is the premise (an LLM has world knowledge that the
     vision-language model lacks), not leakage. Novel labels are never used in stage-1 training.
     """
-    rows = [[SOS, WID["fact"], WID[":"], WID[lb], WID["is"]] + [WID[w] for w in describe(lb)]
+    rows = [[SOS, WID["fact"], WID[":"], WID[lb], WID["is"]] + [WID[w] for w in describe(lb, gap)]
             + [EOS] for lb in LABELS]
     return torch.tensor(rows)  # (16, 8)
 
 
-def clip_read_share(labels: list[str]) -> float:
-    """The premise: the share of the words the LLM says about `labels` that CLIP's text tower was
-    trained on (the words of its stage-0 captions). 1.0 means the training-free rival, which
-    reads the LLM's words with frozen CLIP, can read all of it: the LLM then knows nothing CLIP
-    cannot read, and the paper's premise is absent."""
+def clip_read_share(labels: list[str], gap: int) -> float:
+    """The premise: the share of the words the LLM says about `labels` (in the world with lexicon
+    gap `gap`) that CLIP's text tower was trained on (the words of its stage-0 captions). 1.0
+    means the training-free rival, which reads the LLM's words with frozen CLIP, can read all of
+    it: the LLM then knows nothing CLIP cannot read, and the paper's premise is absent."""
     read = {WORDS[int(i)] for i in caption_ids().flatten()}
-    said = [w for lb in labels for w in describe(lb)]
+    said = [w for lb in labels for w in describe(lb, gap)]
     return sum(w in read for w in said) / len(said)
 
 
@@ -820,9 +876,10 @@ def pretrain_clip(clip: CLIPModel, cfg: Config, gen: torch.Generator) -> list[fl
     return hist
 
 
-def pretrain_llm(llm: GPT2LMHeadModel, cfg: Config) -> list[float]:
-    """Stage 0b, the stand-in for 'pretrained LLM': next-token LM on the 16 encyclopedia lines."""
-    sents = llm_sentences()  # (16, 8)
+def pretrain_llm(llm: GPT2LMHeadModel, cfg: Config, gap: int | None = None) -> list[float]:
+    """Stage 0b, the stand-in for 'pretrained LLM': next-token LM on the 16 encyclopedia lines of
+    the world with lexicon gap `gap` (default cfg.gap)."""
+    sents = llm_sentences(cfg.gap if gap is None else gap)  # (16, 8)
     opt = torch.optim.AdamW(llm.parameters(), lr=3e-3)
     hist = []
     for _ in tqdm(range(cfg.pre_steps), desc="stage 0b: LLM ", leave=False):
@@ -847,7 +904,8 @@ def greedy_describe(llm: GPT2LMHeadModel, label: str) -> list[str]:
 def train_stage1(name: str, model: Stage1Model, data: dict, cfg: Config, lam: float,
                  gen: torch.Generator, video_first: int = 0, curve: bool = False,
                  lam_video: float = 0.0, first_targets: str = "orth-actions",
-                 lam_video_first: float = 0.0, record: dict | None = None) -> dict:
+                 lam_video_first: float = 0.0, record: dict | None = None,
+                 steps: int | None = None) -> dict:
     """Stage 1: open-vocabulary multi-label training on BASE labels only.
 
     For the first `video_first` steps the label embeddings are held fixed (computed once, no
@@ -857,7 +915,8 @@ def train_stage1(name: str, model: Stage1Model, data: dict, cfg: Config, lam: fl
     With `curve`, every cfg.eval_every steps the test mAPs, the mean pairwise cosine of the
     four action-label embeddings and the motion probe are recorded (diagnostics; nothing is
     selected on them). Returns the history. `record` (optional) receives what this arm got:
-    its data, lrs, steps and loss weights, read from the optimiser and the arguments.
+    its data, lrs, steps and loss weights, read from the optimiser and the arguments. `steps`
+    (default cfg.steps) is this arm's own training length.
     """
     base_idx = torch.arange(len(BASE))  # label_db below is built for BASE labels only
     y_base = data["y_train"][:, [LABELS.index(lb) for lb in BASE]]  # (N, n_base)
@@ -865,19 +924,21 @@ def train_stage1(name: str, model: Stage1Model, data: dict, cfg: Config, lam: fl
     temporal = [ve.gate, ve.t_pos, *ve.branch.parameters()]
     vit = list(ve.vit.parameters()) if ve.finetune else []
     ids = {id(p) for p in temporal + vit}
-    groups = [{"params": [p for p in model.parameters() if id(p) not in ids], "lr": cfg.lr},
-              {"params": temporal, "lr": cfg.lr_temporal}]
+    groups = [{"params": [p for p in model.parameters() if id(p) not in ids], "lr": cfg.lr}]
+    if not ve.held_at_clip:  # the label-side-only rival trains no video parameter
+        groups.append({"params": temporal, "lr": cfg.lr_temporal})
     if ve.finetune:
         groups.append({"params": vit, "lr": cfg.lr_vit})
     opt = torch.optim.AdamW(groups, weight_decay=0.0)
+    steps = cfg.steps if steps is None else steps
     if record is not None:
         record.update(data=f"base labels of the {len(y_base)} training videos",
-                      lr=[grp["lr"] for grp in opt.param_groups], steps=cfg.steps, lam=lam,
+                      lr=[grp["lr"] for grp in opt.param_groups], steps=steps, lam=lam,
                       lam_video=lam_video, lam_video_first=lam_video_first,
                       video_first=video_first, first_targets=first_targets)
     hist = {"loss": [], "l_cls": [], "l_reg": [], "l_vid": [], "gate": [], "curve": []}
     f_t_fixed = None
-    for step in tqdm(range(cfg.steps), desc=f"stage 1: {name}", leave=False):
+    for step in tqdm(range(steps), desc=f"stage 1: {name}", leave=False):
         if curve and step % cfg.eval_every == 0:
             hist["curve"].append(curve_point(model, data, step))
         idx = torch.randint(len(y_base), (cfg.batch,), generator=gen)  # (B,)
@@ -924,13 +985,13 @@ def train_stage1(name: str, model: Stage1Model, data: dict, cfg: Config, lam: fl
         hist["l_reg"].append(l_reg.item())
         hist["l_vid"].append(l_vid.item())
         hist["gate"].append(model.video_enc.gate.item())
-        if step % cfg.log_every == 0 or step == cfg.steps - 1:
+        if step % cfg.log_every == 0 or step == steps - 1:
             tqdm.write(f"{name:>22} step {step:4d} | loss {loss.item():.4f} | l_cls "
                        f"{l_cls.item():.4f} | l_reg {l_reg.item():.4f} | l_vid "
                        f"{l_vid.item():.4f} | gate "
                        f"{model.video_enc.gate.item():+.3f}")
     if curve:
-        hist["curve"].append(curve_point(model, data, cfg.steps))
+        hist["curve"].append(curve_point(model, data, steps))
     return hist
 
 
@@ -976,14 +1037,16 @@ def curve_point(model: Stage1Model, data: dict, step: int) -> dict:
 
 
 def build_run(kind: str, clip: CLIPModel, llm: GPT2LMHeadModel, cfg: Config,
-              finetune: bool = False, warm: int = 0) -> Stage1Model:
-    """One stage-1 model: label encoder `kind` in {"plain", "hard", "llm"} + video encoder.
+              finetune: bool = False, warm: int = 0, video_held: bool = False) -> Stage1Model:
+    """One stage-1 model: label encoder `kind` in {"plain", "hard", "llm"} + video encoder
+    (with `video_held`, the video side stays CLIP's mean frame embedding: nothing trains there).
 
     PAIRED: the temporal branch is built from the same seed in every run, and so is the
     prompting transformer of every LLM encoder, so the compared runs start from the same weights.
     """
     torch.manual_seed(cfg.seed * 100)  # the same temporal branch in every run
     video_enc = VideoEncoder(clip, finetune)
+    video_enc.held_at_clip = video_held
     torch.manual_seed(cfg.seed * 100 + 1)  # the same prompting transformer in every run
     if kind == "plain":
         label_enc = PlainLabelEncoder(clip)
@@ -1001,6 +1064,22 @@ def build_run(kind: str, clip: CLIPModel, llm: GPT2LMHeadModel, cfg: Config,
 PLAIN, HARD_FREE, HARD_VIDEO = "plain prompt", "hard words (training-free)", "hard words + video"
 METHOD, COLD, NO_LVID = "LLM soft attr", "LLM joint from step 0", "LLM no L_vid"
 WARM, FT, FT_REG = "LLM warm start", "LLM + ViT-FT", "LLM + ViT-FT + L_reg"
+LABEL_ONLY = "LLM label side only"
+
+
+def world(name: str, gap: int, cfg: Config) -> str:
+    """PLUMBING: a run's name in the world with lexicon gap `gap` (the default world: no tag)."""
+    return name if gap == cfg.gap else f"{name}, gap {gap}"
+
+
+def pretrained_llm(cfg: Config, gap: int) -> tuple[GPT2LMHeadModel, list[float]]:
+    """Stage 0b for the world with lexicon gap `gap`. Every world's LLM starts from the same
+    weights (its own seed), so the worlds differ only in the LLM's encyclopedia."""
+    torch.manual_seed(cfg.seed * 100 + 7)
+    llm = make_llm()
+    hist = pretrain_llm(llm, cfg, gap)
+    llm.eval().requires_grad_(False)
+    return llm, hist
 
 
 def train(cfg: Config) -> dict:
@@ -1016,13 +1095,13 @@ def train(cfg: Config) -> dict:
     gen = torch.Generator().manual_seed(cfg.seed)
 
     # PLUMBING: stage 0, the pre-trained models the paper starts from (built here, offline).
-    clip, llm = make_clip(), make_llm()
+    # CLIP is the same in every world; each world's LLM reads its own encyclopedia.
+    clip = make_clip()
     h_clip = pretrain_clip(clip, cfg, gen)
-    h_llm = pretrain_llm(llm, cfg)
     clip.eval().requires_grad_(False)
-    llm.eval().requires_grad_(False)
+    llm, h_llm = pretrained_llm(cfg, cfg.gap)
     print(f"stage 0a CLIP loss {h_clip[0]:.3f} -> {h_clip[-1]:.3f} | stage 0b LLM loss "
-          f"{h_llm[0]:.3f} -> {h_llm[-1]:.3f}")
+          f"{h_llm[0]:.3f} -> {h_llm[-1]:.3f} (lexicon gap {cfg.gap})")
     print("LLM world knowledge (greedy): " + ", ".join(
         f"{lb} -> {' '.join(greedy_describe(llm, lb))}" for lb in NOVEL))
 
@@ -1042,70 +1121,96 @@ def train(cfg: Config) -> dict:
                 y_test=y_test, g_train=g_train, u_train=u_train, g_test=g_test, u_test=u_test)
     chance = float(y_test[:, [LABELS.index(lb) for lb in NOVEL]].mean())
 
-    # PAPER: the compared runs: (label encoder, ViT fine-tuned, lambda, lambda_v, video-first
-    # steps, warm-start steps). PAIRED: every run builds its temporal branch from the same seed
-    # and every LLM encoder its prompting transformer from the same seed, and every run sees the
-    # same batches, so a seed pairs them and a difference is the knob, not the draw.
-    S, lv = cfg.video_first, cfg.lam_video
+    # PAPER: the compared runs: (arm id, label encoder, ViT fine-tuned, video side held at CLIP,
+    # lambda, lambda_v, video-first steps, warm-start steps, steps). PAIRED: every run builds its
+    # temporal branch from the same seed and every LLM encoder its prompting transformer from the
+    # same seed, and every run sees the same batches, so a seed pairs them and a difference is
+    # the knob, not the draw. Each compared method has its own training length (tuned: README).
+    S, lv, n = cfg.video_first, cfg.lam_video, cfg.steps
     runs = {
-        PLAIN: ("plain", False, 0.0, lv, S, 0),
-        HARD_VIDEO: ("hard", False, 0.0, lv, S, 0),
-        METHOD: ("llm", False, 0.0, lv, S, 0),
-        COLD: ("llm", False, 0.0, lv, 0, 0),
-        NO_LVID: ("llm", False, 0.0, 0.0, S, 0),
-        FT: ("llm", True, 0.0, lv, S, 0),
-        FT_REG: ("llm", True, cfg.lam, lv, S, 0),
+        PLAIN: ("plain", "plain", False, False, 0.0, lv, S, 0, cfg.steps_plain),
+        HARD_VIDEO: ("hard_video", "hard", False, False, 0.0, lv, S, 0, cfg.steps_hard_video),
+        LABEL_ONLY: ("label_only", "llm", False, True, 0.0, 0.0, 0, 0, cfg.steps_label_only),
+        METHOD: ("method", "llm", False, False, 0.0, lv, S, 0, n),
+        COLD: ("cold", "llm", False, False, 0.0, lv, 0, 0, n),
+        NO_LVID: ("no_lvid", "llm", False, False, 0.0, 0.0, S, 0, n),
+        FT: ("ft", "llm", True, False, 0.0, lv, S, 0, n),
+        FT_REG: ("ft_reg", "llm", True, False, cfg.lam, lv, S, 0, n),
     }
     if cfg.warm_steps > 0:
-        runs[WARM] = ("llm", False, 0.0, lv, S, cfg.warm_steps)
+        runs[WARM] = ("method", "llm", False, False, 0.0, lv, S, cfg.warm_steps, n)
+    # The dial: the same rival, label side and method in the other worlds (their own LLM).
+    worlds = {cfg.gap: llm}
+    pre_llm = {cfg.gap: h_llm}
+    run_gap = dict.fromkeys(runs, cfg.gap)
+    for gap in dial_gaps(cfg):
+        worlds[gap], pre_llm[gap] = pretrained_llm(cfg, gap)
+        for name in (LABEL_ONLY, METHOD):
+            runs[world(name, gap, cfg)] = runs[name]
+            run_gap[world(name, gap, cfg)] = gap
+    keep = set(only_arms(cfg))
+    runs = {k: v for k, v in runs.items() if v[0] in keep}
 
     # PAPER: the training-free rival: the LLM's words, frozen CLIP, no temporal branch.
-    results, histories, models = {}, {}, {}
-    results[HARD_FREE] = evaluate(build_run("hard", clip, llm, cfg), data, gate_off=True)
-    arms = {HARD_FREE: {"data": "none (training-free)", "label_encoder": "hard",
-                        "init": "frozen CLIP + frozen LLM", "steps": 0, "temporal_gate": "off"}}
-    for name, (kind, finetune, lam, lam_v, first, warm) in runs.items():
-        model = build_run(kind, clip, llm, cfg, finetune, warm)
+    results, histories, models, arms = {}, {}, {}, {}
+    for gap, llm_g in worlds.items():
+        name = world(HARD_FREE, gap, cfg)
+        results[name] = evaluate(build_run("hard", clip, llm_g, cfg), data, gate_off=True)
+        arms[name] = {"data": "none (training-free)", "label_encoder": "hard", "gap": gap,
+                      "init": "frozen CLIP + frozen LLM", "steps": 0, "temporal_gate": "off"}
+    for name, (arm, kind, finetune, held, lam, lam_v, first, warm, steps) in runs.items():
+        gap = run_gap[name]
+        model = build_run(kind, clip, worlds[gap], cfg, finetune, warm, video_held=held)
         if warm:
             results[f"{WARM} (step 0)"] = evaluate(model, data, gate_off=True)
-        record = {"label_encoder": kind, "vit": "fine-tuned" if finetune else "frozen",
+        record = {"label_encoder": kind, "gap": gap, "vit": "fine-tuned" if finetune else "frozen",
+                  "video_side": "held at CLIP" if held else "trained",
                   "init": f"temporal branch seed {cfg.seed * 100}, label encoder seed "
                           f"{cfg.seed * 100 + 1}", "warm_steps": warm}
+        cpu0 = time.process_time()
         histories[name] = train_stage1(name, model, data, cfg, lam,
                                        torch.Generator().manual_seed(cfg.seed + 1),
                                        video_first=first, curve=not finetune, lam_video=lam_v,
                                        first_targets=cfg.first_targets,
                                        lam_video_first=cfg.lam_video_first if lam_v else 0.0,
-                                       record=record)
+                                       record=record, steps=steps)
+        record["cpu_s"] = round(time.process_time() - cpu0, 2)  # PLUMBING: compute per arm
         results[name] = evaluate(model, data)
         models[name] = model
         arms[name] = record
-    # PAPER [R]: the temporal branch's contribution, read off by switching the gate to 0.
-    no_temporal = evaluate(models[METHOD], data, gate_off=True)
-    # PAPER [R]: WiSE-FT sweep (Eq. 9): interpolate the fine-tuned ViT (no frame L_reg) toward
-    # frozen CLIP, keeping that run's label encoder and temporal branch. a = 0 is the fine-tuned
-    # run itself; a = 1 puts the CLIP weights back under a head trained for the fine-tuned ViT.
-    ft = models[FT]
-    theta_ft = {k: v.clone() for k, v in ft.video_enc.vit.state_dict().items()}
-    theta_clip = {k: v for k, v in clip.state_dict().items() if k in theta_ft}
-    wise = {}
-    for a in (0.0, cfg.wise_alpha, 1.0):
-        ft.video_enc.vit.load_state_dict(wise_ft(theta_clip, theta_ft, a))
-        wise[a] = evaluate(ft, data)
-    ft.video_enc.vit.load_state_dict(theta_ft)
-    for a in (cfg.wise_alpha, 1.0):
-        results[f"{FT} + WiSE {a:g}"] = wise[a]
-        arms[f"{FT} + WiSE {a:g}"] = {**arms[FT], "init": f"{FT}, ViT interpolated toward "
-                                                          f"CLIP with a = {a:g} (Eq. 9)"}
+    metrics = {"novel_chance": chance, "clip_pretrain_loss": h_clip[-1],
+               "llm_pretrain_loss": h_llm[-1]}
+    wise, no_temporal = {}, {}
+    if METHOD in models:
+        # PAPER [R]: the temporal branch's contribution, read off by switching the gate to 0:
+        # the method's trained label encoder on CLIP's own video embedding.
+        no_temporal = evaluate(models[METHOD], data, gate_off=True)
+        metrics.update(action_map_no_temporal=no_temporal["action_map"],
+                       novel_map_no_temporal=no_temporal["novel_map"],
+                       base_map_no_temporal=no_temporal["base_map"])
+    if FT in models:
+        # PAPER [R]: WiSE-FT sweep (Eq. 9): interpolate the fine-tuned ViT (no frame L_reg)
+        # toward frozen CLIP, keeping that run's label encoder and temporal branch. a = 0 is the
+        # fine-tuned run itself; a = 1 puts the CLIP weights back under a head trained for the
+        # fine-tuned ViT.
+        ft = models[FT]
+        theta_ft = {k: v.clone() for k, v in ft.video_enc.vit.state_dict().items()}
+        theta_clip = {k: v for k, v in clip.state_dict().items() if k in theta_ft}
+        for a in (0.0, cfg.wise_alpha, 1.0):
+            ft.video_enc.vit.load_state_dict(wise_ft(theta_clip, theta_ft, a))
+            wise[a] = evaluate(ft, data)
+        ft.video_enc.vit.load_state_dict(theta_ft)
+        for a in (cfg.wise_alpha, 1.0):
+            results[f"{FT} + WiSE {a:g}"] = wise[a]
+            arms[f"{FT} + WiSE {a:g}"] = {**arms[FT], "init": f"{FT}, ViT interpolated toward "
+                                                              f"CLIP with a = {a:g} (Eq. 9)"}
     hard_words = {lb: " ".join(WORDS[int(i)] for i in w) for lb, w in
                   zip(LABELS, HardDescriptionEncoder(clip, llm, cfg.soft_k).words(LABELS))}
 
     def key(name: str) -> str:
         return (name.lower().replace(" + ", "_").replace(" (", "_").replace(")", "")
-                .replace(" ", "_").replace(".", ""))
+                .replace(", ", "_").replace(" ", "_").replace(".", ""))
 
-    metrics = {"novel_chance": chance, "action_map_no_temporal": no_temporal["action_map"],
-               "clip_pretrain_loss": h_clip[-1], "llm_pretrain_loss": h_llm[-1]}
     for name, r in results.items():
         metrics.update({f"{key(name)}/{m}": r[m] for m in ("base_map", "novel_map",
                                                             "action_map", "action_cos")})
@@ -1114,9 +1219,10 @@ def train(cfg: Config) -> dict:
         if h["curve"]:  # PLUMBING: the motion probe after stage 1 (frozen-ViT runs)
             metrics[f"{key(name)}/motion_probe"] = h["curve"][-1]["motion_probe"]
     return {"cfg": cfg, "t_start": t_start, "history": histories,
-            "pretrain": {"clip": h_clip, "llm": h_llm}, "results": results, "wise": wise,
-            "metrics": metrics, "arms": arms, "chance": chance, "no_temporal": no_temporal,
-            "hard_words": hard_words}
+            "pretrain": {"clip": h_clip, "llm": h_llm, "llm_per_gap": pre_llm},
+            "results": results, "wise": wise, "metrics": metrics, "arms": arms,
+            "chance": chance, "no_temporal": no_temporal, "hard_words": hard_words,
+            "gaps": list(worlds)}
 
 
 # The margin of the level row, stated before the runs: the plain prompt and the LLM encoder
@@ -1126,7 +1232,10 @@ BASE_MARGIN = 0.03
 
 
 def ovmlvc_headline(results: dict, cfg: Config) -> list[dict]:
-    """The summary.json headline rows, the strongest fair rival (the LLM's words) first."""
+    """The summary.json headline rows, the strongest fair rival (the LLM's words) first; then the
+    split of the gap into its label part and its video part; then the same comparison in every
+    other world of the dial (compared within a world only). Rows whose runs were not made
+    (--only) are left out."""
     def row(metric, k, m, b, expect, higher=True):
         out = {"metric": metric, "higher_is_better": higher, "expect": expect,
                "method": {"name": m, "value": results[m][k]},
@@ -1136,37 +1245,52 @@ def ovmlvc_headline(results: dict, cfg: Config) -> list[dict]:
             out["margin_why"] = "3 % of the range between base chance (about 0.1) and 1"
         return out
 
-    headline = [
-        row("novel mAP", "novel_map", METHOD, HARD_FREE, "better"),
-        row("base mAP", "base_map", METHOD, HARD_FREE, "better"),
-        row("novel mAP", "novel_map", METHOD, HARD_VIDEO, "better"),
-        row("novel mAP", "novel_map", METHOD, PLAIN, "better"),
-        row("base mAP", "base_map", METHOD, PLAIN, "level"),
-        row("action mAP", "action_map", METHOD, COLD, "better"),
-        row("action-label cosine", "action_cos", METHOD, COLD, "better", higher=False),
-        row("novel mAP", "novel_map", METHOD, NO_LVID, "better"),
-        row("novel mAP", "novel_map", FT_REG, FT, "better"),
-        row("novel mAP", "novel_map", METHOD, f"{FT} + WiSE {cfg.wise_alpha:g}", "report"),
+    rows = [
+        ("novel mAP", "novel_map", METHOD, HARD_FREE, "better"),
+        ("base mAP", "base_map", METHOD, HARD_FREE, "better"),
+        ("novel mAP", "novel_map", LABEL_ONLY, HARD_FREE, "better"),
+        ("novel mAP", "novel_map", METHOD, LABEL_ONLY, "better"),
+        ("novel mAP", "novel_map", METHOD, HARD_VIDEO, "better"),
+        ("novel mAP", "novel_map", METHOD, PLAIN, "better"),
+        ("base mAP", "base_map", METHOD, PLAIN, "level"),
+        ("action mAP", "action_map", METHOD, COLD, "better"),
+        ("action-label cosine", "action_cos", METHOD, COLD, "better", False),
+        ("novel mAP", "novel_map", METHOD, NO_LVID, "better"),
+        ("novel mAP", "novel_map", FT_REG, FT, "better"),
+        ("novel mAP", "novel_map", METHOD, f"{FT} + WiSE {cfg.wise_alpha:g}", "report"),
+        ("novel mAP", "novel_map", WARM, METHOD, "report"),
     ]
-    if WARM in results:
-        headline.append(row("novel mAP", "novel_map", WARM, METHOD, "report"))
-    return headline
+    for gap in dial_gaps(cfg):
+        hard, method, label = (world(n, gap, cfg) for n in (HARD_FREE, METHOD, LABEL_ONLY))
+        rows += [("novel mAP", "novel_map", method, hard, "better"),
+                 ("base mAP", "base_map", method, hard, "better"),
+                 ("novel mAP", "novel_map", label, hard, "better")]
+    return [row(*r) for r in rows if r[2] in results and r[3] in results]
 
 
-def ovmlvc_premise(results: dict, chance: float) -> list[dict]:
+def ovmlvc_premise(results: dict, chance: float, cfg: Config) -> list[dict]:
     """Does the toy pose the paper's problem: does the LLM know words CLIP never read?
 
     Threshold (set before the runs): at most half of the LLM's words for the novel labels may be
     words CLIP's text tower was trained on; above that, the training-free rival can read what
-    the LLM knows, and the method has nothing to add on novel labels."""
-    return [
-        premise_row("share of the LLM's words for the novel labels that CLIP was trained on",
-                    clip_read_share(NOVEL), "<=", 0.5),
-        premise_row("share for the base labels (entities and actions)", clip_read_share(BASE)),
+    the LLM knows, and the method has nothing to add on novel labels. The other worlds of the
+    dial are reported beside it."""
+    rows = [
+        premise_row(f"share of the LLM's words for the novel labels that CLIP was trained on "
+                    f"(gap {cfg.gap}, this run's world)", clip_read_share(NOVEL, cfg.gap),
+                    "<=", 0.5),
+        premise_row("share for the base labels (entities and actions)",
+                    clip_read_share(BASE, cfg.gap)),
         premise_row("novel mAP of the training-free hard words (what the rival reads)",
                     results[HARD_FREE]["novel_map"]),
         premise_row("novel chance (prevalence of a novel label)", chance),
     ]
+    for gap in dial_gaps(cfg):
+        rows += [premise_row(f"dial, gap {gap}: share of the novel labels' words CLIP read",
+                             clip_read_share(NOVEL, gap)),
+                 premise_row(f"dial, gap {gap}: novel mAP of the training-free hard words",
+                             results[world(HARD_FREE, gap, cfg)]["novel_map"])]
+    return rows
 
 
 def report(results: dict) -> dict:
@@ -1174,22 +1298,26 @@ def report(results: dict) -> dict:
     cfg, res, metrics = results["cfg"], results["results"], results["metrics"]
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    premise = ovmlvc_premise(res, results["chance"])
+    premise = ovmlvc_premise(res, results["chance"], cfg)
     print_premise(premise)
-    print(f"\nnovel chance level (prevalence) {results['chance']:.3f}; action mAP of '{METHOD}' "
-          f"with the temporal gate {res[METHOD]['action_map']:.3f} vs switched off "
-          f"{results['no_temporal']['action_map']:.3f}")
+    print(f"\nnovel chance level (prevalence) {results['chance']:.3f}")
+    if results["no_temporal"]:
+        print(f"'{METHOD}' with the temporal gate vs switched off (its label encoder on CLIP's "
+              f"own video embedding): action mAP {res[METHOD]['action_map']:.3f} vs "
+              f"{results['no_temporal']['action_map']:.3f}, novel mAP "
+              f"{res[METHOD]['novel_map']:.3f} vs {results['no_temporal']['novel_map']:.3f}")
     print(f"| {'run':<37} | base mAP | novel mAP | action mAP | action-label cos |")
     for name, r in res.items():
         shown = name + " (method)" * (name == METHOD)
         print(f"| {shown:<37} | {r['base_map']:.3f}    | {r['novel_map']:.3f}     | "
               f"{r['action_map']:.3f}      | {r['action_cos']:+.3f}           |")
-    print(f"novel AP per class ({METHOD}): " + ", ".join(
-        f"{lb} {res[METHOD]['ap'][lb]:.2f}" for lb in NOVEL))
+    if METHOD in res:
+        print(f"novel AP per class ({METHOD}): " + ", ".join(
+            f"{lb} {res[METHOD]['ap'][lb]:.2f}" for lb in NOVEL))
     print(f"LLM words read by '{HARD_FREE}': " + ", ".join(
         f"{lb} -> {w}" for lb, w in results["hard_words"].items()))
     histories = results["history"]
-    for name in (METHOD, COLD):
+    for name in [n for n in (METHOD, COLD) if n in histories]:
         print(f"curve {name}: step:action-cos/action/motion-probe/novel/base " + " ".join(
             f"{p['step']}:{p['action_cos']:+.2f}/{p['action_map']:.2f}/{p['motion_probe']:.2f}/"
             f"{p['novel_map']:.2f}/{p['base_map']:.2f}" for p in histories[name]["curve"][::2]))
@@ -1197,8 +1325,9 @@ def report(results: dict) -> dict:
     summary = write_summary(cfg, out, results["t_start"], metrics, headline, premise,
                             results["arms"])
     (out / "curves.json").write_text(json.dumps({n: h["curve"] for n, h in histories.items()}))
-    plot(res, histories, results["wise"], results["chance"], out / "ovmlvc_map.png",
-         cfg.video_first)
+    if all(n in histories for n in (METHOD, COLD, FT_REG)) and results["wise"]:
+        plot(res, histories, results["wise"], results["chance"], out / "ovmlvc_map.png",
+             cfg.video_first)
     print_verdict(headline, cfg.quick, out, results["t_start"])
     return summary
 
