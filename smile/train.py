@@ -180,6 +180,9 @@ class Config:
     dist_timeout: int = field(default=60, metadata={
         "help": "seconds before a stuck process-group init or collective fails the run",
         "range": "[1, inf)"})
+    curves_from: str = field(default="", metadata={
+        "help": "a tuning folder (runs/tune/<tag>/smile): plot each arm's validation curve "
+                "against steps over its seeds, choose each arm's length, train nothing"})
 
 
 # What --quick changes (it wins over the defaults above).
@@ -1137,6 +1140,9 @@ def train(cfg: Config) -> dict:
         # training length is a knob too: the validation point where each curve is lowest (the
         # last one while the curves still descend, so the last step is every arm's checkpoint)
         metrics[f"best_val_step_{k}"] = h["val_step"][int(np.argmin(h["val"]))]
+        # the whole validation curve, so tuning runs can choose each arm's length (--curves-from)
+        metrics[f"val_curve_{k}"] = list(h["val"])
+    metrics["val_curve_steps"] = list(hists[ref]["val_step"])
     for k in moe:
         r = hists[k]["routing"]
         metrics[f"drop_{k}"] = r["drop"]
@@ -1424,6 +1430,102 @@ def plot(hists: dict, sweep: dict, cfg: Config, path: Path, floor: float, level:
     plt.show() if IN_NOTEBOOK else plt.close(fig)
 
 
+GAP_STEPS = (250, 500, 1000, 1500)  # where tuning_lengths reads the paired gaps
+
+
+def tuning_curves(tune_dir: Path) -> dict:
+    """Each arm's validation curves from every summary.json under tune_dir (one per tuning
+    seed): {"steps": [...], "seeds": [...], arm: [[val per step] per seed]}. Runs on a shorter
+    evaluation grid than the longest one found are skipped."""
+    runs = [json.loads(f.read_text()) for f in sorted(Path(tune_dir).rglob("summary.json"))]
+    runs = [s for s in runs if "val_curve_steps" in s.get("metrics", {})]
+    out: dict = {"steps": max((s["metrics"]["val_curve_steps"] for s in runs), key=len,
+                              default=None), "seeds": []}
+    for s in runs:
+        m = s["metrics"]
+        if m["val_curve_steps"] != out["steps"]:
+            continue
+        out["seeds"].append(s["seed"])
+        for k in VARIANTS:
+            if f"val_curve_{k}" in m:
+                out.setdefault(k, []).append(m[f"val_curve_{k}"])
+    return out
+
+
+def tuning_lengths(curves: dict) -> dict:
+    """Each arm's length, chosen like its learning rate: the step whose validation loss, averaged
+    over the tuning seeds, is lowest. `at_edge` says whether that is the grid's last point, and
+    `slope_per_100` how fast the mean curve still falls over its last 250 steps. Plus the paired
+    gaps to Switch per seed at GAP_STEPS (the claim read along the curve)."""
+    steps = curves["steps"]
+    res: dict = {"seeds": curves["seeds"], "grid": [steps[1], steps[-1]], "arms": {}, "gaps": {}}
+    j = min(range(len(steps)), key=lambda i: abs(steps[i] - (steps[-1] - 250)))
+    for k in VARIANTS:
+        if k not in curves:
+            continue
+        mean = np.mean(curves[k], axis=0)  # (evaluation points,)
+        i = int(np.argmin(mean))
+        res["arms"][NAMES[k]] = {
+            "best_step": steps[i], "best_val": float(mean[i]), "at_edge": i == len(steps) - 1,
+            "slope_per_100": float((mean[-1] - mean[j]) / (steps[-1] - steps[j]) * 100)}
+    for k in ("additive", "smile"):
+        if k not in curves or "switch" not in curves:
+            continue
+        for s_ in GAP_STEPS:
+            if s_ in steps:
+                i = steps.index(s_)
+                per_seed = [a[i] - b[i] for a, b in zip(curves[k], curves["switch"])]
+                res["gaps"][f"{NAMES[k]} - Switch @{s_}"] = [round(g, 4) for g in per_seed]
+    return res
+
+
+def plot_tuning(curves: dict, chosen: dict, path: Path) -> None:
+    """The metric against compute on the tuning seeds: (a) each arm's mean validation curve with
+    its chosen length; (b) the paired gaps to Switch against steps, with the loss margin."""
+    import matplotlib
+
+    if not IN_NOTEBOOK:
+        matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colors = {"dense": "tab:gray", "switch": "tab:blue", "additive": "tab:green",
+              "smile": "tab:red"}
+    label = {k: NAMES[k] + (" (method)" if k == "smile" else "") for k in NAMES}
+    steps = np.array(curves["steps"])
+    fig, ax = plt.subplots(1, 2, figsize=(13, 4.8))
+    for k in VARIANTS:
+        if k not in curves:
+            continue
+        a = np.array(curves[k])  # (seeds, evaluation points)
+        ax[0].plot(steps[1:], a.mean(0)[1:], "-", color=colors[k], label=label[k])
+        ax[0].fill_between(steps[1:], a.min(0)[1:], a.max(0)[1:], color=colors[k], alpha=0.15)
+        b = chosen["arms"][NAMES[k]]
+        ax[0].plot(b["best_step"], b["best_val"], "k*", ms=10)
+    ax[0].plot([], [], "k*", ms=10, label="each arm's lowest mean val loss")
+    ax[0].set(xlabel="training steps (= compute: same batches, same FLOPs per token per MoE arm)",
+              ylabel="validation cross-entropy (no drops)",
+              title=f"(a) mean over tuning seeds {', '.join(map(str, curves['seeds']))} "
+                    "(band: min-max)")
+    ax[0].legend(fontsize=8, loc="upper right")
+    for k in ("additive", "smile"):
+        if k not in curves or "switch" not in curves:
+            continue
+        d = np.array(curves[k]) - np.array(curves["switch"])  # (seeds, evaluation points)
+        ax[1].plot(steps[1:], d.mean(0)[1:], "-", color=colors[k], label=f"{label[k]} - Switch")
+        ax[1].fill_between(steps[1:], d.min(0)[1:], d.max(0)[1:], color=colors[k], alpha=0.15)
+    ax[1].axhline(0, color="k", lw=0.8)
+    for y in (LOSS_MARGIN, -LOSS_MARGIN):
+        ax[1].axhline(y, color="k", ls=":", lw=1)
+    ax[1].plot([], [], "k:", label=f"loss margin ±{LOSS_MARGIN}")
+    ax[1].axvline(STEPS_DEFAULT, color="0.5", ls="--", lw=0.8, label="default run's length")
+    ax[1].set(xlabel="training steps", ylabel="paired val-loss gap to Switch (nats)",
+              title="(b) the gap along the curve (mean, band: min-max over seeds)")
+    ax[1].legend(fontsize=8, loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.show() if IN_NOTEBOOK else plt.close(fig)
+
+
 # %% 6b. The distributed path: the same layers over real process groups
 class RunError(RuntimeError):
     """A known runtime mistake (a failed worker, missing GPUs): main() prints it as one line."""
@@ -1670,6 +1772,15 @@ def main(argv=None) -> dict:
     prepare_out_dir(cfg.out_dir)  # before training: a bad --out-dir fails in a second
     # PLUMBING: one thread is faster for these tiny matrices (measured: see the README's Run).
     torch.set_num_threads(1)
+    if cfg.curves_from:  # the tuning runs' metric-against-compute figure and chosen lengths
+        curves = tuning_curves(Path(cfg.curves_from))
+        if curves["steps"] is None:
+            raise SystemExit(f"{FOLDER}/train.py: error: --curves-from {cfg.curves_from!r}: no "
+                             "summary.json with validation curves under it")
+        chosen = tuning_lengths(curves)
+        plot_tuning(curves, chosen, Path(cfg.out_dir) / "smile_compute.png")
+        print(json.dumps(chosen, indent=1))
+        return chosen
     try:
         return report(train(cfg))
     except RunError as e:

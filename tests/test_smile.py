@@ -800,6 +800,40 @@ def test_same_seed_same_numbers(tmp_path):
     assert not torch.equal(other, smile.make_languages(cfg))  # the seed reaches the data
 
 
+def _fake_tuning_summary(path, seed, steps, curves):
+    m = {"val_curve_steps": steps, **{f"val_curve_{k}": v for k, v in curves.items()}}
+    path.mkdir(parents=True)
+    (path / "summary.json").write_text(json.dumps({"seed": seed, "metrics": m}))
+
+
+def test_tuning_lengths_choose_each_arms_lowest_mean_and_flag_the_edge(tmp_path):
+    """--curves-from: each arm's length is the step with the lowest validation loss averaged
+    over the tuning seeds (per arm, not Switch's step for everyone), at_edge when that is the
+    grid's last point; the gaps to Switch are paired per seed at the stated steps."""
+    steps = [0, 250, 500, 750, 1000, 1250, 1500]
+    sw = ([3.0, 2.0, 1.8, 1.7, 1.6, 1.55, 1.5], [3.0, 2.2, 1.9, 1.8, 1.7, 1.65, 1.6])
+    sm = ([3.0, 2.1, 1.7, 1.6, 1.65, 1.7, 1.8], [3.0, 2.1, 1.9, 1.75, 1.72, 1.75, 1.8])
+    for i, seed in enumerate((100, 101)):
+        _fake_tuning_summary(tmp_path / f"seed{seed}", seed, steps,
+                             {"switch": sw[i], "smile": sm[i]})
+    _fake_tuning_summary(tmp_path / "other", 102, steps[:3], {"switch": sw[0][:3]})  # shorter grid: skipped
+    curves = smile.tuning_curves(tmp_path)
+    assert curves["seeds"] == [100, 101] and curves["steps"] == steps
+    got = smile.tuning_lengths(curves)
+    assert got["arms"]["Switch"]["best_step"] == 1500 and got["arms"]["Switch"]["at_edge"]
+    assert got["arms"]["SMILE"]["best_step"] == 750 and not got["arms"]["SMILE"]["at_edge"]
+    assert got["arms"]["SMILE"]["best_val"] == pytest.approx(1.675)
+    # Switch's mean falls from 1.60 at 1250 to 1.55 at 1500: -0.02 nats per 100 steps
+    assert got["arms"]["Switch"]["slope_per_100"] == pytest.approx(-0.02)
+    assert got["gaps"]["SMILE - Switch @500"] == [-0.1, 0.0]
+    assert got["gaps"]["SMILE - Switch @1500"] == [0.3, 0.2]
+    smile.plot_tuning(curves, got, tmp_path / "fig.png")
+    assert (tmp_path / "fig.png").stat().st_size > 0
+    with pytest.raises(SystemExit) as e:
+        smile.main(["--curves-from", str(tmp_path / "nothing"), "--out-dir", str(tmp_path)])
+    assert "no summary.json" in str(e.value)
+
+
 def test_cli_errors_are_one_line(capsys):
     for argv in (["--steps", "-3"], ["--device", "tpu"], ["--bogus"], ["--variants", "moe"],
                  ["--batch", "30"]):
