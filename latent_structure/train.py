@@ -42,6 +42,7 @@ Reading map (the paper is section 3; read it first, next to the paper):
     arm_sigma_aug, arm_budget, arm_record (what each arm gets) section 5
     make_views -> train_variant -> evaluate -> train -> report    section 6
     budget_curves, choose_budgets (how TUNED was chosen)       section 6
+    paired_intervals (how the README reads a close headline)  section 6
     A first read may skip Config's knobs (section 2), the plots, and the Appendix (run plumbing,
     the same bytes in every folder).
 
@@ -184,6 +185,10 @@ class Config:
     eval_every: int = field(default=500, metadata={
         "help": "steps between probe/gap checkpoints (the curves in the plot)",
         "range": "[1, inf)"})
+    paired_from: str = field(default="", metadata={
+        "help": "instead of training: read the runs under this folder (seed*/summary.json, e.g. "
+                "runs/run_all/latent_structure) and print each claim row's paired difference "
+                "with its 95-percent t-interval over the seeds"})
     curves_from: str = field(default="", metadata={
         "help": "instead of training: read the tuning runs under this folder (runs/tune), plot "
                 "each arm's metric against steps and print each arm's best lr and steps"})
@@ -1023,42 +1028,64 @@ def plot_alignment(histories: dict, theory: dict, path: Path) -> None:
 
 
 def budget_curves(tune_dir: Path, key: str = HEAD_KEY) -> dict:
-    """Each arm's metric against steps, per learning rate, averaged over the tuning seeds.
+    """Each arm's metric against steps, per sweep point, averaged over the tuning seeds.
 
-    Reads every `curves.json` under tune_dir written by `--budget shared` runs (one sweep point,
-    i.e. one --lr, per folder, seeds as subfolders). Returns {arm: {lr: (steps, mean, n_seeds)}}.
+    Reads every `curves.json` under tune_dir written by `--budget shared` runs (one sweep point
+    per folder, seeds as subfolders `seed<N>`). A sweep point is (lr, sigma_aug): the learning
+    rate and the noise of the arm's augmented view (only the rival's varies). Where one seed of one
+    point was run twice (a sweep extended to more steps), the longer run counts, once.
+    Returns {arm: {(lr, sigma_aug): (steps, mean, n_seeds)}}, steps common to all seeds.
     """
-    runs = {}
-    for f in sorted(Path(tune_dir).rglob("curves.json")):
+    runs = {}  # {arm: {(lr, sigma): {seed: {step: value}}}}
+    for i, f in enumerate(sorted(Path(tune_dir).rglob("curves.json"))):
         c = json.loads(f.read_text())
         if c.get("budget") != "shared":
             continue
+        found = re.search(r"seed(\d+)", f.parent.name)
+        seed = int(found.group(1)) if found else -1 - i  # a folder without a seed is its own
         for arm, h in c["history"].items():
-            if key in h:
-                runs.setdefault(arm, {}).setdefault(c["lr"], []).append(
-                    dict(zip(h["eval_step"], h[key])))
+            if key not in h:
+                continue
+            sigma = c.get("arms", {}).get(VARIANT_NAMES[arm], {}).get("sigma_aug")
+            point = runs.setdefault(arm, {}).setdefault((c["lr"], sigma), {})
+            curve = dict(zip(h["eval_step"], h[key]))
+            if len(curve) > len(point.get(seed, {})):
+                point[seed] = curve
     curves = {}
-    for arm, by_lr in runs.items():
-        for lr, seeds in by_lr.items():
-            steps = sorted(set.intersection(*(set(s) for s in seeds)))
-            curves.setdefault(arm, {})[lr] = (
-                steps, [float(np.mean([s[t] for s in seeds])) for t in steps], len(seeds))
+    for arm, by_point in runs.items():
+        for pt, seeds in by_point.items():
+            steps = sorted(set.intersection(*(set(s) for s in seeds.values())))
+            curves.setdefault(arm, {})[pt] = (
+                steps, [float(np.mean([s[t] for s in seeds.values()])) for t in steps],
+                len(seeds))
     return curves
 
 
 def choose_budgets(curves: dict) -> dict:
-    """The tuning rule: per arm, the (lr, steps) with the best mean metric; ties -> fewer steps."""
+    """The tuning rule: per arm, the (lr, sigma_aug, steps) with the best mean metric; ties ->
+    fewer steps, then the larger lr. `edges` names each edge of the grid the choice sits on
+    (the last checkpoint of its lr, the largest or smallest lr, sigma): a choice at an edge
+    means the grid was too small there (EXPERIMENTS.md, section 3)."""
     best = {}
-    for arm, by_lr in curves.items():
-        cands = [(v, -t, lr) for lr, (steps, vals, _) in by_lr.items()
+    for arm, by_pt in curves.items():
+        cands = [(v, -t, lr, sigma or 0.0) for (lr, sigma), (steps, vals, _) in by_pt.items()
                  for t, v in zip(steps, vals)]
-        v, neg_t, lr = max(cands)
-        best[arm] = {"lr": lr, "steps": -neg_t, "value": v}
+        v, neg_t, lr, sigma = max(cands)
+        sigma = next(s for (l, s) in by_pt if l == lr and (s or 0.0) == sigma)
+        lrs = sorted({l for l, s in by_pt if s == sigma})
+        sigmas = sorted({s or 0.0 for l, s in by_pt if l == lr})
+        edges = [e for e, hit in (
+            ("last checkpoint", -neg_t == by_pt[(lr, sigma)][0][-1]),
+            ("largest lr", len(lrs) > 1 and lr == lrs[-1]),
+            ("smallest lr", len(lrs) > 1 and lr == lrs[0]),
+            ("largest sigma", len(sigmas) > 1 and (sigma or 0.0) == sigmas[-1]),
+            ("smallest sigma", len(sigmas) > 1 and (sigma or 0.0) == sigmas[0])) if hit]
+        best[arm] = {"lr": lr, "steps": -neg_t, "sigma_aug": sigma, "value": v, "edges": edges}
     return best
 
 
 def plot_budgets(curves: dict, best: dict, path: Path) -> None:
-    """The metric-vs-compute figure: one panel per arm, one line per learning rate."""
+    """The metric-vs-compute figure: one panel per arm, one line per sweep point (lr, sigma)."""
     plt = _pyplot()
     arms = [n for n in VARIANTS if n in curves]
     cols = 4
@@ -1066,24 +1093,56 @@ def plot_budgets(curves: dict, best: dict, path: Path) -> None:
     fig, axes = plt.subplots(rows, cols, figsize=(18, 4.2 * rows), sharey=True, squeeze=False)
     styles = ["-", "--", ":", "-."]
     for ax, arm in zip(axes.flat, arms):
-        for i, lr in enumerate(sorted(curves[arm])):
-            steps, vals, n = curves[arm][lr]
-            ax.plot(steps, vals, styles[i % 4], color=ARM_COLORS[arm], marker="o", ms=2,
-                    label=f"lr {lr:g} ({n} seeds)")
+        sigmas = sorted({s or 0.0 for _, s in curves[arm]})
+        for i, (lr, sigma) in enumerate(sorted(curves[arm], key=lambda p: (p[1] or 0.0, p[0]))):
+            steps, vals, n = curves[arm][(lr, sigma)]
+            tag = f", sigma {sigma:g}" if len(sigmas) > 1 else ""
+            shade = 0.35 + 0.65 * sigmas.index(sigma or 0.0) / max(len(sigmas) - 1, 1)
+            ax.plot(steps, vals, styles[sorted({l for l, s in curves[arm] if s == sigma}).index(
+                lr) % 4], color=ARM_COLORS[arm], alpha=shade if len(sigmas) > 1 else 1.0,
+                marker="o", ms=2, label=f"lr {lr:g}{tag} ({n} seeds)")
         b = best[arm]
-        ax.plot(b["steps"], b["value"], "k*", ms=12, label=f"chosen: lr {b['lr']:g}, "
+        tag = f", sigma {b['sigma_aug']:g}" if len(sigmas) > 1 else ""
+        ax.plot(b["steps"], b["value"], "k*", ms=12, label=f"chosen: lr {b['lr']:g}{tag}, "
                                                               f"{b['steps']} steps")
         title = VARIANT_NAMES[arm] + (" (method)" if split_variant(arm)[1] else "")
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("training step (Adam, batch 128)")
         ax.set_ylabel(f"zero-shot acc, sensor shift rho {SHIFT_RHO}")
-        ax.legend(fontsize=7, loc="lower right")
+        ax.legend(fontsize=6, loc="lower right")
     for ax in list(axes.flat)[len(arms):]:
         ax.axis("off")
     fig.suptitle("Each arm's headline metric against compute, mean over the tuning seeds 100-102")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.show() if IN_NOTEBOOK else plt.close(fig)
+
+
+def paired_intervals(run_dir: Path) -> list[dict]:
+    """Each claim row over the seeds under run_dir (`seed<N>/summary.json`): the paired
+    difference method - baseline per seed, its mean and a 95 % t-interval of the mean.
+
+    This is how the README reads a `better` row whose margin is small: the k/5 count says on how
+    many seeds the method was ahead, the interval whether the mean difference is told apart from 0.
+    """
+    from scipy.stats import t as student_t
+
+    per_row = {}
+    for f in sorted(Path(run_dir).glob("seed*/summary.json")):
+        for r in json.loads(f.read_text())["headline"]:
+            if r["expect"] == "report":
+                continue
+            k = (r["metric"], r["method"]["name"], r["baseline"]["name"], r["expect"])
+            per_row.setdefault(k, []).append(r["method"]["value"] - r["baseline"]["value"])
+    rows = []
+    for (metric, method, baseline, expect), d in per_row.items():
+        n, mean = len(d), float(np.mean(d))
+        half = (float(student_t.ppf(0.975, n - 1) * np.std(d, ddof=1) / math.sqrt(n))
+                if n > 1 else float("nan"))
+        rows.append({"metric": metric, "method": method, "baseline": baseline, "expect": expect,
+                     "n_seeds": n, "diffs": [float(x) for x in d], "mean": mean,
+                     "ci95": (mean - half, mean + half)})
+    return rows
 
 
 # %% 7. Entry point
@@ -1106,6 +1165,18 @@ def main(argv=None) -> dict:
         plot_budgets(curves, best, Path(cfg.out_dir) / "budget_curves.png")
         print(json.dumps(best, indent=1))
         return best
+    if cfg.paired_from:  # the paired 95 % intervals of the claim rows over the reported seeds
+        rows = paired_intervals(Path(cfg.paired_from))
+        if not rows:
+            raise SystemExit(f"{FOLDER}/train.py: error: --paired-from {cfg.paired_from!r}: no "
+                             "seed*/summary.json with claim rows under it")
+        print("| metric | method | baseline | expect | method - baseline per seed | mean | 95 % "
+              "interval |\n|---|---|---|---|---|---|---|")
+        for r in rows:
+            print(f"| {r['metric']} | {r['method']} | {r['baseline']} | {r['expect']} | "
+                  + " ".join(f"{x:+.3f}" for x in r["diffs"])
+                  + f" | {r['mean']:+.4f} | [{r['ci95'][0]:+.4f}, {r['ci95'][1]:+.4f}] |")
+        return {"paired": rows}
     # PLUMBING: tiny MLPs; one thread was faster than two in our measurement (README, Run).
     torch.set_num_threads(1)
     return report(train(cfg))

@@ -551,24 +551,65 @@ def test_arm_budget_tuned_capped_or_shared():
 
 
 def test_budget_curves_average_seeds_and_choose_the_best_point(tmp_path):
-    def write(folder, lr, arm_curves, budget="shared"):
+    def write(folder, lr, arm_curves, budget="shared", sigma=None, steps=(100, 200, 300)):
         (tmp_path / folder).mkdir(parents=True)
-        hist = {arm: {"eval_step": [100, 200, 300], LS.HEAD_KEY: v}
-                for arm, v in arm_curves.items()}
+        hist = {arm: {"eval_step": list(steps), LS.HEAD_KEY: v} for arm, v in arm_curves.items()}
+        arms = {} if sigma is None else {LS.VARIANT_NAMES[a]: {"sigma_aug": sigma[a]}
+                                         for a in arm_curves}
         (tmp_path / folder / "curves.json").write_text(json.dumps(
-            {"budget": budget, "lr": lr, "history": hist}))
+            {"budget": budget, "lr": lr, "history": hist, "arms": arms}))
 
-    write("a/seed100", 1e-3, {"im": [0.5, 0.7, 0.6], "im_gc": [0.5, 0.6, 0.9]})
-    write("a/seed101", 1e-3, {"im": [0.7, 0.9, 0.8], "im_gc": [0.5, 0.6, 0.7]})
-    write("b/seed100", 3e-4, {"im": [0.4, 0.8, 0.8], "im_gc": [0.1, 0.2, 0.3]})
+    sig = {"im": 0.15, "im_gc": 0.15, "im_aug": 0.5}
+    write("a/seed100", 1e-3, {"im": [0.5, 0.7, 0.6], "im_gc": [0.5, 0.6, 0.9]}, sigma=sig)
+    write("a/seed101", 1e-3, {"im": [0.7, 0.9, 0.8], "im_gc": [0.5, 0.6, 0.7]}, sigma=sig)
+    write("b/seed100", 3e-4, {"im": [0.4, 0.8, 0.8], "im_gc": [0.1, 0.2, 0.3]}, sigma=sig)
     write("c/seed100", 3e-3, {"im": [1.0, 1.0, 1.0]}, budget="tuned")  # not a sweep: ignored
     curves = LS.budget_curves(tmp_path)
-    assert curves["im"][1e-3] == ([100, 200, 300], [pytest.approx(0.6), pytest.approx(0.8),
-                                                    pytest.approx(0.7)], 2)
+    assert curves["im"][(1e-3, 0.15)] == ([100, 200, 300], [pytest.approx(0.6),
+                                                            pytest.approx(0.8),
+                                                            pytest.approx(0.7)], 2)
     best = LS.choose_budgets(curves)
     # im: 0.8 at step 200 for both lrs -> the tie goes to the fewer steps, then the larger lr
     assert best["im"]["steps"] == 200 and best["im"]["value"] == pytest.approx(0.8)
-    assert best["im_gc"] == {"lr": 1e-3, "steps": 300, "value": pytest.approx(0.8)}
+    assert best["im"]["lr"] == 1e-3 and best["im"]["edges"] == ["largest lr"]
+    assert best["im_gc"] == {"lr": 1e-3, "steps": 300, "sigma_aug": 0.15,
+                             "value": pytest.approx(0.8), "edges": ["last checkpoint",
+                                                                    "largest lr"]}
+    # a seed extended to more steps counts once, with its longer run; the rival's noise levels
+    # are sweep points of their own, and the best one is chosen with its lr and steps
+    write("d/seed100", 1e-3, {"im": [0.5, 0.7, 0.6, 0.95, 0.9]}, sigma=sig,
+          steps=(100, 200, 300, 400, 500))
+    write("d/seed101", 1e-3, {"im": [0.7, 0.9, 0.8, 0.95, 0.9]}, sigma=sig,
+          steps=(100, 200, 300, 400, 500))
+    write("e/seed100", 1e-3, {"im_aug": [0.5, 0.6, 0.5]}, sigma=sig)
+    write("f/seed100", 1e-3, {"im_aug": [0.5, 0.9, 0.5]}, sigma={"im_aug": 0.8})
+    write("g/seed100", 1e-3, {"im_aug": [0.5, 0.7, 0.5]}, sigma={"im_aug": 1.2})
+    curves = LS.budget_curves(tmp_path)
+    assert curves["im"][(1e-3, 0.15)][0] == [100, 200, 300, 400, 500]
+    assert curves["im"][(1e-3, 0.15)][2] == 2  # two seeds, not four
+    best = LS.choose_budgets(curves)
+    assert best["im"]["steps"] == 400 and best["im"]["edges"] == ["largest lr"]
+    assert best["im_aug"] == {"lr": 1e-3, "steps": 200, "sigma_aug": 0.8,
+                              "value": pytest.approx(0.9), "edges": []}
+
+
+def test_paired_intervals_read_the_seeds_paired(tmp_path):
+    diffs = [0.01, 0.03, -0.01, 0.02, 0.0]
+    for seed, d in enumerate(diffs):
+        (tmp_path / f"seed{seed}").mkdir()
+        rows = [{"metric": "m", "expect": "better", "higher_is_better": True,
+                 "method": {"name": "A", "value": 0.5 + d + seed},
+                 "baseline": {"name": "B", "value": 0.5 + seed}},
+                {"metric": "m", "expect": "report", "higher_is_better": True,
+                 "method": {"name": "A", "value": 0.0}, "baseline": {"name": "C", "value": 1.0}}]
+        (tmp_path / f"seed{seed}" / "summary.json").write_text(json.dumps({"headline": rows}))
+    (row,) = LS.paired_intervals(tmp_path)  # report rows are left out
+    assert row["diffs"] == pytest.approx(diffs) and row["n_seeds"] == 5
+    assert row["mean"] == pytest.approx(0.01)
+    # t(0.975, 4) = 2.7764; sample std of the diffs = 0.015811
+    half = 2.7764 * 0.015811 / math.sqrt(5)
+    assert row["ci95"] == (pytest.approx(0.01 - half, abs=1e-4),
+                           pytest.approx(0.01 + half, abs=1e-4))
 
 
 def test_quick_run_has_the_theorem_rows_and_the_two_plots(quick_runs):
