@@ -546,7 +546,7 @@ def finetune(lm_state: dict, graph: Graph, variant: str, cfg: Config, vocab_size
     eval_every steps we score the validation edges; the run stops after `patience` evaluations
     without a better validation MRR, or at finetune_steps (frozen_steps for F1). Step 0 (fresh
     heads on the transferred LM) is a candidate too.
-    Returns {"losses", "mrr", "hits" (test, at the chosen step), "best_step", "curve" [(step,
+    Returns {"losses", "mrr", "hits" (test, at the chosen step), "val", "best_step", "curve" [(step,
     val MRR, test MRR)], "model" (the last one), "arm"}.
     """
     gen = torch.Generator().manual_seed(seed)
@@ -611,7 +611,8 @@ def finetune(lm_state: dict, graph: Graph, variant: str, cfg: Config, vocab_size
            "max_steps": max_steps, "steps_run": len(losses),
            "message_passing": model.gnn is not None}
     return {"losses": losses, "mrr": best["test"][0], "hits": best["test"][1],
-            "best_step": best["step"], "curve": curve, "model": model, "arm": arm}
+            "val": best["val"], "best_step": best["step"], "curve": curve, "model": model,
+            "arm": arm}
 
 
 def node_classification(lm_state: dict, graph: Graph, variant: str, cfg: Config,
@@ -666,8 +667,8 @@ def node_classification(lm_state: dict, graph: Graph, variant: str, cfg: Config,
            "trains": trained_groups(model, opt), "lr": opt.param_groups[0]["lr"],
            "steps": best["step"], "checkpoint": "best validation accuracy",
            "max_steps": cfg.nc_steps}
-    return {"losses": losses, "acc": best["test"], "best_step": best["step"], "curve": curve,
-            "model": model, "arm": arm}
+    return {"losses": losses, "acc": best["test"], "val": best["val"], "best_step": best["step"],
+            "curve": curve, "model": model, "arm": arm}
 
 
 # %% 3b. Prior work: BERT's masked-language model (the general LM that GaLM starts from)
@@ -1282,6 +1283,7 @@ def train(cfg: Config) -> dict:
             metrics[f"mrr/{pt}/{ft}"] = out["mrr"]
             metrics[f"hits{cfg.hits_k}/{pt}/{ft}"] = out["hits"]
             metrics[f"best_step/{pt}/{ft}"] = out["best_step"]
+            metrics[f"val/{pt}/{ft}"] = out["val"]  # what a tuning sweep may choose on
             tqdm.write(f"[finetune] {pt:>8} + {ft:<10} | best step {out['best_step']:3d} | "
                        f"MRR {out['mrr']:.3f} | Hits@{cfg.hits_k} {out['hits']:.3f}")
         for j, nc in enumerate(NC_MODES):
@@ -1291,6 +1293,7 @@ def train(cfg: Config) -> dict:
             arms[f"{pt}/{nc}"] = {"init": pt, **out["arm"]}
             metrics[f"acc/{pt}/{nc}"] = out["acc"]
             metrics[f"best_step/{pt}/{nc}"] = out["best_step"]
+            metrics[f"val/{pt}/{nc}"] = out["val"]
             tqdm.write(f"[node class.] {pt:>8} + {nc:<6} | best step {out['best_step']:3d} | "
                        f"user-category accuracy {out['acc']:.3f}")
     metrics["seconds/downstream"] = time.process_time() - clock
