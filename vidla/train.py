@@ -117,7 +117,14 @@ class Config:
     out_dir: str = field(default=f"runs/{FOLDER}", metadata={"help": "where outputs go"})
     device: str = field(default="cpu", metadata={"help": "cpu only in this folder",
                                                  "choices": ("cpu",)})
-    steps: int = field(default=300, metadata={"help": "video-text training steps per rung",
+    steps: int = field(default=300, metadata={
+        "help": "video-text training budget per rung (the same for every rung); each rung keeps "
+                "its checkpoint with the best validation R@1 (see --eval-every)",
+        "range": "[1, inf)"})
+    eval_every: int = field(default=50, metadata={
+        "help": "steps between evaluations on the validation gallery (checkpoint selection and "
+                "the R@1-vs-steps curves)", "range": "[1, inf)"})
+    n_val: int = field(default=100, metadata={"help": "validation clips per length bucket",
                                               "range": "[1, inf)"})
     toy: str = field(default="relay", metadata={
         "help": "relay: captions say colour, order and where each square appears; "
@@ -132,8 +139,10 @@ class Config:
         "help": "clips per batch (paper: 4096); >= 2 for a contrastive loss",
         "range": "[2, inf)"})
     lr: float = field(default=2e-3, metadata={
-        "help": "AdamW learning rate of video-text training, every rung (paper: 2e-5)",
-        "range": "[0, inf)"})
+        "help": "AdamW learning rate of video-text training, every rung not in --rung-lr "
+                "(paper: 2e-5)", "range": "[0, inf)"})
+    rung_lr: str = field(default="", metadata={
+        "help": "per-rung learning rates that override --lr, e.g. 'meanP+TP=1e-3,VidLA=2e-3'"})
     weight_decay: float = field(default=0.02, metadata={"help": "AdamW weight decay",
                                                         "range": "[0, inf)"})
     grad_clip: float = field(default=10.0, metadata={"help": "gradient-norm clip",
@@ -155,7 +164,7 @@ class Config:
                                                 "range": "[0, inf)"})
     event_frames: int = field(default=8, metadata={"help": "raw frames per event",
                                                    "range": "[1, inf)"})
-    n_test: int = field(default=200, metadata={"help": "test clips per length bucket",
+    n_test: int = field(default=500, metadata={"help": "test clips per length bucket",
                                                "range": "[1, inf)"})
     no_subtitle: bool = field(
         default=False, metadata={"help": "drop the subtitle term L_vs of Eq. (3)"})
@@ -168,7 +177,8 @@ class Config:
 
 
 # What --quick changes (it wins over the defaults above).
-QUICK = dict(steps=8, pretrain_steps=8, batch_size=8, n_test=12, log_every=4)
+QUICK = dict(steps=8, pretrain_steps=8, batch_size=8, n_test=12, n_val=8, eval_every=4,
+             log_every=4)
 
 
 def check_config(cfg: Config) -> str | None:
@@ -178,7 +188,24 @@ def check_config(cfg: Config) -> str | None:
     bad = [r for r in cfg.rungs.split(",") if r not in LADDER]
     if bad or not cfg.rungs:
         return f"--rungs takes a comma-separated subset of {','.join(LADDER)}, got {cfg.rungs!r}"
+    try:
+        lrs = rung_lrs(cfg)
+    except ValueError:
+        return f"--rung-lr takes 'rung=lr,...' with rungs from {','.join(LADDER)}, got {cfg.rung_lr!r}"
+    if any(v < 0 for v in lrs.values()):
+        return f"--rung-lr: learning rates must be >= 0, got {cfg.rung_lr!r}"
     return None
+
+
+def rung_lrs(cfg: Config) -> dict:
+    """The learning rate of every rung: --lr, overridden per rung by --rung-lr."""
+    lrs = dict.fromkeys(LADDER, cfg.lr)
+    for item in filter(None, cfg.rung_lr.split(",")):
+        name, _, value = item.partition("=")
+        if name not in LADDER:
+            raise ValueError(name)
+        lrs[name] = float(value)
+    return lrs
 
 
 # %% 3. The paper: VidLA's video tower (Eqs. 1-2) and its two-way contrastive loss (Eq. 3)
@@ -573,11 +600,16 @@ def ceiling_r1(keys: list, views: list) -> float:
     share q's view first, in random order: R@1 is the share of them that are correct. Assumes
     equal keys imply equal views (true in our toys). Returns the mean over queries.
     """
-    hits = []
-    for kq, vq in zip(keys, views):
-        group = [k for k, v in zip(keys, views) if v == vq]
-        hits.append(sum(k == kq for k in group) / len(group))
-    return float(np.mean(hits))
+    return float(np.mean(ceiling_hits(keys, views)))
+
+
+def ceiling_hits(keys: list, views: list) -> np.ndarray:
+    """Per query, the expected R@1 hit of the best reader of `views` (see `ceiling_r1`): the share
+    of the videos with the query's view whose key is the query's. Returns (G,) floats."""
+    from collections import Counter
+    per_view = Counter(views)  # videos per view
+    per_pair = Counter(zip(views, keys))  # videos per (view, key)
+    return np.array([per_pair[(v, k)] / per_view[v] for k, v in zip(keys, views)])  # (G,)
 
 
 def gallery_ceilings(data: dict) -> dict:
@@ -593,9 +625,14 @@ def gallery_ceilings(data: dict) -> dict:
     these ceilings on medium clips; no per-frame model can tell which of several hand-overs was
     which from one number.
     """
+    return {kind: float(hits.mean()) for kind, hits in gallery_ceiling_hits(data).items()}
+
+
+def gallery_ceiling_hits(data: dict) -> dict:
+    """Per-query expected hits of the two ceilings (`ceiling_hits`), for paired standard errors."""
     fc = data["frame_colours"]  # (G, T)
-    return {"orderblind": ceiling_r1(data["keys"], [tuple(sorted(r)) for r in fc.tolist()]),
-            "clock": ceiling_r1(data["keys"], [tuple(r) for r in fc.tolist()])}
+    return {"orderblind": ceiling_hits(data["keys"], [tuple(sorted(r)) for r in fc.tolist()]),
+            "clock": ceiling_hits(data["keys"], [tuple(r) for r in fc.tolist()])}
 
 
 # %% 5. Baselines and rivals: the ablation ladder
@@ -700,51 +737,93 @@ def pretrain_clip(cfg: Config, rng: np.random.Generator) -> tuple[CLIPModel, lis
     return clip, losses
 
 
-def fit(model: VideoTextModel, name: str, cfg: Config, rng: np.random.Generator,
-        record: dict | None = None) -> list[float]:
-    """Contrastive video-text training with Eq. (3). Returns the loss history.
+def train_step(model: VideoTextModel, batch: dict, opt: torch.optim.Optimizer, params: list,
+               cfg: Config) -> float:
+    """One Eq. (3) step on a batch of clips: caption term plus subtitle term. Returns the loss."""
+    v = model.encode_video(batch["video"])  # (B, D)
+    if cfg.no_subtitle:
+        c, s = model.encode_text(batch["caption"]), None  # (B, D)
+    else:  # one text-tower call for both streams
+        texts = torch.cat([batch["caption"], batch["subtitle"]])  # (2B, L)
+        c, s = model.encode_text(texts).chunk(2)  # (B, D) each
+    loss = vidla_loss(v, s, c, logit_scale_of(model.clip))
+    opt.zero_grad()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+    opt.step()
+    return loss.item()
 
-    `record` (optional) receives what this arm got: its lr, steps and a fingerprint of its first
-    batch (equal across rungs: they share batches)."""
-    # DEVIATION: lr 2e-3 and a few hundred steps at batch 32 (paper: 2e-5, 3 epochs, batch 4096);
-    # our tiny CLIP is far from converged, so it needs a large rate. No crop/flip augmentation.
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
+
+def fit(models: dict, cfg: Config, rng: np.random.Generator, val: dict,
+        records: dict) -> dict:
+    """Contrastive video-text training with Eq. (3), every rung on the same batches, each with its
+    own learning rate, the same budget of `cfg.steps` steps, and checkpoint selection: every
+    `eval_every` steps each rung is evaluated on the validation gallery `val`, and at the end it
+    goes back to its checkpoint with the best mean text->video R@1 over the length buckets.
+
+    models {name: model}; records {name: dict} receives what each arm got (lr, steps, the chosen
+    checkpoint, its validation R@1-vs-steps curve, a fingerprint of the first batch). Returns the
+    loss history per rung."""
+    # DEVIATION: a few hundred steps at batch 32 (paper: 3 epochs, batch 4096), lr ~1e-3 (paper:
+    # 2e-5): our tiny CLIP is far from converged. No crop/flip augmentation.
+    # The rungs step in lockstep: one batch per step, shared, so a seed pairs them, and the toy
+    # clips are rendered once instead of once per rung. Each rung's numbers are the same as when
+    # it is trained alone (nothing random is drawn inside the loop but the batch).
+    lrs = rung_lrs(cfg)
+    params = {n: [p for p in m.parameters() if p.requires_grad] for n, m in models.items()}
+    opts = {n: torch.optim.AdamW(params[n], lr=lrs[n], betas=(0.9, 0.999),
+                                 weight_decay=cfg.weight_decay) for n in models}
     # PAPER: cosine decay of the learning rate (paper: 2e-5 -> 4e-8 over 3 epochs).
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.steps, eta_min=cfg.lr * 1e-3)
+    scheds = {n: torch.optim.lr_scheduler.CosineAnnealingLR(opts[n], cfg.steps,
+                                                            eta_min=lrs[n] * 1e-3) for n in models}
+    losses = {n: [] for n in models}
+    best = {}  # name -> (validation score, step, state dict)
+
+    def validate(step):
+        for name, model in models.items():
+            r1 = {b: res["t2v"]["R@1"] for b, res in evaluate(model, val).items()}
+            records[name]["val_curve"].append({"step": step, **r1})
+            score = float(np.mean(list(r1.values())))
+            if name not in best or score > best[name][0]:  # ties keep the earlier checkpoint
+                best[name] = (score, step, copy.deepcopy(model.state_dict()))
+
+    for name in models:
+        records[name].update(data=f"{cfg.toy} clips, rng [seed, 2]",
+                             lr=opts[name].param_groups[0]["initial_lr"],
+                             steps=cfg.steps, eval_every=cfg.eval_every,
+                             selection="best mean val t2v R@1 over the buckets, rng [seed, 3]",
+                             text_streams="caption" if cfg.no_subtitle else "caption+subtitle",
+                             val_curve=[])
+    validate(0)
     n_events = list(BUCKETS.values())
-    losses = []
-    for step in tqdm(range(cfg.steps), desc=name, leave=False):
+    for step in tqdm(range(cfg.steps), desc="train the rungs", leave=False):
         # PAPER: batches mix short, medium and long clips, as YT-VidLA-800M mixes three scales.
         batch = make_clips(rng, [n_events[i] for i in rng.integers(3, size=cfg.batch_size)], cfg)
-        if record is not None and step == 0:
-            record.update(data=f"{cfg.toy} clips, rng [seed, 2]", lr=opt.param_groups[0]["lr"],
-                          first_batch=int(batch["caption"].sum()), steps=cfg.steps,
-                          text_streams="caption" if cfg.no_subtitle else "caption+subtitle")
-        v = model.encode_video(batch["video"])  # (B, D)
-        if cfg.no_subtitle:
-            c, s = model.encode_text(batch["caption"]), None  # (B, D)
-        else:  # one text-tower call for both streams
-            texts = torch.cat([batch["caption"], batch["subtitle"]])  # (2B, L)
-            c, s = model.encode_text(texts).chunk(2)  # (B, D) each
-        loss = vidla_loss(v, s, c, logit_scale_of(model.clip))
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
-        if step % cfg.log_every == 0 or step == cfg.steps - 1:
-            print(f"{name:11s} step {step:4d} | loss {loss.item():.4f} "
-                  f"| 1/tau {logit_scale_of(model.clip).item():.1f}")
+        for name, model in models.items():
+            if step == 0:
+                records[name]["first_batch"] = int(batch["caption"].sum())
+            losses[name].append(train_step(model, batch, opts[name], params[name], cfg))
+            scheds[name].step()
+            if step % cfg.log_every == 0 or step == cfg.steps - 1:
+                print(f"{name:11s} step {step:4d} | loss {losses[name][-1]:.4f} "
+                      f"| 1/tau {logit_scale_of(model.clip).item():.1f}")
+        if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
+            validate(step + 1)
+    for name, model in models.items():
+        score, step, state = best[name]
+        model.load_state_dict(state)
+        records[name].update(best_step=step, val_R1=score)
+        print(f"{name:11s} keeps step {step} (validation R@1 {score:.3f})")
     return losses
 
 
 @torch.no_grad()
 def evaluate(model: VideoTextModel, test: dict) -> dict:
-    """Within each length bucket: text->video and video->text R@1, R@5, median rank."""
+    """Within each length bucket: text->video and video->text R@1, R@5, median rank, and the
+    per-query text->video hits (1 if the first video is correct), for paired standard errors."""
     # DEVIATION: zero-shot retrieval on fresh toy clips, plain cosine scores (no dual-softmax
     # re-normalisation, the paper's starred numbers) and no retrieval fine-tuning stage.
+    was_training = model.training
     model.eval()
     out = {}
     for bucket, data in test.items():
@@ -754,60 +833,68 @@ def evaluate(model: VideoTextModel, test: dict) -> dict:
         keys = data["keys"]
         # text->video ranks the videos for each caption (rows); video->text the captions for
         # each video (rows of the transpose).
-        out[bucket] = {"t2v": recall_stats(retrieval_ranks(sim, keys, keys)),
-                       "v2t": recall_stats(retrieval_ranks(sim.T, keys, keys))}
-    model.train()
+        t2v = retrieval_ranks(sim, keys, keys)  # (G,)
+        out[bucket] = {"t2v": recall_stats(t2v),
+                       "v2t": recall_stats(retrieval_ranks(sim.T, keys, keys)),
+                       "t2v_hits": (t2v == 1).astype(float)}  # (G,)
+    model.train(was_training)
     return out
 
 
 def train(cfg: Config) -> dict:
-    """Pre-train CLIP on frames, fine-tune every rung of the ladder from it on clips, evaluate.
+    """Pre-train CLIP on frames, fine-tune every rung of the ladder from it on clips (checkpoint
+    chosen on a validation gallery), evaluate on the test galleries.
 
     Returns the results `report` turns into the premise, the table, the claims, summary.json and
-    the plots: {"cfg", "t_start", "history", "metrics", "results", "ceilings", "mask", "arms"}."""
+    the plots: {"cfg", "t_start", "history", "metrics", "results", "ceilings", "ceiling_hits",
+    "val_ceilings", "mask", "arms", "models" (each at its kept checkpoint), "val"}."""
     if cfg.quick:
         cfg = dataclasses.replace(cfg, **QUICK)
     t_start, cpu0 = time.time(), time.process_time()
     rng = set_seed(cfg.seed)
     test = make_dataset(cfg, np.random.default_rng([cfg.seed, 1]))
-    ceilings = {bucket: gallery_ceilings(data) for bucket, data in test.items()}
+    val = make_dataset(dataclasses.replace(cfg, n_test=cfg.n_val),
+                       np.random.default_rng([cfg.seed, 3]))
+    ceiling_hits = {bucket: gallery_ceiling_hits(data) for bucket, data in test.items()}
+    ceilings = {b: {k: float(h.mean()) for k, h in ch.items()} for b, ch in ceiling_hits.items()}
+    val_ceilings = {bucket: gallery_ceilings(data) for bucket, data in val.items()}
     clip, pre_losses = pretrain_clip(cfg, rng)
-    history = {"pretrain": pre_losses}
-    results, mask, arms = {}, None, {}
+    models, arms = {}, {}
     for name in [r for r in LADDER if r in cfg.rungs.split(",")]:
         # PAPER: every rung starts from the same pre-trained CLIP; the new modules are seeded
         # alike (same [MST] tokens wherever shapes allow) and every rung sees the same batches,
         # so a seed pairs the rungs.
         torch.manual_seed(cfg.seed + 1)
-        model = build_rung(name, copy.deepcopy(clip), cfg)
-        model.train()
-        record = {"init": "the pre-trained CLIP (shared), new modules seeded seed+1",
-                  "init_fingerprint": fingerprint(model.clip)}
-        history[name] = fit(model, name, cfg, np.random.default_rng([cfg.seed, 2]), record)
-        results[name] = evaluate(model, test)
-        arms[name] = record
-        if name == "VidLA":
-            mask = model.global_mask[0, 0]
+        models[name] = build_rung(name, copy.deepcopy(clip), cfg)
+        models[name].train()
+        arms[name] = {"init": "the pre-trained CLIP (shared), new modules seeded seed+1",
+                      "init_fingerprint": fingerprint(models[name].clip)}
+    history = {"pretrain": pre_losses,
+               **fit(models, cfg, np.random.default_rng([cfg.seed, 2]), val, arms)}
+    results = {name: evaluate(model, test) for name, model in models.items()}
+    mask = models["VidLA"].global_mask[0, 0] if "VidLA" in models else None
     # PLUMBING: CPU seconds of this process, a load-independent cost next to the wall time.
     metrics = {"cpu_seconds": time.process_time() - cpu0}
     if pre_losses:
         metrics["pretrain_loss_final"] = pre_losses[-1]
     for bucket, ceil in ceilings.items():
-        for kind, val in ceil.items():
-            metrics[f"ceiling_{kind}_{bucket}_t2v_R@1"] = val
+        for kind, val_ in ceil.items():
+            metrics[f"ceiling_{kind}_{bucket}_t2v_R@1"] = val_
     for name in results:
         metrics[f"{name}_loss_final"] = history[name][-1]
+        metrics[f"{name}_best_step"] = arms[name]["best_step"]
         for bucket, res in results[name].items():
-            for direction, stats in res.items():
-                for key, val in stats.items():
-                    metrics[f"{name}_{bucket}_{direction}_{key}"] = val
+            for direction in ("t2v", "v2t"):
+                for key, val_ in res[direction].items():
+                    metrics[f"{name}_{bucket}_{direction}_{key}"] = val_
     if "VidLA" in results and "meanP+TP" in results:
         for bucket in BUCKETS:
             metrics[f"gain_vs_clock_{bucket}_t2v_R@1"] = (
                 results["VidLA"][bucket]["t2v"]["R@1"] - results["meanP+TP"][bucket]["t2v"]["R@1"])
     return {"cfg": cfg, "t_start": t_start, "history": history,
             "metrics": {k: float(v) for k, v in metrics.items()}, "results": results,
-            "ceilings": ceilings, "mask": mask, "arms": arms}
+            "ceilings": ceilings, "ceiling_hits": ceiling_hits, "val_ceilings": val_ceilings,
+            "mask": mask, "arms": arms, "models": models, "val": val}
 
 
 def fingerprint(module: nn.Module) -> float:
@@ -885,13 +972,43 @@ def report(results: dict) -> dict:
     premise = vidla_premise(results["ceilings"])
     print_premise(premise)
     headline = vidla_headline(results["results"], results["ceilings"], cfg)
+    metrics.update(print_margins(headline, results["results"], results["ceiling_hits"]))
     plot(results["results"], results["ceilings"], results["history"], results["mask"], cfg, out)
+    plot_curves(results["arms"], results["val_ceilings"], cfg, out)
     summary = write_summary(cfg, out, results["t_start"], metrics, headline, premise,
                             results["arms"])
     print_table(results["results"], results["ceilings"])
     print(f"wall time {summary['wall_seconds']:.1f} s; CPU time {metrics['cpu_seconds']:.1f} s")
     print_verdict(headline, cfg.quick, out, results["t_start"])
     return summary
+
+
+def print_margins(headline: list[dict], results: dict, ceiling_hits: dict) -> dict:
+    """Each headline margin with its standard error, paired over the test queries: the SE of
+    the mean of (method hit - baseline hit) per query, where a ceiling's hit is its expected hit.
+    Also each side's own SE of R@1 on the gallery, sqrt(p(1-p)/G). Returns them as metrics."""
+    def hits(name, bucket):
+        if name == "clock ceiling":
+            return ceiling_hits[bucket]["clock"]
+        return results[name][bucket]["t2v_hits"]
+
+    def se(x):
+        return float(np.std(x, ddof=1) / np.sqrt(len(x))) if len(x) > 1 else float("nan")
+
+    out = {}
+    print("\nHeadline margins with standard errors (paired over the test queries of one gallery):")
+    for row in headline:
+        bucket = row["metric"].split(", ")[1].split()[0]
+        m, b = row["method"]["name"], row["baseline"]["name"]
+        hm, hb = hits(m, bucket), hits(b, bucket)
+        diff, d_se = float(np.mean(hm - hb)), se(hm - hb)
+        key = f"{bucket}_{m}_vs_{b}".replace(" ", "_")
+        out[f"margin_{key}"], out[f"margin_se_{key}"] = diff, d_se
+        out[f"{m}_{bucket}_t2v_R@1_se".replace(" ", "_")] = se(hm)
+        print(f"  [{row['expect']}] {bucket:6s} {m} {hm.mean():.3f} (SE {se(hm):.3f}) vs {b} "
+              f"{hb.mean():.3f} (SE {se(hb):.3f}): margin {diff:+.3f}, paired SE {d_se:.3f} "
+              f"({abs(diff) / d_se if d_se > 0 else float('inf'):.1f} SE, G = {len(hm)})")
+    return out
 
 
 def print_table(results: dict, ceilings: dict) -> None:
@@ -964,6 +1081,39 @@ def plot(results: dict, ceilings: dict, history: dict, mask: torch.Tensor | None
     ax.set_ylabel("query")
     fig.tight_layout()
     fig.savefig(out / "vidla_mask.png", dpi=110)
+    plt.show() if IN_NOTEBOOK else plt.close(fig)
+
+
+def plot_curves(arms: dict, val_ceilings: dict, cfg: Config, out: Path) -> None:
+    """Validation text->video R@1 against training steps, one panel per clip length, one line per
+    rung (a dot at the checkpoint it keeps), the validation gallery's two ceilings dashed."""
+    import matplotlib
+    if not IN_NOTEBOOK:
+        matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(BUCKETS), figsize=(14, 4), sharey=True)
+    for ax, bucket in zip(axes, BUCKETS):
+        for k, (name, arm) in enumerate(arms.items()):
+            steps = [p["step"] for p in arm["val_curve"]]
+            r1 = [p[bucket] for p in arm["val_curve"]]
+            line, = ax.plot(steps, r1, label=f"{name} (lr {arm['lr']:.0e})"
+                            + " (method)" * (name == "VidLA"))
+            best = steps.index(arm["best_step"])
+            ax.plot(steps[best], r1[best], "o", color=line.get_color())
+        for kind, style in (("orderblind", ":"), ("clock", "--")):
+            ax.axhline(val_ceilings[bucket][kind], color="k", ls=style, lw=0.8,
+                       label=f"{kind} ceiling")
+        n = BUCKETS[bucket]
+        ax.set_title(f"{bucket} ({n} event{'s' * (n > 1)})")
+        ax.set_xlabel("training step (batch 32)")
+        ax.set_ylim(0, 1.05)
+    axes[0].set_ylabel("validation text->video R@1")
+    axes[-1].legend(fontsize=7, loc="lower right")
+    fig.suptitle(f"R@1 against training steps (seed {cfg.seed}, toy {cfg.toy}; a dot marks the "
+                 "checkpoint each rung keeps: best mean validation R@1)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out / "vidla_r1_vs_steps.png", dpi=110)
     plt.show() if IN_NOTEBOOK else plt.close(fig)
 
 
