@@ -190,6 +190,9 @@ class Config:
                 "'labels' (the label encoder's own), 'orth-actions' (its 4 action rows replaced "
                 "by the nearest orthonormal set; our collapse fix), 'orth-all' (all 12 rows)",
         "choices": FIRST_TARGETS})
+    branch_cap: float = field(default=0.0, metadata={
+        "help": "rho: the temporal branch may add at most rho |mean_t g_t| to the video "
+                "embedding (our video-side fix, tuned: README; 0 = no cap)", "range": "[0, inf)"})
     lam_video_first: float = field(default=0.0, metadata={
         "help": "lambda_v of L_vid during the video-first phase (the joint phase uses "
                 "--lam-video)", "range": "[0, inf)"})
@@ -391,7 +394,7 @@ class LLMLabelEncoder(nn.Module):
 
 
 def temporal_fuse(g: torch.Tensor, u: torch.Tensor, gate: torch.Tensor, branch: nn.Module,
-                  t_pos: torch.Tensor) -> torch.Tensor:
+                  t_pos: torch.Tensor, cap: float = 0.0) -> torch.Tensor:
     """PAPER: Eq. (7) [R]: f_v = mean_t g_t + alpha * R[TT(W u_1 + e_1, ..., W u_T + e_T)].
 
     A parallel temporal branch with a scalar gate alpha that starts at 0, so at initialisation the
@@ -399,13 +402,19 @@ def temporal_fuse(g: torch.Tensor, u: torch.Tensor, gate: torch.Tensor, branch: 
     u_t (projected by W), because a pooled frame embedding hardly says WHERE an object is, and
     motion is a change of where. R is a linear read-out of all T outputs (an average over time
     would cancel a left-to-right change against its mirror image).
+    DEVIATION (ours, the video-side fix; README): with cap = rho > 0 the branch's addition is
+    rescaled, per video, to a norm of at most rho |mean_t g_t|, so the branch can add motion but
+    cannot outweigh CLIP's own embedding (cos(f_v, mean_t g_t) >= sqrt(1 - rho^2) for rho < 1).
     g (B, T, D), u (B, T, P*d) -> f_v (B, D), L2-normalised.
     """
     # Eq. (7) [R]: f_v = normalize(mean_t g_t + alpha R[TT(W u_t + e_t)])
     g_bar = g.mean(1)  # (B, D)
     h = branch.proj(u) + t_pos[: u.shape[1]]  # (B, T, D)
-    tt = branch.readout(branch.temporal(h).flatten(1))  # (B, D)
-    return F.normalize(g_bar + gate * tt, dim=-1)  # (B, D)
+    add = gate * branch.readout(branch.temporal(h).flatten(1))  # (B, D)
+    if cap > 0:  # DEVIATION (ours): |add| <= cap |g_bar|, a per-video rescaling
+        room = cap * g_bar.norm(dim=-1, keepdim=True)  # (B, 1)
+        add = add * torch.clamp(room / add.norm(dim=-1, keepdim=True).clamp_min(1e-12), max=1.0)
+    return F.normalize(g_bar + add, dim=-1)  # (B, D)
 
 
 class VideoEncoder(nn.Module):
@@ -444,6 +453,7 @@ class VideoEncoder(nn.Module):
         self.gate = nn.Parameter(torch.ones(()))  # alpha, the learnable gate
         # The label-side-only rival holds the whole video side at CLIP: gate off, nothing trained.
         self.held_at_clip = False
+        self.cap = 0.0  # rho of the branch cap (temporal_fuse); 0 = no cap
 
     def frames_to_g(self, frames: torch.Tensor):
         vit = self.vit if self.finetune else self.frozen[0]
@@ -451,7 +461,7 @@ class VideoEncoder(nn.Module):
 
     def forward(self, g: torch.Tensor, u: torch.Tensor, gate_off: bool = False) -> torch.Tensor:
         gate = torch.zeros(()) if gate_off or self.held_at_clip else self.gate
-        return temporal_fuse(g, u, gate, self.branch, self.t_pos)  # (B, D)
+        return temporal_fuse(g, u, gate, self.branch, self.t_pos, self.cap)  # (B, D)
 
 
 def feature_distill_loss(g: torch.Tensor, g_clip: torch.Tensor) -> torch.Tensor:
@@ -1047,6 +1057,7 @@ def build_run(kind: str, clip: CLIPModel, llm: GPT2LMHeadModel, cfg: Config,
     torch.manual_seed(cfg.seed * 100)  # the same temporal branch in every run
     video_enc = VideoEncoder(clip, finetune)
     video_enc.held_at_clip = video_held
+    video_enc.cap = cfg.branch_cap
     torch.manual_seed(cfg.seed * 100 + 1)  # the same prompting transformer in every run
     if kind == "plain":
         label_enc = PlainLabelEncoder(clip)
@@ -1080,6 +1091,14 @@ def pretrained_llm(cfg: Config, gap: int) -> tuple[GPT2LMHeadModel, list[float]]
     hist = pretrain_llm(llm, cfg, gap)
     llm.eval().requires_grad_(False)
     return llm, hist
+
+
+def llm_fingerprint(label_enc: nn.Module) -> float | None:
+    """PLUMBING: a checksum of the frozen LLM a label encoder reads (None for the plain prompt),
+    so summary.json's arms say which world's LLM each run got."""
+    if not hasattr(label_enc, "frozen"):
+        return None
+    return round(float(sum(p.double().sum() for p in label_enc.frozen[1].parameters())), 6)
 
 
 def train(cfg: Config) -> dict:
@@ -1155,8 +1174,10 @@ def train(cfg: Config) -> dict:
     results, histories, models, arms = {}, {}, {}, {}
     for gap, llm_g in worlds.items():
         name = world(HARD_FREE, gap, cfg)
-        results[name] = evaluate(build_run("hard", clip, llm_g, cfg), data, gate_off=True)
+        rival = build_run("hard", clip, llm_g, cfg)
+        results[name] = evaluate(rival, data, gate_off=True)
         arms[name] = {"data": "none (training-free)", "label_encoder": "hard", "gap": gap,
+                      "llm": llm_fingerprint(rival.label_enc),
                       "init": "frozen CLIP + frozen LLM", "steps": 0, "temporal_gate": "off"}
     for name, (arm, kind, finetune, held, lam, lam_v, first, warm, steps) in runs.items():
         gap = run_gap[name]
@@ -1164,7 +1185,9 @@ def train(cfg: Config) -> dict:
         if warm:
             results[f"{WARM} (step 0)"] = evaluate(model, data, gate_off=True)
         record = {"label_encoder": kind, "gap": gap, "vit": "fine-tuned" if finetune else "frozen",
-                  "video_side": "held at CLIP" if held else "trained",
+                  "video_side": "held at CLIP" if model.video_enc.held_at_clip else "trained",
+                  "branch_cap": model.video_enc.cap,
+                  "llm": llm_fingerprint(model.label_enc),
                   "init": f"temporal branch seed {cfg.seed * 100}, label encoder seed "
                           f"{cfg.seed * 100 + 1}", "warm_steps": warm}
         cpu0 = time.process_time()
@@ -1334,8 +1357,9 @@ def report(results: dict) -> dict:
 
 def plot(results: dict, histories: dict, wise: dict, chance: float, path: Path,
          cfg_first: int = 0) -> None:
-    """Three panels: mAP per run; the collapse curves (a dotted line where the video-first phase
-    ends, at step cfg_first); the WiSE-FT trade-off."""
+    """Four panels: mAP per run; the collapse curves (a dotted line where the video-first phase
+    ends, at step cfg_first); each compared method's novel and base mAP against its stage-1
+    steps (metric vs compute); the WiSE-FT trade-off."""
     import matplotlib
 
     if not IN_NOTEBOOK:
@@ -1345,7 +1369,8 @@ def plot(results: dict, histories: dict, wise: dict, chance: float, path: Path,
     def label(name):
         return name + " (method)" * (name == METHOD)
 
-    fig, axes = plt.subplots(1, 3, figsize=(16, 5.6), gridspec_kw={"width_ratios": [2.2, 1.6, 1]})
+    fig, axes = plt.subplots(1, 4, figsize=(21, 5.8),
+                             gridspec_kw={"width_ratios": [2.2, 1.6, 1.4, 1]})
     ax = axes[0]
     names = list(results)
     x = np.arange(len(names))
@@ -1374,6 +1399,19 @@ def plot(results: dict, histories: dict, wise: dict, chance: float, path: Path,
     ax.set_title("action-label collapse (cosine) and what f_v knows (probe)", fontsize=9)
     ax.legend(fontsize=6, ncol=2, loc="upper center", bbox_to_anchor=(0.5, -0.14))
     ax = axes[2]
+    for i, name in enumerate(n for n in (PLAIN, HARD_VIDEO, LABEL_ONLY, METHOD) if n in histories):
+        c = histories[name]["curve"]
+        ax.plot([p["step"] for p in c], [p["novel_map"] for p in c], "-", c=f"C{i}",
+                label=f"novel, {label(name)}")
+        ax.plot([p["step"] for p in c], [p["base_map"] for p in c], ":", c=f"C{i}",
+                label=f"base, {name}")
+    ax.axhline(results[HARD_FREE]["novel_map"], c="k", lw=1, ls="--",
+               label=f"novel, {HARD_FREE}")
+    ax.set_xlabel("stage-1 step (each run ends at its own tuned length)")
+    ax.set_ylabel("mAP (test videos)")
+    ax.set_title("metric vs compute", fontsize=9)
+    ax.legend(fontsize=6, ncol=2, loc="upper center", bbox_to_anchor=(0.5, -0.14))
+    ax = axes[3]
     a_s = sorted(wise)
     ax.plot([wise[a]["novel_map"] for a in a_s], [wise[a]["base_map"] for a in a_s], "o-",
             label="WiSE-FT a = " + ", ".join(f"{a:g}" for a in a_s))

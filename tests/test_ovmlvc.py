@@ -172,7 +172,7 @@ def test_soft_attributes_are_the_llm_world_knowledge(models):
         _, pi = ovmlvc.soft_generate(llm, enc.prefix, ids, 2)  # (C, K, V)
     for c, lb in enumerate(ovmlvc.LABELS):
         said = [ovmlvc.WORDS[int(i)] for i in pi[c].argmax(-1)]
-        assert said == ovmlvc.describe(lb), lb
+        assert said == ovmlvc.describe(lb, ovmlvc.Config().gap), lb
 
 
 def test_gradient_reaches_prefix_and_prompting_tf_but_not_frozen_models(models):
@@ -373,7 +373,7 @@ def test_plain_and_hard_encoders_equal_transformers_pooling(models):
         assert torch.allclose(hard(ovmlvc.LABELS), want, atol=1e-5)
     # ...and the words it reads are the LLM's world knowledge
     for lb, w in zip(ovmlvc.LABELS, words):
-        assert [ovmlvc.WORDS[int(i)] for i in w] == ovmlvc.describe(lb), lb
+        assert [ovmlvc.WORDS[int(i)] for i in w] == ovmlvc.describe(lb, ovmlvc.Config().gap), lb
 
 
 def test_soft_generation_feeds_back_the_expected_embedding_not_the_argmax():
@@ -427,7 +427,7 @@ def test_translator_warm_start_moves_only_the_prompting_tf_toward_the_hard_words
     assert cos1 > cos0 and cos1 > 0.8
 
 
-def _tiny_stage1(models, kind, **kw):
+def _tiny_stage1(models, kind, video_held=False, **kw):
     clip, llm = models
     gen = torch.Generator().manual_seed(0)
     frames, y = ovmlvc.make_videos(8, gen)
@@ -435,7 +435,7 @@ def _tiny_stage1(models, kind, **kw):
         g, u = ovmlvc.frame_features(clip, frames)
     data = dict(frames_train=frames, y_train=y, g_train=g, u_train=u)
     cfg = ovmlvc.Config(steps=3, batch=4, log_every=100, soft_k=2)
-    model = ovmlvc.build_run(kind, clip, llm, cfg)
+    model = ovmlvc.build_run(kind, clip, llm, cfg, video_held=video_held)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     ovmlvc.train_stage1("t", model, data, cfg, 0.0, torch.Generator().manual_seed(0), **kw)
     return {n: not torch.equal(p, before[n]) for n, p in model.named_parameters()}
@@ -558,7 +558,9 @@ def test_runs_are_paired_same_starting_weights(models):
 def test_bad_arguments_give_one_line_error(capsys):
     for argv in (["--steps", "-3"], ["--device", "tpu"], ["--bogus"], ["--wise-alpha", "2"],
                  ["--seed", "-1"], ["--video-first", "600"], ["--lam-video", "-1"],
-                 ["--first-targets", "orth"], ["--lam-video-first", "-0.5"]):
+                 ["--first-targets", "orth"], ["--lam-video-first", "-0.5"], ["--gap", "5"],
+                 ["--dial", "0,7"], ["--dial", "a"], ["--only", "method,bogus"],
+                 ["--steps-plain", "50"]):
         with pytest.raises(SystemExit) as e:
             ovmlvc.parse_args(argv)
         assert e.value.code != 0
@@ -607,37 +609,159 @@ def test_quick_run_smoke_schema_and_determinism(quick):
 
 @pytest.mark.slow
 def test_arms_record_what_each_compared_run_got(quick):
-    # The design as data, read from each run's optimiser and arguments: a call-site slip (the
-    # wrong lambda, lr group or video-first phase for one arm) changes this record.
+    # The design as data, read from each run's optimiser, model and arguments: a call-site slip
+    # (the wrong lambda, lr group, steps, video-first phase or world's LLM for one arm) changes
+    # this record.
     _, out, summary = quick
     cfg, arms = out["cfg"], summary["arms"]
-    assert arms[ovmlvc.HARD_FREE]["steps"] == 0
-    for name in (ovmlvc.PLAIN, ovmlvc.HARD_VIDEO, ovmlvc.METHOD, ovmlvc.COLD, ovmlvc.NO_LVID,
-                 ovmlvc.FT, ovmlvc.FT_REG):
+    m = ovmlvc
+    own_steps = {m.PLAIN: cfg.steps_plain, m.HARD_VIDEO: cfg.steps_hard_video,
+                 m.LABEL_ONLY: cfg.steps_label_only}
+    dial = m.dial_gaps(cfg)
+    assert dial == [0]  # --quick keeps one other world, so the dial's wiring is tested
+    llms = {g: m.pretrained_llm(cfg, g)[0] for g in [cfg.gap] + dial}
+    fingerprint = {g: m.llm_fingerprint(m.HardDescriptionEncoder(None, llm, 2))
+                   for g, llm in llms.items()}
+    assert len(set(fingerprint.values())) == 2  # the two worlds' LLMs differ
+    for g in [cfg.gap] + dial:
+        free = arms[m.world(m.HARD_FREE, g, cfg)]
+        assert free["steps"] == 0 and free["gap"] == g and free["llm"] == fingerprint[g]
+    trained = [m.PLAIN, m.HARD_VIDEO, m.LABEL_ONLY, m.METHOD, m.COLD, m.NO_LVID, m.FT, m.FT_REG]
+    trained += [m.world(n, g, cfg) for g in dial for n in (m.LABEL_ONLY, m.METHOD)]
+    for name in trained:
         a = arms[name]
-        assert a["steps"] == cfg.steps and a["data"].startswith(f"base labels of the {cfg.n_train}")
-        vit = name in (ovmlvc.FT, ovmlvc.FT_REG)
+        base = name.split(", gap")[0]
+        assert a["steps"] == own_steps.get(base, cfg.steps), name
+        assert a["data"].startswith(f"base labels of the {cfg.n_train}")
+        assert a["gap"] == (0 if ", gap 0" in name else cfg.gap), name
+        if base != m.PLAIN:
+            assert a["llm"] == fingerprint[a["gap"]], name
+        vit = name in (m.FT, m.FT_REG)
+        held = base == m.LABEL_ONLY
         assert a["vit"] == ("fine-tuned" if vit else "frozen")
-        assert a["lr"] == ([cfg.lr, cfg.lr_temporal, cfg.lr_vit] if vit
-                           else [cfg.lr, cfg.lr_temporal])
-        assert a["lam"] == (cfg.lam if name == ovmlvc.FT_REG else 0.0)
-        assert a["lam_video"] == (0.0 if name == ovmlvc.NO_LVID else cfg.lam_video)
-        assert a["video_first"] == (0 if name == ovmlvc.COLD else cfg.video_first)
+        assert a["video_side"] == ("held at CLIP" if held else "trained"), name
+        assert a["lr"] == ([cfg.lr, cfg.lr_temporal, cfg.lr_vit] if vit else [cfg.lr] if held
+                           else [cfg.lr, cfg.lr_temporal]), name
+        assert a["lam"] == (cfg.lam if name == m.FT_REG else 0.0)
+        assert a["lam_video"] == (0.0 if base in (m.NO_LVID, m.LABEL_ONLY) else cfg.lam_video)
+        assert a["video_first"] == (0 if base in (m.COLD, m.LABEL_ONLY) else cfg.video_first)
         assert a["first_targets"] == cfg.first_targets
-    assert [arms[n]["label_encoder"] for n in (ovmlvc.PLAIN, ovmlvc.HARD_VIDEO, ovmlvc.METHOD)] \
-        == ["plain", "hard", "llm"]
+        assert a["branch_cap"] == cfg.branch_cap, name
+        assert a["cpu_s"] > 0
+    assert [arms[n]["label_encoder"] for n in (m.PLAIN, m.HARD_VIDEO, m.METHOD, m.LABEL_ONLY)] \
+        == ["plain", "hard", "llm", "llm"]
     assert summary["metrics"]["novel_chance"] == out["chance"]
 
 
+@pytest.mark.slow
+def test_headline_compares_within_a_world_only(quick):
+    """Every headline row's method and baseline come from the same world, and the dial's rows
+    (rival, label side, method) are there for every other world."""
+    _, out, summary = quick
+    cfg = out["cfg"]
+
+    def gap(name):
+        return int(name.split(", gap ")[1]) if ", gap " in name else cfg.gap
+    for row in summary["headline"]:
+        assert gap(row["method"]["name"]) == gap(row["baseline"]["name"]), row
+    pairs = {(r["metric"], r["method"]["name"], r["baseline"]["name"])
+             for r in summary["headline"]}
+    for g in [cfg.gap] + ovmlvc.dial_gaps(cfg):
+        w = lambda n: ovmlvc.world(n, g, cfg)  # noqa: E731
+        assert ("novel mAP", w(ovmlvc.METHOD), w(ovmlvc.HARD_FREE)) in pairs
+        assert ("base mAP", w(ovmlvc.METHOD), w(ovmlvc.HARD_FREE)) in pairs
+        assert ("novel mAP", w(ovmlvc.LABEL_ONLY), w(ovmlvc.HARD_FREE)) in pairs
+    assert ("novel mAP", ovmlvc.METHOD, ovmlvc.LABEL_ONLY) in pairs
+    for row in summary["headline"]:  # each row reads the run it names
+        for side in ("method", "baseline"):
+            key = "novel_map" if row["metric"] == "novel mAP" else None
+            if key:
+                assert row[side]["value"] == out["results"][row[side]["name"]][key]
+
+
 def test_premise_share_of_the_llms_words_clip_has_read_by_hand():
-    # Every word the LLM says about a novel entity ("chili is red column") is a colour or a
-    # shape: CLIP's captions hold them all. Base labels add the actions ("moving left"), whose
+    # Gap 0: every word the LLM says about a novel entity ("chili is red column") is a colour or
+    # a shape: CLIP's captions hold them all. Base labels add the actions ("moving left"), whose
     # words CLIP never read: 8 entities x 2 words read, 4 actions x 2 words not: 16 / 24.
-    assert ovmlvc.clip_read_share(ovmlvc.NOVEL) == 1.0
-    assert ovmlvc.clip_read_share(ovmlvc.BASE) == pytest.approx(16 / 24)
-    assert ovmlvc.clip_read_share(list(ovmlvc.ACTIONS)) == 0.0
-    rows = ovmlvc.ovmlvc_premise({ovmlvc.HARD_FREE: {"novel_map": 0.7}}, 0.1)
-    assert rows[0]["holds"] is False and rows[0]["cmp"] == "<="
+    share = ovmlvc.clip_read_share
+    assert share(ovmlvc.NOVEL, 0) == 1.0
+    assert share(ovmlvc.BASE, 0) == pytest.approx(16 / 24)
+    assert share(list(ovmlvc.ACTIONS), 0) == 0.0
+    # Gap n: the n novel labels of the first n colours (one per colour) lose their colour word.
+    assert [share(ovmlvc.NOVEL, g) for g in (1, 2, 4)] == [7 / 8, 6 / 8, 4 / 8]
+    # Gap 4: the 8 base entities keep only their shape word: 8 / 24.
+    assert share(ovmlvc.BASE, 4) == pytest.approx(8 / 24)
+    cfg = ovmlvc.Config()
+    res = {ovmlvc.world(ovmlvc.HARD_FREE, g, cfg): {"novel_map": 0.7} for g in ovmlvc.GAPS}
+    rows = ovmlvc.ovmlvc_premise(res, 0.1, cfg)
+    assert cfg.gap == 4 and rows[0]["holds"] is True and rows[0]["cmp"] == "<="
+    assert rows[0]["value"] == 0.5  # the acceptance rule of the README, met with no slack
+    rows0 = ovmlvc.ovmlvc_premise(res, 0.1, ovmlvc.Config(gap=0, dial=""))
+    assert rows0[0]["holds"] is False  # the old world fails it
+
+
+def test_lexicon_gap_renames_only_the_llms_colour_words():
+    """The world with gap n: the LLM's encyclopedia says the first n colours in words CLIP never
+    reads; CLIP's captions, the videos and every other word are the same in every world."""
+    caps = {ovmlvc.WORDS[int(i)] for i in ovmlvc.caption_ids().flatten()}
+    assert not caps & set(ovmlvc.LLM_ONLY.values())
+    for gap in range(5):
+        sents = ovmlvc.llm_sentences(gap)  # (16, 8)
+        said = {ovmlvc.WORDS[int(i)] for i in sents.flatten()}
+        renamed = {ovmlvc.LLM_ONLY[c] for c in ovmlvc.COLOURS[:gap]}
+        assert said & set(ovmlvc.LLM_ONLY.values()) == renamed
+        assert not said & set(ovmlvc.COLOURS[:gap])  # a renamed colour is never said
+        assert set(ovmlvc.COLOURS[gap:]) <= said
+        diff = (sents != ovmlvc.llm_sentences(0))  # only the colour position of those rows
+        rows = [i for i, lb in enumerate(ovmlvc.LABELS)
+                if lb in ovmlvc.ALIASES and ovmlvc.ALIASES[lb][0] in ovmlvc.COLOURS[:gap]]
+        assert diff.any(1).nonzero()[:, 0].tolist() == rows
+        assert set(diff.nonzero()[:, 1].tolist()) <= {5}
+    assert ovmlvc.describe("chili", 4) == ["crimson", "column"]
+    assert ovmlvc.describe("chili", 0) == ["red", "column"]
+
+
+def test_branch_cap_bounds_what_the_temporal_branch_adds():
+    """Our video-side fix: the branch's addition is rescaled, per video, to at most
+    rho |mean_t g_t|; below the cap nothing changes, and at initialisation f_v is still CLIP's."""
+    torch.manual_seed(0)
+    ve = ovmlvc.VideoEncoder(ovmlvc.make_clip(), False)
+    g = F.normalize(torch.randn(6, ovmlvc.T_FRAMES, 64), dim=-1)
+    u = torch.randn(6, ovmlvc.T_FRAMES, 256)
+    g_bar = g.mean(1)
+    ve.cap = 0.5
+    assert torch.allclose(ve(g, u), F.normalize(g_bar, dim=-1), atol=1e-6)  # R = 0 at init
+    with torch.no_grad():
+        ve.branch.readout.weight.normal_(0, 0.5)  # a branch that outweighs CLIP's embedding
+        add = ve.gate * ve.branch.readout(ve.branch.temporal(
+            ve.branch.proj(u) + ve.t_pos).flatten(1))  # (6, D), by hand
+        ve.cap = 0.0
+        free = ve(g, u)
+        assert torch.allclose(free, F.normalize(g_bar + add, dim=-1), atol=1e-5)
+        ve.cap = 0.5
+        room = 0.5 * g_bar.norm(dim=-1, keepdim=True)
+        assert (add.norm(dim=-1, keepdim=True) > room).all()  # every video is over the cap
+        want = F.normalize(g_bar + add * room / add.norm(dim=-1, keepdim=True), dim=-1)
+        assert torch.allclose(ve(g, u), want, atol=1e-5)
+        cos = (ve(g, u) * F.normalize(g_bar, dim=-1)).sum(-1)
+        assert (cos >= math.sqrt(1 - 0.5 ** 2) - 1e-5).all()
+        assert ((free * F.normalize(g_bar, dim=-1)).sum(-1) < math.sqrt(0.75)).all()
+        ve.cap = 1e6  # a cap above the addition changes nothing
+        assert torch.allclose(ve(g, u), free, atol=1e-6)
+
+
+def test_label_side_only_holds_the_video_side_at_clip(models):
+    """The label-side-only rival: only the label encoder (and 1/tau, b) learn; its video
+    embedding is CLIP's mean frame embedding before and after training."""
+    moved = _tiny_stage1(models, "llm", video_held=True, video_first=0)
+    assert moved["label_enc.prefix"] and moved["log_scale"]
+    assert not any(m for n, m in moved.items() if n.startswith("video_enc."))
+    clip, llm = models
+    model = ovmlvc.build_run("llm", clip, llm, ovmlvc.Config(), video_held=True)
+    with torch.no_grad():
+        model.video_enc.branch.readout.weight.fill_(1.0)  # a branch that would move f_v
+        g, u = torch.randn(3, ovmlvc.T_FRAMES, 64), torch.randn(3, ovmlvc.T_FRAMES, 256)
+        assert torch.allclose(model.video_enc(g, u), F.normalize(g.mean(1), dim=-1), atol=1e-6)
 
 
 def test_motion_probe_is_the_ridge_least_squares_fit(monkeypatch):
