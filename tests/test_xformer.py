@@ -485,6 +485,28 @@ def test_stage2_trains_a_copy_of_the_stage1_model(world, monkeypatch):
     assert (r["test"]["trained"], r["test"]["question"]) == pytest.approx((at[2], at[3]))
 
 
+def test_stage2_trains_each_variant_at_its_own_tuned_learning_rate(world, monkeypatch):
+    # the sweep chose a rate per model (LR_STAGE2); stage 2 must build its optimiser with the
+    # rate of the variant it trains, and --lr-stage2 > 0 overrides every model's
+    data, enc = world
+    monkeypatch.setattr(xf, "LR_STAGE2", {"blip2": 1e-4, "concat": 2e-4, "concat_wide": 3e-4,
+                                          "xformer": 4e-4})
+    built, orig = [], torch.optim.AdamW
+
+    def spy(params, lr, **kw):
+        built.append(lr)
+        return orig(params, lr=lr, **kw)
+
+    monkeypatch.setattr(torch.optim, "AdamW", spy)
+    cfg = dataclasses.replace(TINY, stage2_steps=1, eval_every=100)
+    for variant, lr in xf.LR_STAGE2.items():
+        r = xf.stage2("x", qformer(variant), cfg, data, enc, seed=3)
+        assert built[-1] == lr and r["history"]["lr"] == lr, variant
+        r = xf.stage2("x", qformer(variant), dataclasses.replace(cfg, lr_stage2=5e-3), data,
+                      enc, seed=3)
+        assert built[-1] == 5e-3 and r["history"]["lr"] == 5e-3, variant
+
+
 def test_stage2_stops_after_patience_evaluations_without_a_validation_gain(world, monkeypatch):
     data, enc = world
     monkeypatch.setattr(xf, "readouts", lambda s2, enc, data, split="test", which=(): {
@@ -615,7 +637,10 @@ def test_arms_record_what_each_arm_got(quick_pair):
         assert arms[name]["stage2_max_steps"] == cfg.stage2_steps
         chosen = [s["best_step"] for s in a["runs"][name]["stage2"]]
         assert arms[name]["checkpoint"].endswith(str(chosen))
-        assert arms[name]["lr_stage2"] == cfg.lr_stage2
+        variant = a["runs"][name]["variant"]
+        assert cfg.lr_stage2 == 0  # the default: each model at its own tuned rate
+        assert arms[name]["lr_stage2"] == xf.LR_STAGE2[variant] == xf.stage2_lr(cfg, variant)
+        assert arms[name]["stage2_patience"] == cfg.patience
         assert arms[name]["stage2_seeds"] == arms["X-Former"]["stage2_seeds"]  # paired
         assert len(arms[name]["stage2_seeds"]) == cfg.stage2_seeds
 
@@ -746,7 +771,7 @@ def test_mae_tokens_cover_every_patch_in_order(world):
 
 def test_bad_arguments_are_one_line_errors(capsys):
     for argv in (["--seed", "-1"], ["--stage2-seeds", "0"], ["--stage2-mask-ratio", "1.5"],
-                 ["--lr-stage2", "0"], ["--placement", "middle"], ["--n-val", "1000"],
+                 ["--lr-stage2", "-1"], ["--placement", "middle"], ["--n-val", "1000"],
                  ["--clip-patch", "6"], ["--width", "50"]):
         with pytest.raises(SystemExit) as e:
             xf.parse_args(argv)

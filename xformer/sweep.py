@@ -1,13 +1,17 @@
 """The stage-2 sweep behind the defaults of train.py, on the tuning seeds (never on seeds 0-4).
 
 For each seed: the frozen parts and each model's stage 1 once (as train.py makes them), then stage 2
-of every model at each learning rate of the grid for the full --stage2-steps (no early stopping),
-scored every --eval-every steps on validation and test (the accuracy-against-compute figure).
+of every model at each learning rate of the grid, stopped early on the validation split with a long
+patience (--patience, default 8 evaluations) under a high cap (--stage2-steps, default 1600, twice the old default). Every
+evaluation is kept (validation trained readout; test trained readout and unseen question), so a
+shorter patience or a lower cap can be replayed exactly from the same curve afterwards (`replay`):
+stopping earlier never changes the steps before it.
 
-    python xformer/sweep.py --seeds 100 101 102 --lrs 1e-3 3e-3 --out runs/xformer_sweep
-    python xformer/sweep.py --plot runs/xformer_sweep      # the figure from the saved JSON
+    python xformer/sweep.py --seeds 100 101 102 --lrs 3e-3 1e-3 1e-2 --out runs/xformer_sweep
+    python xformer/sweep.py --analyse runs/xformer_sweep   # tables, choices and the figure
 
-Each seed's results go to <out>/seed<S>.json as soon as that seed is done.
+Each seed's results go to <out>/seed<S>.json after every stage-2 run (a rerun skips the runs
+already there, so a grid can be extended with more --lrs or --models).
 """
 
 from __future__ import annotations
@@ -16,43 +20,190 @@ import argparse
 import dataclasses
 import json
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import train as xf  # noqa: E402
 
+MODELS = {key: name for name, key, _v, _l, with_stage2 in xf.LADDER if with_stage2}
 
-def sweep_seed(seed: int, lrs: list[float], steps: int, eval_every: int) -> dict:
-    cfg = xf.Config(seed=seed, stage2_steps=steps, eval_every=eval_every, patience=10 ** 6,
+
+def sweep_seed(seed: int, lrs: list[float], models: list[str], steps: int, eval_every: int,
+               patience: int, path: Path) -> dict:
+    out = json.loads(path.read_text()) if path.exists() else {"seed": seed, "runs": {}}
+    todo = [(k, lr) for k in models for lr in lrs if f"{k} | lr {lr:g}" not in out["runs"]]
+    if not todo:
+        return out
+    cfg = xf.Config(seed=seed, stage2_steps=steps, eval_every=eval_every, patience=patience,
                     skip_patch_check=True)
     xf.set_seed(cfg.seed)
     gen = xf.torch.Generator().manual_seed(cfg.seed)
     data = xf.make_dataset(cfg)
     enc = xf.pretrain_encoders(cfg, data, gen)
-    out = {"seed": seed, "encoder_probes": xf.encoder_probes(enc, data, seed), "runs": {}}
-    for name, _key, variant, lam, with_stage2 in xf.LADDER:
-        if not with_stage2:
-            continue
-        cfg_m = dataclasses.replace(cfg, lambda_rec=cfg.lambda_rec if lam is None else lam)
-        model, _ = xf.stage1(name, cfg_m, data, enc, variant, cfg.seed + 1)
-        for lr in lrs:
+    out.setdefault("encoder_probes", xf.encoder_probes(enc, data, seed))
+    # Stage 1 of every model first, then the grid with the learning rate outermost, so that an
+    # interrupted sweep has given every model the same learning rates (equal effort).
+    stage1 = {}
+    for name, key, variant, lam, _ in xf.LADDER:
+        if key in {k for k, _ in todo}:
+            cfg_m = dataclasses.replace(cfg, lambda_rec=cfg.lambda_rec if lam is None else lam)
+            stage1[key] = (name, cfg_m, xf.stage1(name, cfg_m, data, enc, variant, cfg.seed + 1)[0])
+    for lr in lrs:
+        for key, (name, cfg_m, model) in stage1.items():
+            if (key, lr) not in todo:
+                continue
+            t0 = time.process_time()
             r = xf.stage2(name, model, dataclasses.replace(cfg_m, lr_stage2=lr), data, enc,
                           cfg.seed * 1000 + 500)
-            out["runs"][f"{name} | lr {lr:g}"] = {
-                "curve": r["history"]["curve"], "best_step": r["best_step"], "test": r["test"]}
-            print(f"seed {seed} | {name} | lr {lr:g} | best step {r['best_step']} | "
-                  f"test {r['test']}", flush=True)
+            out["runs"][f"{key} | lr {lr:g}"] = {
+                "model": key, "lr": lr, "curve": r["history"]["curve"],
+                "best_step": r["best_step"], "stopped_at": r["stopped_at"], "test": r["test"],
+                "cap": steps, "patience": patience, "eval_every": eval_every,
+                "cpu_s": time.process_time() - t0}
+            print(f"seed {seed} | {name} | lr {lr:g} | best step {r['best_step']} | stopped "
+                  f"{r['stopped_at']} | test {r['test']} | {time.process_time() - t0:.0f} CPU-s",
+                  flush=True)
+            path.write_text(json.dumps(out, indent=1))
     return out
+
+
+def replay(curve: list, patience: int, cap: int, eval_every: int) -> dict:
+    """What train.py's stage 2 would have chosen with this patience and cap: the earliest step
+    with the best validation readout, stopping after `patience` evaluations without a gain.
+    Returns the chosen evaluation (step, val, test trained, test question) and the last step run.
+    """
+    best, last = None, 0
+    for step, val, test_tr, test_q in curve:
+        if step > cap:
+            break
+        last = step
+        if best is None or val > best[1]:
+            best = (step, val, test_tr, test_q)
+        elif step - best[0] >= patience * eval_every:
+            break
+    return {"step": best[0], "val": best[1], "trained": best[2], "question": best[3],
+            "stopped_at": last}
+
+
+def analyse(folder: Path, patiences=(3, 5, 8), caps=(800, 1200, 1600)) -> dict:
+    """Print every (model, lr) cell, choose each model's lr, replay patience and cap; save the
+    accuracy-against-steps figure next to the JSON."""
+    import numpy as np
+
+    cells, seed_ids = {}, set()
+    for path in sorted(folder.glob("**/seed*.json")):  # several parts may hold one seed
+        s = json.loads(path.read_text())
+        seed_ids.add(s["seed"])
+        for r in s["runs"].values():
+            cells.setdefault((r["model"], r["lr"]), {})[s["seed"]] = r
+    seed_ids = sorted(seed_ids)
+    seeds = seed_ids
+    print(f"seeds {seed_ids}; each cell: mean over seeds at the validation-chosen step "
+          f"(patience {max(patiences)}, cap {max(caps)})")
+    print("| model | lr | val trained | test trained | test question | chosen steps | stopped "
+          "| CPU-s |")
+    print("|---|---|---|---|---|---|---|---|")
+    table, choice = {}, {}
+    for (key, lr), per in sorted(cells.items()):
+        if len(per) < len(seeds):
+            print(f"| {key} | {lr:g} | incomplete ({sorted(per)}) |")
+            continue
+        reps = [replay(per[s]["curve"], max(patiences), max(caps), per[s]["eval_every"])
+                for s in seed_ids]
+        row = {k: float(np.mean([r[k] for r in reps])) for k in ("val", "trained", "question")}
+        row["steps"] = [r["step"] for r in reps]
+        row["stopped"] = [per[s]["stopped_at"] for s in seed_ids]
+        row["cpu"] = float(np.sum([per[s]["cpu_s"] for s in seed_ids]))
+        table[(key, lr)] = row
+        print(f"| {key} | {lr:g} | {row['val']:.3f} | {row['trained']:.3f} | "
+              f"{row['question']:.3f} | {row['steps']} | {row['stopped']} | {row['cpu']:.0f} |")
+    # The rule, written before the sweep ran: each model's lr is the one with the highest mean
+    # validation trained readout at its chosen step; within 0.005 the one that chose fewer steps.
+    for key in MODELS:
+        rows = {lr: r for (k, lr), r in table.items() if k == key}
+        if not rows:
+            continue
+        top = max(r["val"] for r in rows.values())
+        near = [lr for lr, r in rows.items() if r["val"] >= top - 0.005]
+        lr = min(near, key=lambda x: (np.mean(rows[x]["steps"]), -rows[x]["val"]))
+        grid = sorted(rows)
+        edge = "  <- AT THE EDGE of the grid" if lr in (grid[0], grid[-1]) else ""
+        choice[key] = lr
+        print(f"{MODELS[key]}: lr {lr:g} (grid {[f'{g:g}' for g in grid]}){edge}")
+    print("\npatience and cap, replayed at each model's chosen lr (mean over seeds: validation "
+          "trained readout, test question; chosen steps; steps run)")
+    replays = {}
+    for key, lr in choice.items():
+        per = cells[(key, lr)]
+        for p in patiences:
+            for cap in caps:
+                reps = [replay(per[s]["curve"], p, cap, per[s]["eval_every"]) for s in seed_ids]
+                replays[(key, p, cap)] = reps
+                print(f"{MODELS[key]:>26} | patience {p} | cap {cap:4d} | val "
+                      f"{np.mean([r['val'] for r in reps]):.3f} | question "
+                      f"{np.mean([r['question'] for r in reps]):.3f} | trained "
+                      f"{np.mean([r['trained'] for r in reps]):.3f} | steps "
+                      f"{[r['step'] for r in reps]} | run {[r['stopped_at'] for r in reps]}")
+    plot(cells, choice, seed_ids, folder / "xformer_sweep.png")
+    return {"table": table, "choice": choice, "replays": replays}
+
+
+def plot(cells: dict, choice: dict, seed_ids: list, path: Path) -> None:
+    """Test accuracy (unseen question, solid; trained readout, dashed) against stage-2 steps,
+    one panel per model, one line per lr (mean over the tuning seeds), the chosen lr thick."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, axes = plt.subplots(1, len(MODELS), figsize=(4.2 * len(MODELS), 4), sharey=True)
+    for ax, (key, name) in zip(axes, MODELS.items()):
+        lrs = sorted(lr for (k, lr) in cells if k == key)
+        for j, lr in enumerate(lrs):
+            per = cells[(key, lr)]
+            if len(per) < len(seed_ids):
+                continue
+            longest = max((per[s]["curve"] for s in seed_ids), key=len)
+            n, steps = len(longest), [c[0] for c in longest]
+
+            def mean_at(col):  # runs that stopped carry their last value forward
+                return [np.mean([per[s]["curve"][min(i, len(per[s]["curve"]) - 1)][col]
+                                 for s in seed_ids]) for i in range(n)]
+
+            chosen = choice.get(key) == lr
+            c = plt.cm.viridis(j / max(1, len(lrs) - 1))
+            ax.plot(steps, mean_at(3), color=c, lw=2.5 if chosen else 1,
+                    label=f"lr {lr:g}" + (" (chosen)" if chosen else ""))
+            ax.plot(steps, mean_at(2), color=c, lw=1, ls="--")
+        ax.axhline(0.25, color="black", lw=0.8, ls=":")
+        ax.set_title(name + (" (method)" if key == "xformer" else ""), fontsize=10)
+        ax.set_xlabel("stage-2 step")
+        ax.legend(fontsize=8, loc="lower right")
+    axes[0].set_ylabel("count accuracy, test (mean of tuning seeds)")
+    fig.suptitle("stage-2 sweep on the tuning seeds: solid = unseen question, dashed = trained "
+                 "readout; a stopped run carries its last value", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    print(f"wrote {path}")
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[100, 101, 102])
-    p.add_argument("--lrs", type=float, nargs="+", default=[1e-3, 3e-3])
-    p.add_argument("--stage2-steps", type=int, default=1200)
+    p.add_argument("--lrs", type=float, nargs="+", default=[3e-3, 1e-3, 1e-2])
+    p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    p.add_argument("--stage2-steps", type=int, default=1600)
+    p.add_argument("--patience", type=int, default=8)
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--out", default="runs/xformer_sweep")
+    p.add_argument("--analyse", metavar="DIR", help="analyse a finished sweep; run nothing")
     args = p.parse_args()
+    if args.analyse:
+        analyse(Path(args.analyse))
+        return
     if any(s in range(5) for s in args.seeds):
         p.error("seeds 0-4 are the reported seeds; tune on 100-102")
     out = Path(args.out)
@@ -63,8 +214,8 @@ def main() -> None:
     xf.torch.set_num_threads(1)
     with threadpool_limits(limits=1):
         for seed in args.seeds:
-            res = sweep_seed(seed, args.lrs, args.stage2_steps, args.eval_every)
-            (out / f"seed{seed}.json").write_text(json.dumps(res, indent=1))
+            sweep_seed(seed, args.lrs, args.models, args.stage2_steps, args.eval_every,
+                       args.patience, out / f"seed{seed}.json")
 
 
 if __name__ == "__main__":

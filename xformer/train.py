@@ -139,8 +139,9 @@ class Config:
     batch: int = field(default=32, metadata={"help": "batch size", "range": "[1, inf)"})
     lr: float = field(default=1e-3, metadata={"help": "stage-1 learning rate (paper: not readable)",
                                               "range": "(0, inf)"})
-    lr_stage2: float = field(default=1e-3, metadata={"help": "stage-2 learning rate",
-                                                     "range": "(0, inf)"})
+    lr_stage2: float = field(default=0.0, metadata={
+        "help": "stage-2 learning rate for every model; 0 = each model's own rate, tuned on "
+                "seeds 100-102 (LR_STAGE2)", "range": "[0, inf)"})
     mae_mask_ratio: float = field(default=0.5, metadata={"help": "MAE mask in stage 1 (paper 0.5)",
                                                          "range": "(0, 1)"})
     stage2_mask_ratio: float = field(default=0.0, metadata={
@@ -169,6 +170,17 @@ class Config:
     threads: int = field(default=1, metadata={
         "help": "CPU threads for torch and BLAS (1 measured fastest, see the README)",
         "range": "[1, inf)"})
+
+
+# Each model's stage-2 learning rate, chosen on the tuning seeds 100-102 by xformer/sweep.py
+# (README, "What was tuned"): the same grid and the same rule for every model. --lr-stage2 > 0
+# overrides it for all of them.
+LR_STAGE2 = {"blip2": 1e-3, "concat": 1e-3, "concat_wide": 1e-3, "xformer": 1e-3}
+
+
+def stage2_lr(cfg: Config, variant: str) -> float:
+    """The stage-2 learning rate of a model of `variant`: --lr-stage2 if set, else its tuned one."""
+    return cfg.lr_stage2 if cfg.lr_stage2 > 0 else LR_STAGE2[variant]
 
 
 # What --quick changes (it wins over the defaults above).
@@ -935,9 +947,10 @@ def stage2(name: str, model: QFormer, cfg: Config, data: dict, enc: dict, seed: 
     qformer = copy.deepcopy(model).train()
     s2 = Stage2(qformer, enc["lm"], cfg.width)
     params = list(qformer.parameters()) + list(s2.fc.parameters())
-    opt = torch.optim.AdamW(params, lr=cfg.lr_stage2, weight_decay=0.05)
+    lr = stage2_lr(cfg, qformer.variant)  # each model at its own tuned rate
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.05)
     train_idx, reads_mae = data["train"], qformer.variant != "blip2"
-    hist = {"loss": [], "curve": [], "mae_fed": 0}
+    hist = {"loss": [], "curve": [], "mae_fed": 0, "lr": opt.param_groups[0]["lr"]}
     best = {"val": -1.0, "step": 0, "state": None}
     for step in tqdm(range(cfg.stage2_steps + 1), desc=f"stage 2 {name}", leave=False):
         if step % cfg.eval_every == 0 or step == cfg.stage2_steps:
@@ -1055,6 +1068,7 @@ def train(cfg: Config) -> dict:
             "stage2_loss": [r["history"]["loss"] for r in s2],
             "stage2_curve": [r["history"]["curve"] for r in s2],
             "stage2_mae_fed": [r["history"]["mae_fed"] for r in s2],
+            "stage2_lr": [r["history"]["lr"] for r in s2],
             "n_params": sum(p.numel() for p in model.parameters()),
             "variant": variant, "lambda_rec": cfg_m.lambda_rec}
         for what in ("question", "trained", "colour_question"):
@@ -1102,10 +1116,12 @@ def train(cfg: Config) -> dict:
                       "mae_stage1": s1_mae,
                       "mae_stage2": s2_mae if r["stage2"] else "no stage 2",
                       "stage2_max_steps": cfg.stage2_steps if r["stage2"] else 0,
+                      "stage2_patience": cfg.patience if r["stage2"] else 0,
                       "checkpoint": ("stage 2: best validation trained readout, steps "
                                      f"{[s['best_step'] for s in r['stage2']]}" if r["stage2"]
                                      else "end of stage 1"),
-                      "lr_stage2": cfg.lr_stage2,
+                      # read from the optimiser stage 2 built, not from the config
+                      "lr_stage2": r["stage2_lr"][0] if r["stage2"] else None,
                       "stage2_seeds": s2_seeds if r["stage2"] else [],
                       "readout": "test split; question never shown in stage 2",
                       "params": r["n_params"]}
