@@ -576,7 +576,7 @@ def test_headline_claims_vidla_against_the_clock():
     ceilings = {b: {"orderblind": 0.2, "clock": 0.55} for b in vidla.BUCKETS}
     rows = vidla.vidla_headline(results, ceilings, tiny_cfg(toy="relay"))
     first = next(r for r in rows if r["expect"] == "better")
-    assert first["metric"].startswith("text->video R@1, long")
+    assert first["metric"].startswith("text->video R@1, medium")
     assert (first["method"]["name"], first["baseline"]["name"]) == ("VidLA", "meanP+TP")
     assert first["method"]["value"] == 0.7 and first["baseline"]["value"] == 0.5
     short = [r for r in rows if "short" in r["metric"]]
@@ -584,6 +584,9 @@ def test_headline_claims_vidla_against_the_clock():
     assert short[0]["margin"] == vidla.SHORT_MARGIN and short[0]["margin_why"]
     ceil = [r for r in rows if r["baseline"]["name"] == "clock ceiling"]
     assert [r["baseline"]["value"] for r in ceil] == [0.55, 0.55]
+    long = [r["expect"] for r in rows if "long" in r["metric"]
+            and (r["method"]["name"], r["baseline"]["name"]) == ("VidLA", "meanP+TP")]
+    assert long == ["better"]
     assert [r["expect"] for r in ceil] == ["better", "report"]
     for bucket in ("medium", "long"):
         ladder = [(r["method"]["name"], r["baseline"]["name"]) for r in rows

@@ -191,7 +191,8 @@ def check_config(cfg: Config) -> str | None:
     try:
         lrs = rung_lrs(cfg)
     except ValueError:
-        return f"--rung-lr takes 'rung=lr,...' with rungs from {','.join(LADDER)}, got {cfg.rung_lr!r}"
+        return (f"--rung-lr takes 'rung=lr,...' with rungs from {','.join(LADDER)}, "
+                f"got {cfg.rung_lr!r}")
     if any(v < 0 for v in lrs.values()):
         return f"--rung-lr: learning rates must be >= 0, got {cfg.rung_lr!r}"
     return None
@@ -783,6 +784,8 @@ def fit(models: dict, cfg: Config, rng: np.random.Generator, val: dict,
         for name, model in models.items():
             r1 = {b: res["t2v"]["R@1"] for b, res in evaluate(model, val).items()}
             records[name]["val_curve"].append({"step": step, **r1})
+            print(f"{name:11s} step {step:4d} | validation R@1 "
+                  + " / ".join(f"{r1[b]:.3f}" for b in BUCKETS) + " (short / medium / long)")
             score = float(np.mean(list(r1.values())))
             if name not in best or score > best[name][0]:  # ties keep the earlier checkpoint
                 best[name] = (score, step, copy.deepcopy(model.state_dict()))
@@ -949,7 +952,11 @@ def vidla_headline(results: dict, ceilings: dict, cfg: Config) -> list[dict]:
     # On the relay toy VidLA should beat the clock on multi-event clips (hand-overs need two
     # frames); on the clock toy the clock sees everything the captions say, so we only report.
     claim = "better" if cfg.toy == "relay" else "report"
-    rows = [("long", "VidLA", "meanP+TP", claim), ("medium", "VidLA", "meanP+TP", claim),
+    # The headline is the medium-clip row: the outside review found its margin growing with
+    # training at matched budgets (600 steps), while the long-clip margin shrank to within a
+    # standard error on seed 0 and failed on held-out seeds 5-7. Both stay claims (`better`), so
+    # the record over seeds 0-4 says whether long clips hold at this budget.
+    rows = [("medium", "VidLA", "meanP+TP", claim), ("long", "VidLA", "meanP+TP", claim),
             # Control: one event has no order and no hand-over, so nothing for VidLA to add.
             ("short", "VidLA", "meanP+TP", "level"),
             # The clock ceiling is the best a reader of every frame's colour in order can do,
@@ -1094,7 +1101,7 @@ def plot_curves(arms: dict, val_ceilings: dict, cfg: Config, out: Path) -> None:
 
     fig, axes = plt.subplots(1, len(BUCKETS), figsize=(14, 4), sharey=True)
     for ax, bucket in zip(axes, BUCKETS):
-        for k, (name, arm) in enumerate(arms.items()):
+        for name, arm in arms.items():
             steps = [p["step"] for p in arm["val_curve"]]
             r1 = [p[bucket] for p in arm["val_curve"]]
             line, = ax.plot(steps, r1, label=f"{name} (lr {arm['lr']:.0e})"
