@@ -141,10 +141,13 @@ class Config:
     dial: str = field(default="0,1,2", metadata={
         "help": "other lexicon gaps at which the training-free words, the label side alone and "
                 "the method also run (comma-separated; '' for none)"})
-    only: str = field(default="", metadata={
-        "help": "run only these stage-1 arms (comma-separated ids: " + ", ".join(
+    arms: str = field(default="plain,hard_video,label_only,method,cold", metadata={
+        "help": "the stage-1 arms to run (comma-separated ids out of " + ", ".join(
             ("plain", "hard_video", "label_only", "method", "cold", "no_lvid", "ft", "ft_reg"))
-        + "; '' for all). A tuning aid: the headline keeps the rows it can fill"})
+        + "); the default fits the CPU budget, the headline keeps the rows it can fill"})
+    dial_label_only: str = field(default="0", metadata={
+        "help": "dial gaps at which the label-side-only arm runs too (comma-separated; the "
+                "method runs at every gap of --dial)"})
     steps: int = field(default=500, metadata={
         "help": "stage-1 steps of the method and its ablations (tuned: README)",
         "range": "[1, inf)"})
@@ -212,7 +215,8 @@ class Config:
 # What --quick changes (it wins over the defaults above).
 QUICK = dict(steps=12, steps_plain=12, steps_hard_video=12, steps_label_only=12, pre_steps=15,
              n_train=96, n_test=48, batch=16, log_every=6, video_first=4, warm_steps=5,
-             eval_every=6, dial="0")
+             eval_every=6, dial="0",
+             arms="plain,hard_video,label_only,method,cold,no_lvid,ft,ft_reg")
 ARM_IDS = ("plain", "hard_video", "label_only", "method", "cold", "no_lvid", "ft", "ft_reg")
 
 
@@ -222,15 +226,18 @@ def check_config(cfg: Config) -> str | None:
         if cfg.video_first >= getattr(cfg, name):
             return (f"--video-first must be < --{name.replace('_', '-')} "
                     f"({getattr(cfg, name)}), got {cfg.video_first}")
-    try:
-        dial = dial_gaps(cfg)
-    except ValueError:
-        return f"--dial must be comma-separated integers in [0, 4], got {cfg.dial!r}"
-    if any(not 0 <= g <= 4 for g in dial):
-        return f"--dial must be comma-separated integers in [0, 4], got {cfg.dial!r}"
-    bad = [a for a in only_arms(cfg) if a not in ARM_IDS]
+    for flag in ("dial", "dial_label_only"):
+        text = getattr(cfg, flag)
+        try:
+            gaps = [int(x) for x in text.split(",") if x.strip()]
+        except ValueError:
+            gaps = [-1]
+        if any(not 0 <= g <= 4 for g in gaps):
+            return (f"--{flag.replace('_', '-')} must be comma-separated integers in [0, 4], "
+                    f"got {text!r}")
+    bad = [a for a in run_arms(cfg) if a not in ARM_IDS]
     if bad:
-        return f"--only: unknown arm {bad[0]!r} (choose from {', '.join(ARM_IDS)})"
+        return f"--arms: unknown arm {bad[0]!r} (choose from {', '.join(ARM_IDS)})"
     return None
 
 
@@ -240,9 +247,9 @@ def dial_gaps(cfg: Config) -> list[int]:
     return [g for g in dict.fromkeys(gaps) if g != cfg.gap]
 
 
-def only_arms(cfg: Config) -> list[str]:
-    """PLUMBING: the stage-1 arms to run (all of ARM_IDS unless --only names some)."""
-    return [a.strip() for a in cfg.only.split(",") if a.strip()] or list(ARM_IDS)
+def run_arms(cfg: Config) -> list[str]:
+    """PLUMBING: the stage-1 arms to run (--arms)."""
+    return [a.strip() for a in cfg.arms.split(",") if a.strip()]
 
 
 # %% 3. The paper: scores, the LLM-prompted label encoder, the temporal video encoder, losses
@@ -1164,10 +1171,11 @@ def train(cfg: Config) -> dict:
     run_gap = dict.fromkeys(runs, cfg.gap)
     for gap in dial_gaps(cfg):
         worlds[gap], pre_llm[gap] = pretrained_llm(cfg, gap)
-        for name in (LABEL_ONLY, METHOD):
+        label_gaps = [int(x) for x in cfg.dial_label_only.split(",") if x.strip()]
+        for name in (LABEL_ONLY, METHOD) if gap in label_gaps else (METHOD,):
             runs[world(name, gap, cfg)] = runs[name]
             run_gap[world(name, gap, cfg)] = gap
-    keep = set(only_arms(cfg))
+    keep = set(run_arms(cfg))
     runs = {k: v for k, v in runs.items() if v[0] in keep}
 
     # PAPER: the training-free rival: the LLM's words, frozen CLIP, no temporal branch.
@@ -1179,7 +1187,7 @@ def train(cfg: Config) -> dict:
         arms[name] = {"data": "none (training-free)", "label_encoder": "hard", "gap": gap,
                       "llm": llm_fingerprint(rival.label_enc),
                       "init": "frozen CLIP + frozen LLM", "steps": 0, "temporal_gate": "off"}
-    for name, (arm, kind, finetune, held, lam, lam_v, first, warm, steps) in runs.items():
+    for name, (_, kind, finetune, held, lam, lam_v, first, warm, steps) in runs.items():
         gap = run_gap[name]
         model = build_run(kind, clip, worlds[gap], cfg, finetune, warm, video_held=held)
         if warm:

@@ -559,7 +559,8 @@ def test_bad_arguments_give_one_line_error(capsys):
     for argv in (["--steps", "-3"], ["--device", "tpu"], ["--bogus"], ["--wise-alpha", "2"],
                  ["--seed", "-1"], ["--video-first", "600"], ["--lam-video", "-1"],
                  ["--first-targets", "orth"], ["--lam-video-first", "-0.5"], ["--gap", "5"],
-                 ["--dial", "0,7"], ["--dial", "a"], ["--only", "method,bogus"],
+                 ["--dial", "0,7"], ["--dial", "a"], ["--arms", "method,bogus"],
+                 ["--dial-label-only", "9"],
                  ["--steps-plain", "50"]):
         with pytest.raises(SystemExit) as e:
             ovmlvc.parse_args(argv)
@@ -667,10 +668,11 @@ def test_headline_compares_within_a_world_only(quick):
     pairs = {(r["metric"], r["method"]["name"], r["baseline"]["name"])
              for r in summary["headline"]}
     for g in [cfg.gap] + ovmlvc.dial_gaps(cfg):
-        w = lambda n: ovmlvc.world(n, g, cfg)  # noqa: E731
-        assert ("novel mAP", w(ovmlvc.METHOD), w(ovmlvc.HARD_FREE)) in pairs
-        assert ("base mAP", w(ovmlvc.METHOD), w(ovmlvc.HARD_FREE)) in pairs
-        assert ("novel mAP", w(ovmlvc.LABEL_ONLY), w(ovmlvc.HARD_FREE)) in pairs
+        method, hard, label = (ovmlvc.world(n, g, cfg) for n in
+                               (ovmlvc.METHOD, ovmlvc.HARD_FREE, ovmlvc.LABEL_ONLY))
+        assert ("novel mAP", method, hard) in pairs
+        assert ("base mAP", method, hard) in pairs
+        assert ("novel mAP", label, hard) in pairs
     assert ("novel mAP", ovmlvc.METHOD, ovmlvc.LABEL_ONLY) in pairs
     for row in summary["headline"]:  # each row reads the run it names
         for side in ("method", "baseline"):
