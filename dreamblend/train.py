@@ -124,15 +124,21 @@ class Config:
     # DEVIATION: CFG 1.5, not 7.5: larger scales over-saturated the tiny model's backgrounds.
     cfg_scale: float = field(default=1.5, metadata={"help": "classifier-free guidance w (SD: 7.5)",
                                                     "range": "[0, inf)"})
-    guidance_lr: float = field(default=8.0, metadata={"help": "lambda, latent step of (D2) "
-                                                             "(pix2pix-zero: 0.1)",
-                                                     "range": "[0, inf)"})
+    # RECONSTRUCTION: lambda is the RMS size of the latent step per sample (the gradient is
+    # normalised), halved up to GUIDE_HALVINGS times until the step lowers L_t (README, Deviations).
+    guidance_lr: float = field(default=0.2, metadata={
+        "help": "lambda: RMS size of the latent step of (D2), per sample; halved until the step "
+                "lowers the attention loss (pix2pix-zero: raw SGD step 0.1)",
+        "range": "[0, inf)"})
     guided_steps: int = field(default=20, metadata={"help": "guide the first K DDIM steps",
                                                     "range": "[0, inf)"})
     invert: bool = field(default=False, metadata={
         "help": "DreamBlend starts the late model from the DDIM inversion of the early image (C1)"})
-    eval_seeds: int = field(default=12, metadata={"help": "samples per evaluation prompt",
+    eval_seeds: int = field(default=24, metadata={"help": "samples per evaluation prompt",
                                                   "range": "[1, inf)"})
+    val_seeds: int = field(default=8, metadata={
+        "help": "toy only: validation noises per prompt, on which the best single checkpoint "
+                "(the rival) is chosen", "range": "[1, inf)"})
     eval_batch: int = field(default=0, metadata={
         "help": "images per sampler call, 0 = all at once (lower it to fit GPU memory)",
         "range": "[0, inf)"})
@@ -159,8 +165,8 @@ class Config:
 
 # What --quick changes (it wins over the defaults above and over the command line).
 QUICK = dict(steps=6, pre_steps=8, pre_batch=8, checkpoints="0,2", early_step=2, n_class=4,
-             sample_steps=3, guided_steps=3, eval_seeds=2, log_every=2)
-TOY_ONLY = ("pre_steps", "pre_batch", "pre_lr")
+             sample_steps=3, guided_steps=3, eval_seeds=2, val_seeds=2, log_every=2)
+TOY_ONLY = ("pre_steps", "pre_batch", "pre_lr", "val_seeds")
 REAL_ONLY = ("instance_dir", "instance_prompt", "class_prompt", "contexts", "resolution")
 
 
@@ -204,6 +210,9 @@ class AttnStore:
 
     def __init__(self):
         self.maps: dict[str, torch.Tensor] = {}
+        # {layer: (B*heads, HW, N)} to use instead of the computed cross-attention probabilities
+        # (the transplant upper bound of the premise); None = the model's own maps.
+        self.inject: dict[str, torch.Tensor] | None = None
 
     def clear(self):
         self.maps = {}
@@ -240,6 +249,8 @@ class StoringAttnProcessor:
         v = attn.head_to_batch_dim(attn.to_v(ctx))  # (B*heads, N, d)
         # A = softmax(Q K^T / sqrt(d))
         probs = attn.get_attention_scores(q, k, attention_mask)  # (B*heads, HW, N)
+        if is_cross and self.store.inject is not None:  # premise: another model's maps
+            probs = self.store.inject[self.name].to(probs)
         if is_cross:
             self.store.maps[self.name] = probs
         out = attn.batch_to_head_dim(torch.bmm(probs, v))  # (B, HW, C)
@@ -282,10 +293,20 @@ def attention_loss(maps: dict, ref_maps: dict, batch: int, token_w=None) -> torc
     return total
 
 
-def guidance_step(unet, store: AttnStore, z, t, emb, ref_maps: dict, lam: float, token_w=None):
-    """PAPER: (D2) [R]: z_t <- z_t - lambda * grad_{z_t} L_t(z_t). Only the latent gets a gradient.
+GUIDE_HALVINGS = 4  # RECONSTRUCTION: at most 4 halvings (lambda / 16), then no step at all
 
-    Returns the updated latent (detached) and the loss before the step (B,)."""
+
+def guidance_step(unet, store: AttnStore, z, t, emb, ref_maps: dict, lam: float, token_w=None):
+    """PAPER: (D2) [R]: z_t <- z_t - s * g / rms(g), g = grad_{z_t} L_t(z_t), per sample.
+
+    pix2pix-zero takes the raw SGD step z - lambda * g. Its size then depends on the gradient's
+    scale, which changes with the model, the timestep and the loss: in the toy the raw step at the
+    old default (lambda 8) raised the loss it should lower (issue 35: 6.4 -> 10.7 at t = 950).
+    RECONSTRUCTION: the step here has RMS size s = lambda per sample, and s is halved (up to
+    GUIDE_HALVINGS times, per sample) until L_t falls; a sample whose loss never falls is not
+    moved. So every step descends its own loss, and lambda is a distance in latent units.
+    Only the latent gets a gradient. Returns the updated latent (detached) and the loss before
+    the step (B,)."""
     x = z.detach().requires_grad_(True)  # fresh leaf (B, C, H, W)
     with torch.enable_grad():
         store.clear()
@@ -293,8 +314,27 @@ def guidance_step(unet, store: AttnStore, z, t, emb, ref_maps: dict, lam: float,
         loss = attention_loss(store.maps, ref_maps, len(x), token_w)  # (B,)
         (grad,) = torch.autograd.grad(loss.sum(), x)  # (B, C, H, W); params get no .grad
     store.clear()
-    # (D2) [R]: one SGD step on the latent, z_t <- z_t - lambda * grad_{z_t} L_t
-    return (x - lam * grad).detach(), loss.detach()
+    x, loss = x.detach(), loss.detach()
+    if lam == 0:
+        return x, loss
+    # the direction: the gradient scaled to RMS 1 per sample (a zero gradient stays zero)
+    rms = grad.flatten(1).pow(2).mean(1).sqrt()  # (B,)
+    d = grad / rms.clamp_min(1e-12).view(-1, 1, 1, 1)  # (B, C, H, W)
+    s = torch.full_like(loss, float(lam))  # (B,) step size per sample
+    done = rms <= 0  # nothing to descend: no step
+    for _ in range(GUIDE_HALVINGS + 1):
+        trial = x - s.view(-1, 1, 1, 1) * d  # (B, C, H, W)
+        with torch.no_grad():
+            model_out(unet, trial, t, emb)
+            new = attention_loss(store.maps, ref_maps, len(x), token_w)  # (B,)
+        store.clear()
+        done = done | (new < loss)
+        if bool(done.all()):
+            break
+        s = torch.where(done, s, s / 2)
+    s = torch.where(new < loss, s, torch.zeros_like(s))  # no descent found: stay
+    # (D2) [R]: the accepted step, z_t <- z_t - s * g / rms(g)
+    return (x - s.view(-1, 1, 1, 1) * d).detach(), loss
 
 
 @torch.no_grad()
@@ -641,6 +681,50 @@ def curve_value(points: list[tuple[float, float]], p: float) -> float:
     return best
 
 
+BG_TOKEN = 4  # "a sks square on {bg}": the background word is token 4
+COLLAPSE_STEPS = 5  # the first DDIM steps, where the layout is decided
+
+
+def collapse_stats(maps: list, token: int = BG_TOKEN, steps: int = COLLAPSE_STEPS):
+    """Premise: where does the background word look? maps: a list over DDIM steps of
+    {layer: (B*heads, 64, N)} (the toy's 8x8 cross-attention). Over the first `steps` steps, every
+    layer, head and sample: the mean attention probability of token `token` on the central 4x4
+    queries (where the object is) and on the outer 1-query ring (pure background). Attention
+    collapse (the paper's diagnosis) = the context word's attention moves onto the subject: the
+    ratio centre / ring grows from the early to the late checkpoint. Returns (centre, ring)."""
+    yy, xx = torch.meshgrid(torch.arange(8), torch.arange(8), indexing="ij")
+    centre = ((yy >= 2) & (yy <= 5) & (xx >= 2) & (xx <= 5)).flatten()  # (64,)
+    ring = ((yy == 0) | (yy == 7) | (xx == 0) | (xx == 7)).flatten()  # (64,)
+    c, r = [], []
+    for step in maps[:steps]:
+        for m in step.values():
+            a = m[..., token].float().cpu()  # (B*heads, 64)
+            c.append(a[:, centre].mean())
+            r.append(a[:, ring].mean())
+    return float(torch.stack(c).mean()), float(torch.stack(r).mean())
+
+
+@torch.no_grad()
+def transplant_sample(unet, store, sched, z_T, emb, emb_null, cfg_scale, ref_maps):
+    """Premise, the upper bound of the mechanism: DDIM with CFG where the conditional branch of
+    `unet` (the late checkpoint) uses the recorded maps `ref_maps` (the early checkpoint's, one
+    dict per step) instead of its own cross-attention probabilities, as Prompt-to-Prompt replaces
+    them. If the exact early maps do not give the late model the context, no guidance towards
+    them can. Returns z_0 (B, C, H, W)."""
+    z = z_T.clone()
+    for i, t in enumerate(sched.timesteps):
+        store.inject = ref_maps[i]
+        try:
+            out_c = model_out(unet, z, t, emb)  # (B, C, H, W), early maps, late values
+        finally:
+            store.inject = None
+            store.clear()
+        out_u = model_out(unet, z, t, emb_null)  # (B, C, H, W)
+        store.clear()
+        z = sched.step(out_u + cfg_scale * (out_c - out_u), t, z).prev_sample  # (B, C, H, W)
+    return z
+
+
 # %% 6. Training and the report: the world, DreamBooth fine-tuning, every sampler, evaluation
 def encode(text_encoder, ids):
     """Token ids (B, N) -> CLIP hidden states (B, N, D), no grad (the encoder is frozen here)."""
@@ -858,9 +942,15 @@ def variants(cfg: Config) -> tuple[dict, str]:
     return rows, ("inversion + guidance" if cfg.invert else "guidance alone")
 
 
+TRANSPLANT = "transplant: late + early maps"
+
+
 def run_samplers(cfg, world: World, models: dict, gen, device):
-    """Every checkpoint's samples and the three DreamBlend variants, from the same start noise.
-    Returns ({row name: images (P*S, 3, H, W)}, prompt index per image, guidance losses)."""
+    """Every checkpoint's samples and the three DreamBlend variants, from the same start noise;
+    in the toy also the transplant upper bound (the late checkpoint with the early checkpoint's
+    recorded maps) and every checkpoint's maps for the collapse statistic.
+    Returns ({row name: images (P*S, 3, H, W)}, prompt index per image, guidance losses,
+    {checkpoint row: (centre, ring) collapse statistic} (toy only, else {}))."""
     P, S, sched, w = len(world.eval_prompts), cfg.eval_seeds, world.sample_sched, cfg.cfg_scale
     idx = [p for p in range(P) for _ in range(S)]
     emb = world.embed([world.eval_prompts[i] for i in idx])  # (P*S, N, D)
@@ -868,21 +958,32 @@ def run_samplers(cfg, world: World, models: dict, gen, device):
     # the same S start noises for every prompt and every method (paired comparison)
     z_T = torch.randn((S, *world.inst.shape[1:]), generator=gen).repeat(P, 1, 1, 1).to(device)
     rows, _ = variants(cfg)
+    toy = world.score is not None  # the toy records every checkpoint's maps (small there)
     E, L = models[cfg.early_step], models[cfg.steps]
     lat = {**{f"ckpt {s}": [] for s in models}, **{n: [] for n in rows}}
+    if toy:
+        lat[TRANSPLANT] = []
     g_losses = {n: [] for n in rows}
+    stats = {f"ckpt {s}": [] for s in models} if toy else {}
     chunk = cfg.eval_batch or len(idx)
     for lo in tqdm(range(0, len(idx), chunk), desc="sample", leave=False):
         part = slice(lo, lo + chunk)
         args = (z_T[part], emb[part], null[part], w)
+        n_part = len(z_T[part])
         with autocast(cfg, device):
             for s, m in models.items():  # every checkpoint on its own
                 if s != cfg.early_step:
-                    lat[f"ckpt {s}"].append(ddim_sample(*m, sched, *args)[0])
+                    img, maps = ddim_sample(*m, sched, *args, record=toy)
+                    lat[f"ckpt {s}"].append(img)
+                    if toy:
+                        stats[f"ckpt {s}"].append((n_part, collapse_stats(maps)))
             # (B1-B2) once per chunk: the early checkpoint's image and maps are every variant's
             # reference (and that checkpoint's own row)
             reference = ddim_sample(*E, sched, *args, record=True)
             lat[f"ckpt {cfg.early_step}"].append(reference[0])
+            if toy:
+                stats[f"ckpt {cfg.early_step}"].append((n_part, collapse_stats(reference[1])))
+                lat[TRANSPLANT].append(transplant_sample(*L, sched, *args, reference[1]))
             for name, (lam, inv) in rows.items():
                 _, out, losses = dreamblend(E, L, sched, *args[:3], w, lam, cfg.guided_steps,
                                             invert=inv, reference=reference)
@@ -890,7 +991,35 @@ def run_samplers(cfg, world: World, models: dict, gen, device):
                 g_losses[name].append([float(x.mean()) for x in losses])
     images = {n: world.decode(torch.cat(v)) for n, v in lat.items()}
     g_mean = {n: np.mean(v, axis=0).tolist() if v and v[0] else [] for n, v in g_losses.items()}
-    return images, idx, g_mean
+    collapse = {n: tuple(float(np.average([c[k] for _, c in v], weights=[b for b, _ in v]))
+                         for k in (0, 1)) for n, v in stats.items()}
+    return images, idx, g_mean, collapse
+
+
+@torch.no_grad()
+def validation_choice(cfg, world: World, models: dict, device) -> tuple[int, dict]:
+    """The rival's checkpoint, chosen like a learning rate: on validation noises (their own
+    generator, cfg.val_seeds per prompt), never on the evaluation images. Criterion: the
+    per-image rate of right background AND subject; ties go to the higher mean of the
+    background rate and the subject rate. Returns (chosen step, {step: validation rate})."""
+    P, S, sched = len(world.eval_prompts), cfg.val_seeds, world.sample_sched
+    idx = [p for p in range(P) for _ in range(S)]
+    emb = world.embed([world.eval_prompts[i] for i in idx])  # (P*S, N, D)
+    null = world.embed([""]).expand(len(idx), -1, -1)  # (P*S, N, D)
+    z = torch.randn((S, *world.inst.shape[1:]),
+                    generator=torch.Generator().manual_seed(cfg.seed + 4))
+    z = z.repeat(P, 1, 1, 1).to(device)  # (P*S, C, H, W)
+    rate, key = {}, {}
+    chunk = cfg.eval_batch or len(idx)
+    for s, m in models.items():
+        with autocast(cfg, device):
+            img = torch.cat([ddim_sample(*m, sched, z[i:i + chunk], emb[i:i + chunk],
+                                         null[i:i + chunk], cfg.cfg_scale)[0]
+                             for i in range(0, len(idx), chunk)])
+        sc = world.score(world.decode(img), idx)
+        rate[s] = float(sc["both"].mean())
+        key[s] = (rate[s], float((sc["bg"].mean() + sc["subject_rate"].mean()) / 2))
+    return max(models, key=lambda s: key[s]), rate
 
 
 @torch.no_grad()
@@ -950,7 +1079,9 @@ def train(cfg: Config) -> dict:
     # PAPER: stages B-D for every variant, and every checkpoint alone, on the same start noise.
     dtype = torch.bfloat16 if cfg.mixed_precision == "bf16" else torch.float32
     models = {s: load_unet(st, device, world.unet.config, dtype) for s, st in ckpts.items()}
-    images, idx, g_losses = run_samplers(cfg, world, models, gen, device)
+    images, idx, g_losses, collapse = run_samplers(cfg, world, models, gen, device)
+    chosen, val_rate = (validation_choice(cfg, world, models, device) if world.score
+                        else (None, {}))
     variant_rows, blend = variants(cfg)
     P, S = len(world.eval_prompts), cfg.eval_seeds
     rows = {}
@@ -981,16 +1112,30 @@ def train(cfg: Config) -> dict:
                       "lr": cfg.ft_lr, "sampler": sampler, "guidance_lr": lam,
                       "guided_steps": cfg.guided_steps if lam > 0 else 0, "invert": inv}
     arms["DreamBlend"] = arms[blend]
+    if chosen is not None:  # the rival: its training length chosen on validation (section 3)
+        arms["best checkpoint"] = {**arms[f"ckpt {chosen}"], "chosen_on": (
+            f"validation: {cfg.val_seeds} noises/prompt of their own, not the evaluation images"),
+            "validation_both": val_rate}
+        arms[TRANSPLANT] = {"data": finetuned, "init": "the pre-trained model",
+                            "checkpoint": f"late {cfg.steps}, conditional cross-attention maps "
+                                          f"replaced by early {cfg.early_step}'s recorded maps",
+                            "lr": cfg.ft_lr, "sampler": sampler}
+        for n, (c, r) in collapse.items():
+            metrics[f"collapse_centre/{n}"], metrics[f"collapse_ring/{n}"] = c, r
+        metrics.update({f"val_both/ckpt {k}": v for k, v in val_rate.items()})
     return {"cfg": cfg, "t_start": t_start, "history": {
                 "pretrain_loss": world.pre_losses, "finetune_loss": ft_losses,
                 "guidance_loss": g_losses},
             "metrics": metrics, "rows": rows, "images": images, "idx": idx, "world": world,
-            "ckpts": sorted(ckpts), "blend": blend, "descent": descent, "arms": arms}
+            "ckpts": sorted(ckpts), "blend": blend, "descent": descent, "arms": arms,
+            "collapse": collapse, "chosen": chosen, "val_rate": val_rate}
 
 
-def make_headline(cfg, rows, blend, early, late, ckpts) -> list[dict]:
+def make_headline(cfg, rows, blend, early, late, ckpts, chosen=None) -> list[dict]:
     """The headline rows (EXPERIMENTS.md section 4): the first "better" row is the fair claim,
-    DreamBlend above the trade-off curve per image (against the best single checkpoint)."""
+    DreamBlend above the trade-off curve per image, against the best single checkpoint chosen on
+    validation noises (`chosen`); the checkpoint that is best on the evaluation images themselves
+    is a report (an oracle no user has)."""
     def row(metric, key, base_name, base_value, expect, method_value=None):
         return {"metric": metric, "higher_is_better": True, "expect": expect,
                 "method": {"name": "DreamBlend",
@@ -1001,15 +1146,17 @@ def make_headline(cfg, rows, blend, early, late, ckpts) -> list[dict]:
         return [row("diversity (pooled L2)", "diversity", "late checkpoint",
                     rows[late]["diversity"], "report")]
     ck = [f"ckpt {s}" for s in sorted(ckpts)]
-    best = max(rows[n]["both"] for n in ck)
+    oracle = max(rows[n]["both"] for n in ck)
     curve = curve_value([(rows[n]["prompt_fid"], rows[n]["subject_fid"]) for n in ck],
                         rows[blend]["prompt_fid"])
     both = "right background and subject, per image (toy)"
     other = "inversion + guidance" if blend == "guidance alone" else "guidance alone"
     return [
-        row(both, "both", "best checkpoint", best, "better"),
+        row(both, "both", "best checkpoint", rows[f"ckpt {chosen}"]["both"], "better"),
         row("subject fidelity at DreamBlend's prompt fidelity (toy DINO)", "subject_fid",
             "checkpoint curve", curve, "better"),
+        row(both, "both", "best checkpoint on the evaluation images (oracle)", oracle, "report"),
+        row(both, "both", TRANSPLANT + " (upper bound)", rows[TRANSPLANT]["both"], "report"),
         row(both, "both", "inversion alone", rows["inversion alone (lambda=0)"]["both"], "report"),
         row(both, "both", other, rows[other]["both"], "report"),
         row("prompt fidelity: background and object (toy CLIP-T)", "prompt_fid",
@@ -1021,22 +1168,46 @@ def make_headline(cfg, rows, blend, early, late, ckpts) -> list[dict]:
     ]
 
 
+COLLAPSE_MIN = 1.5  # premise: late / early centre-ring ratio of the background word (set first)
+CONTEXT_MIN = 0.2   # premise: rates that must move by a fifth of the images (set first)
+
+
 def dreamblend_premise(rows: dict, early: str, late: str, ckpts: list[str],
-                       descent: tuple[float, float] | None) -> list[dict]:
+                       descent: tuple[float, float] | None, collapse: dict | None = None,
+                       chosen: str | None = None) -> list[dict]:
     """Does the toy pose DreamBlend's problem? Fine-tuning must trade the context for the subject
-    (the late checkpoint loses the background the early one keeps, and gains the subject), and
-    the guidance must do what it says (one step lowers its own loss). Thresholds set before the
-    runs: 0.2 of the images either way; a loss ratio of at most 1."""
+    (the late checkpoint loses the background the early one keeps, and gains the subject); the
+    late checkpoint's maps must collapse (the background word's attention moves onto the
+    subject); the early maps must carry the context (transplanting them into the late checkpoint
+    brings the background back); and the guidance must do what it says (one step lowers its own
+    loss). Thresholds set before the runs: 0.2 of the images, a collapse ratio of 1.5, a loss
+    ratio below 1."""
     if "both" not in rows[late]:  # real scale: no toy metric; nothing to test here
         return [premise_row("real scale: no toy metric, premise not measured", 0.0)]
     out = [
         premise_row("context lost by fine-tuning: right-background rate, early - late checkpoint",
-                    rows[early]["bg"] - rows[late]["bg"], ">=", 0.2),
+                    rows[early]["bg"] - rows[late]["bg"], ">=", CONTEXT_MIN),
         premise_row("subject gained by fine-tuning: subject rate, late - early checkpoint",
-                    rows[late]["subject_rate"] - rows[early]["subject_rate"], ">=", 0.2),
-        premise_row("best single checkpoint: right background and subject per image (the rival)",
-                    max(rows[n]["both"] for n in ckpts)),
+                    rows[late]["subject_rate"] - rows[early]["subject_rate"], ">=", CONTEXT_MIN),
     ]
+    if collapse:
+        ratio = {n: c / max(r, 1e-12) for n, (c, r) in collapse.items()}
+        for n in ckpts:
+            out.append(premise_row(f"background word's attention, centre / ring ({n}; first "
+                                   f"{COLLAPSE_STEPS} DDIM steps)", ratio[n]))
+        out.append(premise_row("attention collapse: that ratio, late / early checkpoint",
+                               ratio[late] / max(ratio[early], 1e-12), ">=", COLLAPSE_MIN))
+    if TRANSPLANT in rows:
+        out.append(premise_row("maps carry the context: right-background rate, transplant "
+                               "(late + early maps) - late checkpoint",
+                               rows[TRANSPLANT]["bg"] - rows[late]["bg"], ">=", CONTEXT_MIN))
+        out.append(premise_row("transplant upper bound: right background and subject per image",
+                               rows[TRANSPLANT]["both"]))
+    if chosen is not None:
+        out.append(premise_row(f"the rival, {chosen} (chosen on validation noises): right "
+                               "background and subject per image", rows[chosen]["both"]))
+    out.append(premise_row("best single checkpoint on the evaluation images (oracle)",
+                           max(rows[n]["both"] for n in ckpts)))
     if descent is not None:
         before, after = descent
         out.append(premise_row("one guidance step at the default lambda: attention loss after / "
@@ -1051,7 +1222,10 @@ def report(results: dict) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     early, late = f"ckpt {cfg.early_step}", f"ckpt {cfg.steps}"
     ck = [f"ckpt {s}" for s in results["ckpts"]]
-    premise = dreamblend_premise(rows, early, late, ck, results["descent"])
+    chosen = results.get("chosen")
+    premise = dreamblend_premise(rows, early, late, ck, results["descent"],
+                                 results.get("collapse"),
+                                 None if chosen is None else f"ckpt {chosen}")
     print_premise(premise)
     cols = [c for c in ("bg", "object", "prompt_fid", "subject_fid", "subject_rate", "both",
                         "diversity") if c in rows[blend]]
@@ -1065,7 +1239,9 @@ def report(results: dict) -> dict:
     for name, m in rows.items():
         shown = name + " (method)" * (name == blend)
         print(f"| {shown:32s} | " + " | ".join(f"{m[c]:11.3f}" for c in cols) + " |")
-    headline = make_headline(cfg, rows, blend, early, late, results["ckpts"])
+    headline = make_headline(cfg, rows, blend, early, late, results["ckpts"], chosen)
+    n_img = len(results["idx"])
+    print(f"{n_img} evaluation images per row: one image = {1 / n_img:.3f} of a per-image rate")
     summary = write_summary(cfg, out, results["t_start"], results["metrics"], headline, premise,
                             results["arms"])
     world, images = results["world"], results["images"]

@@ -385,8 +385,9 @@ def test_zero_guidance_equals_plain_sampling(models):
     assert losses == []
     assert torch.equal(plain, blended)
     # and with guidance on, the output does change (the guidance is not a no-op)
-    _, guided, _ = dreamblend.dreamblend(early, late, sched, z_T, emb, null, 3.0, lam=50.0,
-                                         guided_steps=4, invert=False)
+    _, guided, _ = dreamblend.dreamblend(early, late, sched, z_T, emb, null, 3.0,
+                                         lam=dreamblend.Config().guidance_lr, guided_steps=4,
+                                         invert=False)
     assert (guided - plain).abs().max() > 1e-4
 
 
@@ -433,9 +434,10 @@ def test_guidance_is_batch_size_independent(models):
     early, late = _pair(unet, 4)
     t = sched.timesteps[0]
     _, ref = dreamblend.ddim_sample(*early, sched, z_T, emb, null, 3.0, record=True)
-    z4, _ = dreamblend.guidance_step(*late, z_T, t, emb, ref[0], lam=10.0)
+    lam = dreamblend.Config().guidance_lr  # per-sample normalisation and halving
+    z4, _ = dreamblend.guidance_step(*late, z_T, t, emb, ref[0], lam=lam)
     ref1 = {k: v[:v.shape[0] // 4] for k, v in ref[0].items()}
-    z1, _ = dreamblend.guidance_step(*late, z_T[:1], t, emb[:1], ref1, lam=10.0)
+    z1, _ = dreamblend.guidance_step(*late, z_T[:1], t, emb[:1], ref1, lam=lam)
     assert torch.allclose(z4[:1], z1, atol=1e-5)
     assert (z1 - z_T[:1]).abs().max() > 1e-6
 
@@ -539,6 +541,21 @@ def test_quick_run_smoke_cache_and_same_seed(tmp_path):
     assert arms["DreamBlend"] == arms["guidance alone"] and not cfg.invert
     names = [r["name"] for r in s["premise"]]
     assert any("early - late" in n for n in names) and any("after / before" in n for n in names)
+    assert any("attention collapse" in n for n in names)
+    assert any("transplant" in n for n in names)
+    # the premise rows come from this run's own rows and maps
+    collapse = out["collapse"]
+    assert set(collapse) == {f"ckpt {k}" for k in out["ckpts"]}
+    e, l_ = f"ckpt {cfg.early_step}", f"ckpt {cfg.steps}"
+    want = (collapse[l_][0] / collapse[l_][1]) / (collapse[e][0] / collapse[e][1])
+    row = next(r for r in s["premise"] if "attention collapse" in r["name"])
+    assert row["value"] == pytest.approx(want)
+    # the rival: chosen on validation noises, its record in arms, its value in the headline
+    assert "validation" in arms["best checkpoint"]["chosen_on"]
+    assert arms["best checkpoint"]["steps"] == out["chosen"] in out["ckpts"]
+    assert s["headline"][0]["baseline"]["value"] == pytest.approx(
+        s["metrics"][f"both/ckpt {out['chosen']}"])
+    assert "both/" + dreamblend.TRANSPLANT in s["metrics"]
     before, after = out["descent"]
     ratio = next(r for r in s["premise"] if "after / before" in r["name"])
     assert ratio["value"] == pytest.approx(after / before) and before > 0
@@ -694,20 +711,172 @@ def test_real_scale_path_runs_end_to_end_offline(tiny_sd, tmp_path, monkeypatch)
     assert (out / "dreamblend_grid.png").is_file()
 
 
-def test_guidance_step_moves_the_latent_by_lambda_times_the_gradient(models):
-    """(D2) is linear in lambda: twice the lambda, twice the step (one step, same latent)."""
+def test_guidance_step_is_a_normalised_step_down_the_gradient(models):
+    """(D2) [R]: the step is -s * grad / rms(grad) per sample, with s = lambda halved k >= 0
+    times (at most GUIDE_HALVINGS), or no step; it never raises the loss."""
     te, unet, _, sched = models
     emb, null, z_T = _inputs(te)
     early, late = _pair(unet, 3)
     t = sched.timesteps[1]
     _, ref_maps = dreamblend.ddim_sample(*early, sched, z_T, emb, null, 3.0, record=True)
-    z1, _ = dreamblend.guidance_step(*late, z_T, t, emb, ref_maps[1], lam=1.0)
-    z2, _ = dreamblend.guidance_step(*late, z_T, t, emb, ref_maps[1], lam=2.5)
+    x = z_T.clone().requires_grad_(True)
+    late[1].clear()
+    dreamblend.model_out(late[0], x, t, emb)
+    loss = dreamblend.attention_loss(late[1].maps, ref_maps[1], len(x))
+    (grad,) = torch.autograd.grad(loss.sum(), x)
+    late[1].clear()
+    unit = grad / grad.flatten(1).pow(2).mean(1).sqrt().view(-1, 1, 1, 1)  # RMS 1 per sample
+    lam = 0.3
+    z1, loss0 = dreamblend.guidance_step(*late, z_T, t, emb, ref_maps[1], lam=lam)
+    _, loss1 = dreamblend.guidance_step(*late, z1, t, emb, ref_maps[1], lam=0.0)
+    torch.testing.assert_close(loss0, loss.detach())
+    allowed = [lam / 2 ** k for k in range(dreamblend.GUIDE_HALVINGS + 1)]
+    for b in range(len(z_T)):
+        step = z_T[b] - z1[b]
+        size = float(step.pow(2).mean().sqrt())
+        assert min(abs(size - a) for a in allowed) < 1e-5  # lambda / 2^k, never more
+        torch.testing.assert_close(step, size * unit[b], atol=1e-5, rtol=1e-4)
+    assert (loss1 < loss0).all()
     z0, _ = dreamblend.guidance_step(*late, z_T, t, emb, ref_maps[1], lam=0.0)
-    step = z1 - z_T  # (B, C, H, W) = -grad
-    assert step.abs().max() > 1e-6
-    assert torch.allclose(z2 - z_T, 2.5 * step, atol=1e-6)
     assert torch.equal(z0, z_T)
+
+
+class _DenseMaps(torch.nn.Module):
+    """A stand-in UNet whose one cross-attention map (B, 64 queries, 5 tokens) is a softmax of a
+    dense linear function of the whole latent, of steepness k: like a trained UNet, every latent
+    pixel moves every map entry, so the raw gradient grows with k."""
+
+    def __init__(self, store, k):
+        super().__init__()
+        self.store, self.k = store, k
+        self.W = torch.randn(3 * 16 * 16, 64 * 5,
+                             generator=torch.Generator().manual_seed(1)) / 768 ** 0.5
+
+    def forward(self, z, t, encoder_hidden_states):
+        logits = self.k * z.flatten(1) @ self.W  # (B, 320)
+        self.store.maps["l"] = logits.view(len(z), 64, 5).softmax(-1)  # (B, 64, 5)
+        return _Out(torch.zeros_like(z))
+
+
+@pytest.mark.parametrize("k", [3.0, 30.0])
+def test_default_lambda_step_lowers_its_own_loss(k):
+    """Issue 35: at the DEFAULT lambda one guidance step must lower the attention loss it
+    follows, on a shallow (k = 3) and a steep (k = 30) map alike. The raw pix2pix-zero step
+    z - lambda * grad overshoots on the steep map (its size grows with the gradient), which is
+    what the old default did on the trained toy (6.4 -> 10.7 at t = 950)."""
+    lam = dreamblend.Config().guidance_lr
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(4, 3, 16, 16, generator=g)
+    z_ref = z + 0.1 * torch.randn(4, 3, 16, 16, generator=g)
+    store = dreamblend.AttnStore()
+    fake = _DenseMaps(store, k)
+    fake(z_ref, 0, None)
+    ref = {"l": store.maps["l"].detach()}
+
+    def loss_at(zz):
+        fake(zz, 0, None)
+        return dreamblend.attention_loss(store.maps, ref, len(zz))
+
+    z1, before = dreamblend.guidance_step(fake, store, z, 0, None, ref, lam)
+    with torch.no_grad():
+        after = loss_at(z1)
+    torch.testing.assert_close(before, loss_at(z).detach())
+    assert (after < before).all(), (before, after)
+    if k == 30.0:  # the premise of the fix: here the raw step at the same lambda overshoots
+        x = z.clone().requires_grad_(True)
+        (grad,) = torch.autograd.grad(loss_at(x).sum(), x)
+        with torch.no_grad():
+            assert (loss_at(z - lam * grad) > before).any()
+
+
+def test_transplant_uses_the_recorded_maps_in_the_conditional_branch(models):
+    """Premise upper bound: the late model's conditional cross-attention reads the injected
+    maps (its own values), the unconditional branch its own maps; a model fed its own maps
+    samples exactly as without the transplant."""
+    te, unet, _, sched = models
+    emb, null, z_T = _inputs(te)
+    early, late = _pair(unet, 6)
+    plain, own = dreamblend.ddim_sample(*late, sched, z_T, emb, null, 3.0, record=True)
+    same = dreamblend.transplant_sample(*late, sched, z_T, emb, null, 3.0, own)
+    torch.testing.assert_close(same, plain, atol=1e-5, rtol=1e-5)
+    _, ref = dreamblend.ddim_sample(*early, sched, z_T, emb, null, 3.0, record=True)
+    moved = dreamblend.transplant_sample(*late, sched, z_T, emb, null, 3.0, ref)
+    assert (moved - plain).abs().max() > 1e-4
+    assert late[1].inject is None  # switched off again
+    # inside a step: the conditional pass returns the injected maps, the null pass its own
+    late[1].inject = ref[0]
+    late[1].clear()
+    dreamblend.model_out(late[0], z_T, sched.timesteps[0], emb)
+    k = next(iter(ref[0]))
+    assert torch.equal(late[1].maps[k], ref[0][k])
+    late[1].inject = None
+    late[1].clear()
+    dreamblend.model_out(late[0], z_T, sched.timesteps[0], emb)
+    assert not torch.allclose(late[1].maps[k], ref[0][k])
+
+
+def test_collapse_stats_by_hand():
+    """The background word's mean attention on the central 4x4 queries and on the outer ring,
+    over the first COLLAPSE_STEPS steps only."""
+    m = torch.zeros(2, 64, 5)  # (B*heads, 8x8 queries, 5 tokens)
+    grid = m[:, :, dreamblend.BG_TOKEN].view(2, 8, 8)
+    grid[:, 2:6, 2:6] = 0.6  # the centre
+    grid[:, 0, :], grid[:, 7, :], grid[:, :, 0], grid[:, :, 7] = 0.1, 0.1, 0.1, 0.1  # the ring
+    m[:, :, dreamblend.BG_TOKEN] = grid.reshape(2, 64)
+    late_step = {"l": torch.ones(2, 64, 5)}  # after COLLAPSE_STEPS: must be ignored
+    maps = [{"l": m, "l2": m}] * dreamblend.COLLAPSE_STEPS + [late_step]
+    c, r = dreamblend.collapse_stats(maps)
+    assert c == pytest.approx(0.6) and r == pytest.approx(0.1)
+
+
+def test_rival_is_chosen_on_validation_noises_not_on_the_evaluation_images(monkeypatch):
+    """validation_choice samples every checkpoint from noises of its own generator (seed + 4)
+    and picks the best per-image rate there; ties go to the higher (bg + subject) / 2."""
+    seen = []
+
+    def fake_sample(unet, store, sched, z, emb, null, w, record=False):
+        seen.append(z.clone())
+        return torch.full_like(z, float(unet)), None  # the image encodes the checkpoint
+
+    rates = {0: (0.0, 0.0, 0.0), 20: (0.5, 0.5, 0.5), 50: (0.5, 1.0, 1.0), 400: (0.1, 0.0, 1.0)}
+
+    def score(imgs, idx):  # both, bg, subject per checkpoint, the same for every image
+        both, bg, subj = rates[int(imgs[0, 0, 0, 0])]
+        n = len(imgs)
+        return {"both": torch.full((n,), both), "bg": torch.full((n,), bg),
+                "subject_rate": torch.full((n,), subj)}
+
+    monkeypatch.setattr(dreamblend, "ddim_sample", fake_sample)
+    world = dreamblend.World(unet=None, train_sched=None, sample_sched=None,
+                             embed=lambda p: torch.zeros(len(p), 5, 8),
+                             inst=torch.zeros(1, 3, 16, 16), inst_prompt="", class_prompt="",
+                             eval_prompts=["a", "b"], labels=["a", "b"], decode=lambda z: z,
+                             score=score)
+    cfg = dreamblend.Config(seed=7, val_seeds=3)
+    models = {s: (s, None) for s in rates}
+    chosen, val = dreamblend.validation_choice(cfg, world, models, "cpu")
+    assert chosen == 50 and val == pytest.approx({0: 0.0, 20: 0.5, 50: 0.5, 400: 0.1})
+    want = torch.randn((3, 3, 16, 16), generator=torch.Generator().manual_seed(7 + 4))
+    assert all(torch.equal(z, want.repeat(2, 1, 1, 1)) for z in seen)
+    evaluation = torch.randn((3, 3, 16, 16), generator=torch.Generator().manual_seed(7 + 2))
+    assert not torch.equal(want, evaluation)
+
+
+def test_headline_rival_is_the_validation_choice_and_the_oracle_a_report():
+    base = {"bg": 0.5, "prompt_fid": 0.5, "subject_fid": 0.5, "subject_rate": 0.5,
+            "diversity": 1.0}
+    rows = {f"ckpt {s}": {**base, "both": b} for s, b in ((0, 0.0), (20, 0.1), (400, 0.4))}
+    for n in ("guidance alone", "inversion + guidance", "inversion alone (lambda=0)",
+              dreamblend.TRANSPLANT):
+        rows[n] = {**base, "both": 0.2}
+    head = dreamblend.make_headline(dreamblend.Config(), rows, "guidance alone", "ckpt 20",
+                                    "ckpt 400", [0, 20, 400], chosen=20)
+    assert head[0]["expect"] == "better" and head[0]["baseline"]["name"] == "best checkpoint"
+    assert head[0]["baseline"]["value"] == pytest.approx(0.1)  # validation's pick, not 0.4
+    oracle = next(r for r in head if "oracle" in r["baseline"]["name"])
+    assert oracle["expect"] == "report" and oracle["baseline"]["value"] == pytest.approx(0.4)
+    upper = next(r for r in head if "upper bound" in r["baseline"]["name"])
+    assert upper["expect"] == "report"
 
 
 def test_object_present_reads_exactly_the_central_10x10_and_needs_25_pixels():
