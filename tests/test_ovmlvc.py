@@ -627,7 +627,8 @@ def test_arms_record_what_each_compared_run_got(quick):
     for g in [cfg.gap] + dial:
         free = arms[m.world(m.HARD_FREE, g, cfg)]
         assert free["steps"] == 0 and free["gap"] == g and free["llm"] == fingerprint[g]
-    trained = [m.PLAIN, m.HARD_VIDEO, m.LABEL_ONLY, m.METHOD, m.COLD, m.NO_LVID, m.FT, m.FT_REG]
+    trained = [m.PLAIN, m.HARD_VIDEO, m.LABEL_ONLY, m.METHOD, m.METHOD_CAP, m.COLD, m.NO_LVID,
+               m.FT, m.FT_REG]
     trained += [m.world(n, g, cfg) for g in dial for n in (m.LABEL_ONLY, m.METHOD)]
     for name in trained:
         a = arms[name]
@@ -647,7 +648,7 @@ def test_arms_record_what_each_compared_run_got(quick):
         assert a["lam_video"] == (0.0 if base in (m.NO_LVID, m.LABEL_ONLY) else cfg.lam_video)
         assert a["video_first"] == (0 if base in (m.COLD, m.LABEL_ONLY) else cfg.video_first)
         assert a["first_targets"] == cfg.first_targets
-        assert a["branch_cap"] == cfg.branch_cap, name
+        assert a["branch_cap"] == (cfg.probe_cap if name == m.METHOD_CAP else cfg.branch_cap), name
         assert a["cpu_s"] > 0
     assert [arms[n]["label_encoder"] for n in (m.PLAIN, m.HARD_VIDEO, m.METHOD, m.LABEL_ONLY)] \
         == ["plain", "hard", "llm", "llm"]
