@@ -591,6 +591,9 @@ def test_budget_curves_average_seeds_and_choose_the_best_point(tmp_path):
     assert best["im"]["steps"] == 400 and best["im"]["edges"] == ["largest lr"]
     assert best["im_aug"] == {"lr": 1e-3, "steps": 200, "sigma_aug": 0.8,
                               "value": pytest.approx(0.9), "edges": []}
+    # a point run on fewer seeds than the others does not compete, however good its mean
+    write("h/seed100", 3e-3, {"im": [0.99, 0.99, 0.99]}, sigma=sig)
+    assert LS.choose_budgets(LS.budget_curves(tmp_path))["im"]["lr"] == 1e-3
 
 
 def test_paired_intervals_read_the_seeds_paired(tmp_path):
