@@ -1209,7 +1209,8 @@ def train(cfg: Config) -> dict:
         cpu0 = time.process_time()
         histories[name] = train_stage1(name, model, data, cfg, lam,
                                        torch.Generator().manual_seed(cfg.seed + 1),
-                                       video_first=first, curve=not finetune, lam_video=lam_v,
+                                       video_first=first, lam_video=lam_v,
+                                       curve=not finetune and gap == cfg.gap,
                                        first_targets=cfg.first_targets,
                                        lam_video_first=cfg.lam_video_first if lam_v else 0.0,
                                        record=record, steps=steps)
