@@ -563,6 +563,7 @@ def test_budget_curves_average_seeds_and_choose_the_best_point(tmp_path):
     write("a/seed100", 1e-3, {"im": [0.5, 0.7, 0.6], "im_gc": [0.5, 0.6, 0.9]}, sigma=sig)
     write("a/seed101", 1e-3, {"im": [0.7, 0.9, 0.8], "im_gc": [0.5, 0.6, 0.7]}, sigma=sig)
     write("b/seed100", 3e-4, {"im": [0.4, 0.8, 0.8], "im_gc": [0.1, 0.2, 0.3]}, sigma=sig)
+    write("b/seed101", 3e-4, {"im": [0.4, 0.8, 0.8], "im_gc": [0.1, 0.2, 0.3]}, sigma=sig)
     write("c/seed100", 3e-3, {"im": [1.0, 1.0, 1.0]}, budget="tuned")  # not a sweep: ignored
     curves = LS.budget_curves(tmp_path)
     assert curves["im"][(1e-3, 0.15)] == ([100, 200, 300], [pytest.approx(0.6),
