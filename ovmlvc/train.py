@@ -148,12 +148,12 @@ class Config:
     dial_label_only: str = field(default="0", metadata={
         "help": "dial gaps at which the label-side-only arm runs too (comma-separated; the "
                 "method runs at every gap of --dial)"})
-    steps: int = field(default=500, metadata={
+    steps: int = field(default=400, metadata={
         "help": "stage-1 steps of the method and its ablations (tuned: README)",
         "range": "[1, inf)"})
-    steps_plain: int = field(default=500, metadata={
+    steps_plain: int = field(default=800, metadata={
         "help": "stage-1 steps of the plain prompt (tuned: README)", "range": "[1, inf)"})
-    steps_hard_video: int = field(default=500, metadata={
+    steps_hard_video: int = field(default=350, metadata={
         "help": "stage-1 steps of the hard words + video (tuned: README)", "range": "[1, inf)"})
     steps_label_only: int = field(default=500, metadata={
         "help": "stage-1 steps of the LLM label side only, video frozen (tuned: README)",
