@@ -176,7 +176,8 @@ class Config:
     sigma_aug: float = field(default=0.15, metadata={"help": "input noise of the augmented view",
                                                      "range": "[0, inf)"})
     sigma_strong: float = field(default=0.5, metadata={
-        "help": "input noise of the augmented view of the rival im_aug (stronger augmentation)",
+        "help": "input noise of the augmented view of the rival im_aug (stronger augmentation; "
+                "0.5 chosen from 0.3, 0.5, 0.8 on the tuning seeds)",
         "range": "[0, inf)"})
     sigma_shift: float = field(default=0.5, metadata={
         "help": "input noise of the noise-shifted test images", "range": "[0, inf)"})
@@ -199,15 +200,18 @@ QUICK = dict(steps=40, n_train=400, n_test=300, log_every=20, eval_every=20,
              variants="clip,im,im_aug,im_gc")
 
 # Each arm's learning rate and training length, chosen on the tuning seeds 100-102: the point of
-# its budget curve (lr x checkpoint) with the best mean headline metric (zero-shot accuracy under
-# the sensor shift). `--curves-from runs/tune` recomputes this table from the sweeps (README, Run).
-# Arms outside the default run (br, gc, align, all) were not swept: 1e-3 and 1,500 steps. The
-# sweeps reached 2,000 steps; im_aug, im_sep and sep chose that edge (README, Expected output).
+# its budget curve (lr x checkpoint, every 250 steps) with the best mean headline metric
+# (zero-shot accuracy under the sensor shift). `--curves-from runs/tune` recomputes this table
+# from the sweeps (README, Run); every default arm had lr 3e-4, 1e-3 and 3e-3, and grids were
+# extended where a choice sat at an edge. Left at an edge: the base loss `im` chose the smallest
+# lr (3e-4; 1e-4 was not run). Arms outside the default run were not swept this round: `sep`
+# keeps its first-round choice (1e-3, 2,000 steps, the last checkpoint of that sweep); br, gc,
+# align and all get 1e-3 and 1,500 steps.
 TUNED = {name: {"lr": 1e-3, "steps": 1500} for name in VARIANTS}
 TUNED.update({"clip": {"lr": 1e-3, "steps": 750}, "sep": {"lr": 1e-3, "steps": 2000},
-              "im": {"lr": 1e-3, "steps": 1750}, "im_aug": {"lr": 1e-3, "steps": 2000},
-              "im_sep": {"lr": 1e-3, "steps": 2000}, "im_br": {"lr": 1e-3, "steps": 750},
-              "im_gc": {"lr": 3e-3, "steps": 1750}})
+              "im": {"lr": 3e-4, "steps": 2750}, "im_aug": {"lr": 1e-3, "steps": 2000},
+              "im_sep": {"lr": 1e-3, "steps": 3000}, "im_br": {"lr": 1e-3, "steps": 750},
+              "im_gc": {"lr": 3e-2, "steps": 750}})
 
 
 def check_config(cfg: Config) -> str | None:
@@ -806,13 +810,15 @@ PROBE_MARGIN = dict(margin=0.02, margin_why=(
 # The claims this run checks, in order; the first `better` row is the folder's headline. The
 # `expect` of each row was fixed on the tuning seeds 100-102 (each arm at its TUNED budget) before
 # seeds 0-4 ran: "better" rows held there on 3/3 seeds, except the first, the paper's claim
-# against the strongest rival, which held on 0/3 and stays the headline (CONTRIBUTING.md, 2);
-# "report" rows are reported negatives or diagnostics. A row appears when both of its arms ran.
+# against the strongest rival, which held on 1/3 and stays the headline (CONTRIBUTING.md, 2; the
+# README reads it by its paired 95 % interval over seeds 0-4, `--paired-from`); GC against the
+# base loss held on 2/3 and is reported. "report" rows are reported negatives or diagnostics.
+# A row appears when both of its arms ran.
 CLAIMS = [
     # The headline: a shift of another family than the augmentation, against the strongest rival
     # (the paper's base loss with stronger augmentation) and the paper's base loss itself.
     _claim(ZS_SENSOR, HEAD_KEY, True, "im_gc", "im_aug", "better"),
-    _claim(ZS_SENSOR, HEAD_KEY, True, "im_gc", "im", "better"),
+    _claim(ZS_SENSOR, HEAD_KEY, True, "im_gc", "im", "report"),
     _claim(ZS_SENSOR, HEAD_KEY, True, "im_br", "im_aug", "report"),
     _claim(ZS_SENSOR, HEAD_KEY, True, "im_br", "im", "better"),
     _claim(ZS_SENSOR, HEAD_KEY, True, "im_sep", "im", "report"),
