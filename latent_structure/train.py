@@ -1102,16 +1102,19 @@ def plot_budgets(curves: dict, best: dict, path: Path) -> None:
     cols = 4
     rows = math.ceil(len(arms) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(18, 4.2 * rows), sharey=True, squeeze=False)
-    styles = ["-", "--", ":", "-."]
+    styles = ["-", "--", ":", "-.", (0, (6, 1, 1, 1, 1, 1)), (0, (1, 3))]
     for ax, arm in zip(axes.flat, arms):
         sigmas = sorted({s or 0.0 for _, s in curves[arm]})
-        for i, (lr, sigma) in enumerate(sorted(curves[arm], key=lambda p: (p[1] or 0.0, p[0]))):
+        for lr, sigma in sorted(curves[arm], key=lambda p: (p[1] or 0.0, p[0])):
             steps, vals, n = curves[arm][(lr, sigma)]
             tag = f", sigma {sigma:g}" if len(sigmas) > 1 else ""
+            # one line style per lr, one shade per sigma (only the rival has several)
+            style = styles[sorted({l for l, s in curves[arm] if s == sigma}).index(lr)
+                           % len(styles)]
             shade = 0.35 + 0.65 * sigmas.index(sigma or 0.0) / max(len(sigmas) - 1, 1)
-            ax.plot(steps, vals, styles[sorted({l for l, s in curves[arm] if s == sigma}).index(
-                lr) % 4], color=ARM_COLORS[arm], alpha=shade if len(sigmas) > 1 else 1.0,
-                marker="o", ms=2, label=f"lr {lr:g}{tag} ({n} seeds)")
+            ax.plot(steps, vals, linestyle=style, color=ARM_COLORS[arm],
+                    alpha=shade if len(sigmas) > 1 else 1.0, marker="o", ms=2,
+                    label=f"lr {lr:g}{tag} ({n} seeds)")
         b = best[arm]
         tag = f", sigma {b['sigma_aug']:g}" if len(sigmas) > 1 else ""
         ax.plot(b["steps"], b["value"], "k*", ms=12, label=f"chosen: lr {b['lr']:g}{tag}, "
