@@ -41,6 +41,12 @@ Rivals and diagnostics (not the paper's method):
     collapse     mean pairwise cosine of the 4 action-label embeddings -> mean_pairwise_cosine
     motion probe mAP of a linear probe from f_v to the action labels (what the video side
                  knows about motion, whatever the labels read)  -> motion_probe_map
+    label side   the paper's label encoder trained with the video side held at CLIP
+                 (the label part of the gap)                 -> build_run(video_held=True)
+    branch cap   the temporal branch may add at most rho |mean_t g_t| (ours; off by default)
+                                                               -> temporal_fuse(cap=...)
+The world (the premise as a dial): with lexicon gap n the LLM says the first n colours in words
+CLIP's captions never use ("chili is crimson column"); gap 4 is the default -> describe, GAPS.
 
 The idea: a multi-label video classifier must score labels it never saw in training. CLIP scores a
 label by the similarity of its text embedding to the video embedding, but CLIP's text encoder knows
@@ -84,10 +90,11 @@ class names are opaque aliases ("chili" = red column) so that only the LLM knows
 looks like; 12 base and 4 novel labels; a few hundred steps.
 
 Run:   python ovmlvc/train.py            (its CPU time: README, Expected output)
-Ends:  the novel chance level, a table `run | base mAP | novel mAP | action mAP | action-label
-       cos` (plain prompt, hard words training-free and + video, the LLM encoder and its paired
-       ablations, the fine-tuned ViT with L_reg and the WiSE-FT sweep), the collapse curves, and
-       one verdict line per headline row.
+Ends:  the premise rows, the novel chance level, a table `run | base mAP | novel mAP | action
+       mAP | action-label cos` (plain prompt, hard words training-free and + video, the label side
+       alone, the LLM encoder and its collapse ablation, and the same rival, label side and method
+       in the other worlds of the dial), the collapse curves, and one verdict line per headline
+       row.
 """
 
 # %% 1. Imports
@@ -216,7 +223,7 @@ class Config:
 
 
 # What --quick changes (it wins over the defaults above).
-QUICK = dict(steps=12, steps_plain=12, steps_hard_video=12, steps_label_only=12, pre_steps=15,
+QUICK = dict(steps=12, steps_plain=10, steps_hard_video=8, steps_label_only=6, pre_steps=15,
              n_train=96, n_test=48, batch=16, log_every=6, video_first=4, warm_steps=5,
              eval_every=6, dial="0",
              arms="plain,hard_video,label_only,method,method_cap,cold,no_lvid,ft,ft_reg")

@@ -619,6 +619,7 @@ def test_arms_record_what_each_compared_run_got(quick):
     own_steps = {m.PLAIN: cfg.steps_plain, m.HARD_VIDEO: cfg.steps_hard_video,
                  m.LABEL_ONLY: cfg.steps_label_only}
     dial = m.dial_gaps(cfg)
+    assert len({cfg.steps, *own_steps.values()}) == 4  # each arm's own length is visible
     assert dial == [0]  # --quick keeps one other world, so the dial's wiring is tested
     llms = {g: m.pretrained_llm(cfg, g)[0] for g in [cfg.gap] + dial}
     fingerprint = {g: m.llm_fingerprint(m.HardDescriptionEncoder(None, llm, 2))
@@ -634,6 +635,8 @@ def test_arms_record_what_each_compared_run_got(quick):
         a = arms[name]
         base = name.split(", gap")[0]
         assert a["steps"] == own_steps.get(base, cfg.steps), name
+        if name in out["history"]:  # ...and the run trained that many steps
+            assert len(out["history"][name]["loss"]) == a["steps"], name
         assert a["data"].startswith(f"base labels of the {cfg.n_train}")
         assert a["gap"] == (0 if ", gap 0" in name else cfg.gap), name
         if base != m.PLAIN:
