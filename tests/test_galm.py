@@ -782,11 +782,24 @@ def test_quick_run_arms_record_the_papers_design(quick_results):
             assert arm["init"] == pt
             assert arm["init_fingerprint"] == arms[pt]["fingerprint"], (pt, ft)
             assert arm["trains"] == want[ft], (pt, ft)
-    # Paired: every pre-training gets the same fine-tuning budget and learning rate.
+    # Paired: every pre-training gets the same fine-tuning data and cap; each arm its own rate,
+    # the one tuned on seeds 100-102 (read off its optimiser), not one rate for all.
     for ft in (*galm.FINETUNE_MODES, *galm.NC_MODES):
-        rec = {(arms[f"{pt}/{ft}"]["lr"], arms[f"{pt}/{ft}"]["data"])
+        rec = {(arms[f"{pt}/{ft}"]["data"], arms[f"{pt}/{ft}"]["max_steps"])
                for pt in galm.PRETRAIN_MODES}
         assert len(rec) == 1, ft
+        for pt in galm.PRETRAIN_MODES:
+            assert arms[f"{pt}/{ft}"]["lr"] == galm.FINETUNE_LR[f"{pt}/{ft}"], (pt, ft)
+    assert len({a["lr"] for name, a in arms.items() if "/" in name}) > 1
+
+
+def test_finetune_lr_flag_overrides_every_arms_tuned_rate():
+    cfg = galm.Config(finetune_lr=0.02)
+    assert {galm.arm_lr(cfg, a) for a in galm.FINETUNE_LR} == {0.02}
+    cfg = galm.Config()  # 0: each arm its own tuned rate
+    assert [galm.arm_lr(cfg, a) for a in galm.FINETUNE_LR] == list(galm.FINETUNE_LR.values())
+    assert set(galm.FINETUNE_LR) == {f"{pt}/{v}" for pt in galm.PRETRAIN_MODES
+                                     for v in (*galm.FINETUNE_MODES, *galm.NC_MODES)}
 
 
 @pytest.mark.slow
