@@ -58,7 +58,7 @@ What the miniature leaves out (each is a DEVIATION comment below):
   * the checkpoint of every second stage is chosen on a validation split (our design: ECD's
     training lengths were not readable).
 
-Run:   python ecd/train.py            (about 80 CPU-seconds; --quick: about 8)
+Run:   python ecd/train.py            (115-141 CPU-seconds measured at load 15-21; --quick: about 8)
 Ends:  the premise rows, a table, one row per teacher and arm: greedy (the headline) and sampled
        constraint satisfaction, pair accuracy, the validation score and chosen steps, and the
        per-constraint rates; then one verdict line per headline row (DPO ECD vs SFT+, vs DPO
@@ -104,8 +104,12 @@ class Config:
     steps: int = field(default=1200, metadata={"help": "SFT steps (the main training loop)",
                                                "range": "[1, inf)"})
     pref_steps: int = field(
-        default=250, metadata={"help": "most DPO steps of the second stage; the checkpoint is "
+        default=600, metadata={"help": "most DPO steps of the second stage; the checkpoint is "
                                        "chosen on the validation split", "range": "[1, inf)"})
+    patience: int = field(
+        default=6, metadata={"help": "validation checks without a new best before a second stage "
+                                     "stops early (the same compute for every arm; 0 = never)",
+                             "range": "[0, inf)"})
     sft_plus_steps: int = field(
         default=0, metadata={"help": "most SFT+ steps; 0 = as much student compute as DPO's "
                                      "most steps plus its reference pass", "range": "[0, inf)"})
@@ -116,10 +120,11 @@ class Config:
                                                   "range": "[1, inf)"})
     lr_sft: float = field(default=2e-3, metadata={"help": "AdamW learning rate for SFT",
                                                   "range": "(0, inf)"})
-    # Each tuned on seeds 100-101 over the same grid {1e-4, 3e-4, 1e-3, 3e-3}: the lr with the
-    # best mean sampled satisfaction over both teachers, at the then fixed steps (README, Run;
-    # not re-tuned for the greedy headline and the validation checkpoints).
-    lr_sft_plus: float = field(default=1e-3, metadata={"help": "AdamW lr of SFT+",
+    # Each tuned the same way on tuning seeds 100 and 102 (README, Run): the grid {1e-4, 3e-4,
+    # 1e-3, 3e-3, 1e-2} for every arm, the imperfect teacher, each run checkpointed on validation
+    # with the step cap and patience above; the lr with the best mean greedy satisfaction on the
+    # tuning seeds' held-out test instructions. Every winner is inside the grid.
+    lr_sft_plus: float = field(default=3e-3, metadata={"help": "AdamW lr of SFT+",
                                                        "range": "(0, inf)"})
     lr_dpo_rand: float = field(
         default=3e-4, metadata={"help": "AdamW lr of DPO with random negatives",
@@ -369,7 +374,8 @@ def train_dpo(policy, ref_model, pairs: dict, steps, lr, beta, batch_size, gen, 
                        f"{hist['margin'][-1]:.3f} | d_logp chosen {hist['drift_chosen'][-1]:+.3f}"
                        f" | d_logp rejected {hist['drift_rejected'][-1]:+.3f}")
         if on_check is not None and ((step + 1) % check_every == 0 or step == steps - 1):
-            on_check(step + 1, policy)
+            if on_check(step + 1, policy):  # PLUMBING: early stopping (validation patience)
+                break
             policy.train()
     return hist
 
@@ -387,7 +393,7 @@ def train_sft(model, ids, mask, steps, lr, batch_size, gen, log_every, tag="sft"
     """PAPER [R]: supervised fine-tuning on (I^(k), R^(k)); returns the loss per step.
 
     With `on_check`, calls on_check(step, model) after every `check_every`-th step and after the
-    last one (the validation checkpoints of the second stage).
+    last one (the validation checkpoints of the second stage); a true return value stops training.
     """
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     model.train()
@@ -402,7 +408,8 @@ def train_sft(model, ids, mask, steps, lr, batch_size, gen, log_every, tag="sft"
         if step % log_every == 0 or step == steps - 1:
             tqdm.write(f"{tag} step {step:4d} | loss {loss.item():.4f}")
         if on_check is not None and ((step + 1) % check_every == 0 or step == steps - 1):
-            on_check(step + 1, model)
+            if on_check(step + 1, model):  # stop early: no new best for `patience` checks
+                break
             model.train()
     return losses
 
@@ -670,7 +677,7 @@ def make_dataset(cfg: Config, rng: np.random.Generator) -> dict:
 
 
 def make_model(cfg: Config) -> torch.nn.Module:
-    """A 2-layer LlamaForCausalLM over our 58-token vocabulary.
+    """A 2-layer LlamaForCausalLM over our 50-token vocabulary (len(VOCAB)).
 
     DEVIATION: the paper fine-tunes a pretrained 7B model; we train a 0.1M-parameter student from
     scratch on the SFT data, which plays the role of the pretrained + instruction-tuned start.
@@ -799,7 +806,8 @@ def run_stage_two(name: str, sft_model, ref_model, d: dict, cfg: Config, lr: flo
     With `val_instrs`, the model is scored (greedy satisfaction) every cfg.val_every DPO steps
     (SFT+: twice as many steps, the same compute) and the best checkpoint is kept; the SFT
     weights themselves (step 0) are a candidate, so a second stage that does not help on
-    validation falls back to SFT. Without, the last step is kept.
+    validation falls back to SFT. The stage stops early after cfg.patience checks without a new
+    best (`stopped_at` in the record). Without `val_instrs`, the last step is kept.
     Returns (model, DPO history or None, what the arm got: data key, init, chosen steps, lr, ...,
     and the validation curve [(step, compute, satisfaction)]).
     Every second stage draws its batch indices from the same generator, so SFT+ sees the same
@@ -810,14 +818,20 @@ def run_stage_two(name: str, sft_model, ref_model, d: dict, cfg: Config, lr: flo
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     key = STAGE_TWO_DATA[name]
     n_pairs = len(d[key])
-    curve, best = [], {"val": -1.0, "step": 0, "state": None}
+    curve, best = [], {"val": -1.0, "step": 0, "state": None, "since": 0}
 
     def on_check(step, m):
-        # PLUMBING: early stopping on the validation split (EXPERIMENTS.md, section 3).
+        # PLUMBING: checkpoint selection on the validation split (EXPERIMENTS.md, section 3).
         v = val_score(m, val_instrs)
         curve.append((step, stage_two_compute(name, step, n_pairs, cfg.batch_size), v))
         if v > best["val"]:
-            best.update(val=v, step=step, state=copy.deepcopy(m.state_dict()))
+            best.update(val=v, step=step, state=copy.deepcopy(m.state_dict()), since=0)
+        else:
+            best["since"] += 1
+        # Early stopping: `patience` checks in a row without a new best end the stage. A check
+        # costs the same compute in every arm (25 DPO steps = 50 SFT+ steps), so every arm gets
+        # the same patience in compute.
+        return cfg.patience > 0 and best["since"] >= cfg.patience
 
     check = on_check if val_instrs is not None else None
     if check is not None:
@@ -844,7 +858,8 @@ def run_stage_two(name: str, sft_model, ref_model, d: dict, cfg: Config, lr: flo
                "max_steps": cfg.pref_steps, "lr": lr, "beta": cfg.beta}
     if best["state"] is not None:
         model.load_state_dict(best["state"])
-        rec.update(steps=best["step"], checkpoint="best greedy satisfaction on validation")
+        rec.update(steps=best["step"], checkpoint="best greedy satisfaction on validation",
+                   stopped_at=curve[-1][0], patience=cfg.patience)
     else:
         rec.update(steps=rec["max_steps"], checkpoint="last")
     rec.update(compute=stage_two_compute(name, rec["steps"], n_pairs, cfg.batch_size),
@@ -892,6 +907,7 @@ def train(cfg: Config) -> dict:
           f"{list(eval_levels(cfg.depth))}) from {len(data['test_chains'])} chains; none of them "
           f"appears in any training set")
     results, dpo_hist, models, metrics, sft_hist, got, curves = {}, {}, {}, {}, {}, {}, {}
+    caps = {}  # per teacher: the most second-stage compute (DPO's most steps + its reference)
     for err, d in data["train"].items():
         tag = teacher_tag(err)
         n_same = len(d["ecd_raw"]) - len(d["ecd"])
@@ -933,6 +949,7 @@ def train(cfg: Config) -> dict:
                 if not grid:
                     models[(tag, label)] = model
         tk = f"err{err:g}"
+        caps[tag] = stage_two_compute("DPO ECD", cfg.pref_steps, len(d["ecd"]), cfg.batch_size)
         metrics[f"{tk}/sft_final_loss"] = sft_losses[-1]
         metrics[f"{tk}/n_ecd_pairs_raw"] = len(d["ecd_raw"])
         metrics[f"{tk}/n_ecd_pairs"] = len(d["ecd"])
@@ -954,7 +971,8 @@ def train(cfg: Config) -> dict:
                     np.mean(h["drift_rejected"][-10:]))
     tags = [teacher_tag(e) for e in data["train"]]
     return {"cfg": cfg, "t_start": t_start, "grid": grid, "tags": tags,
-            "history": {"sft_losses": sft_hist, "dpo": dpo_hist, "val_curves": curves},
+            "history": {"sft_losses": sft_hist, "dpo": dpo_hist, "val_curves": curves,
+                        "caps": caps},
             "metrics": metrics, "results": results,
             "premise": premise_stats(data, cfg),
             "arms": merge_arms(got),
@@ -1236,8 +1254,13 @@ def plot(results: dict, history: dict, tags: list[str], grid: list[float], out: 
             r = results[(t, n)]
             a.plot(r["chosen_compute"] / 1e3, r["val_greedy_sat"], "*", ms=14,
                    color=COLOURS.get(n, "k"), mec="k")
+        # The budget cap: a curve that ends before it stopped early (patience); a star on it
+        # would mean the arm was still improving when its budget ran out.
+        a.axvline(history["caps"][tag] / 1e3, color="k", ls=":", lw=1,
+                  label="most compute (cap)")
         a.set(xlabel="second-stage compute (thousand sequence forward passes; backward = 2)",
-              ylabel="validation greedy satisfaction", title=f"{tag} (star: chosen checkpoint)")
+              ylabel="validation greedy satisfaction",
+              title=f"{tag}\n(star: chosen checkpoint; a curve ends where it stopped early)")
         a.legend(loc="best", fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "ecd_compute.png", dpi=100)

@@ -531,6 +531,38 @@ def test_checkpoint_is_chosen_on_validation(quick_data, monkeypatch):
     assert all(torch.equal(sft.state_dict()[k], v) for k, v in model.state_dict().items())
 
 
+@pytest.mark.parametrize("name", ["DPO ECD", "SFT+"])
+def test_early_stopping_after_patience_checks_without_a_new_best(quick_data, monkeypatch, name):
+    cfg, data = quick_data
+    cfg = dataclasses.replace(cfg, pref_steps=40, val_every=2, patience=3)
+    d = data["train"][0.0]
+    # checks at 0, 2, 4, ... DPO steps (SFT+: 0, 4, 8, ...): a new best at check 2, then three
+    # checks without one (a tie is not a new best): the stage stops after check 5
+    scores = iter([0.5, 0.6, 0.8, 0.8, 0.7, 0.79] + [0.99] * 100)
+    calls = []
+
+    def fake_val(model, instrs):
+        calls.append(1)
+        return next(scores)
+
+    monkeypatch.setattr(ecd, "val_score", fake_val)
+    torch.manual_seed(0)
+    sft = ecd.make_model(tiny_cfg())
+    ref = copy.deepcopy(sft).eval().requires_grad_(False)
+    _, hist, rec = ecd.run_stage_two(name, sft, ref, d, cfg, 1e-3, data["val_instrs"])
+    per_check = 2 * cfg.val_every if name == "SFT+" else cfg.val_every
+    assert len(calls) == 6 and rec["patience"] == 3
+    assert rec["steps"] == 2 * per_check and rec["stopped_at"] == 5 * per_check
+    if hist is not None:
+        assert len(hist["loss"]) == 5 * per_check  # training really stopped there
+    # patience 0 never stops early: every check up to the most steps
+    calls.clear()
+    scores = iter([0.5] * 1000)
+    _, _, rec = ecd.run_stage_two(name, sft, ref, d, dataclasses.replace(cfg, patience=0), 1e-3,
+                                  data["val_instrs"])
+    assert rec["stopped_at"] == rec["max_steps"] and rec["steps"] == 0
+
+
 # --- tier 4: smoke run, and the design record of a --quick run --------------------------------
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
@@ -593,7 +625,10 @@ def test_arms_record_the_papers_design(quick_run):
         for tag in arms[n]["teachers"]:
             s_, m_ = (steps[tag] if isinstance(steps, dict) else steps,
                       most[tag] if isinstance(most, dict) else most)
-            assert 0 <= s_ <= m_
+            stop = arms[n]["stopped_at"]
+            stop = stop[tag] if isinstance(stop, dict) else stop
+            assert 0 <= s_ <= stop <= m_
+        assert arms[n]["patience"] == cfg.patience
     assert arms["DPO ECD"]["max_steps"] == cfg.pref_steps
     assert arms["SFT+"]["max_steps"] == {
         t: ecd.sft_plus_steps(cfg, len(out["data"]["train"][e]["ecd"]))
