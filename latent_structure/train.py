@@ -203,8 +203,8 @@ QUICK = dict(steps=40, n_train=400, n_test=300, log_every=20, eval_every=20,
 # its budget curve (lr x checkpoint, every 250 steps) with the best mean headline metric
 # (zero-shot accuracy under the sensor shift). `--curves-from runs/tune` recomputes this table
 # from the sweeps (README, Run); every default arm had lr 3e-4, 1e-3 and 3e-3, and grids were
-# extended where a choice sat at an edge. Left at an edge: the base loss `im` chose the smallest
-# lr (3e-4; 1e-4 was not run). Arms outside the default run were not swept this round: `sep`
+# extended where a choice sat at an edge (none is left at one; the base loss `im` also had 1e-4).
+# Arms outside the default run were not swept this round: `sep`
 # keeps its first-round choice (1e-3, 2,000 steps, the last checkpoint of that sweep); br, gc,
 # align and all get 1e-3 and 1,500 steps.
 TUNED = {name: {"lr": 1e-3, "steps": 1500} for name in VARIANTS}
