@@ -1,11 +1,11 @@
-"""The stage-2 sweep behind the defaults of train.py, on the tuning seeds (never on seeds 0-4).
+"""The per-model stage-2 sweep on the tuning seeds (never on seeds 0-4); README, "What was tuned".
 
 For each seed: the frozen parts and each model's stage 1 once (as train.py makes them), then stage 2
 of every model at each learning rate of the grid, stopped early on the validation split with a long
-patience (--patience, default 8 evaluations) under a high cap (--stage2-steps, default 1600, twice the old default). Every
-evaluation is kept (validation trained readout; test trained readout and unseen question), so a
-shorter patience or a lower cap can be replayed exactly from the same curve afterwards (`replay`):
-stopping earlier never changes the steps before it.
+patience (--patience, default 8 evaluations) under a high cap (--stage2-steps, default 1600, twice
+the default run's). Every evaluation is kept (validation trained readout; test trained readout and
+unseen question), so a shorter patience or a lower cap can be replayed exactly from the same curve
+afterwards (`replay`): stopping earlier never changes the steps before it.
 
     python xformer/sweep.py --seeds 100 101 102 --lrs 3e-3 1e-3 1e-2 --out runs/xformer_sweep
     python xformer/sweep.py --analyse runs/xformer_sweep   # tables, choices and the figure
@@ -44,8 +44,8 @@ def sweep_seed(seed: int, lrs: list[float], models: list[str], steps: int, eval_
     out.setdefault("encoder_probes", xf.encoder_probes(enc, data, seed))
     # Stage 1 of every model first, then the grid with the learning rate outermost, so that an
     # interrupted sweep has given every model the same learning rates (equal effort).
-    stage1 = {}
-    for name, key, variant, lam, _ in xf.LADDER:
+    stage1, ladder = {}, {rung[1]: rung for rung in xf.LADDER}
+    for name, key, variant, lam, _ in (ladder[k] for k in models):  # in the order asked for
         if key in {k for k, _ in todo}:
             cfg_m = dataclasses.replace(cfg, lambda_rec=cfg.lambda_rec if lam is None else lam)
             stage1[key] = (name, cfg_m, xf.stage1(name, cfg_m, data, enc, variant, cfg.seed + 1)[0])
@@ -158,22 +158,23 @@ def plot(cells: dict, choice: dict, seed_ids: list, path: Path) -> None:
     import matplotlib.pyplot as plt
     import numpy as np
 
+    all_lrs = sorted({lr for _, lr in cells})  # one colour per rate in every panel
     fig, axes = plt.subplots(1, len(MODELS), figsize=(4.2 * len(MODELS), 4), sharey=True)
     for ax, (key, name) in zip(axes, MODELS.items()):
         lrs = sorted(lr for (k, lr) in cells if k == key)
-        for j, lr in enumerate(lrs):
+        for lr in lrs:
             per = cells[(key, lr)]
             if len(per) < len(seed_ids):
                 continue
             longest = max((per[s]["curve"] for s in seed_ids), key=len)
             n, steps = len(longest), [c[0] for c in longest]
 
-            def mean_at(col):  # runs that stopped carry their last value forward
+            def mean_at(col, per=per, n=n):  # a run that stopped carries its last value forward
                 return [np.mean([per[s]["curve"][min(i, len(per[s]["curve"]) - 1)][col]
                                  for s in seed_ids]) for i in range(n)]
 
             chosen = choice.get(key) == lr
-            c = plt.cm.viridis(j / max(1, len(lrs) - 1))
+            c = plt.cm.viridis(all_lrs.index(lr) / max(1, len(all_lrs) - 1))
             ax.plot(steps, mean_at(3), color=c, lw=2.5 if chosen else 1,
                     label=f"lr {lr:g}" + (" (chosen)" if chosen else ""))
             ax.plot(steps, mean_at(2), color=c, lw=1, ls="--")
@@ -181,7 +182,8 @@ def plot(cells: dict, choice: dict, seed_ids: list, path: Path) -> None:
         ax.set_title(name + (" (method)" if key == "xformer" else ""), fontsize=10)
         ax.set_xlabel("stage-2 step")
         ax.legend(fontsize=8, loc="lower right")
-    axes[0].set_ylabel("count accuracy, test (mean of tuning seeds)")
+    for ax in axes:
+        ax.set_ylabel("count accuracy, test (mean of tuning seeds)")
     fig.suptitle("stage-2 sweep on the tuning seeds: solid = unseen question, dashed = trained "
                  "readout; a stopped run carries its last value", fontsize=10)
     fig.tight_layout()
