@@ -57,7 +57,7 @@ Adam (full-batch SGD with momentum; UW keeps Adam; see the DEVIATION notes); the
 over the Bayes predictor. A second toy (`--toy digits`, two sklearn digits side by side, random
 labels on the left digit) is kept as an experiment exercise.
 
-Run:   python excessmtl/train.py           (9 arms at sigma_0 = 4, four also at 0.1; ~34 CPU-s)
+Run:   python excessmtl/train.py           (10 arms at sigma_0 = 4, five also at 0.1; ~30 CPU-s)
 Ends:  the premise rows (is the noisy task's excess risk small? what do the oracle and the
        exact-excess upper bound reach?), a table of each arm's clean-task test excess MSE and
        weight on the noisy task per noise level, then one verdict line per headline row.
@@ -89,9 +89,10 @@ IN_NOTEBOOK = "ipykernel" in sys.modules
 
 
 # %% 2. Config
-METHODS = ("ew", "groupdro", "dwa", "excessmtl", "exact", "oracle", "uw", "ew_adam",
-           "oracle_adam")
-NAMES = {"ew": "EW", "groupdro": "GroupDRO", "uw": "UW (Adam)", "dwa": "DWA",
+METHODS = ("ew", "groupdro", "groupdro_big", "dwa", "excessmtl", "exact", "oracle", "uw",
+           "ew_adam", "oracle_adam")
+NAMES = {"ew": "EW", "groupdro": "GroupDRO", "groupdro_big": "GroupDRO (large step)",
+         "uw": "UW (Adam)", "dwa": "DWA",
          "excessmtl": "ExcessMTL", "exact": "EG on exact excess", "oracle": "drop-noisy oracle",
          "ew_adam": "EW (Adam)", "oracle_adam": "drop-noisy oracle (Adam)"}
 # The arms trained with Adam at --adam-lr (UW is published with Adam; the other two separate UW's
@@ -122,7 +123,7 @@ class Config:
                                                  "range": "[0, inf)"})
     methods: str = field(default=",".join(METHODS), metadata={
         "help": "comma-separated subset of " + ",".join(METHODS)})
-    control_arms: str = field(default="ew,groupdro,dwa,excessmtl", metadata={
+    control_arms: str = field(default="ew,groupdro,groupdro_big,dwa,excessmtl", metadata={
         "help": "the arms that also run at the lower noise levels (the others run at the largest "
                 "only, to keep the default run within its CPU budget)"})
     n_tasks: int = field(default=3, metadata={"help": "tasks in the regression toy (digits: 2)",
@@ -147,15 +148,19 @@ class Config:
                 "does (default: drawn once with the data)"})
     batch_size: int = field(default=0, metadata={"help": "0 = full batch (paper: 64 / 8)",
                                                  "range": "[0, inf)"})
-    lr: float = field(default=0.05, metadata={"help": "SGD learning rate",
-                                              "range": "[0, inf)"})  # paper: Adam 1e-4
+    lr: float = field(default=0.05, metadata={
+        "help": "SGD learning rate of the SGD arms not named in --arm-lr",
+        "range": "[0, inf)"})  # paper: Adam 1e-4
     momentum: float = field(default=0.9, metadata={"help": "SGD momentum", "range": "[0, inf)"})
-    eta_excess: float = field(default=0.01, metadata={
-        "help": "ExcessMTL EG step size eta_alpha",
-        "range": "[0, inf)"})  # code default 1e-2, Office-Home 1; tuned
-    eta_dro: float = field(default=0.001, metadata={
+    eta_excess: float = field(default=0.001, metadata={
+        "help": "ExcessMTL EG step size eta_alpha (tuned on seeds 100-102; smaller tends to EW)",
+        "range": "[0, inf)"})  # code default 1e-2, Office-Home 1
+    eta_dro: float = field(default=1e-5, metadata={
         "help": "GroupDRO EG step size (tuned on seeds 100-102; smaller tends to EW)",
         "range": "[0, inf)"})
+    eta_dro_big: float = field(default=0.001, metadata={
+        "help": "step of the report arm 'GroupDRO (large step)': large enough for the loss to "
+                "move the weights (the earlier default)", "range": "[0, inf)"})
     warmup: int = field(default=30, metadata={
         "help": "steps averaged into the initial excess-risk estimate (official code: 1; "
                 "paper App. C.1: 3 epochs); tuned on seeds 100-102 over {1, 30}",
@@ -164,9 +169,13 @@ class Config:
                                                    "range": "(0, inf)"})
     uw_init: float = field(default=-0.5, metadata={"help": "UW initial log-variance s_i",
                                                    "range": "(-inf, inf)"})
-    uw_lr: float = field(default=1e-2, metadata={
-        "help": "lr of the Adam arms (UW, EW (Adam), oracle (Adam)); with SGD UW's weights "
-                "1/(2 e^s) blow up the step", "range": "(0, inf)"})
+    adam_lr: float = field(default=1e-2, metadata={
+        "help": "Adam lr of the Adam arms (UW, EW (Adam), oracle (Adam)) not named in --arm-lr; "
+                "with SGD UW's weights 1/(2 e^s) blow up the step", "range": "(0, inf)"})
+    arm_lr: str = field(default="dwa:0.02,exact:0.1,groupdro_big:0.2,oracle:0.2,uw:0.03,"
+                                "oracle_adam:0.1", metadata={
+        "help": "per-arm learning rates 'method:lr,...' (each arm's own, tuned on seeds 100-102); "
+                "an arm not named gets --lr (SGD) or --adam-lr (Adam)"})
     eta_exact: float = field(default=0.5, metadata={
         "help": "EG step of the upper bound that ascends the exact excess risk",
         "range": "[0, inf)"})
@@ -195,6 +204,7 @@ def check_config(cfg: Config) -> str | None:
     try:
         parse_methods(cfg.methods)
         parse_methods(cfg.control_arms)
+        parse_arm_lr(cfg.arm_lr)
         levels = parse_levels(cfg)
     except ValueError as err:
         return str(err)
@@ -212,6 +222,27 @@ def parse_methods(text: str) -> list[str]:
     if bad or not names:
         raise ValueError(f"--methods: unknown or empty {bad or text!r}; choose from {METHODS}")
     return names
+
+
+def parse_arm_lr(text: str) -> dict[str, float]:
+    """PLUMBING: '--arm-lr uw:0.03,ew:0.1' -> {'uw': 0.03, 'ew': 0.1} (ValueError if malformed)."""
+    out = {}
+    for item in (s.strip() for s in text.split(",") if s.strip()):
+        name, _, value = item.partition(":")
+        try:
+            lr = float(value)
+        except ValueError:
+            raise ValueError(f"--arm-lr: {item!r} is not method:lr") from None
+        if name.strip() not in METHODS or not lr > 0:
+            raise ValueError(f"--arm-lr: {item!r} needs a method of {METHODS} and an lr > 0")
+        out[name.strip()] = lr
+    return out
+
+
+def lr_of(cfg: Config, method: str) -> float:
+    """The learning rate an arm trains with: its --arm-lr entry, else --adam-lr or --lr."""
+    default = cfg.adam_lr if method in ADAM_METHODS else cfg.lr
+    return parse_arm_lr(cfg.arm_lr).get(method, default)
 
 
 def parse_levels(cfg: Config) -> list[float]:
@@ -279,13 +310,17 @@ def eg_update(alpha: torch.Tensor, score: torch.Tensor, eta: float) -> torch.Ten
     Returns the new detached weights (m,), non-negative, summing to one.
     """
     # BEGIN SOLUTION (exercise 2)
-    # Exercise 2: multiply alpha by exp(eta * score), renormalise to the simplex, detach.
+    # Exercise 2: multiply alpha by exp(eta * score), renormalise to the simplex, detach; stay
+    # finite when eta * score is large (a GroupDRO loss of 100 at eta = 1 is exp(100)).
     # PAPER: mirror ascent with the entropy mirror map on max_{alpha in simplex} sum_i alpha_i r_i:
     # the weights move multiplicatively, so a task whose score stays above the others gains
     # weight at rate exp(eta (r_i - r_j)) per step and no weight ever becomes exactly 0.
     # Eq. (9): alpha_i <- alpha_i exp(eta r_i) / sum_j alpha_j exp(eta r_j)
-    new = alpha * torch.exp(eta * score)  # (m,)
-    new = (new / new.sum()).detach()  # (m,) the weights are constants for the model's step
+    logits = torch.log(alpha) + eta * score  # (m,) log of alpha_i exp(eta r_i)
+    # In log space, then a softmax, which subtracts the largest logit before exp: the direct
+    # product alpha * exp(eta * score) overflows once eta * score passes ~88 (exp(89) is inf in
+    # float32, and inf / inf is NaN). A zero weight stays zero (log 0 = -inf).
+    new = torch.softmax(logits, dim=0).detach()  # (m,) constants for the model's step
     # END SOLUTION
     return new
 
@@ -630,6 +665,8 @@ def make_weighting(method: str, cfg: Config, m: int) -> Weighting:
         return ExactExcessEG(m, cfg.eta_exact, cfg.warmup)
     if method == "groupdro":
         return GroupDRO(m, cfg.eta_dro)
+    if method == "groupdro_big":
+        return GroupDRO(m, cfg.eta_dro_big)
     if method == "uw":
         return UncertaintyWeighting(m, cfg.uw_init)
     if method == "dwa":
@@ -663,9 +700,9 @@ def train_one(cfg: Config, data: dict, method: str, noise: float, bar=None) -> d
         # its weights 1/(2 exp(s_i)) reach ~50 for a clean task at loss 0.01 and multiply the
         # step size: UW then diverges, which says nothing about the weighting itself. EW and the
         # oracle also run on Adam, so UW's weighting and its optimiser can be told apart.
-        opt = torch.optim.Adam(params, lr=cfg.uw_lr)
+        opt = torch.optim.Adam(params, lr=lr_of(cfg, method))
     else:
-        opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum)
+        opt = torch.optim.SGD(params, lr=lr_of(cfg, method), momentum=cfg.momentum)
     shared = list(model.encoder.parameters())
     # PLUMBING: what this arm really got, read back from the objects (the `arms` record).
     setup = {"optimizer": type(opt).__name__, "lr": opt.param_groups[0]["lr"],
@@ -811,6 +848,7 @@ def arms_record(cfg: Config, runs: dict, methods: list[str], top: float) -> dict
     `steps` is the checkpoint the validation split chose at the largest noise level.
     """
     weights = {"ew": "1/m fixed", "ew_adam": "1/m fixed", "groupdro": "EG on the raw losses",
+               "groupdro_big": "EG on the raw losses (a step that moves the weights)",
                "dwa": "softmax of loss ratios / T", "uw": "learned 1/(2 exp(s_i))",
                "excessmtl": "EG on the estimated excess risk (Eqs. 6-7, 9)",
                "exact": "EG on the exact in-sample excess risk (reads the noiseless targets)",
@@ -832,6 +870,8 @@ def arms_record(cfg: Config, runs: dict, methods: list[str], top: float) -> dict
             arm.update(eta=cfg.eta_exact, warmup=cfg.warmup)
         if k == "groupdro":
             arm.update(eta=cfg.eta_dro)
+        if k == "groupdro_big":
+            arm.update(eta=cfg.eta_dro_big)
         if k == "dwa":
             arm.update(T=cfg.dwa_temp)
         arms[NAMES[k]] = arm
@@ -843,23 +883,29 @@ def arms_record(cfg: Config, runs: dict, methods: list[str], top: float) -> dict
 # The paper's claim is against loss-adaptive weighting (GroupDRO, DWA); against EW it is a
 # control (level); the oracle, UW and the exact-excess upper bound are reported, not claimed.
 _CLEAN = "clean-task test excess error at noise {top}"
+_MARGIN = dict(margin=0.0012,
+               margin_why="a tenth of the prize, stated before the reported runs: EW's clean-task "
+                          "excess at noise 4 minus the drop-noisy oracle's was 0.0113 on tuning "
+                          "seed 100 (0.0122 vs 0.0009); within a tenth of it, the weighting did "
+                          "not move the clean tasks")
 CLAIMS = [
-    dict(metric=_CLEAN, higher_is_better=False, expect="better",
+    # Both steps tuned on seeds 100-102: each grid's winner is its smallest step, where the
+    # method is EW (README, "What was tuned"), so the paper's claim can at best be a tie here.
+    dict(metric=_CLEAN, higher_is_better=False, expect="level",
          method=("ExcessMTL", "clean_excess/excessmtl/noise={top}"),
-         baseline=("GroupDRO", "clean_excess/groupdro/noise={top}")),
+         baseline=("GroupDRO", "clean_excess/groupdro/noise={top}"), **_MARGIN),
     dict(metric=_CLEAN, higher_is_better=False, expect="better",
          method=("ExcessMTL", "clean_excess/excessmtl/noise={top}"),
          baseline=("DWA", "clean_excess/dwa/noise={top}")),
-    dict(metric="weight on the noisy task at noise {top}", higher_is_better=False,
-         expect="better", method=("ExcessMTL", "noisy_weight/excessmtl/noise={top}"),
-         baseline=("GroupDRO", "noisy_weight/groupdro/noise={top}")),
     dict(metric=_CLEAN, higher_is_better=False, expect="level",
          method=("ExcessMTL", "clean_excess/excessmtl/noise={top}"),
-         baseline=("EW", "clean_excess/ew/noise={top}"), margin=0.0012,
-         margin_why="a tenth of the prize, stated before the reported runs: EW's clean-task "
-                    "excess at noise 4 minus the drop-noisy oracle's was 0.0113 on tuning seed "
-                    "100 (0.0122 vs 0.0009); within a tenth of it, the weighting did not move "
-                    "the clean tasks"),
+         baseline=("EW", "clean_excess/ew/noise={top}"), **_MARGIN),
+    dict(metric=_CLEAN, higher_is_better=False, expect="report",
+         method=("ExcessMTL", "clean_excess/excessmtl/noise={top}"),
+         baseline=("GroupDRO (large step)", "clean_excess/groupdro_big/noise={top}")),
+    dict(metric="weight on the noisy task at noise {top}", higher_is_better=False,
+         expect="report", method=("ExcessMTL", "noisy_weight/excessmtl/noise={top}"),
+         baseline=("GroupDRO (large step)", "noisy_weight/groupdro_big/noise={top}")),
     dict(metric=_CLEAN, higher_is_better=False, expect="report",
          method=("ExcessMTL", "clean_excess/excessmtl/noise={top}"),
          baseline=("drop-noisy oracle", "clean_excess/oracle/noise={top}")),
@@ -969,7 +1015,8 @@ def print_table(runs: dict, methods: list[str], levels: list[float], cfg: Config
 
 
 # PLUMBING: one colour per arm in every figure; the method is black and thick.
-COLORS = {"ew": "tab:blue", "groupdro": "tab:red", "dwa": "tab:orange", "excessmtl": "black",
+COLORS = {"ew": "tab:blue", "groupdro": "tab:red", "groupdro_big": "tab:pink", "dwa": "tab:orange",
+          "excessmtl": "black",
           "exact": "tab:purple", "oracle": "tab:green", "uw": "tab:brown", "ew_adam": "tab:cyan",
           "oracle_adam": "tab:olive"}
 

@@ -339,6 +339,9 @@ ANSWERS: dict[str, dict[int, dict[str, str | list[str]]]] = {
             "not detached": (
                 "new = alpha * torch.exp(eta * score)\n"
                 "new = new / new.sum()\n"),
+            "the direct product, which overflows once eta * score passes ~88": (
+                "new = alpha * torch.exp(eta * score)\n"
+                "new = (new / new.sum()).detach()\n"),
         },
     },
     "galm": {
