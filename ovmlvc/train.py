@@ -223,7 +223,7 @@ class Config:
 
 
 # What --quick changes (it wins over the defaults above).
-QUICK = dict(steps=12, steps_plain=10, steps_hard_video=8, steps_label_only=6, pre_steps=15,
+QUICK = dict(steps=12, steps_plain=10, steps_hard_video=8, steps_label_only=14, pre_steps=15,
              n_train=96, n_test=48, batch=16, log_every=6, video_first=4, warm_steps=5,
              eval_every=6, dial="0",
              arms="plain,hard_video,label_only,method,method_cap,cold,no_lvid,ft,ft_reg")
