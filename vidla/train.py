@@ -1114,8 +1114,8 @@ def plot_curves(arms: dict, val_ceilings: dict, cfg: Config, out: Path) -> None:
         n = BUCKETS[bucket]
         ax.set_title(f"{bucket} ({n} event{'s' * (n > 1)})")
         ax.set_xlabel("training step (batch 32)")
+        ax.set_ylabel("validation text->video R@1")
         ax.set_ylim(0, 1.05)
-    axes[0].set_ylabel("validation text->video R@1")
     axes[-1].legend(fontsize=7, loc="lower right")
     fig.suptitle(f"R@1 against training steps (seed {cfg.seed}, toy {cfg.toy}; a dot marks the "
                  "checkpoint each rung keeps: best mean validation R@1)", fontsize=10)
