@@ -242,6 +242,12 @@ QUICK = dict(steps=20, general_steps=20, n_products=200, n_queries=160, n_users=
              n_train_edges=20, n_val_edges=10, lm_layers=1)
 
 
+def arm_lr(cfg: Config, arm: str) -> float:
+    """PLUMBING: the Adam rate of fine-tuning arm "<pre-training>/<variant>": --finetune-lr when
+    it is given, else the arm's own tuned rate (FINETUNE_LR)."""
+    return cfg.finetune_lr if cfg.finetune_lr > 0 else FINETUNE_LR[arm]
+
+
 def check_config(cfg: Config) -> str | None:
     """PLUMBING: rules that join two fields (the Appendix checks each field's own range)."""
     if cfg.hidden % cfg.lm_heads:
@@ -548,12 +554,6 @@ def transfer_lm(pretrained_lm_state: dict, model: LinkModel) -> list[str]:
     re-initialised for the new schema (identity GNN, ones for w_r). Returns the copied keys."""
     model.lm.load_state_dict(pretrained_lm_state, strict=True)
     return [f"lm.{k}" for k in pretrained_lm_state]
-
-
-def arm_lr(cfg: Config, arm: str) -> float:
-    """PLUMBING: the Adam rate of fine-tuning arm "<pre-training>/<variant>": --finetune-lr when
-    it is given, else the arm's own tuned rate (FINETUNE_LR)."""
-    return cfg.finetune_lr if cfg.finetune_lr > 0 else FINETUNE_LR[arm]
 
 
 def finetune(lm_state: dict, graph: Graph, variant: str, cfg: Config, vocab_size: int,

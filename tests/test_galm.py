@@ -742,7 +742,7 @@ def test_node_classification_learns_from_labels_with_a_separable_lm(monkeypatch,
 
     monkeypatch.setattr(galm, "TextEncoder", Lookup)
     out = galm.node_classification(galm.TextEncoder(len(vocab), cfg).state_dict(), app,
-                                   "probe", cfg, len(vocab), seed=0)
+                                   "probe", cfg, len(vocab), seed=0, lr=3e-3)
     # it trains on the labelled users only: exactly the test users whose category some labelled
     # user has are right (an unseen category can never be predicted)
     seen = set(app.labels[app.nc_train].tolist())
@@ -850,7 +850,7 @@ def test_quick_run_schema_decreasing_loss_and_determinism(quick_results, tmp_pat
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("argv", [["--seed", "-1"], ["--seed", str(2**32)], ["--steps", "0"],
                                   ["--nc-user-frac", "1.5"], ["--mlm-prob", "0"],
-                                  ["--device", "cuda"], ["--finetune-lr", "0"]])
+                                  ["--device", "cuda"], ["--finetune-lr", "-1e-3"]])
 def test_bad_arguments_are_one_line_errors(argv, capsys):
     with pytest.raises(SystemExit) as e:
         galm.parse_args(argv)
