@@ -816,7 +816,8 @@ def test_tuning_lengths_choose_each_arms_lowest_mean_and_flag_the_edge(tmp_path)
     for i, seed in enumerate((100, 101)):
         _fake_tuning_summary(tmp_path / f"seed{seed}", seed, steps,
                              {"switch": sw[i], "smile": sm[i]})
-    _fake_tuning_summary(tmp_path / "other", 102, steps[:3], {"switch": sw[0][:3]})  # shorter grid: skipped
+    # a run on a shorter grid is skipped
+    _fake_tuning_summary(tmp_path / "other", 102, steps[:3], {"switch": sw[0][:3]})
     curves = smile.tuning_curves(tmp_path)
     assert curves["seeds"] == [100, 101] and curves["steps"] == steps
     got = smile.tuning_lengths(curves)
