@@ -678,6 +678,26 @@ def test_stage2_feeds_each_variant_its_mae_tokens_in_training(world, monkeypatch
             assert all(s.shape[1] == enc["mae_full"].shape[1] for s in seen)
 
 
+def test_stage2_mask_ratio_masks_only_xformers_input(world, monkeypatch):
+    # --stage2-mask-ratio is X-Former's knob: the concat rivals keep reading the full image (the
+    # arms record says "full image" for them, and it must be true)
+    data, enc = world
+    cfg = dataclasses.replace(TINY, stage2_steps=2, eval_every=100, stage2_mask_ratio=0.5)
+    full = enc["mae_full"].shape[1]
+    for variant, masked in (("concat", False), ("xformer", True)):
+        seen, orig = [], xf.Stage2.forward
+
+        def spy(self, clip_tokens, mae_tokens, text_ids, seen=seen, orig=orig):
+            seen.append(mae_tokens.shape[1])
+            return orig(self, clip_tokens, mae_tokens, text_ids)
+
+        monkeypatch.setattr(xf.Stage2, "forward", spy)
+        xf.stage2("x", qformer(variant), cfg, data, enc, seed=3)
+        monkeypatch.setattr(xf.Stage2, "forward", orig)
+        assert len(seen) == 2, variant
+        assert all((n < full) == masked for n in seen), (variant, seen, full)
+
+
 @torch.no_grad()
 def test_readouts_score_the_split_they_are_asked_for(world, monkeypatch):
     data, enc = world

@@ -968,11 +968,12 @@ def stage2(name: str, model: QFormer, cfg: Config, data: dict, enc: dict, seed: 
             break
         idx = train_idx[torch.randint(len(train_idx), (cfg.batch,), generator=batches)]  # (B,)
         mae_tok = enc["mae_full"][idx] if reads_mae else None  # (B, 1+L, d_mae)
-        if reads_mae and cfg.stage2_mask_ratio > 0:
+        if qformer.variant == "xformer" and cfg.stage2_mask_ratio > 0:
             # [R] The summaries do not say whether stage 2 masks the MAE input; by default it
             # does not (no reconstruction in stage 2, so a mask would only hide detail). With
             # 8 px patches each object sits in one patch, so a mask hides whole objects
-            # (exercise 6).
+            # (exercise 6). Only X-Former's input is masked: the concat rivals read the full
+            # image in both stages (they have no reconstruction for a mask to serve).
             mae_tok, _, _ = mae_encode_random_mask(enc["mae"], data["images"][idx],
                                                    cfg.stage2_mask_ratio, gen)
         loss = s2(enc["clip_tokens"][idx], mae_tok, data["caption"][idx])
