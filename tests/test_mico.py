@@ -53,18 +53,7 @@ def test_cross_entropy_against_a_marginal_is_linear_in_p():
 # --------------------------------------------------------------------------- the objective (M4)
 @pytest.mark.exercise(1)
 def test_mico_loss_matches_hand_values_on_2x2():
-    p = torch.tensor([[0.9, 0.1], [0.2, 0.8]])
-    q = torch.tensor([[0.7, 0.3], [0.4, 0.6]])
-    q_psi = torch.tensor([0.25, 0.75])
-    lam = 3.0
-    loss, h_z_cond, h_z = mico.mico_loss(p, q.log(), q_psi.log(), lam)
-    hc = -((0.9 * math.log(0.7) + 0.1 * math.log(0.3))
-           + (0.2 * math.log(0.4) + 0.8 * math.log(0.6))) / 2
-    # p_bar = [0.55, 0.45]
-    hz = -(0.55 * math.log(0.25) + 0.45 * math.log(0.75))
-    assert h_z_cond.item() == pytest.approx(hc, abs=1e-6)
-    assert h_z.item() == pytest.approx(hz, abs=1e-6)
-    assert loss.item() == pytest.approx(hc - lam * hz, abs=1e-6)
+    _mico_loss_hand_values_on_2x2()
 
 
 @pytest.mark.exercise(1)
@@ -642,14 +631,16 @@ def test_help_shows_defaults(capsys):
 
 
 def _mico_loss_hand_values_on_2x2():
-    """The hand values of test_mico_loss_matches_hand_values_on_2x2 (h_z is the cross-entropy
-    of p_bar against q_psi, not the entropy of p_bar; p before q; a minus before lambda)."""
+    """Hand values of the MICO loss on a 2x2 case, checked by the exercise-1 tests too (h_z is
+    the cross-entropy of p_bar against q_psi, not the entropy of p_bar; p before q; a minus
+    before lambda)."""
     p = torch.tensor([[0.9, 0.1], [0.2, 0.8]])
     q = torch.tensor([[0.7, 0.3], [0.4, 0.6]])
     q_psi = torch.tensor([0.25, 0.75])
     loss, h_z_cond, h_z = mico.mico_loss(p, q.log(), q_psi.log(), 3.0)
     hc = -((0.9 * math.log(0.7) + 0.1 * math.log(0.3))
            + (0.2 * math.log(0.4) + 0.8 * math.log(0.6))) / 2
+    # p_bar = [0.55, 0.45]
     hz = -(0.55 * math.log(0.25) + 0.45 * math.log(0.75))
     assert h_z_cond.item() == pytest.approx(hc, abs=1e-6)
     assert h_z.item() == pytest.approx(hz, abs=1e-6)

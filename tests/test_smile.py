@@ -89,17 +89,7 @@ def test_exercise1_lb_loss_is_alpha_at_uniform_routing():
 
 @pytest.mark.exercise(1)
 def test_exercise1_lb_loss_hand_value_and_valid_mask():
-    p = torch.tensor([[[.9, .1], [.8, .2], [.3, .7], [.4, .6]]])
-    assert torch.allclose(smile.load_balancing_loss(p, p.argmax(-1), 1.0), torch.tensor([1.0]))
-    # a padding slot (last) must not count: f = [2/3, 1/3], P = [2/3, 1/3]
-    # -> 2 * (4/9 + 1/9) = 10/9
-    valid = torch.tensor([[True, True, True, False]])
-    out = smile.load_balancing_loss(p, p.argmax(-1), 1.0, valid=valid)
-    assert torch.allclose(out, torch.tensor([10 / 9]))
-    # two devices are independent
-    p2 = torch.cat([p, torch.tensor([[[1.0, 0.0]] * 4])])
-    assert torch.allclose(smile.load_balancing_loss(p2, p2.argmax(-1), 1.0),
-                          torch.tensor([1.0, 2.0]))
+    _lb_loss_hand_values()
 
 
 @pytest.mark.exercise(1)
@@ -878,13 +868,16 @@ def test_bad_out_dir_fails_before_training(tmp_path, capsys):
 
 
 def _lb_loss_hand_values():
-    """The hand values of test_exercise1_lb_loss_hand_value_and_valid_mask: padding excluded,
-    f from the arg-max counts, one loss per device."""
+    """Hand values of the load-balancing loss, checked by every exercise-1 test: padding
+    excluded, f from the arg-max counts, one loss per device."""
     p = torch.tensor([[[.9, .1], [.8, .2], [.3, .7], [.4, .6]]])
     assert torch.allclose(smile.load_balancing_loss(p, p.argmax(-1), 1.0), torch.tensor([1.0]))
+    # a padding slot (last) must not count: f = [2/3, 1/3], P = [2/3, 1/3]
+    # -> 2 * (4/9 + 1/9) = 10/9
     valid = torch.tensor([[True, True, True, False]])
     out = smile.load_balancing_loss(p, p.argmax(-1), 1.0, valid=valid)
     assert torch.allclose(out, torch.tensor([10 / 9]))
+    # two devices are independent
     p2 = torch.cat([p, torch.tensor([[[1.0, 0.0]] * 4])])
     assert torch.allclose(smile.load_balancing_loss(p2, p2.argmax(-1), 1.0),
                           torch.tensor([1.0, 2.0]))
