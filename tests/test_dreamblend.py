@@ -85,7 +85,7 @@ def test_attention_loss_matches_hand_value():
     a2 = torch.tensor([[[0.2, 0.8]]])  # (1, 1, 2), batch 1 head 1
     r2 = torch.tensor([[[0.6, 0.4]]])
     assert dreamblend.attention_loss({"x": a2}, {"x": r2}, 1).item() == pytest.approx(0.32)
-    # NEW: batch 2, heads 2, laid out sample-major (s0h0, s0h1, s1h0, s1h1): squared norms
+    # batch 2, heads 2, laid out sample-major (s0h0, s0h1, s1h0, s1h1): squared norms
     # 1, 1, 0, 0 -> sample 0 averages its two heads to 1, sample 1 to 0. Grouping the heads with
     # view(-1, batch) would mix the samples and give 0.5 and 0.5.
     a3 = torch.tensor([[[1.0]], [[1.0]], [[0.0]], [[0.0]]])  # (4, 1, 1)
@@ -102,7 +102,7 @@ def test_attention_loss_is_per_sample():
     for b in range(4):
         one = dreamblend.attention_loss({"l": a[2 * b:2 * b + 2]}, {"l": r[2 * b:2 * b + 2]}, 1)
         assert full[b].item() == pytest.approx(one.item(), rel=1e-6)
-        # NEW: and it is the squared Frobenius norm (a sum over HW and N), averaged over heads
+        # and it is the squared Frobenius norm (a sum over HW and N), averaged over heads
         want = ((a[2 * b:2 * b + 2] - r[2 * b:2 * b + 2]) ** 2).sum((1, 2)).mean()
         assert full[b].item() == pytest.approx(want.item(), rel=1e-6)
 

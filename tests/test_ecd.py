@@ -42,7 +42,7 @@ def test_dpo_loss_matches_hand_value():
     assert rl.item() == pytest.approx(-0.1, abs=1e-7)  # beta * (-3 - -2)
     same, _, _ = ecd.dpo_loss(t([-5.0]), t([-5.0]), t([-5.0]), t([-5.0]), beta=0.1)
     assert same.item() == pytest.approx(math.log(2), abs=1e-6)
-    # NEW: the rewards of a policy that requires grad are logged values, detached from its graph
+    # the rewards of a policy that requires grad are logged values, detached from its graph
     _, rw, rl = ecd.dpo_loss(t([-1.0], requires_grad=True), t([-3.0], requires_grad=True),
                              t([-2.0]), t([-2.0]), beta=0.1)
     assert not rw.requires_grad and not rl.requires_grad
@@ -57,8 +57,8 @@ def test_dpo_gradient_matches_hand_value():
     # dL/dpc = -beta * sigma(-beta h) with h = 2
     assert pc.grad.item() == pytest.approx(-0.045017, abs=1e-6)
     assert pr.grad.item() == pytest.approx(0.045017, abs=1e-6)
-    assert not rw.requires_grad and not rl.requires_grad  # NEW
-    # NEW: with unequal reference log-probs the reference terms change h and so the gradient
+    assert not rw.requires_grad and not rl.requires_grad
+    # with unequal reference log-probs the reference terms change h and so the gradient
     pc = torch.tensor([-1.0], requires_grad=True)
     losses, _, _ = ecd.dpo_loss(pc, torch.tensor([-3.0]), torch.tensor([-2.0]),
                                 torch.tensor([-4.5]), beta=0.1)  # h = 1 - 1.5 = -0.5
@@ -71,7 +71,7 @@ def test_dpo_rewards_are_detached():
     x = [torch.tensor([v], requires_grad=True) for v in (-1.0, -3.0, -2.0, -2.0)]
     _, rw, rl = ecd.dpo_loss(*x, 0.1)
     assert not rw.requires_grad and not rl.requires_grad
-    # NEW: detached, but still the implicit rewards and the loss of Eq. 7 (unequal references)
+    # detached, but still the implicit rewards and the loss of Eq. 7 (unequal references)
     vals = (-1.0, -3.0, -2.0, -4.5)
     losses, rw, rl = ecd.dpo_loss(*[torch.tensor([v], requires_grad=True) for v in vals], 0.1)
     loss, want_w, want_l, _ = _dpo_by_hand(*vals, 0.1)
@@ -459,7 +459,7 @@ def test_sft_plus_trains_on_chosen_answers_never_rejected(quick_data, monkeypatc
     d = data["train"][0.3]
     assert len(d["ecd"]) < len(d["ecd_raw"]) and all(yw != yl for _, yw, yl in d["ecd"])
     assert d["sft_plus"] == [(x, yw) for x, yw, _ in d["ecd"]]
-    # NEW: given the raw pairs (identical ones included), sft_plus_data drops them itself
+    # given the raw pairs (identical ones included), sft_plus_data drops them itself
     raw = d["ecd_raw"]
     assert any(yw == yl for _, yw, yl in raw)
     assert ecd.sft_plus_data(raw) == [(x, yw) for x, yw, yl in raw if yw != yl]

@@ -61,9 +61,9 @@ def test_estimate_is_zero_when_the_gradient_is_zero():
     assert torch.equal(e_hat, torch.zeros(2))  # one estimate per task, not per parameter
     assert torch.equal(S_new, S)
     # a gradient on top of the history: S = 5 + 1 = 6 first, then e_hat = 1 / sqrt(6)
-    g = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 0.0]])  # NEW
-    e_hat, S_new = excessmtl.excess_risk_estimate(g, S)  # NEW
-    assert e_hat.tolist() == pytest.approx([1 / math.sqrt(6.0), 0.0], abs=1e-6)  # NEW
+    g = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    e_hat, S_new = excessmtl.excess_risk_estimate(g, S)
+    assert e_hat.tolist() == pytest.approx([1 / math.sqrt(6.0), 0.0], abs=1e-6)
 
 
 @pytest.mark.exercise(1)
@@ -87,7 +87,7 @@ def test_eg_update_matches_hand_value():
     # alpha = [.2, .8], r = [1, 0], eta = ln 2 -> [.2 * 2, .8] / 1.2 = [1/3, 2/3]
     new = excessmtl.eg_update(torch.tensor([0.2, 0.8]), torch.tensor([1.0, 0.0]), math.log(2.0))
     assert torch.allclose(new, torch.tensor([1 / 3, 2 / 3]), atol=1e-6)
-    _eg_update_is_detached(torch.tensor([0.5, 0.5]), torch.tensor([2.0, 0.5]), 0.1)  # NEW
+    _eg_update_is_detached(torch.tensor([0.5, 0.5]), torch.tensor([2.0, 0.5]), 0.1)
     _eg_update_is_finite_at_a_large_step()
 
 
@@ -101,7 +101,7 @@ def test_eg_update_is_multiplicative_with_the_given_step_size():
         for j in range(3):
             expect = alpha[i] / alpha[j] * math.exp(eta * (score[i] - score[j]))
             assert (new[i] / new[j]).item() == pytest.approx(expect.item(), rel=1e-5)
-    _eg_update_is_detached(alpha, score, eta)  # NEW
+    _eg_update_is_detached(alpha, score, eta)
     _eg_update_is_finite_at_a_large_step()
 
 
@@ -116,9 +116,9 @@ def test_eg_update_stays_on_the_simplex_and_is_detached():
         assert (alpha >= 0).all()
         assert alpha.sum().item() == pytest.approx(1.0, abs=1e-6)
     # the weights remember the previous ones: alpha_i exp(eta r_i), renormalised (hand value)
-    new = excessmtl.eg_update(torch.tensor([0.2, 0.8]), torch.tensor([1.0, 0.0]),  # NEW
+    new = excessmtl.eg_update(torch.tensor([0.2, 0.8]), torch.tensor([1.0, 0.0]),
                               math.log(2.0))
-    assert torch.allclose(new, torch.tensor([1 / 3, 2 / 3]), atol=1e-6)  # NEW
+    assert torch.allclose(new, torch.tensor([1 / 3, 2 / 3]), atol=1e-6)
     _eg_update_is_finite_at_a_large_step()
 
 

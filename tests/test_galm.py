@@ -67,8 +67,8 @@ def test_link_bce_loss_hand_values():
     assert galm.link_bce_loss(torch.full((4,), 30.0), torch.full((4, 3), -30.0)).item() < 1e-9
     assert galm.link_bce_loss(torch.full((4,), -30.0), torch.full((4, 3), 30.0)).item() > 29
     # K = 2 negatives: one mean over all three terms, each negative scored on its own
-    v = galm.link_bce_loss(torch.tensor([2.0]), torch.tensor([[-1.0, 1.0]]))  # NEW
-    assert v.item() == pytest.approx((0.126928 + 0.313262 + 1.313262) / 3, abs=1e-6)  # NEW
+    v = galm.link_bce_loss(torch.tensor([2.0]), torch.tensor([[-1.0, 1.0]]))
+    assert v.item() == pytest.approx((0.126928 + 0.313262 + 1.313262) / 3, abs=1e-6)
 
 
 @pytest.mark.exercise(2)
@@ -133,7 +133,7 @@ def test_relation_mean_message_by_hand_on_three_nodes():
     assert torch.isfinite(m).all()
     # neighbour order does not matter
     torch.testing.assert_close(galm.relation_mean_message(h, edges.flip(1), W_r), m)
-    _relation_mean_message_applies_W_r_per_message()  # NEW
+    _relation_mean_message_applies_W_r_per_message()
 
 
 @pytest.mark.exercise(1)
@@ -148,10 +148,10 @@ def test_relation_mean_message_matches_naive_loop():
         want = W_r(h[srcs]).mean(0) if len(srcs) else torch.zeros(4)
         torch.testing.assert_close(out[v], want)
     # a node without in-edges (node 7) gets 0, not 0 / 0
-    h8 = torch.randn(8, 4, generator=g)  # NEW
-    out8 = galm.relation_mean_message(h8, edges, W_r)  # NEW
-    assert torch.isfinite(out8).all() and torch.equal(out8[7], torch.zeros(4))  # NEW
-    _relation_mean_message_applies_W_r_per_message()  # NEW
+    h8 = torch.randn(8, 4, generator=g)
+    out8 = galm.relation_mean_message(h8, edges, W_r)
+    assert torch.isfinite(out8).all() and torch.equal(out8[7], torch.zeros(4))
+    _relation_mean_message_applies_W_r_per_message()
 
 
 def test_rgcn_is_identity_at_init_and_hand_value_after():
@@ -298,7 +298,7 @@ def test_embed_with_subset_values_and_gradient_routing(qcfg):  # noqa: F811
     # through the subset rows it does
     galm.embed_with_subset(lm, texts, subset)[subset].pow(2).sum().backward()
     assert lm.bert.embeddings.word_embeddings.weight.grad.abs().sum() > 0
-    _embed_with_subset_runs_only_the_subset_with_grad(qcfg)  # NEW
+    _embed_with_subset_runs_only_the_subset_with_grad(qcfg)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -88,7 +88,7 @@ def test_gc_loss_hand_value_for_a_rotation():
     # z_T = z_V rotated by 90 degrees: S_VT = [[0,-1],[1,0]] is antisymmetric -> (4 + 4) / 2 = 4
     z_v, z_t = unit([1.0, 0.0], [0.0, 1.0]), unit([0.0, 1.0], [-1.0, 0.0])
     assert LS.gc_loss(z_v, z_t).item() == pytest.approx(4.0, abs=1e-9)
-    _gc_loss_hand_value_with_in_modal_term()  # NEW
+    _gc_loss_hand_value_with_in_modal_term()
 
 
 @pytest.mark.exercise(2)
@@ -100,7 +100,7 @@ def test_gc_loss_zero_for_identical_or_symmetric_similarity():
     # a non-symmetric rotation is penalised
     rot = torch.tensor([[0.6, -0.8], [0.8, 0.6]], dtype=z_v.dtype)
     assert LS.gc_loss(z_v, z_v @ rot).item() > 0.1
-    _gc_loss_hand_value_with_in_modal_term()  # NEW
+    _gc_loss_hand_value_with_in_modal_term()
 
 
 @pytest.mark.exercise(2)
@@ -153,9 +153,9 @@ def test_uniformity_hand_values():
     e3 = torch.eye(3, dtype=torch.float64)
     assert LS.uniformity_loss(e3, 1.0).item() == pytest.approx(-2.0, abs=1e-9)
     # unequal distances: e1, e2, -e1 at squared distances 2, 4, 2 -> log of the mean of exp(-d^2)
-    z = unit([1.0, 0.0], [0.0, 1.0], [-1.0, 0.0])  # NEW
-    want = math.log((2 * math.exp(-2.0) + math.exp(-4.0)) / 3)  # NEW
-    assert LS.uniformity_loss(z, 1.0).item() == pytest.approx(want, abs=1e-9)  # NEW
+    z = unit([1.0, 0.0], [0.0, 1.0], [-1.0, 0.0])
+    want = math.log((2 * math.exp(-2.0) + math.exp(-4.0)) / 3)
+    assert LS.uniformity_loss(z, 1.0).item() == pytest.approx(want, abs=1e-9)
 
 
 @pytest.mark.exercise(3)

@@ -64,7 +64,7 @@ def test_mico_loss_uniform_everything_is_one_minus_lambda_log_k(K, lam):
     assert h_z_cond.item() == pytest.approx(math.log(K), abs=1e-6)
     assert h_z.item() == pytest.approx(math.log(K), abs=1e-6)
     assert loss.item() == pytest.approx((1 - lam) * math.log(K), abs=1e-5)
-    _mico_loss_hand_values_on_2x2()  # NEW
+    _mico_loss_hand_values_on_2x2()
 
 
 @pytest.mark.exercise(1)
@@ -81,7 +81,7 @@ def test_mico_loss_perfect_balanced_coassignment_is_minus_lambda_log_k(K, lam):
     uniform, _, _ = mico.mico_loss(torch.full((2 * K, K), 1 / K),
                                    torch.full((2 * K, K), -math.log(K)), log_q_psi, lam)
     assert loss.item() < uniform.item()
-    _mico_loss_hand_values_on_2x2()  # NEW
+    _mico_loss_hand_values_on_2x2()
 
 
 @pytest.mark.exercise(1)
@@ -98,7 +98,7 @@ def test_mico_loss_is_invariant_to_relabelling_clusters():
     # ...but relabelling only one view changes h_z_cond (the views must agree on labels)
     c = mico.mico_loss(p[:, perm], log_q, log_q_psi, 2.0)
     assert abs(c[1].item() - a[1].item()) > 1e-3
-    _mico_loss_hand_values_on_2x2()  # NEW
+    _mico_loss_hand_values_on_2x2()
 
 
 # --------------------------------------------------------------------------- the model and steps
@@ -239,7 +239,7 @@ def test_curve_matches_hand_values_on_a_tiny_index():
     np.testing.assert_allclose(c["coverage"], [0.5, 1.0, 1.0])
     np.testing.assert_allclose(c["cost"], [(1 + 2) / 2 / 5, (3 + 3) / 2 / 5, 1.0])
     np.testing.assert_allclose(c["latency"], [(1 + 2) / 2 / 5, (2 + 2) / 2 / 5, 0.4])
-    _curve_with_an_empty_last_cluster()  # NEW
+    _curve_with_an_empty_last_cluster()
 
 
 def _naive_curve(doc_cluster, routes, target, K):
@@ -272,7 +272,7 @@ def test_vectorised_curve_equals_naive_loop_and_is_monotone():
     assert got["coverage"][-1] == pytest.approx(1.0)
     assert got["cost"][-1] == pytest.approx(1.0)
     assert np.all(got["coverage"] <= 1.0)
-    _curve_with_an_empty_last_cluster()  # NEW
+    _curve_with_an_empty_last_cluster()
 
 
 def test_curve_and_metrics_invariant_to_cluster_relabelling():

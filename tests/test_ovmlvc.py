@@ -57,7 +57,7 @@ def test_bce_hand_values():
     hand = (-math.log(0.5) - math.log(sig(1)) - math.log(1 - sig(1)) - math.log(1 - sig(-2))) / 4
     assert ovmlvc.bce_base_loss(logits, y, torch.tensor([0, 1])).item() == pytest.approx(hand,
                                                                                         abs=1e-6)
-    _bce_large_logits_base_only()  # NEW
+    _bce_large_logits_base_only()
 
 
 @pytest.mark.exercise(2)
@@ -75,7 +75,7 @@ def test_bce_ignores_novel_columns_in_loss_and_gradient():
     y2, l2 = y.clone(), logits.detach().clone()
     y2[:, 1], l2[:, 1] = 1 - y2[:, 1], 9.0
     assert ovmlvc.bce_base_loss(l2, y2, base).item() == pytest.approx(loss.item(), abs=1e-7)
-    _bce_large_logits_base_only()  # NEW
+    _bce_large_logits_base_only()
 
 
 def test_label_scores_hand_value():

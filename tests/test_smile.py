@@ -84,7 +84,7 @@ def test_exercise1_lb_loss_is_alpha_at_uniform_routing():
     out = smile.load_balancing_loss(probs, expert, 0.01)
     assert out.shape == (3,)
     assert torch.allclose(out, torch.full((3,), 0.01))
-    _lb_loss_hand_values()  # NEW
+    _lb_loss_hand_values()
 
 
 @pytest.mark.exercise(1)
@@ -104,7 +104,7 @@ def test_exercise1_lb_gradient_flows_only_through_P():
     # d/dp_i(x) of alpha * E * sum_i f_i * mean_x p_i(x) = alpha * E * f_i / T
     want = (0.5 * 3 * f / 6)[:, None, :].expand(2, 6, 3)
     assert torch.allclose(probs.grad, want)
-    _lb_loss_hand_values()  # NEW
+    _lb_loss_hand_values()
 
 
 # ---------------------------------------------------------------- cost model
@@ -120,7 +120,7 @@ def test_exercise2_alltoall_cost_matches_worked_example():
         assert c["smile_time"] * 1e3 == pytest.approx(smile_ms, abs=0.006)
         assert c["flat_slow_msgs"] == (N - 1) * 8 and c["smile_slow_msgs"] == N - 1
         assert c["flat_fast_msgs"] == 7 and c["smile_fast_msgs"] == 7
-    _alltoall_cost_hand_example_with_three_capacity_factors()  # NEW
+    _alltoall_cost_hand_example_with_three_capacity_factors()
 
 
 @pytest.mark.exercise(2)
@@ -145,7 +145,7 @@ def test_exercise2_slow_bytes_equal_and_hand_example():
     assert c["smile_time_overlap"] == pytest.approx((a_s + 2 * b_s) + (a_f + 2 * b_f))
     big = smile.alltoall_cost(16, 8, 2048, 512, 2, 1.25, 1.25, 1.0)
     assert big["flat_slow_bytes"] == pytest.approx(big["smile_slow_bytes"])
-    _alltoall_cost_hand_example_with_three_capacity_factors()  # NEW
+    _alltoall_cost_hand_example_with_three_capacity_factors()
 
 
 @pytest.mark.exercise(2)
@@ -161,7 +161,7 @@ def test_exercise2_cost_model_uses_each_capacity_factor():
     c = smile.alltoall_cost(4, 4, 64, 8, 1, 1.5, 1.0, 1.0)  # cf only the flat buffer
     assert c["flat_slow_bytes"] == pytest.approx(1.5 * base["flat_slow_bytes"])
     assert c["smile_slow_bytes"] == base["smile_slow_bytes"]
-    _alltoall_cost_hand_example_with_three_capacity_factors()  # NEW
+    _alltoall_cost_hand_example_with_three_capacity_factors()
 
 
 @pytest.mark.exercise(2)
@@ -177,7 +177,7 @@ def test_exercise2_pipelined_lies_between_sequential_and_overlapped():
         big = smile.alltoall_cost(N, 8, T, 1024, 2, 1.25, 1.25, 1.0,
                                   links=dict(smile.LINKS, gap_slow=1.0, gap_fast=1.0))
         assert big["smile_time_pipelined"] == pytest.approx(big["smile_time"])
-    _alltoall_cost_hand_example_with_three_capacity_factors()  # NEW
+    _alltoall_cost_hand_example_with_three_capacity_factors()
 
 
 def test_link_constants_are_the_cited_ones():

@@ -315,7 +315,7 @@ def test_info_nce_hand_value():
     val = vidla.info_nce(eye, eye, torch.tensor(1.0))
     assert abs(val.item() - 2 * math.log(1 + math.exp(-1))) < 1e-6
     assert abs(val.item() - 0.626523) < 1e-5
-    _info_nce_asymmetric_hand_value()  # NEW
+    _info_nce_asymmetric_hand_value()
 
 
 def _naive_info_nce(v, t, scale):

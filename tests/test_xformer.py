@@ -51,7 +51,7 @@ def test_itc_loss_matches_hand_value_with_max_over_queries():
     cols = ce([1.0, 0.0], 0) + ce([0.8, 0.8], 1)
     assert float(loss) == pytest.approx(0.5 * (rows + cols) / 2)
 
-    # NEW: the same example at tau = 0.5 (the logits double) with label smoothing 0.1
+    # the same example at tau = 0.5 (the logits double) with label smoothing 0.1
     def smoothed(logits, y, eps=0.1):
         return (1 - eps) * ce(logits, y) + eps * sum(ce(logits, k) for k in range(2)) / 2
 
@@ -97,7 +97,7 @@ def test_hard_negatives_are_never_the_positive_or_an_identical_caption():
         neg_t, neg_i = xf.sample_hard_negatives(sim, captions, torch.Generator().manual_seed(seed))
         rows = torch.arange(B)
         assert not same[rows, neg_t].any() and not same[neg_i, rows].any()
-    _hard_negative_basics()  # NEW
+    _hard_negative_basics()
 
 
 @pytest.mark.exercise(2)
@@ -109,7 +109,7 @@ def test_hard_negatives_follow_the_similarity():
     picks = [int(xf.sample_hard_negatives(sim, captions, torch.Generator().manual_seed(s))[0][0])
              for s in range(40)]
     assert picks.count(3) >= 36  # softmax weight of text 3 is e^8 / (e^8 + 3) ~ 0.9995
-    _hard_negative_basics()  # NEW
+    _hard_negative_basics()
 
 
 @pytest.mark.exercise(2)
@@ -126,7 +126,7 @@ def test_hard_negatives_for_texts_follow_the_similarity_column():
         picks_0.append(int(neg_i[0]))
     assert picks_3.count(0) >= 36  # column 3 of sim, softmax over images
     assert picks_0.count(3) <= 25  # a row-wise softmax would pick image 3 for text 0 every time
-    _hard_negative_basics()  # NEW
+    _hard_negative_basics()
 
 
 def test_itm_loss_averages_the_head_over_queries_with_positive_first_labels():
