@@ -90,6 +90,9 @@ class Config:
     seed: int = field(default=0, metadata={"help": "random seed (same seed, same numbers)",
                                            "range": "[0, 4294967295]"})
     quick: bool = field(default=False, metadata={"help": "a run of a few seconds for tests"})
+    world: str = field(default="colour", metadata={
+        "help": "toy only: the context the prompt names: colour (a background colour) or layout "
+                "(a place: left/right/top, the paper's Fig. 1)", "choices": ("colour", "layout")})
     out_dir: str = field(default=f"runs/{FOLDER}", metadata={"help": "where outputs go"})
     device: str = field(default="cpu", metadata={"help": "cpu, or cuda (toy or --pretrained)",
                                                  "choices": ("cpu", "cuda")})
@@ -166,7 +169,7 @@ class Config:
 # What --quick changes (it wins over the defaults above and over the command line).
 QUICK = dict(steps=6, pre_steps=8, pre_batch=8, checkpoints="0,2", early_step=2, n_class=4,
              sample_steps=3, guided_steps=3, eval_seeds=2, val_seeds=1, log_every=2)
-TOY_ONLY = ("pre_steps", "pre_batch", "pre_lr", "val_seeds")
+TOY_ONLY = ("pre_steps", "pre_batch", "pre_lr", "val_seeds", "world")
 REAL_ONLY = ("instance_dir", "instance_prompt", "class_prompt", "contexts", "resolution")
 
 
@@ -500,12 +503,14 @@ SIDE = 16
 EVAL_BGS = ("teal", "purple", "orange")  # never seen together with "sks"
 
 
-def tokenize(prompts: list[str]) -> torch.Tensor:
-    """Whitespace tokenizer. Returns (B, N) int64 ids, right-padded with <pad>=0."""
+def tokenize(prompts: list[str], tok: dict | None = None) -> torch.Tensor:
+    """Whitespace tokenizer over `tok` (the colour world's TOK by default). Returns (B, N) int64
+    ids, right-padded with <pad>=0."""
+    tok = TOK if tok is None else tok
     ids = torch.zeros(len(prompts), N_TOKENS, dtype=torch.long)  # (B, N)
     for b, p in enumerate(prompts):
         words = p.split()[:N_TOKENS]
-        ids[b, :len(words)] = torch.tensor([TOK[w] for w in words])
+        ids[b, :len(words)] = torch.tensor([tok[w] for w in words])
     return ids
 
 
@@ -556,12 +561,12 @@ def make_subject(n: int, gen: torch.Generator) -> torch.Tensor:
     return torch.stack(out)  # (n, 3, H, W)
 
 
-def build_models(device="cpu"):
+def build_models(device="cpu", vocab_size: int = len(VOCAB)):
     """Returns (text_encoder, unet, train_scheduler, sample_scheduler), freshly initialised."""
     from diffusers import DDIMScheduler, DDPMScheduler
     from transformers import CLIPTextConfig, CLIPTextModel
     text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(VOCAB), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
         num_attention_heads=4, max_position_embeddings=N_TOKENS, pad_token_id=0,
         bos_token_id=1, eos_token_id=0)).to(device)
     unet = build_unet().to(device)
@@ -726,6 +731,121 @@ def transplant_sample(unet, store, sched, z_T, emb, emb_null, cfg_scale, ref_map
     return z
 
 
+# %% 5. The layout world (--world layout): the context is a place, as in the paper's Fig. 1
+# The colour world's context is a global colour and its objects sit in the centre, so there is no
+# layout for the early checkpoint to give (README, premise rows). Here the prompt names a place
+# ("a sks square at left"), the base model learns the place words, the subject's photos stay
+# centred on gray (as in the colour world), and success is the subject at the named place.
+LAYOUT_VOCAB = ["<pad>", "a", "square", "circle", "at", "sks", "red", "blue", "yellow", "white",
+                "left", "right", "top", "bottom", "centre"]
+LAYOUT_TOK = {w: i for i, w in enumerate(LAYOUT_VOCAB)}
+PLACES = {"left": (4, 8), "right": (12, 8), "top": (8, 4), "bottom": (8, 12), "centre": (8, 8)}
+EVAL_PLACES = ("left", "right", "top")  # never seen with "sks" (its photos are centred)
+PLACE_TOKEN = 4  # "a sks square at {place}": the place word is token 4
+LAYOUT_OBJECT_MIN = 16  # object present: >= 16 pixels differ from the background (a 6-px circle
+#                         has 32); fixed before any layout run
+
+
+def make_layout_batch(n: int, gen: torch.Generator, drop_p=0.3):
+    """Pre-training data of the layout world: a shape of a random colour at one of the five
+    PLACES (+-1 px) on gray. The colour or the place word is dropped with prob drop_p (the image
+    keeps its random one), so "a square" means "a square somewhere". Returns images
+    (n, 3, 16, 16) and token ids (n, N) over LAYOUT_TOK."""
+    imgs, prompts = [], []
+    cols, places = list(OBJ_COLOURS), list(PLACES)
+    for _ in range(n):
+        r = torch.randint(0, 10_000, (6,), generator=gen).tolist()
+        shape, col, place = ("square", "circle")[r[0] % 2], cols[r[1] % 4], places[r[2] % 5]
+        size = (6, 8)[r[3] % 2]
+        cx, cy = PLACES[place][0] + (r[4] % 3) - 1, PLACES[place][1] + (r[5] % 3) - 1
+        imgs.append(render(shape, OBJ_COLOURS[col], BG_COLOURS["gray"], size, cx, cy))
+        drop = torch.rand(2, generator=gen)
+        # DEVIATION: random word dropping, so the class prompt "a square" is meaningful
+        words = ["a"] + ([] if drop[0] < drop_p else [col]) + [shape]
+        words += [] if drop[1] < drop_p else ["at", place]
+        prompts.append(" ".join(words))
+    return torch.stack(imgs), tokenize(prompts, LAYOUT_TOK)  # (n, 3, H, W), (n, N)
+
+
+def checker_corr_anywhere(imgs: torch.Tensor) -> torch.Tensor:
+    """Toy DINO of the layout world, per image: the subject wherever it is. The max over every
+    8x8 crop (9 x 9 positions) and the 4 checker phases of |Pearson correlation| between the
+    grey crop and the +-1 checker template. A plain shape has no checks, so it stays low
+    anywhere. imgs (B, 3, 16, 16) -> (B,)."""
+    grey = imgs.float().cpu().mean(1)  # (B, H, W)
+    crops = grey.unfold(1, 8, 1).unfold(2, 8, 1).reshape(len(imgs), -1, 64)  # (B, 81, 64)
+    yy, xx = torch.meshgrid(torch.arange(10), torch.arange(10), indexing="ij")
+    full = ((xx // 2 + yy // 2) % 2).float() * 2 - 1  # (10, 10)
+    templ = torch.stack([full[dy:dy + 8, dx:dx + 8].reshape(-1)
+                         for dy in (0, 1) for dx in (0, 1)])  # (4, 64)
+    c = crops - crops.mean(2, keepdim=True)  # (B, 81, 64)
+    tc = templ - templ.mean(1, keepdim=True)  # (4, 64)
+    corr = (c @ tc.T) / (c.norm(dim=2, keepdim=True) * tc.norm(dim=1) + 1e-8)  # (B, 81, 4)
+    return corr.abs().flatten(1).max(1).values  # (B,)
+
+
+def object_place(imgs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where is the object? Pixels farther than OBJECT_DIST from the border colour are the
+    object; its centroid's nearest PLACE. imgs (B, 3, 16, 16) -> (place index into PLACES (B,),
+    object present (B,) bool: at least LAYOUT_OBJECT_MIN such pixels)."""
+    x = imgs.float().cpu()
+    mask = (x - border_colour(x)[:, :, None, None]).norm(dim=1) > OBJECT_DIST  # (B, H, W)
+    yy, xx = torch.meshgrid(torch.arange(SIDE), torch.arange(SIDE), indexing="ij")
+    n = mask.flatten(1).sum(1)  # (B,)
+    w = mask.float() / n.clamp_min(1).view(-1, 1, 1)  # (B, H, W)
+    # render() puts a shape centred at (cx, cy) on pixels cx - size/2 .. cx + size/2 - 1
+    cen = torch.stack([(w * xx).sum((1, 2)), (w * yy).sum((1, 2))], 1) + 0.5  # (B, 2)
+    anchors = torch.tensor(list(PLACES.values()), dtype=torch.float32)  # (5, 2)
+    return torch.cdist(cen, anchors).argmin(1), n >= LAYOUT_OBJECT_MIN
+
+
+def layout_scores(imgs: torch.Tensor, places: list[str]) -> dict:
+    """The layout world's per-image scores, under the colour world's keys so that every row,
+    premise and plot reads them the same way: "bg" = the context is right (here: an object whose
+    centroid is nearest the named place), "object" = an object present, "prompt_fid" = both,
+    "subject_fid" = checker_corr_anywhere, "subject_rate" = it exceeds SUBJECT_TAU, "both" = the
+    object at the named place AND the subject present (one object per image: the subject at the
+    named place). imgs (B, 3, 16, 16) -> {name: (B,) float}."""
+    where, obj = object_place(imgs)
+    want = torch.tensor([list(PLACES).index(p) for p in places])  # (B,)
+    at = (where == want) & obj  # (B,)
+    corr = checker_corr_anywhere(imgs)  # (B,)
+    subj = corr > SUBJECT_TAU
+    return {"bg": at.float(), "object": obj.float(), "prompt_fid": at.float(),
+            "subject_fid": corr, "subject_rate": subj.float(), "both": (at & subj).float()}
+
+
+def place_masks(places: list[str]) -> torch.Tensor:
+    """The 4x4 block of the toy's 8x8 cross-attention queries around each named place.
+    Returns (B, 64) bool."""
+    yy, xx = torch.meshgrid(torch.arange(8), torch.arange(8), indexing="ij")
+    out = []
+    for p in places:
+        cx, cy = PLACES[p][0] // 2, PLACES[p][1] // 2  # the place in 8x8 query coordinates
+        x0, y0 = min(max(cx - 2, 0), 4), min(max(cy - 2, 0), 4)
+        out.append(((yy >= y0) & (yy < y0 + 4) & (xx >= x0) & (xx < x0 + 4)).flatten())
+    return torch.stack(out)  # (B, 64)
+
+
+def place_collapse_stats(maps: list, masks: torch.Tensor, token: int = PLACE_TOKEN,
+                         steps: int = COLLAPSE_STEPS):
+    """Premise of the layout world: where does the place word look? maps: a list over DDIM
+    steps of {layer: (B*heads, 64, N)}; masks (B, 64) bool, the named place of each sample
+    (place_masks). Over the first `steps` steps, every layer, head and sample: the mean attention
+    of token `token` on the named place's 4x4 queries and on the other 48. Attention collapse =
+    the place word's attention leaves the named place, so the ratio falls from the early to the
+    late checkpoint. Returns (at the place, elsewhere)."""
+    c, r = [], []
+    for step in maps[:steps]:
+        for m in step.values():
+            a = m[..., token].float().cpu()  # (B*heads, 64)
+            # the storing processor lays heads out sample-major: row b*heads + h is sample b
+            mk = masks.repeat_interleave(len(a) // len(masks), 0)  # (B*heads, 64)
+            c.append(a[mk].mean())
+            r.append(a[~mk].mean())
+    return float(torch.stack(c).mean()), float(torch.stack(r).mean())
+
+
 # %% 6. Training and the report: the world, DreamBooth fine-tuning, every sampler, evaluation
 def encode(text_encoder, ids):
     """Token ids (B, N) -> CLIP hidden states (B, N, D), no grad (the encoder is frozen here)."""
@@ -743,6 +863,9 @@ def pretrain(cfg, text_encoder, unet, sched, gen, device):
     """Pre-train text encoder + UNet on random shapes (v-prediction, 10% empty prompts for CFG).
     Cached in <out_dir>/pretrained_toy.pt, keyed by the knobs that change it."""
     key = dict(seed=cfg.seed, pre_steps=cfg.pre_steps, pre_batch=cfg.pre_batch, pre_lr=cfg.pre_lr)
+    if cfg.world != "colour":  # (the colour world's key is unchanged, so old caches still load)
+        key["world"] = cfg.world
+    batch_fn = make_layout_batch if cfg.world == "layout" else make_base_batch
     cache = Path(cfg.out_dir) / "pretrained_toy.pt"
     if cache.is_file():
         blob = torch.load(cache, map_location=device)
@@ -755,7 +878,7 @@ def pretrain(cfg, text_encoder, unet, sched, gen, device):
     opt = torch.optim.AdamW(params, lr=cfg.pre_lr)
     losses = []
     for step in tqdm(range(cfg.pre_steps), desc="pre-train", leave=False):
-        x0, ids = make_base_batch(cfg.pre_batch, gen)  # (B, 3, H, W), (B, N)
+        x0, ids = batch_fn(cfg.pre_batch, gen)  # (B, 3, H, W), (B, N)
         drop = torch.rand(len(ids), generator=gen) < 0.1  # empty prompt for CFG
         ids[drop] = 0
         x0, ids = x0.to(device), ids.to(device)
@@ -790,18 +913,36 @@ class World:
     labels: list                 # P short names of the prompts (for tables and plots)
     decode: Callable             # latents (B, C, H, W) -> images (B, 3, H', W') in [-1, 1]
     score: Callable | None       # (images, prompt index per image) -> {name: (B,)} or None
+    # toy: (maps of one sampler call, prompt index per image) -> the context word's attention
+    # (where it should be, where it should not), the collapse statistic of the premise
+    collapse: Callable | None = None
+    context: str = "right background"  # what the prompt's context asks, in row names
     pre_losses: list = field(default_factory=list)
     cached: bool = False
 
 
 def toy_world(cfg: Config, device) -> World:
-    """The miniature: pre-train (or load) the toy text-to-image model; the subject photos."""
+    """The miniature: pre-train (or load) the toy text-to-image model; the subject photos.
+    --world colour: the context is the background colour; --world layout: a place."""
     gen = set_seed(cfg.seed)
-    text_encoder, unet, train_sched, sample_sched = build_models(device)
+    layout = cfg.world == "layout"
+    text_encoder, unet, train_sched, sample_sched = build_models(
+        device, len(LAYOUT_VOCAB) if layout else len(VOCAB))
     pre_losses, cached = pretrain(cfg, text_encoder, unet, train_sched, gen, device)
     text_encoder.requires_grad_(False).eval()
     # PLUMBING: a fresh stream after pre-training, so a cached run equals an uncached one.
     inst = make_subject(cfg.n_instance, torch.Generator().manual_seed(cfg.seed + 1))
+    if layout:  # the same subject photos (centred, gray); prompts name a place
+        return World(
+            unet=unet.eval(), train_sched=train_sched, sample_sched=sample_sched,
+            embed=lambda prompts: encode(text_encoder, tokenize(prompts, LAYOUT_TOK)),
+            inst=inst.to(device), inst_prompt="a sks square", class_prompt="a square",
+            eval_prompts=[f"a sks square at {p}" for p in EVAL_PLACES], labels=list(EVAL_PLACES),
+            decode=lambda z: z.clamp(-1, 1),
+            score=lambda imgs, idx: layout_scores(imgs, [EVAL_PLACES[i] for i in idx]),
+            collapse=lambda maps, idx: place_collapse_stats(
+                maps, place_masks([EVAL_PLACES[i] for i in idx])),
+            context="at the named place", pre_losses=pre_losses, cached=cached)
     return World(
         unet=unet.eval(), train_sched=train_sched, sample_sched=sample_sched,
         embed=lambda prompts: encode(text_encoder, tokenize(prompts)),
@@ -809,7 +950,7 @@ def toy_world(cfg: Config, device) -> World:
         eval_prompts=[f"a sks square on {bg}" for bg in EVAL_BGS], labels=list(EVAL_BGS),
         decode=lambda z: z.clamp(-1, 1),
         score=lambda imgs, idx: toy_scores(imgs, [EVAL_BGS[i] for i in idx]),
-        pre_losses=pre_losses, cached=cached)
+        collapse=lambda maps, idx: collapse_stats(maps), pre_losses=pre_losses, cached=cached)
 
 
 def real_world(cfg: Config, device) -> World:
@@ -977,13 +1118,14 @@ def run_samplers(cfg, world: World, models: dict, gen, device):
                     img, maps = ddim_sample(*m, sched, *args, record=toy)
                     lat[f"ckpt {s}"].append(img)
                     if toy:
-                        stats[f"ckpt {s}"].append((n_part, collapse_stats(maps)))
+                        stats[f"ckpt {s}"].append((n_part, world.collapse(maps, idx[part])))
             # (B1-B2) once per chunk: the early checkpoint's image and maps are every variant's
             # reference (and that checkpoint's own row)
             reference = ddim_sample(*E, sched, *args, record=True)
             lat[f"ckpt {cfg.early_step}"].append(reference[0])
             if toy:
-                stats[f"ckpt {cfg.early_step}"].append((n_part, collapse_stats(reference[1])))
+                stats[f"ckpt {cfg.early_step}"].append(
+                    (n_part, world.collapse(reference[1], idx[part])))
                 lat[TRANSPLANT].append(transplant_sample(*L, sched, *args, reference[1]))
             for name, (lam, inv) in rows.items():
                 _, out, losses = dreamblend(E, L, sched, *args[:3], w, lam, cfg.guided_steps,
@@ -1132,11 +1274,12 @@ def train(cfg: Config) -> dict:
             "collapse": collapse, "chosen": chosen, "val_rate": val_rate}
 
 
-def make_headline(cfg, rows, blend, early, late, ckpts, chosen=None) -> list[dict]:
+def make_headline(cfg, rows, blend, early, late, ckpts, chosen=None,
+                  context="right background") -> list[dict]:
     """The headline rows (EXPERIMENTS.md section 4): the first "better" row is the fair claim,
     DreamBlend above the trade-off curve per image, against the best single checkpoint chosen on
     validation noises (`chosen`); the checkpoint that is best on the evaluation images themselves
-    is a report (an oracle no user has)."""
+    is a report (an oracle no user has). `context`: the world's context in the row names."""
     def row(metric, key, base_name, base_value, expect, method_value=None):
         return {"metric": metric, "higher_is_better": True, "expect": expect,
                 "method": {"name": "DreamBlend",
@@ -1150,7 +1293,7 @@ def make_headline(cfg, rows, blend, early, late, ckpts, chosen=None) -> list[dic
     oracle = max(rows[n]["both"] for n in ck)
     curve = curve_value([(rows[n]["prompt_fid"], rows[n]["subject_fid"]) for n in ck],
                         rows[blend]["prompt_fid"])
-    both = "right background and subject, per image (toy)"
+    both = f"{context} and subject, per image (toy)"
     other = "inversion + guidance" if blend == "guidance alone" else "guidance alone"
     return [
         row(both, "both", "best checkpoint", rows[f"ckpt {chosen}"]["both"], "better"),
@@ -1160,7 +1303,9 @@ def make_headline(cfg, rows, blend, early, late, ckpts, chosen=None) -> list[dic
         row(both, "both", TRANSPLANT + " (upper bound)", rows[TRANSPLANT]["both"], "report"),
         row(both, "both", "inversion alone", rows["inversion alone (lambda=0)"]["both"], "report"),
         row(both, "both", other, rows[other]["both"], "report"),
-        row("prompt fidelity: background and object (toy CLIP-T)", "prompt_fid",
+        row("prompt fidelity: background and object (toy CLIP-T)"
+            if context == "right background" else f"prompt fidelity: object {context} (toy CLIP-T)",
+            "prompt_fid",
             "late checkpoint", rows[late]["prompt_fid"], "better"),
         row("subject fidelity (toy DINO)", "subject_fid", "early checkpoint",
             rows[early]["subject_fid"], "better"),
@@ -1171,20 +1316,75 @@ def make_headline(cfg, rows, blend, early, late, ckpts, chosen=None) -> list[dic
 
 COLLAPSE_MIN = 1.5  # premise: late / early centre-ring ratio of the background word (set first)
 CONTEXT_MIN = 0.2   # premise: rates that must move by a fifth of the images (set first)
+# The layout world's acceptance check, written in the README before any layout run:
+LAYOUT_EARLY_MIN = 0.7      # the early checkpoint puts the object at the named place
+LAYOUT_LATE_MAX = 0.3       # the late checkpoint loses the place
+LAYOUT_TRANSPLANT_MIN = 0.3  # transplant (late + early maps) minus late, at the named place
+
+
+def layout_premise(rows: dict, early: str, late: str, ckpts: list[str],
+                   collapse: dict | None) -> list[dict]:
+    """The layout world's own premise rows: the acceptance check written in the README before
+    any layout run (early at the place >= 0.7, late <= 0.3, transplant - late >= 0.3) and the
+    place word's attention at the named place over elsewhere, per checkpoint (a report; the
+    premise wants it to fall from early to late)."""
+    out = [
+        premise_row("early checkpoint: object at the named place", rows[early]["bg"], ">=",
+                    LAYOUT_EARLY_MIN),
+        premise_row("late checkpoint: object at the named place", rows[late]["bg"], "<=",
+                    LAYOUT_LATE_MAX),
+        premise_row("subject gained by fine-tuning: subject rate, late - early checkpoint",
+                    rows[late]["subject_rate"] - rows[early]["subject_rate"], ">=", CONTEXT_MIN),
+    ]
+    if collapse:
+        ratio = {n: c / max(r, 1e-12) for n, (c, r) in collapse.items()}
+        for n in ckpts:
+            out.append(premise_row(f"place word's attention, named place / elsewhere ({n}; "
+                                   f"first {COLLAPSE_STEPS} DDIM steps)", ratio[n]))
+        out.append(premise_row("attention collapse: that ratio, late / early checkpoint "
+                               "(wanted: below 1)", ratio[late] / max(ratio[early], 1e-12)))
+    if TRANSPLANT in rows:
+        out.append(premise_row("maps carry the place: object at the named place, transplant "
+                               "(late + early maps) - late checkpoint",
+                               rows[TRANSPLANT]["bg"] - rows[late]["bg"], ">=",
+                               LAYOUT_TRANSPLANT_MIN))
+        out.append(premise_row("transplant upper bound: at the named place and subject, per "
+                               "image", rows[TRANSPLANT]["both"]))
+    return out
 
 
 def dreamblend_premise(rows: dict, early: str, late: str, ckpts: list[str],
                        descent: tuple[float, float] | None, collapse: dict | None = None,
-                       chosen: str | None = None) -> list[dict]:
+                       chosen: str | None = None, world: str = "colour") -> list[dict]:
     """Does the toy pose DreamBlend's problem? Fine-tuning must trade the context for the subject
     (the late checkpoint loses the background the early one keeps, and gains the subject); the
     late checkpoint's maps must collapse (the background word's attention moves onto the
     subject); the early maps must carry the context (transplanting them into the late checkpoint
     brings the background back); and the guidance must do what it says (one step lowers its own
     loss). Thresholds set before the runs: 0.2 of the images, a collapse ratio of 1.5, a loss
-    ratio below 1."""
+    ratio below 1. The layout world has its own rows (layout_premise) before the common ones."""
     if "both" not in rows[late]:  # real scale: no toy metric; nothing to test here
         return [premise_row("real scale: no toy metric, premise not measured", 0.0)]
+    if world == "layout":
+        out = layout_premise(rows, early, late, ckpts, collapse)
+    else:
+        out = colour_premise(rows, early, late, ckpts, collapse)
+    ctx = "at the named place" if world == "layout" else "right background"
+    if chosen is not None:
+        out.append(premise_row(f"the rival, {chosen} (chosen on validation noises): {ctx} "
+                               "and subject per image", rows[chosen]["both"]))
+    out.append(premise_row("best single checkpoint on the evaluation images (oracle)",
+                           max(rows[n]["both"] for n in ckpts)))
+    if descent is not None:
+        before, after = descent
+        out.append(premise_row("one guidance step at the default lambda: attention loss after / "
+                               "before (first DDIM step)", after / max(before, 1e-12), "<=", 1.0))
+    return out
+
+
+def colour_premise(rows: dict, early: str, late: str, ckpts: list[str],
+                   collapse: dict | None) -> list[dict]:
+    """The colour world's own premise rows (thresholds set before the runs of this version)."""
     out = [
         premise_row("context lost by fine-tuning: right-background rate, early - late checkpoint",
                     rows[early]["bg"] - rows[late]["bg"], ">=", CONTEXT_MIN),
@@ -1204,15 +1404,6 @@ def dreamblend_premise(rows: dict, early: str, late: str, ckpts: list[str],
                                rows[TRANSPLANT]["bg"] - rows[late]["bg"], ">=", CONTEXT_MIN))
         out.append(premise_row("transplant upper bound: right background and subject per image",
                                rows[TRANSPLANT]["both"]))
-    if chosen is not None:
-        out.append(premise_row(f"the rival, {chosen} (chosen on validation noises): right "
-                               "background and subject per image", rows[chosen]["both"]))
-    out.append(premise_row("best single checkpoint on the evaluation images (oracle)",
-                           max(rows[n]["both"] for n in ckpts)))
-    if descent is not None:
-        before, after = descent
-        out.append(premise_row("one guidance step at the default lambda: attention loss after / "
-                               "before (first DDIM step)", after / max(before, 1e-12), "<=", 1.0))
     return out
 
 
@@ -1226,13 +1417,15 @@ def report(results: dict) -> dict:
     chosen = results.get("chosen")
     premise = dreamblend_premise(rows, early, late, ck, results["descent"],
                                  results.get("collapse"),
-                                 None if chosen is None else f"ckpt {chosen}")
+                                 None if chosen is None else f"ckpt {chosen}", cfg.world)
     print_premise(premise)
     cols = [c for c in ("bg", "object", "prompt_fid", "subject_fid", "subject_rate", "both",
                         "diversity") if c in rows[blend]]
     heads = {"bg": "bg", "object": "object", "prompt_fid": "prompt-fid",
              "subject_fid": "subject-fid", "subject_rate": f"subj>{SUBJECT_TAU}",
              "both": "bg&subject", "diversity": "diversity"}
+    if cfg.world == "layout" and not cfg.pretrained:  # the context is a place
+        heads.update(bg="place", prompt_fid="prompt-fid", both="place&subj")
     print(f"\nDreamBlend (the method) = {blend} (E={cfg.early_step}, L={cfg.steps}, "
           f"lambda={cfg.guidance_lr}, K={cfg.guided_steps}); {cfg.eval_seeds} samples per prompt")
     print(f"| {'method':32s} | " + " | ".join(f"{heads[c]:>11s}" for c in cols) + " |")
@@ -1240,7 +1433,8 @@ def report(results: dict) -> dict:
     for name, m in rows.items():
         shown = name + " (method)" * (name == blend)
         print(f"| {shown:32s} | " + " | ".join(f"{m[c]:11.3f}" for c in cols) + " |")
-    headline = make_headline(cfg, rows, blend, early, late, results["ckpts"], chosen)
+    headline = make_headline(cfg, rows, blend, early, late, results["ckpts"], chosen,
+                             results["world"].context)
     n_img = len(results["idx"])
     print(f"{n_img} evaluation images per row: one image = {1 / n_img:.3f} of a per-image rate")
     summary = write_summary(cfg, out, results["t_start"], results["metrics"], headline, premise,
@@ -1250,7 +1444,9 @@ def report(results: dict) -> dict:
               if world.score else None)
     plot_grid(images, scores, world.labels, cfg.eval_seeds, blend, out / "dreamblend_grid.png")
     if world.score:
-        plot_tradeoff(rows, ck, blend, out / "dreamblend_tradeoff.png")
+        plot_tradeoff(rows, ck, blend, out / "dreamblend_tradeoff.png",
+                      "prompt fidelity (object at the named place)" if cfg.world == "layout"
+                      else "prompt fidelity (background and object)")
     print_verdict(headline, cfg.quick, out, results["t_start"])
     return summary
 
@@ -1302,7 +1498,8 @@ def plot_grid(images: dict, scores, labels, per: int, blend: str, path):
     plt.show() if IN_NOTEBOOK else plt.close(fig)
 
 
-def plot_tradeoff(rows: dict, ck: list[str], blend: str, path):
+def plot_tradeoff(rows: dict, ck: list[str], blend: str, path,
+                  xlabel: str = "prompt fidelity (background and object)"):
     """The trade-off: prompt fidelity against subject fidelity, checkpoints joined in training
     order, their upper envelope (what mixing two checkpoints reaches), the DreamBlend variants."""
     plt = _plt()
@@ -1317,7 +1514,7 @@ def plot_tradeoff(rows: dict, ck: list[str], blend: str, path):
     for n, mk in zip(variants(Config())[0], ("s", "^", "D")):
         ax.plot(rows[n]["prompt_fid"], rows[n]["subject_fid"], mk,
                 label=n + (" (DreamBlend, the method)" if n == blend else ""))
-    ax.set_xlabel("prompt fidelity (background and object)")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("subject fidelity (checker correlation)")
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
