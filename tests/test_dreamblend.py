@@ -895,3 +895,137 @@ def test_object_present_reads_exactly_the_central_10x10_and_needs_25_pixels():
     assert dreamblend.object_present(image(ring[:24])).tolist() == [False]
     assert dreamblend.object_present(image(ring[:24] + [(6, 13)])).tolist() == [False]
     assert dreamblend.object_present(image(ring[:24] + [(13, 6)])).tolist() == [False]
+
+
+# ---------------------------------------------------------------- the layout world
+def _at(place, checker=True, shape="square", size=8, dx=0, dy=0):
+    cx, cy = dreamblend.PLACES[place]
+    return dreamblend.render(shape, None if checker else dreamblend.OBJ_COLOURS["red"],
+                             dreamblend.BG_COLOURS["gray"], size, cx + dx, cy + dy,
+                             checker=checker)
+
+
+def test_layout_scores_by_hand():
+    """Success = the object's centroid nearest the named place AND the subject present: a
+    centred subject asked at left fails, a plain square at left has the place but no subject,
+    a blank image has nothing, a subject shifted by 1 px still counts."""
+    imgs = torch.stack([_at("left"), _at("centre"), _at("left", checker=False, size=6),
+                        torch.zeros(3, 16, 16), _at("top", dx=-1, dy=1), _at("right"),
+                        _at("bottom")])
+    s = dreamblend.layout_scores(imgs, ["left", "left", "left", "left", "top", "right", "top"])
+    assert s["bg"].tolist() == [1, 0, 1, 0, 1, 1, 0]
+    assert s["object"].tolist() == [1, 1, 1, 0, 1, 1, 1]
+    assert s["subject_rate"].tolist() == [1, 1, 0, 0, 1, 1, 1]
+    assert s["both"].tolist() == [1, 0, 0, 0, 1, 1, 0]
+    assert torch.equal(s["prompt_fid"], s["bg"])
+    # the subject's checker correlation is high wherever it is, a plain shape's low anywhere
+    corr = dreamblend.checker_corr_anywhere(imgs)
+    assert (corr[[0, 1, 4, 5, 6]] > 0.9).all() and corr[2] < 0.3 and corr[3] == 0
+
+
+def test_object_place_needs_16_pixels_and_reads_the_centroid():
+    img = torch.zeros(1, 3, 16, 16)
+    img[0, :, 6:10, 0:4] = 1.0  # 16 pixels, centroid (2, 8): nearest "left"
+    where, obj = dreamblend.object_place(img)
+    assert obj.tolist() == [True] and list(dreamblend.PLACES)[int(where)] == "left"
+    img[0, :, 9, 0:4] = 0.0  # 12 pixels: too few
+    assert dreamblend.object_place(img)[1].tolist() == [False]
+    img = torch.zeros(1, 3, 16, 16)
+    img[0, :, 0:4, 6:10] = 1.0  # top
+    img[0, :, 6:10, 6:10] = 1.0  # and the centre: the centroid (8, 5) is nearest "top"
+    assert list(dreamblend.PLACES)[int(dreamblend.object_place(img)[0])] == "top"
+
+
+def test_place_collapse_stats_by_hand():
+    """The place word's attention on each sample's own named 4x4 block against the other 48
+    queries, heads laid out sample-major, first COLLAPSE_STEPS steps only."""
+    places, heads = ["left", "top"], 2
+    masks = dreamblend.place_masks(places)  # (2, 64)
+    assert masks.sum(1).tolist() == [16, 16]
+    assert masks.view(2, 8, 8)[0, 2:6, 0:4].all() and masks.view(2, 8, 8)[1, 0:4, 2:6].all()
+    m = torch.zeros(len(places) * heads, 64, 5)  # (B*heads, 8x8 queries, 5 tokens)
+    for b in range(len(places)):
+        for h in range(heads):
+            a = torch.full((64,), 0.1)
+            a[masks[b]] = 0.5 + 0.1 * b  # sample 0: 0.5 at its place, sample 1: 0.6
+            m[b * heads + h, :, dreamblend.PLACE_TOKEN] = a
+    late_step = {"l": torch.ones(4, 64, 5)}  # after COLLAPSE_STEPS: ignored
+    maps = [{"l": m}] * dreamblend.COLLAPSE_STEPS + [late_step]
+    c, r = dreamblend.place_collapse_stats(maps, masks)
+    assert c == pytest.approx(0.55) and r == pytest.approx(0.1)
+
+
+def test_layout_batch_prompts_name_where_the_object_is():
+    """Pre-training data of the layout world: the named place is where the object is, the named
+    colour its colour, and the words are dropped only sometimes."""
+    imgs, ids = dreamblend.make_layout_batch(64, torch.Generator().manual_seed(0))
+    inv = {i: w for w, i in dreamblend.LAYOUT_TOK.items()}
+    where, obj = dreamblend.object_place(imgs)
+    named = 0
+    for img, row, w in zip(imgs, ids.tolist(), where.tolist()):
+        words = [inv[i] for i in row if i]
+        assert words[0] == "a" and (words[1] in ("square", "circle") or words[2] in
+                                    ("square", "circle"))
+        if "at" in words:
+            named += 1
+            assert words[-1] == list(dreamblend.PLACES)[w]
+        assert (img[:, 0, 0] == torch.tensor(dreamblend.BG_COLOURS["gray"])).all()
+    assert obj.all() and 30 < named < 60
+
+
+def test_layout_premise_rows_are_the_written_acceptance_check():
+    rows = {"ckpt 20": {"bg": 0.75, "subject_rate": 0.0, "both": 0.0},
+            "ckpt 400": {"bg": 0.25, "subject_rate": 0.9, "both": 0.1},
+            dreamblend.TRANSPLANT: {"bg": 0.5, "subject_rate": 0.8, "both": 0.3}}
+    collapse = {"ckpt 20": (0.4, 0.1), "ckpt 400": (0.2, 0.1)}
+    out = dreamblend.dreamblend_premise(rows, "ckpt 20", "ckpt 400", ["ckpt 20", "ckpt 400"],
+                                        (2.0, 1.0), collapse, "ckpt 400", world="layout")
+    by = {r["name"]: r for r in out}
+    early = by["early checkpoint: object at the named place"]
+    late = by["late checkpoint: object at the named place"]
+    carry = next(r for n, r in by.items() if n.startswith("maps carry the place"))
+    assert (early["cmp"], early["threshold"], early["holds"]) == (">=", 0.7, True)
+    assert (late["cmp"], late["threshold"], late["holds"]) == ("<=", 0.3, True)
+    assert carry["value"] == pytest.approx(0.25) and carry["threshold"] == 0.3
+    assert carry["holds"] is False
+    ratio = next(r for n, r in by.items() if n.startswith("attention collapse"))
+    assert ratio["value"] == pytest.approx(0.5) and ratio["holds"] is None
+    assert not any("right-background" in n or "centre / ring" in n for n in by)
+    colour = dreamblend.dreamblend_premise(rows, "ckpt 20", "ckpt 400", ["ckpt 20", "ckpt 400"],
+                                           (2.0, 1.0), collapse, "ckpt 400")
+    assert not any("named place" in r["name"] for r in colour)
+
+
+@pytest.mark.slow
+def test_quick_layout_run_wires_the_layout_world(tmp_path):
+    """--world layout: place prompts and scores, the place word's collapse statistic, the
+    acceptance rows in the premise, its own vocabulary and cache key."""
+    out = dreamblend.train(dreamblend.Config(quick=True, world="layout",
+                                             out_dir=str(tmp_path / "l")))
+    s = dreamblend.report(out)
+    assert out["world"].eval_prompts == [f"a sks square at {p}" for p in dreamblend.EVAL_PLACES]
+    assert out["world"].context == "at the named place"
+    assert s["headline"][0]["metric"].startswith("at the named place and subject")
+    names = [r["name"] for r in s["premise"]]
+    assert names[:2] == ["early checkpoint: object at the named place",
+                         "late checkpoint: object at the named place"]
+    cfg = out["cfg"]
+    e, l_ = f"ckpt {cfg.early_step}", f"ckpt {cfg.steps}"
+    carry = next(r for r in s["premise"] if r["name"].startswith("maps carry the place"))
+    assert carry["value"] == pytest.approx(s["metrics"]["bg/" + dreamblend.TRANSPLANT]
+                                           - s["metrics"][f"bg/{l_}"])
+    assert s["premise"][0]["value"] == pytest.approx(s["metrics"][f"bg/{e}"])
+    # the run's images scored by the layout metric
+    idx, img = out["idx"], out["images"][l_]
+    want = dreamblend.layout_scores(img, [dreamblend.EVAL_PLACES[i] for i in idx])
+    assert s["metrics"][f"both/{l_}"] == pytest.approx(float(want["both"].mean()))
+    # the world's collapse statistic is the place word's, on each image's own named place
+    m = torch.rand(len(idx[:4]) * 2, 64, 5)  # (B*heads, 64, N), two heads
+    maps = [{"l": m}] * dreamblend.COLLAPSE_STEPS
+    places = [dreamblend.EVAL_PLACES[i] for i in idx[:4]]
+    assert out["world"].collapse(maps, idx[:4]) == pytest.approx(
+        dreamblend.place_collapse_stats(maps, dreamblend.place_masks(places)))
+    blob = torch.load(tmp_path / "l" / "pretrained_toy.pt")
+    assert blob["key"]["world"] == "layout"
+    emb = next(v for k, v in blob["text_encoder"].items() if k.endswith("token_embedding.weight"))
+    assert emb.shape[0] == len(dreamblend.LAYOUT_VOCAB)
