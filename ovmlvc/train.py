@@ -155,14 +155,14 @@ class Config:
     dial_label_only: str = field(default="0", metadata={
         "help": "dial gaps at which the label-side-only arm runs too (comma-separated; the "
                 "method runs at every gap of --dial)"})
-    steps: int = field(default=400, metadata={
+    steps: int = field(default=450, metadata={
         "help": "stage-1 steps of the method and its ablations (tuned: README)",
         "range": "[1, inf)"})
-    steps_plain: int = field(default=800, metadata={
+    steps_plain: int = field(default=1300, metadata={
         "help": "stage-1 steps of the plain prompt (tuned: README)", "range": "[1, inf)"})
     steps_hard_video: int = field(default=350, metadata={
         "help": "stage-1 steps of the hard words + video (tuned: README)", "range": "[1, inf)"})
-    steps_label_only: int = field(default=500, metadata={
+    steps_label_only: int = field(default=450, metadata={
         "help": "stage-1 steps of the LLM label side only, video frozen (tuned: README)",
         "range": "[1, inf)"})
     pre_steps: int = field(default=300, metadata={"help": "stage-0 steps (toy CLIP, toy LLM)",
