@@ -561,15 +561,16 @@ def make_subject(n: int, gen: torch.Generator) -> torch.Tensor:
     return torch.stack(out)  # (n, 3, H, W)
 
 
-def build_models(device="cpu", vocab_size: int = len(VOCAB)):
-    """Returns (text_encoder, unet, train_scheduler, sample_scheduler), freshly initialised."""
+def build_models(device="cpu", vocab_size: int = len(VOCAB), coords: bool = False):
+    """Returns (text_encoder, unet, train_scheduler, sample_scheduler), freshly initialised.
+    coords: the layout world's UNet, which also sees its pixels' coordinates (CoordUNet)."""
     from diffusers import DDIMScheduler, DDPMScheduler
     from transformers import CLIPTextConfig, CLIPTextModel
     text_encoder = CLIPTextModel(CLIPTextConfig(
         vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
         num_attention_heads=4, max_position_embeddings=N_TOKENS, pad_token_id=0,
         bos_token_id=1, eos_token_id=0)).to(device)
-    unet = build_unet().to(device)
+    unet = build_unet(coords).to(device)
     # DEVIATION: v-prediction (SD 1.x: eps); with eps the tiny model ignored the prompt (notes).
     sched_kw = dict(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2",
                     prediction_type="v_prediction")
@@ -577,15 +578,45 @@ def build_models(device="cpu", vocab_size: int = len(VOCAB)):
             DDIMScheduler(clip_sample=True, **sched_kw))
 
 
-def build_unet():
-    """The toy UNet: cross-attention (attn2) only at 8x8 and in the middle block."""
+def build_unet(coords: bool = False):
+    """The toy UNet: cross-attention (attn2) only at 8x8 and in the middle block. coords: a
+    CoordUNet (two more input channels, the pixel coordinates) for the layout world."""
     from diffusers import UNet2DConditionModel
     # DEVIATION: no cross-attention at 16x16; attention over 256 queries dominated CPU step time.
-    return UNet2DConditionModel(
-        sample_size=SIDE, in_channels=3, out_channels=3, layers_per_block=1,
+    return (coord_unet_class() if coords else UNet2DConditionModel)(
+        sample_size=SIDE, in_channels=5 if coords else 3, out_channels=3, layers_per_block=1,
         block_out_channels=(16, 32), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32,
         attention_head_dim=8, norm_num_groups=8)
+
+
+_COORD_UNET = []
+
+
+def coord_unet_class():
+    """The layout world's UNet class: a diffusers UNet2DConditionModel that appends two channels,
+    the x and y coordinates of each pixel in [-1, 1], to its input (CoordConv).
+    DEVIATION: the toy UNet has no positional signal but its zero padding (attention at 8x8
+    without position embeddings), and without one the base model did not learn the place words
+    (measured: tuning seeds 100 and 101, the object at the named place in 0.25 and 0.21 of the
+    base model's images, chance 0.2). SD's much deeper 64x64 UNet gets position from padding
+    over many layers; here two coordinate channels give it directly. Built on first use, so
+    importing this file does not import diffusers' UNet."""
+    if not _COORD_UNET:
+        from diffusers import UNet2DConditionModel
+
+        class CoordUNet(UNet2DConditionModel):
+            def forward(self, sample, timestep, encoder_hidden_states, *args, **kwargs):
+                b, _, h, w = sample.shape
+                ys = torch.linspace(-1, 1, h, device=sample.device, dtype=sample.dtype)
+                xs = torch.linspace(-1, 1, w, device=sample.device, dtype=sample.dtype)
+                yy, xx = torch.meshgrid(ys, xs, indexing="ij")  # (H, W)
+                coords = torch.stack([xx, yy])[None].expand(b, -1, -1, -1)  # (B, 2, H, W)
+                return super().forward(torch.cat([sample, coords], 1), timestep,
+                                       encoder_hidden_states, *args, **kwargs)
+
+        _COORD_UNET.append(CoordUNet)
+    return _COORD_UNET[0]
 
 
 SUBJECT_TAU = 0.5  # subject present: checker correlation above the midpoint of plain (~0.14)
@@ -864,7 +895,7 @@ def pretrain(cfg, text_encoder, unet, sched, gen, device):
     Cached in <out_dir>/pretrained_toy.pt, keyed by the knobs that change it."""
     key = dict(seed=cfg.seed, pre_steps=cfg.pre_steps, pre_batch=cfg.pre_batch, pre_lr=cfg.pre_lr)
     if cfg.world != "colour":  # (the colour world's key is unchanged, so old caches still load)
-        key["world"] = cfg.world
+        key.update(world=cfg.world, unet=type(unet).__name__)
     batch_fn = make_layout_batch if cfg.world == "layout" else make_base_batch
     cache = Path(cfg.out_dir) / "pretrained_toy.pt"
     if cache.is_file():
@@ -927,7 +958,7 @@ def toy_world(cfg: Config, device) -> World:
     gen = set_seed(cfg.seed)
     layout = cfg.world == "layout"
     text_encoder, unet, train_sched, sample_sched = build_models(
-        device, len(LAYOUT_VOCAB) if layout else len(VOCAB))
+        device, len(LAYOUT_VOCAB) if layout else len(VOCAB), coords=layout)
     pre_losses, cached = pretrain(cfg, text_encoder, unet, train_sched, gen, device)
     text_encoder.requires_grad_(False).eval()
     # PLUMBING: a fresh stream after pre-training, so a cached run equals an uncached one.
@@ -1063,11 +1094,12 @@ def finetune(cfg, unet, sched, inst, inst_emb, cls, cls_emb, gen, device):
     return ckpts, losses
 
 
-def load_unet(state: dict, device, config=None, dtype=torch.float32):
-    """A fresh UNet (toy, or of `config`) holding checkpoint `state`, frozen, with storing
-    processors installed. Returns (unet, store)."""
+def load_unet(state: dict, device, config=None, dtype=torch.float32, cls=None):
+    """A fresh UNet (toy, or of `config`, of class `cls`: the world's own UNet class) holding
+    checkpoint `state`, frozen, with storing processors installed. Returns (unet, store)."""
     from diffusers import UNet2DConditionModel
-    unet = build_unet() if config is None else UNet2DConditionModel.from_config(config)
+    cls = cls or UNet2DConditionModel
+    unet = build_unet() if config is None else cls.from_config(config)
     unet.load_state_dict(state)
     unet.to(device)
     if dtype != torch.float32:
@@ -1221,7 +1253,8 @@ def train(cfg: Config) -> dict:
 
     # PAPER: stages B-D for every variant, and every checkpoint alone, on the same start noise.
     dtype = torch.bfloat16 if cfg.mixed_precision == "bf16" else torch.float32
-    models = {s: load_unet(st, device, world.unet.config, dtype) for s, st in ckpts.items()}
+    models = {s: load_unet(st, device, world.unet.config, dtype, type(world.unet))
+              for s, st in ckpts.items()}
     images, idx, g_losses, collapse = run_samplers(cfg, world, models, gen, device)
     chosen, val_rate = (validation_choice(cfg, world, models, device) if world.score
                         else (None, {}))

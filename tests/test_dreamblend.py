@@ -1027,5 +1027,28 @@ def test_quick_layout_run_wires_the_layout_world(tmp_path):
         dreamblend.place_collapse_stats(maps, dreamblend.place_masks(places)))
     blob = torch.load(tmp_path / "l" / "pretrained_toy.pt")
     assert blob["key"]["world"] == "layout"
+    assert blob["key"]["unet"] == "CoordUNet" == type(out["world"].unet).__name__
     emb = next(v for k, v in blob["text_encoder"].items() if k.endswith("token_embedding.weight"))
     assert emb.shape[0] == len(dreamblend.LAYOUT_VOCAB)
+
+
+def test_coord_unet_sees_its_pixel_coordinates():
+    """The layout world's UNet = a plain UNet with 5 input channels fed (z, x, y), x and y the
+    pixel coordinates in [-1, 1]; checkpoints reload as the same class."""
+    from diffusers import UNet2DConditionModel
+    torch.manual_seed(0)
+    _, unet, _, _ = dreamblend.build_models(vocab_size=len(dreamblend.LAYOUT_VOCAB), coords=True)
+    plain = UNet2DConditionModel.from_config({**unet.config, "_class_name": "UNet2DConditionModel"})
+    plain.load_state_dict(unet.state_dict())
+    z, emb = torch.randn(2, 3, 16, 16), torch.randn(2, 5, 32)
+    t = torch.tensor([500, 500])
+    xs = torch.linspace(-1, 1, 16)
+    coords = torch.stack([xs.view(1, 16).expand(16, 16), xs.view(16, 1).expand(16, 16)])
+    want = plain(torch.cat([z, coords[None].expand(2, -1, -1, -1)], 1), t,
+                 encoder_hidden_states=emb).sample
+    with torch.no_grad():
+        torch.testing.assert_close(unet(z, t, encoder_hidden_states=emb).sample, want)
+        again, _ = dreamblend.load_unet(dreamblend.snapshot(unet), "cpu", unet.config,
+                                        cls=type(unet))
+        torch.testing.assert_close(again(z, t, encoder_hidden_states=emb).sample, want)
+    assert type(again) is type(unet) and unet.config.in_channels == 5
