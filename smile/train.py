@@ -1430,7 +1430,7 @@ def plot(hists: dict, sweep: dict, cfg: Config, path: Path, floor: float, level:
     plt.show() if IN_NOTEBOOK else plt.close(fig)
 
 
-GAP_STEPS = (250, 500, 1000, 1500)  # where tuning_lengths reads the paired gaps
+GAP_STEPS = (250, 500, 1000, 1500, 2000)  # where tuning_lengths reads the paired gaps
 
 
 def tuning_curves(tune_dir: Path) -> dict:
@@ -1456,18 +1456,31 @@ def tuning_lengths(curves: dict) -> dict:
     """Each arm's length, chosen like its learning rate: the step whose validation loss, averaged
     over the tuning seeds, is lowest. `at_edge` says whether that is the grid's last point, and
     `slope_per_100` how fast the mean curve still falls over its last 250 steps. Plus the paired
-    gaps to Switch per seed at GAP_STEPS (the claim read along the curve)."""
+    gaps to Switch per seed at GAP_STEPS (the claim read along the curve).
+    Since one evaluation point is noisy, each arm also gets a least-squares line through the mean
+    curve's points in the last 500 steps: its slope (`fit_slope_per_100`) and the spread of the
+    points about it (`fit_resid_sd`, the noise of one point), and `last_minus_best`, how far the
+    last point sits above the lowest (a lowest point just inside the edge that is within the
+    noise of the last one is not a validation optimum). `gap_stats`: each gap's mean, paired 90 %
+    interval and count of seeds behind (`paired_gap_stats`)."""
     steps = curves["steps"]
-    res: dict = {"seeds": curves["seeds"], "grid": [steps[1], steps[-1]], "arms": {}, "gaps": {}}
+    res: dict = {"seeds": curves["seeds"], "grid": [steps[1], steps[-1]], "arms": {}, "gaps": {},
+                 "gap_stats": {}}
     j = min(range(len(steps)), key=lambda i: abs(steps[i] - (steps[-1] - 250)))
+    tail = [i for i in range(len(steps)) if steps[i] >= steps[-1] - 500]
     for k in VARIANTS:
         if k not in curves:
             continue
         mean = np.mean(curves[k], axis=0)  # (evaluation points,)
         i = int(np.argmin(mean))
+        x, y = np.array(steps, float)[tail], mean[tail]  # (tail points,)
+        slope, icept = np.polyfit(x, y, 1)
         res["arms"][NAMES[k]] = {
             "best_step": steps[i], "best_val": float(mean[i]), "at_edge": i == len(steps) - 1,
-            "slope_per_100": float((mean[-1] - mean[j]) / (steps[-1] - steps[j]) * 100)}
+            "slope_per_100": float((mean[-1] - mean[j]) / (steps[-1] - steps[j]) * 100),
+            "fit_slope_per_100": float(slope * 100),
+            "fit_resid_sd": float(np.std(y - (slope * x + icept), ddof=2)),
+            "last_minus_best": float(mean[-1] - mean[i])}
     for k in ("additive", "smile"):
         if k not in curves or "switch" not in curves:
             continue
@@ -1476,7 +1489,21 @@ def tuning_lengths(curves: dict) -> dict:
                 i = steps.index(s_)
                 per_seed = [a[i] - b[i] for a, b in zip(curves[k], curves["switch"])]
                 res["gaps"][f"{NAMES[k]} - Switch @{s_}"] = [round(g, 4) for g in per_seed]
+                res["gap_stats"][f"{NAMES[k]} - Switch @{s_}"] = paired_gap_stats(per_seed)
     return res
+
+
+T95 = (6.314, 2.920, 2.353, 2.132, 2.015, 1.943, 1.895, 1.860, 1.833)  # t quantile 0.95, df 1-9
+
+
+def paired_gap_stats(gaps: list[float]) -> dict:
+    """Mean of per-seed paired gaps, its two-sided 90 % t interval (needs 2-10 seeds) and on how
+    many seeds the method is behind (gap > 0: higher loss)."""
+    g = np.array(gaps, float)  # (seeds,)
+    half = T95[len(g) - 2] * g.std(ddof=1) / np.sqrt(len(g)) if 2 <= len(g) <= 10 else float("nan")
+    return {"mean": round(float(g.mean()), 4),
+            "ci90": [round(float(g.mean() - half), 4), round(float(g.mean() + half), 4)],
+            "behind": int((g > 0).sum()), "n": len(g)}
 
 
 def plot_tuning(curves: dict, chosen: dict, path: Path) -> None:

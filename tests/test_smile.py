@@ -816,8 +816,25 @@ def test_tuning_lengths_choose_each_arms_lowest_mean_and_flag_the_edge(tmp_path)
     assert got["arms"]["SMILE"]["best_val"] == pytest.approx(1.675)
     # Switch's mean falls from 1.60 at 1250 to 1.55 at 1500: -0.02 nats per 100 steps
     assert got["arms"]["Switch"]["slope_per_100"] == pytest.approx(-0.02)
+    # least-squares line through the mean points of the last 500 steps (1000, 1250, 1500):
+    # Switch 1.65, 1.60, 1.55 lies on it; SMILE 1.685, 1.725, 1.80 rises 0.023 per 100 steps with
+    # residuals (0.035 / 6) * (1, -2, 1), so one point's noise is 0.035 / sqrt(6)
+    assert got["arms"]["Switch"]["fit_slope_per_100"] == pytest.approx(-0.02)
+    assert got["arms"]["Switch"]["fit_resid_sd"] == pytest.approx(0.0, abs=1e-9)
+    assert got["arms"]["SMILE"]["fit_slope_per_100"] == pytest.approx(0.023)
+    assert got["arms"]["SMILE"]["fit_resid_sd"] == pytest.approx(0.035 / math.sqrt(6))
+    assert got["arms"]["SMILE"]["last_minus_best"] == pytest.approx(0.125)
+    assert got["arms"]["Switch"]["last_minus_best"] == 0.0
     assert got["gaps"]["SMILE - Switch @500"] == [-0.1, 0.0]
     assert got["gaps"]["SMILE - Switch @1500"] == [0.3, 0.2]
+    # paired stats: gaps -0.1, 0.0 -> mean -0.05, sd 0.1/sqrt(2), se 0.05, t(1 df) 6.314
+    st = got["gap_stats"]["SMILE - Switch @500"]
+    assert st["mean"] == pytest.approx(-0.05) and st["behind"] == 0 and st["n"] == 2
+    assert st["ci90"] == pytest.approx([-0.05 - 0.3157, -0.05 + 0.3157], abs=1e-4)
+    assert got["gap_stats"]["SMILE - Switch @1500"]["behind"] == 2
+    # three seeds: t with 2 df (2.920); 0.1, 0.2, 0.3 -> se 0.1/sqrt(3)
+    three = smile.paired_gap_stats([0.1, 0.2, 0.3])
+    assert three["ci90"] == pytest.approx([0.2 - 0.1686, 0.2 + 0.1686], abs=1e-4)
     smile.plot_tuning(curves, got, tmp_path / "fig.png")
     assert (tmp_path / "fig.png").stat().st_size > 0
     with pytest.raises(SystemExit) as e:
