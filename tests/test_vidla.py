@@ -771,6 +771,12 @@ def test_rung_lr_overrides_lr_per_rung():
     assert lrs == {"meanP": 2e-3, "meanP+TP": 1e-3, "TP+MST": 2e-3, "TP+MST+hier": 2e-3,
                    "VidLA": 4e-3}
     assert vidla.rung_lrs(vidla.Config(lr=5e-4)) == dict.fromkeys(vidla.LADDER, 5e-4)
+    # The defaults are each rung's rate tuned on seeds 100-102 (README, "Tuning"), and
+    # --rung-lr still overrides them one rung at a time.
+    assert vidla.rung_lrs(vidla.Config()) == vidla.TUNED_LR == {
+        "meanP": 2e-3, "meanP+TP": 1e-3, "TP+MST": 2e-3, "TP+MST+hier": 2e-3, "VidLA": 1e-3}
+    assert vidla.rung_lrs(vidla.Config(rung_lr="VidLA=4e-3"))["VidLA"] == 4e-3
+    assert vidla.rung_lrs(vidla.Config(rung_lr="VidLA=4e-3"))["meanP+TP"] == 1e-3
     for bad in ("bogus=1e-3", "VidLA=-1"):
         with pytest.raises(SystemExit):
             vidla.parse_args(["--rung-lr", bad])
