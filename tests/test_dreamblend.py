@@ -1052,3 +1052,38 @@ def test_coord_unet_sees_its_pixel_coordinates():
                                         cls=type(unet))
         torch.testing.assert_close(again(z, t, encoder_hidden_states=emb).sample, want)
     assert type(again) is type(unet) and unet.config.in_channels == 5
+
+
+def test_compute_plot_reads_every_seed_and_refuses_an_empty_folder(tmp_path):
+    """plot_compute.py: one point per checkpoint (mean over the seeds' summaries), the variants
+    at the late checkpoint's steps; an empty folder is a one-line error."""
+    from dreamblend import plot_compute
+    names = ["ckpt 0", "ckpt 400", "guidance alone", "inversion alone (lambda=0)",
+             "inversion + guidance", dreamblend.TRANSPLANT]
+    for seed in (0, 1):
+        d = tmp_path / f"seed{seed}"
+        d.mkdir()
+        metrics = {f"{k}/{n}": 0.1 * seed + 0.01 * i for i, n in enumerate(names)
+                   for k in ("both", "prompt_fid", "subject_fid")}
+        (d / "summary.json").write_text(json.dumps(
+            {"seed": seed, "config": {"steps": 400, "world": "layout"}, "metrics": metrics}))
+    seen = {}
+    import matplotlib.axes
+    orig = matplotlib.axes.Axes.errorbar
+
+    def spy(self, x, y, yerr=None, **kw):
+        seen.setdefault(kw.get("label"), []).append((x, y))
+        return orig(self, x, y, yerr, **kw)
+
+    matplotlib.axes.Axes.errorbar = spy
+    try:
+        plot_compute.main(["--runs", str(tmp_path), "--out", str(tmp_path / "c.png")])
+    finally:
+        matplotlib.axes.Axes.errorbar = orig
+    assert (tmp_path / "c.png").is_file()
+    xs, ys = seen["single checkpoint (fine-tuning steps)"][0]
+    assert list(xs) == [0, 400] and ys == pytest.approx([0.05, 0.06])  # mean of seeds 0, 1
+    x, y = seen["guidance alone (DreamBlend)"][0]
+    assert x == 400 and y == pytest.approx(0.07)
+    with pytest.raises(SystemExit, match="no seed"):
+        plot_compute.main(["--runs", str(tmp_path / "none")])
