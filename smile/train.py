@@ -1446,6 +1446,7 @@ def tuning_curves(tune_dir: Path) -> dict:
         if m["val_curve_steps"] != out["steps"]:
             continue
         out["seeds"].append(s["seed"])
+        out.setdefault("floor", []).append(m.get("val_floor", float("nan")))
         for k in VARIANTS:
             if f"val_curve_{k}" in m:
                 out.setdefault(k, []).append(m[f"val_curve_{k}"])
@@ -1462,7 +1463,9 @@ def tuning_lengths(curves: dict) -> dict:
     points about it (`fit_resid_sd`, the noise of one point), and `last_minus_best`, how far the
     last point sits above the lowest (a lowest point just inside the edge that is within the
     noise of the last one is not a validation optimum). `gap_stats`: each gap's mean, paired 90 %
-    interval and count of seeds behind (`paired_gap_stats`)."""
+    interval and count of seeds behind (`paired_gap_stats`), and the mean as a share of Switch's
+    mean loss above the Bayes floor at that step (`share_of_reducible`; the reducible loss
+    shrinks as training goes on, so an equal gap in nats weighs more later)."""
     steps = curves["steps"]
     res: dict = {"seeds": curves["seeds"], "grid": [steps[1], steps[-1]], "arms": {}, "gaps": {},
                  "gap_stats": {}}
@@ -1489,7 +1492,21 @@ def tuning_lengths(curves: dict) -> dict:
                 i = steps.index(s_)
                 per_seed = [a[i] - b[i] for a, b in zip(curves[k], curves["switch"])]
                 res["gaps"][f"{NAMES[k]} - Switch @{s_}"] = [round(g, 4) for g in per_seed]
-                res["gap_stats"][f"{NAMES[k]} - Switch @{s_}"] = paired_gap_stats(per_seed)
+                st = paired_gap_stats(per_seed)
+                # the mean gap as a share of Switch's mean loss above the Bayes floor there
+                st["share_of_reducible"] = round(float(st["mean"] / np.mean(
+                    [b[i] - f for b, f in zip(curves["switch"], curves.get("floor", []))])), 4)
+                res["gap_stats"][f"{NAMES[k]} - Switch @{s_}"] = st
+        # one evaluation point is noisy: each seed's gap also averaged over the last 250 steps
+        # of the default run and of the grid
+        for lo, hi in sorted({(STEPS_DEFAULT - 250, STEPS_DEFAULT), (steps[-1] - 250, steps[-1])}):
+            sel = [i for i in range(len(steps)) if lo <= steps[i] <= hi]
+            per_seed = [float(np.mean([a[i] - b[i] for i in sel]))
+                        for a, b in zip(curves[k], curves["switch"])]
+            res["gaps"][f"{NAMES[k]} - Switch, mean over steps {lo}-{hi}"] = [
+                round(g, 4) for g in per_seed]
+            res["gap_stats"][f"{NAMES[k]} - Switch, mean over steps {lo}-{hi}"] = \
+                paired_gap_stats(per_seed)
     return res
 
 
@@ -1531,7 +1548,7 @@ def plot_tuning(curves: dict, chosen: dict, path: Path) -> None:
     ax[0].plot([], [], "k*", ms=10, label="each arm's lowest mean val loss")
     ax[0].set(xlabel="training steps (= compute: same batches, same FLOPs per token per MoE arm)",
               ylabel="validation cross-entropy (no drops)",
-              title=f"(a) mean over tuning seeds {', '.join(map(str, curves['seeds']))} "
+              title=f"(a) mean over seeds {', '.join(map(str, curves['seeds']))} "
                     "(band: min-max)")
     ax[0].legend(fontsize=8, loc="upper right")
     for k in ("additive", "smile"):

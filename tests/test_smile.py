@@ -790,8 +790,9 @@ def test_same_seed_same_numbers(tmp_path):
     assert not torch.equal(other, smile.make_languages(cfg))  # the seed reaches the data
 
 
-def _fake_tuning_summary(path, seed, steps, curves):
-    m = {"val_curve_steps": steps, **{f"val_curve_{k}": v for k, v in curves.items()}}
+def _fake_tuning_summary(path, seed, steps, curves, floor=1.0):
+    m = {"val_curve_steps": steps, "val_floor": floor,
+         **{f"val_curve_{k}": v for k, v in curves.items()}}
     path.mkdir(parents=True)
     (path / "summary.json").write_text(json.dumps({"seed": seed, "metrics": m}))
 
@@ -805,7 +806,7 @@ def test_tuning_lengths_choose_each_arms_lowest_mean_and_flag_the_edge(tmp_path)
     sm = ([3.0, 2.1, 1.7, 1.6, 1.65, 1.7, 1.8], [3.0, 2.1, 1.9, 1.75, 1.72, 1.75, 1.8])
     for i, seed in enumerate((100, 101)):
         _fake_tuning_summary(tmp_path / f"seed{seed}", seed, steps,
-                             {"switch": sw[i], "smile": sm[i]})
+                             {"switch": sw[i], "smile": sm[i]}, floor=(1.0, 1.2)[i])
     # a run on a shorter grid is skipped
     _fake_tuning_summary(tmp_path / "other", 102, steps[:3], {"switch": sw[0][:3]})
     curves = smile.tuning_curves(tmp_path)
@@ -832,6 +833,14 @@ def test_tuning_lengths_choose_each_arms_lowest_mean_and_flag_the_edge(tmp_path)
     assert st["mean"] == pytest.approx(-0.05) and st["behind"] == 0 and st["n"] == 2
     assert st["ci90"] == pytest.approx([-0.05 - 0.3157, -0.05 + 0.3157], abs=1e-4)
     assert got["gap_stats"]["SMILE - Switch @1500"]["behind"] == 2
+    # Switch at 500: 1.8 and 1.9 over floors 1.0 and 1.2 -> 0.75 above the floor; -0.05 / 0.75
+    assert st["share_of_reducible"] == pytest.approx(-0.05 / 0.75, abs=1e-4)
+    # each seed's gap averaged over the last 250 steps of the default run (250, 500) and of the
+    # grid (1250, 1500): seed 100 (0.1 - 0.1) / 2 and (0.15 + 0.3) / 2, seed 101 (-0.1 + 0) / 2
+    # and (0.1 + 0.2) / 2
+    assert got["gaps"]["SMILE - Switch, mean over steps 250-500"] == [0.0, -0.05]
+    assert got["gaps"]["SMILE - Switch, mean over steps 1250-1500"] == [0.225, 0.15]
+    assert got["gap_stats"]["SMILE - Switch, mean over steps 1250-1500"]["behind"] == 2
     # three seeds: t with 2 df (2.920); 0.1, 0.2, 0.3 -> se 0.1/sqrt(3)
     three = smile.paired_gap_stats([0.1, 0.2, 0.3])
     assert three["ci90"] == pytest.approx([0.2 - 0.1686, 0.2 + 0.1686], abs=1e-4)
