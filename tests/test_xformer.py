@@ -643,6 +643,20 @@ def test_arms_record_what_each_arm_got(quick_pair):
         assert arms[name]["stage2_patience"] == cfg.patience
         assert arms[name]["stage2_seeds"] == arms["X-Former"]["stage2_seeds"]  # paired
         assert len(arms[name]["stage2_seeds"]) == cfg.stage2_seeds
+    # the tuned rates differ between the method and its rivals, so an arm given another arm's
+    # rate at the call site (e.g. stage2_lr(cfg, "xformer") for every model) shows here
+    assert arms["X-Former"]["lr_stage2"] == 1e-3
+    for name in ("BLIP-2", "concat", xf.CONCAT_WIDE):
+        assert arms[name]["lr_stage2"] == 3e-3, name
+
+
+def test_defaults_are_the_tuned_stage2_protocol():
+    # README, "What was tuned": xformer/sweep.py on the tuning seeds chose each model's stage-2
+    # rate, a patience of 8 evaluations every 100 steps and a cap of 1600 steps
+    cfg = xf.Config()
+    assert (cfg.stage2_steps, cfg.patience, cfg.eval_every, cfg.lr_stage2) == (1600, 8, 100, 0)
+    assert xf.LR_STAGE2 == {"blip2": 3e-3, "concat": 3e-3, "concat_wide": 3e-3, "xformer": 1e-3}
+    assert {v: xf.stage2_lr(cfg, v) for v in xf.LR_STAGE2} == xf.LR_STAGE2
 
 
 @pytest.mark.slow

@@ -30,13 +30,16 @@ MODELS = {key: name for name, key, _v, _l, with_stage2 in xf.LADDER if with_stag
 
 
 def sweep_seed(seed: int, lrs: list[float], models: list[str], steps: int, eval_every: int,
-               patience: int, path: Path) -> dict:
+               patience: int, path: Path, stage1_steps: int = 120, stage1_lr: float = 1e-3) -> dict:
     out = json.loads(path.read_text()) if path.exists() else {"seed": seed, "runs": {}}
+    if out.setdefault("stage1", {"steps": stage1_steps, "lr": stage1_lr}) != {
+            "steps": stage1_steps, "lr": stage1_lr}:
+        raise SystemExit(f"{path} holds a sweep with stage 1 {out['stage1']}; use another --out")
     todo = [(k, lr) for k in models for lr in lrs if f"{k} | lr {lr:g}" not in out["runs"]]
     if not todo:
         return out
     cfg = xf.Config(seed=seed, stage2_steps=steps, eval_every=eval_every, patience=patience,
-                    skip_patch_check=True)
+                    skip_patch_check=True, steps=stage1_steps, lr=stage1_lr)
     xf.set_seed(cfg.seed)
     gen = xf.torch.Generator().manual_seed(cfg.seed)
     data = xf.make_dataset(cfg)
@@ -48,7 +51,10 @@ def sweep_seed(seed: int, lrs: list[float], models: list[str], steps: int, eval_
     for name, key, variant, lam, _ in (ladder[k] for k in models):  # in the order asked for
         if key in {k for k, _ in todo}:
             cfg_m = dataclasses.replace(cfg, lambda_rec=cfg.lambda_rec if lam is None else lam)
-            stage1[key] = (name, cfg_m, xf.stage1(name, cfg_m, data, enc, variant, cfg.seed + 1)[0])
+            model, hist = xf.stage1(name, cfg_m, data, enc, variant, cfg.seed + 1)
+            stage1[key] = (name, cfg_m, model)
+            out.setdefault("probes", {})[key] = xf.evaluate_probe(model, enc, data, seed)
+            out.setdefault("stage1_loss", {})[key] = sum(hist["total"][-10:]) / 10
     for lr in lrs:
         for key, (name, cfg_m, model) in stage1.items():
             if (key, lr) not in todo:
@@ -91,14 +97,19 @@ def analyse(folder: Path, patiences=(3, 5, 8), caps=(800, 1200, 1600)) -> dict:
     accuracy-against-steps figure next to the JSON."""
     import numpy as np
 
-    cells, seed_ids = {}, set()
+    cells, seed_ids, probes = {}, set(), {}
     for path in sorted(folder.glob("**/seed*.json")):  # several parts may hold one seed
         s = json.loads(path.read_text())
         seed_ids.add(s["seed"])
+        for key, pr in s.get("probes", {}).items():
+            probes.setdefault(key, {})[s["seed"]] = (pr["count"], s["stage1_loss"][key])
         for r in s["runs"].values():
             cells.setdefault((r["model"], r["lr"]), {})[s["seed"]] = r
     seed_ids = sorted(seed_ids)
     seeds = seed_ids
+    for key, per in probes.items():
+        print(f"stage 1 of {key}: count probe {np.mean([v[0] for v in per.values()]):.3f}, "
+              f"final loss {np.mean([v[1] for v in per.values()]):.3f} (seeds {sorted(per)})")
     print(f"seeds {seed_ids}; each cell: mean over seeds at the validation-chosen step "
           f"(patience {max(patiences)}, cap {max(caps)})")
     print("| model | lr | val trained | test trained | test question | chosen steps | stopped "
@@ -200,11 +211,15 @@ def main() -> None:
     p.add_argument("--stage2-steps", type=int, default=1600)
     p.add_argument("--patience", type=int, default=8)
     p.add_argument("--eval-every", type=int, default=100)
+    p.add_argument("--stage1-steps", type=int, default=120, help="stage-1 steps of every model")
+    p.add_argument("--stage1-lr", type=float, default=1e-3, help="stage-1 lr of every model")
     p.add_argument("--out", default="runs/xformer_sweep")
     p.add_argument("--analyse", metavar="DIR", help="analyse a finished sweep; run nothing")
+    p.add_argument("--caps", type=int, nargs="+", default=[800, 1200, 1600],
+                   help="with --analyse: the caps to replay (the table uses the largest)")
     args = p.parse_args()
     if args.analyse:
-        analyse(Path(args.analyse))
+        analyse(Path(args.analyse), caps=tuple(args.caps))
         return
     if any(s in range(5) for s in args.seeds):
         p.error("seeds 0-4 are the reported seeds; tune on 100-102")
@@ -217,7 +232,7 @@ def main() -> None:
     with threadpool_limits(limits=1):
         for seed in args.seeds:
             sweep_seed(seed, args.lrs, args.models, args.stage2_steps, args.eval_every,
-                       args.patience, out / f"seed{seed}.json")
+                       args.patience, out / f"seed{seed}.json", args.stage1_steps, args.stage1_lr)
 
 
 if __name__ == "__main__":
