@@ -209,6 +209,10 @@ class Config:
     lam_video_first: float = field(default=0.0, metadata={
         "help": "lambda_v of L_vid during the video-first phase (the joint phase uses "
                 "--lam-video)", "range": "[0, inf)"})
+    lam_video_ramp: int = field(default=0, metadata={
+        "help": "joint steps over which lambda_v rises linearly from --lam-video-first to "
+                "--lam-video after the video-first phase (0: it switches at once; our seed-7 "
+                "fix, opt-in: README)", "range": "[0, inf)"})
     warm_steps: int = field(default=0, metadata={
         "help": "steps of the translator warm start of an extra LLM run (0: no such run; README "
                 "used 200)", "range": "[0, inf)"})
@@ -933,13 +937,14 @@ def train_stage1(name: str, model: Stage1Model, data: dict, cfg: Config, lam: fl
                  gen: torch.Generator, video_first: int = 0, curve: bool = False,
                  lam_video: float = 0.0, first_targets: str = "orth-actions",
                  lam_video_first: float = 0.0, record: dict | None = None,
-                 steps: int | None = None) -> dict:
+                 steps: int | None = None, lam_video_ramp: int = 0) -> dict:
     """Stage 1: open-vocabulary multi-label training on BASE labels only.
 
     For the first `video_first` steps the label embeddings are held fixed (computed once, no
     gradient; `first_targets` says which, see video_first_targets) and only the video side,
     1/tau and b learn, with L_vid weighted by `lam_video_first`; then
-    everything trains jointly with `lam_video`.
+    everything trains jointly with `lam_video` (reached linearly over the first `lam_video_ramp`
+    joint steps when that is > 0).
     With `curve`, every cfg.eval_every steps the test mAPs, the mean pairwise cosine of the
     four action-label embeddings and the motion probe are recorded (diagnostics; nothing is
     selected on them). Returns the history. `record` (optional) receives what this arm got:
@@ -963,7 +968,8 @@ def train_stage1(name: str, model: Stage1Model, data: dict, cfg: Config, lam: fl
         record.update(data=f"base labels of the {len(y_base)} training videos",
                       lr=[grp["lr"] for grp in opt.param_groups], steps=steps, lam=lam,
                       lam_video=lam_video, lam_video_first=lam_video_first,
-                      video_first=video_first, first_targets=first_targets)
+                      video_first=video_first, first_targets=first_targets,
+                      lam_video_ramp=lam_video_ramp)
     hist = {"loss": [], "l_cls": [], "l_reg": [], "l_vid": [], "gate": [], "curve": []}
     f_t_fixed = None
     for step in tqdm(range(steps), desc=f"stage 1: {name}", leave=False):
@@ -1004,6 +1010,13 @@ def train_stage1(name: str, model: Stage1Model, data: dict, cfg: Config, lam: fl
         # while the video side learns motion alone; it would pull f_v back to CLIP's
         # motion-blind mean exactly then.
         lam_v = lam_video_first if step < video_first else lam_video
+        # DEVIATION (ours, opt-in; README "The seed-7 collapse"): L_vid's weight can rise over
+        # the first joint steps instead of at once. Switched on at full weight it pulls the
+        # video embedding back to CLIP's motion-blind mean in the very steps in which the label
+        # encoder gets its first gradient (seed 7: the action labels then merge for good).
+        if lam_video_ramp > 0 and step >= video_first:
+            ramp = min(1.0, (step - video_first) / lam_video_ramp)
+            lam_v = lam_video_first + ramp * (lam_video - lam_video_first)
         loss = l_cls + lam * l_reg + lam_v * l_vid
         opt.zero_grad()
         loss.backward()
@@ -1220,6 +1233,7 @@ def train(cfg: Config) -> dict:
                                        curve=not finetune and gap == cfg.gap,
                                        first_targets=cfg.first_targets,
                                        lam_video_first=cfg.lam_video_first if lam_v else 0.0,
+                                       lam_video_ramp=cfg.lam_video_ramp if first else 0,
                                        record=record, steps=steps)
         record["cpu_s"] = round(time.process_time() - cpu0, 2)  # PLUMBING: compute per arm
         results[name] = evaluate(model, data)

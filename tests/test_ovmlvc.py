@@ -539,6 +539,42 @@ def test_video_first_schedule_targets_and_l_vid(models, monkeypatch):
     assert np.allclose(loss[2:], l_cls[2:] + 0.5 * l_vid[2:], atol=1e-6)
 
 
+def test_lam_video_ramp_raises_l_vid_weight_linearly_after_the_video_first_phase(models):
+    """The opt-in seed-7 fix: after the video-first phase L_vid's weight rises from
+    lam_video_first to lam_video over lam_video_ramp joint steps (0 at the first joint step)."""
+    clip, llm = models
+    gen = torch.Generator().manual_seed(0)
+    frames, y = ovmlvc.make_videos(8, gen)
+    with torch.no_grad():
+        g, u = ovmlvc.frame_features(clip, frames)
+    data = dict(frames_train=frames, y_train=y, g_train=g, u_train=u)
+    cfg = ovmlvc.Config(steps=6, batch=4, log_every=100, soft_k=2)
+    model = ovmlvc.build_run("llm", clip, llm, cfg)
+    rec = {}
+    h = ovmlvc.train_stage1("t", model, data, cfg, 0.0, torch.Generator().manual_seed(0),
+                            video_first=2, lam_video=0.5, lam_video_first=0.1,
+                            lam_video_ramp=2, record=rec)
+    loss, l_cls, l_vid = (np.array(h[k]) for k in ("loss", "l_cls", "l_vid"))
+    assert abs(l_vid[0]) < 1e-6 and l_vid[1:].min() > 1e-4  # the branch is silent at step 0
+    weight = (loss[1:] - l_cls[1:]) / l_vid[1:]  # (5,): steps 1..5
+    assert np.allclose(weight, [0.1, 0.1, 0.3, 0.5, 0.5], atol=1e-4)
+    assert rec["lam_video_ramp"] == 2
+
+
+def test_lam_video_ramp_reaches_only_the_runs_with_a_video_first_phase(monkeypatch):
+    seen = {}
+    real = ovmlvc.train_stage1
+
+    def spy(name, *a, **kw):
+        seen[name] = kw["lam_video_ramp"]
+        return real(name, *a, **kw)
+
+    monkeypatch.setattr(ovmlvc, "train_stage1", spy)
+    cfg = ovmlvc.Config(**{**ovmlvc.QUICK, "arms": "method,cold", "dial": ""}, lam_video_ramp=3)
+    ovmlvc.train(cfg)
+    assert seen[ovmlvc.METHOD] == 3 and seen[ovmlvc.COLD] == 0
+
+
 def test_runs_are_paired_same_starting_weights(models):
     clip, llm = models
     cfg = ovmlvc.Config(seed=3, soft_k=2)
