@@ -658,13 +658,19 @@ def subject_corr(imgs: torch.Tensor) -> torch.Tensor:
     grey = imgs.float().cpu().mean(1)  # (B, H, W)
     crops = torch.stack([grey[:, oy:oy + 8, ox:ox + 8].reshape(len(imgs), -1)
                          for oy in (3, 4, 5) for ox in (3, 4, 5)], 1)  # (B, 9, 64)
+    return best_checker_corr(crops)
+
+
+def best_checker_corr(crops: torch.Tensor) -> torch.Tensor:
+    """The max over crops and the 4 checker phases of |Pearson correlation| between each grey
+    8x8 crop and the +-1 checker template. crops (B, N, 64) -> (B,)."""
     yy, xx = torch.meshgrid(torch.arange(10), torch.arange(10), indexing="ij")
     full = ((xx // 2 + yy // 2) % 2).float() * 2 - 1  # (10, 10)
     templ = torch.stack([full[dy:dy + 8, dx:dx + 8].reshape(-1)
                          for dy in (0, 1) for dx in (0, 1)])  # (4, 64)
-    c = crops - crops.mean(2, keepdim=True)  # (B, 9, 64)
+    c = crops - crops.mean(2, keepdim=True)  # (B, N, 64)
     tc = templ - templ.mean(1, keepdim=True)  # (4, 64)
-    corr = (c @ tc.T) / (c.norm(dim=2, keepdim=True) * tc.norm(dim=1) + 1e-8)  # (B, 9, 4)
+    corr = (c @ tc.T) / (c.norm(dim=2, keepdim=True) * tc.norm(dim=1) + 1e-8)  # (B, N, 4)
     return corr.abs().flatten(1).max(1).values  # (B,)
 
 
@@ -805,14 +811,7 @@ def checker_corr_anywhere(imgs: torch.Tensor) -> torch.Tensor:
     anywhere. imgs (B, 3, 16, 16) -> (B,)."""
     grey = imgs.float().cpu().mean(1)  # (B, H, W)
     crops = grey.unfold(1, 8, 1).unfold(2, 8, 1).reshape(len(imgs), -1, 64)  # (B, 81, 64)
-    yy, xx = torch.meshgrid(torch.arange(10), torch.arange(10), indexing="ij")
-    full = ((xx // 2 + yy // 2) % 2).float() * 2 - 1  # (10, 10)
-    templ = torch.stack([full[dy:dy + 8, dx:dx + 8].reshape(-1)
-                         for dy in (0, 1) for dx in (0, 1)])  # (4, 64)
-    c = crops - crops.mean(2, keepdim=True)  # (B, 81, 64)
-    tc = templ - templ.mean(1, keepdim=True)  # (4, 64)
-    corr = (c @ tc.T) / (c.norm(dim=2, keepdim=True) * tc.norm(dim=1) + 1e-8)  # (B, 81, 4)
-    return corr.abs().flatten(1).max(1).values  # (B,)
+    return best_checker_corr(crops)
 
 
 def object_place(imgs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
