@@ -586,7 +586,7 @@ def test_headline_claims_vidla_against_the_clock():
     assert [r["baseline"]["value"] for r in ceil] == [0.55, 0.55]
     long = [r["expect"] for r in rows if "long" in r["metric"]
             and (r["method"]["name"], r["baseline"]["name"]) == ("VidLA", "meanP+TP")]
-    assert long == ["better"]
+    assert long == ["report"]  # learning speed at the default budget (900-step tuning runs)
     assert [r["expect"] for r in ceil] == ["better", "report"]
     for bucket in ("medium", "long"):
         ladder = [(r["method"]["name"], r["baseline"]["name"]) for r in rows
