@@ -566,7 +566,7 @@ def test_lam_video_ramp_reaches_only_the_runs_with_a_video_first_phase(monkeypat
     real = ovmlvc.train_stage1
 
     def spy(name, *a, **kw):
-        seen[name] = kw["lam_video_ramp"]
+        seen[name] = kw.get("lam_video_ramp", 0)
         return real(name, *a, **kw)
 
     monkeypatch.setattr(ovmlvc, "train_stage1", spy)
