@@ -591,7 +591,8 @@ def test_headline_claims_vidla_against_the_clock():
     for bucket in ("medium", "long"):
         ladder = [(r["method"]["name"], r["baseline"]["name"]) for r in rows
                   if r["expect"] == "report" and bucket in r["metric"]
-                  and r["baseline"]["name"] != "clock ceiling"]
+                  and r["baseline"]["name"] != "clock ceiling"
+                  and (r["method"]["name"], r["baseline"]["name"]) != ("VidLA", "meanP+TP")]
         assert ladder == list(zip(vidla.LADDER[1:], vidla.LADDER))
     assert all(r["expect"] in ("report", "level")
                for r in vidla.vidla_headline(results, ceilings, tiny_cfg(toy="clock")))
