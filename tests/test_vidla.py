@@ -837,3 +837,21 @@ def test_margins_carry_paired_standard_errors(capsys):
     assert out["VidLA_medium_t2v_R@1_se"] == pytest.approx(0.25)
     printed = capsys.readouterr().out
     assert "paired SE 0.289" in printed and "margin +0.500" in printed
+
+
+def test_tuning_report_lr_rule_by_hand():
+    """The README's lr rule as `tuning_report.choose` applies it: the best mean; anything under
+    TIE below it is a tie, which keeps the old default 2e-3 when it is tied, else the smallest
+    tied lr. Hand-made grids, one per branch."""
+    from vidla import tuning_report as tr
+
+    assert tr.TIE == 0.01 and tr.OLD_DEFAULT == 2e-3
+    # a clear winner below the old default
+    assert tr.choose({5e-4: 0.64, 1e-3: 0.73, 2e-3: 0.70, 4e-3: 0.48}) == 1e-3
+    # a clear winner above it
+    assert tr.choose({1e-3: 0.60, 2e-3: 0.62, 4e-3: 0.70}) == 4e-3
+    # 1e-3 ahead by less than TIE: a tie, and the tie keeps 2e-3
+    assert tr.choose({1e-3: 0.705, 2e-3: 0.700, 4e-3: 0.50}) == 2e-3
+    # a tie that does not include 2e-3: the smallest tied lr
+    assert tr.choose({5e-4: 0.702, 1e-3: 0.700, 2e-3: 0.65}) == 5e-4
+    assert tr.choose({2e-3: 0.40, 4e-3: 0.700, 8e-3: 0.705}) == 4e-3
