@@ -205,14 +205,19 @@ def test_plain_baseline_never_updates_novel_alias_embeddings(models):
     assert grad[ovmlvc.WID["tomato"]].abs().sum() > 0
 
 
+def _train_data(clip, n=8):
+    """n training videos from generator seed 0 and their frozen CLIP features, as train_stage1
+    reads them."""
+    frames, y = ovmlvc.make_videos(n, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        g, u = ovmlvc.frame_features(clip, frames)
+    return dict(frames_train=frames, y_train=y, g_train=g, u_train=u)
+
+
 def test_training_loop_never_touches_novel_labels(models):
     """Two real stage-1 steps of the plain baseline: novel alias embeddings stay bit-identical."""
     clip, _ = models
-    gen = torch.Generator().manual_seed(0)
-    frames, y = ovmlvc.make_videos(8, gen)
-    with torch.no_grad():
-        g, u = ovmlvc.frame_features(clip, frames)
-    data = dict(frames_train=frames, y_train=y, g_train=g, u_train=u)
+    data = _train_data(clip)
     model = ovmlvc.Stage1Model(ovmlvc.PlainLabelEncoder(clip), ovmlvc.VideoEncoder(clip, False))
     emb = model.label_enc.clip.text_model.embeddings.token_embedding.weight
     before = emb.detach().clone()
@@ -429,11 +434,7 @@ def test_translator_warm_start_moves_only_the_prompting_tf_toward_the_hard_words
 
 def _tiny_stage1(models, kind, video_held=False, **kw):
     clip, llm = models
-    gen = torch.Generator().manual_seed(0)
-    frames, y = ovmlvc.make_videos(8, gen)
-    with torch.no_grad():
-        g, u = ovmlvc.frame_features(clip, frames)
-    data = dict(frames_train=frames, y_train=y, g_train=g, u_train=u)
+    data = _train_data(clip)
     cfg = ovmlvc.Config(steps=3, batch=4, log_every=100, soft_k=2)
     model = ovmlvc.build_run(kind, clip, llm, cfg, video_held=video_held)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -505,11 +506,7 @@ def test_video_first_schedule_targets_and_l_vid(models, monkeypatch):
     orthonormal), without gradient to the label encoder and with L_vid weighted by
     lam_video_first; from then on against the label encoder itself, with lam_video."""
     clip, llm = models
-    gen = torch.Generator().manual_seed(0)
-    frames, y = ovmlvc.make_videos(8, gen)
-    with torch.no_grad():
-        g, u = ovmlvc.frame_features(clip, frames)
-    data = dict(frames_train=frames, y_train=y, g_train=g, u_train=u)
+    data = _train_data(clip)
     cfg = ovmlvc.Config(steps=4, batch=4, log_every=100, soft_k=2)
     model = ovmlvc.build_run("llm", clip, llm, cfg)
     with torch.no_grad():
@@ -543,11 +540,7 @@ def test_lam_video_ramp_raises_l_vid_weight_linearly_after_the_video_first_phase
     """The seed-7 fix (default R = 100): after the video-first phase L_vid's weight rises from
     lam_video_first to lam_video over lam_video_ramp joint steps (0 at the first joint step)."""
     clip, llm = models
-    gen = torch.Generator().manual_seed(0)
-    frames, y = ovmlvc.make_videos(8, gen)
-    with torch.no_grad():
-        g, u = ovmlvc.frame_features(clip, frames)
-    data = dict(frames_train=frames, y_train=y, g_train=g, u_train=u)
+    data = _train_data(clip)
     cfg = ovmlvc.Config(steps=6, batch=4, log_every=100, soft_k=2)
     model = ovmlvc.build_run("llm", clip, llm, cfg)
     rec = {}
@@ -842,11 +835,7 @@ def test_fine_tuned_vit_run_adds_lambda_times_l_reg_to_the_loss(models):
     """Eq. (8) at the call site: with a fine-tuned ViT the loss is L_cls + lambda L_reg +
     lambda_v L_vid, and L_reg becomes positive once the ViT has moved from CLIP's weights."""
     clip, llm = models
-    gen = torch.Generator().manual_seed(0)
-    frames, y = ovmlvc.make_videos(8, gen)
-    with torch.no_grad():
-        g, u = ovmlvc.frame_features(clip, frames)
-    data = dict(frames_train=frames, y_train=y, g_train=g, u_train=u)
+    data = _train_data(clip)
     cfg = ovmlvc.Config(steps=3, batch=4, log_every=100, soft_k=2)
     model = ovmlvc.build_run("llm", clip, llm, cfg, finetune=True)
     h = ovmlvc.train_stage1("t", model, data, cfg, 10.0, torch.Generator().manual_seed(0),
@@ -864,11 +853,7 @@ def test_paired_runs_see_the_same_batches_whatever_the_global_rng(models):
     """PAIRED: stage 1 draws its batches from its own generator, so two runs built alike and given
     the same generator seed train identically even if something else used the global RNG."""
     clip, llm = models
-    gen = torch.Generator().manual_seed(0)
-    frames, y = ovmlvc.make_videos(32, gen)
-    with torch.no_grad():
-        g, u = ovmlvc.frame_features(clip, frames)
-    data = dict(frames_train=frames, y_train=y, g_train=g, u_train=u)
+    data = _train_data(clip, 32)
     cfg = ovmlvc.Config(steps=3, batch=4, log_every=100, soft_k=2)
     losses = []
     for global_seed in (1, 2):
