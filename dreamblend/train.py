@@ -1369,12 +1369,9 @@ def layout_premise(rows: dict, early: str, late: str, ckpts: list[str],
                     rows[late]["subject_rate"] - rows[early]["subject_rate"], ">=", CONTEXT_MIN),
     ]
     if collapse:
-        ratio = {n: c / max(r, 1e-12) for n, (c, r) in collapse.items()}
-        for n in ckpts:
-            out.append(premise_row(f"place word's attention, named place / elsewhere ({n}; "
-                                   f"first {COLLAPSE_STEPS} DDIM steps)", ratio[n]))
-        out.append(premise_row("attention collapse: that ratio, late / early checkpoint "
-                               "(wanted: below 1)", ratio[late] / max(ratio[early], 1e-12)))
+        out += collapse_rows(collapse, ckpts, early, late,
+                             "place word's attention, named place / elsewhere",
+                             " (wanted: below 1)")
     if TRANSPLANT in rows:
         out.append(premise_row("maps carry the place: object at the named place, transplant "
                                "(late + early maps) - late checkpoint",
@@ -1414,6 +1411,19 @@ def dreamblend_premise(rows: dict, early: str, late: str, ckpts: list[str],
     return out
 
 
+def collapse_rows(collapse: dict, ckpts: list[str], early: str, late: str, statistic: str,
+                  note: str, *check) -> list[dict]:
+    """The collapse premise rows of either world: per checkpoint the context word's attention
+    ratio (`statistic`, from collapse {ckpt: (on, off)}), then the late / early ratio, with the
+    world's check (`check` = cmp, threshold; none: a report) and `note` on its name."""
+    ratio = {n: c / max(r, 1e-12) for n, (c, r) in collapse.items()}
+    out = [premise_row(f"{statistic} ({n}; first {COLLAPSE_STEPS} DDIM steps)", ratio[n])
+           for n in ckpts]
+    out.append(premise_row(f"attention collapse: that ratio, late / early checkpoint{note}",
+                           ratio[late] / max(ratio[early], 1e-12), *check))
+    return out
+
+
 def colour_premise(rows: dict, early: str, late: str, ckpts: list[str],
                    collapse: dict | None) -> list[dict]:
     """The colour world's own premise rows (thresholds set before the runs of this version)."""
@@ -1424,12 +1434,9 @@ def colour_premise(rows: dict, early: str, late: str, ckpts: list[str],
                     rows[late]["subject_rate"] - rows[early]["subject_rate"], ">=", CONTEXT_MIN),
     ]
     if collapse:
-        ratio = {n: c / max(r, 1e-12) for n, (c, r) in collapse.items()}
-        for n in ckpts:
-            out.append(premise_row(f"background word's attention, centre / ring ({n}; first "
-                                   f"{COLLAPSE_STEPS} DDIM steps)", ratio[n]))
-        out.append(premise_row("attention collapse: that ratio, late / early checkpoint",
-                               ratio[late] / max(ratio[early], 1e-12), ">=", COLLAPSE_MIN))
+        out += collapse_rows(collapse, ckpts, early, late,
+                             "background word's attention, centre / ring", "",
+                             ">=", COLLAPSE_MIN)
     if TRANSPLANT in rows:
         out.append(premise_row("maps carry the context: right-background rate, transplant "
                                "(late + early maps) - late checkpoint",
