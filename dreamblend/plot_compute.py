@@ -11,9 +11,16 @@ adds a forward/backward and 1-5 line-search forwards per guided step (README, De
 """
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
+
+try:  # this folder's train.py: its names for the worlds and the rows
+    from dreamblend import train as db  # imported as a package (tests)
+except ImportError:  # run as a script: `python dreamblend/plot_compute.py`
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import train as db
 
 
 def load(runs: Path) -> list[dict]:
@@ -36,7 +43,8 @@ def main(argv=None):
     steps = sorted({int(k.split("ckpt ")[1]) for k in runs[0]["metrics"]
                     if k.startswith("both/ckpt ")})
     world = cfg.get("world", "colour")
-    ctx = "at the named place" if world == "layout" else "right background"
+    ctx = db.WORLD_CONTEXT[world]
+    blend = db.variants(db.Config(invert=cfg.get("invert", False)))[1]  # which row is DreamBlend
     panels = [("both", f"{ctx} and subject, per image"),
               ("prompt_fid", "prompt fidelity"), ("subject_fid", "subject fidelity")]
     fig, axes = plt.subplots(1, 3, figsize=(14, 4.2))
@@ -45,11 +53,10 @@ def main(argv=None):
         ax.errorbar(steps, m.mean(0), m.std(0), fmt="o-", color="grey", capsize=3,
                     label="single checkpoint (fine-tuning steps)")
         for n, mk, dx in (("guidance alone", "^", 0), ("inversion alone (lambda=0)", "s", 8),
-                          ("inversion + guidance", "D", 16),
-                          ("transplant: late + early maps", "x", 24)):
+                          ("inversion + guidance", "D", 16), (db.TRANSPLANT, "x", 24)):
             v = np.array([r["metrics"][f"{key}/{n}"] for r in runs])
             ax.errorbar(cfg["steps"] + dx, v.mean(), v.std(), fmt=mk, capsize=3,
-                        label=n + (" (DreamBlend)" if n == "guidance alone" else ""))
+                        label=n + (" (DreamBlend)" if n == blend else ""))
         ax.set_xscale("symlog", linthresh=20)
         ax.set_xlabel("fine-tuning steps")
         ax.set_title(title, fontsize=9)

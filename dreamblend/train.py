@@ -779,6 +779,8 @@ LAYOUT_TOK = {w: i for i, w in enumerate(LAYOUT_VOCAB)}
 PLACES = {"left": (4, 8), "right": (12, 8), "top": (8, 4), "bottom": (8, 12), "centre": (8, 8)}
 EVAL_PLACES = ("left", "right", "top")  # never seen with "sks" (its photos are centred)
 PLACE_TOKEN = 4  # "a sks square at {place}": the place word is token 4
+# What each world's prompt asks of the context, in row names, table heads and plots.
+WORLD_CONTEXT = {"colour": "right background", "layout": "at the named place"}
 LAYOUT_OBJECT_MIN = 16  # object present: >= 16 pixels differ from the background (a 6-px circle
 #                         has 32); fixed before any layout run
 
@@ -946,7 +948,7 @@ class World:
     # toy: (maps of one sampler call, prompt index per image) -> the context word's attention
     # (where it should be, where it should not), the collapse statistic of the premise
     collapse: Callable | None = None
-    context: str = "right background"  # what the prompt's context asks, in row names
+    context: str = WORLD_CONTEXT["colour"]  # what the prompt's context asks, in row names
     pre_losses: list = field(default_factory=list)
     cached: bool = False
 
@@ -972,7 +974,7 @@ def toy_world(cfg: Config, device) -> World:
             score=lambda imgs, idx: layout_scores(imgs, [EVAL_PLACES[i] for i in idx]),
             collapse=lambda maps, idx: place_collapse_stats(
                 maps, place_masks([EVAL_PLACES[i] for i in idx])),
-            context="at the named place", pre_losses=pre_losses, cached=cached)
+            context=WORLD_CONTEXT["layout"], pre_losses=pre_losses, cached=cached)
     return World(
         unet=unet.eval(), train_sched=train_sched, sample_sched=sample_sched,
         embed=lambda prompts: encode(text_encoder, tokenize(prompts)),
@@ -1398,7 +1400,7 @@ def dreamblend_premise(rows: dict, early: str, late: str, ckpts: list[str],
         out = layout_premise(rows, early, late, ckpts, collapse)
     else:
         out = colour_premise(rows, early, late, ckpts, collapse)
-    ctx = "at the named place" if world == "layout" else "right background"
+    ctx = WORLD_CONTEXT[world]
     if chosen is not None:
         out.append(premise_row(f"the rival, {chosen} (chosen on validation noises): {ctx} "
                                "and subject per image", rows[chosen]["both"]))
