@@ -30,7 +30,7 @@ MODELS = {key: name for name, key, _v, _l, with_stage2 in xf.LADDER if with_stag
 
 
 def sweep_seed(seed: int, lrs: list[float], models: list[str], steps: int, eval_every: int,
-               patience: int, path: Path, stage1_steps: int = 120, stage1_lr: float = 1e-3) -> dict:
+               patience: int, path: Path, stage1_steps: int, stage1_lr: float) -> dict:
     out = json.loads(path.read_text()) if path.exists() else {"seed": seed, "runs": {}}
     if out.setdefault("stage1", {"steps": stage1_steps, "lr": stage1_lr}) != {
             "steps": stage1_steps, "lr": stage1_lr}:
@@ -211,8 +211,10 @@ def main() -> None:
     p.add_argument("--stage2-steps", type=int, default=1600)
     p.add_argument("--patience", type=int, default=8)
     p.add_argument("--eval-every", type=int, default=100)
-    p.add_argument("--stage1-steps", type=int, default=120, help="stage-1 steps of every model")
-    p.add_argument("--stage1-lr", type=float, default=1e-3, help="stage-1 lr of every model")
+    p.add_argument("--stage1-steps", type=int, default=xf.Config.steps,
+                   help="stage-1 steps of every model (default: train.py's, %(default)s)")
+    p.add_argument("--stage1-lr", type=float, default=xf.Config.lr,
+                   help="stage-1 lr of every model (default: train.py's, %(default)s)")
     p.add_argument("--out", default="runs/xformer_sweep")
     p.add_argument("--analyse", metavar="DIR", help="analyse a finished sweep; run nothing")
     p.add_argument("--caps", type=int, nargs="+", default=[800, 1200, 1600],
