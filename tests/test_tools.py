@@ -425,3 +425,44 @@ def test_a_run_rewrites_only_the_folders_it_ran(tmp_path):
     assert "\nold\n" not in (root / "f" / "README.md").read_text()
     assert "\nold\n" in (root / "g" / "README.md").read_text()
     assert "| old g table |" in (root / "RESULTS.md").read_text()
+
+
+def test_a_named_condition_is_reported_beside_the_default_and_kept_when_not_rerun(
+        tmp_path, monkeypatch):
+    # dreamblend-style: the default world's table and a second world's table, each from its own
+    # runs, each in its own README block; the index shows only the default
+    monkeypatch.setattr(run_all, "CONDITIONS", {"f": {"alt": ["--world", "alt"]}})
+    root = tmp_path
+    (root / "f").mkdir()
+    start, end = run_all.condition_markers("alt")
+    (root / "f" / "README.md").write_text(
+        "# F: a claim\n\nThe claim.\n\n<!-- results:start -->\nold\n<!-- results:end -->\n"
+        f"{start}\nold alt\n{end}\n")
+    (root / "README.md").write_text("<!-- index:start -->\n<!-- index:end -->\n")
+    runs = root / "runs" / "run_all"
+    for sub, value in ((["seed0"], 0.9), (["alt", "seed0"], 0.3)):
+        out = runs.joinpath("f", *sub)
+        out.mkdir(parents=True)
+        (out / "summary.json").write_text(json.dumps(_summary(0, [("main", value, 0.2)], "f")))
+    run_all.write_reports(root, runs, ["f"], [0])
+    readme = (root / "f" / "README.md").read_text()
+    default_block = readme.split("<!-- results:start -->")[1].split("<!-- results:end -->")[0]
+    alt_block = readme.split(start)[1].split(end)[0]
+    assert "| 0.9 ± 0 |" in default_block and "0.3" not in default_block
+    assert "| 0.3 ± 0 |" in alt_block and "0.9" not in alt_block
+    assert "`python tools/run_all.py --folders f --condition alt`" in alt_block
+    results = (root / "RESULTS.md").read_text()
+    assert "### f, condition alt (`--world alt`)" in results
+    assert results.index("| 0.9 ± 0 |") < results.index("### f, condition alt")
+    assert "0.3" not in (root / "README.md").read_text()
+    # a later rebuild without the condition's runs keeps what RESULTS.md said of it
+    shutil.rmtree(runs / "f" / "alt")
+    run_all.write_reports(root, runs, ["f"], [0])
+    assert "### f, condition alt (`--world alt`)" in (root / "RESULTS.md").read_text()
+    assert "| 0.3 ± 0 |" in (root / "RESULTS.md").read_text()
+
+
+def test_run_all_refuses_a_condition_the_folder_does_not_declare(mini_repo, capsys):
+    assert run_all.main(["--root", str(mini_repo), "--folders", "example_paper",
+                         "--condition", "layout"]) == 2
+    assert "no condition 'layout' in example_paper" in capsys.readouterr().err

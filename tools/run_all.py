@@ -6,6 +6,7 @@
     python tools/run_all.py --report-only        # rewrite the tables from the runs already made
     python tools/run_all.py --folders ecd --tune # tuning seeds 100-102 into runs/tune/; prints only
     python tools/run_all.py --folders ecd --tune --extra "--lr 1e-3" --tag lr1e-3   # a sweep point
+    python tools/run_all.py --folders dreamblend --condition layout  # a named report condition
 
 Defaults are chosen on the tuning seeds (100, 101, 102) and reported on seeds 0-4
 (shared/EXPERIMENTS.md): `--tune` never rewrites a README, and the reports read only seeds 0-4
@@ -19,6 +20,13 @@ repo root, its output kept in `log.txt` beside its `summary.json`. Then, from ev
   row claims (`expect`) and on how many seeds that held, and the CPU and wall time;
 - each folder README: the same table between `<!-- results:start -->` and `<!-- results:end -->`;
 - the root README: the index table between `<!-- index:start -->` and `<!-- index:end -->`.
+
+A folder may also report a few named conditions beside its default command (CONDITIONS below,
+e.g. the same method in a second toy world). Each is a fixed set of flags, so its numbers are as
+reproducible as the default's: `--condition NAME` runs it into `runs/run_all/<folder>/<NAME>/`,
+and its table goes into RESULTS.md (a `### <folder>, condition <NAME>` part of the folder's
+section) and into the folder README between `<!-- results:NAME:start -->` and
+`<!-- results:NAME:end -->`. The index always shows the default command.
 
 These files are how README numbers are made; never type them by hand. Exits non-zero, naming the
 runs, if any run failed (the tables are still written from the runs that worked).
@@ -52,6 +60,17 @@ from repo_checks import (  # noqa: E402
 )
 
 INDEX_START, INDEX_END = "<!-- index:start -->", "<!-- index:end -->"
+
+# Named report conditions: {folder: {name: the train.py flags that make it}}. Fixed here, not
+# typed per call, so a --report-only rebuild and a reader both know what each table ran.
+CONDITIONS: dict[str, dict[str, list[str]]] = {
+    "dreamblend": {"layout": ["--world", "layout"]},
+}
+
+
+def condition_markers(name: str) -> tuple[str, str]:
+    """The README markers of a condition's results block."""
+    return f"<!-- results:{name}:start -->", f"<!-- results:{name}:end -->"
 
 
 def fmt(values: list[float]) -> str:
@@ -127,8 +146,8 @@ def group_rows(summaries: list[dict]) -> dict[tuple, list[dict]]:
     return groups
 
 
-def folder_table(summaries: list[dict]) -> list[str]:
-    """Markdown table of a folder's headline rows over seeds."""
+def folder_table(summaries: list[dict], condition: str = "") -> list[str]:
+    """Markdown table of a folder's headline rows over seeds (of a named condition, if given)."""
     seeds = [s["seed"] for s in summaries]
     lines = ["| metric | method | mean ± std | baseline | mean ± std | expect | held on |",
              "|---|---|---|---|---|---|---|"]
@@ -151,7 +170,7 @@ def folder_table(summaries: list[dict]) -> list[str]:
               f"(the whole command, on {summaries[0]['_run'].get('machine', 'this machine')}"
               f"{load}); "
               f"run on {when or 'an unknown date'} by `python tools/run_all.py --folders "
-              f"{summaries[0]['folder']}`."]
+              f"{summaries[0]['folder']}{' --condition ' + condition if condition else ''}`."]
     return lines
 
 
@@ -215,6 +234,9 @@ def write_reports(root: Path, runs_dir: Path, folders: list[str], seeds: list[in
         if readme.is_file():
             readme.write_text(replace_between(readme.read_text(), RESULTS_START, RESULTS_END,
                                               table))
+        for name, flags in CONDITIONS.get(folder, {}).items():
+            results += condition_section(root, runs_dir, folder, name, flags, seeds,
+                                         old_sections.get(folder, []))
         groups = list(group_rows(summaries).values())
         # The index shows the folder's first "better" row: its main claim, never a control.
         rows = next((g for g in groups if g[0].get("expect", "better") == "better"), groups[0])
@@ -229,6 +251,26 @@ def write_reports(root: Path, runs_dir: Path, folders: list[str], seeds: list[in
     top = root / "README.md"
     if top.is_file():
         top.write_text(replace_between(top.read_text(), INDEX_START, INDEX_END, index))
+
+
+def condition_section(root: Path, runs_dir: Path, folder: str, name: str, flags: list[str],
+                      seeds: list[int], old_section: list[str]) -> list[str]:
+    """RESULTS.md lines of one named condition (and its README block, rewritten), from its runs
+    under runs_dir/<folder>/<name>/; without runs, what the last RESULTS.md said of it."""
+    head = f"### {folder}, condition {name} (`{' '.join(flags)}`)"
+    summaries = load_summaries(runs_dir / folder, name, seeds)
+    if not summaries:
+        if head not in old_section:
+            return []
+        start = old_section.index(head)
+        end = next((i for i in range(start + 1, len(old_section))
+                    if old_section[i].startswith("### ")), len(old_section))
+        return old_section[start:end]
+    table = folder_table(summaries, condition=name)
+    readme = root / folder / "README.md"
+    if readme.is_file():
+        readme.write_text(replace_between(readme.read_text(), *condition_markers(name), table))
+    return [head, "", *table, ""]
 
 
 def previous_reports(root: Path) -> tuple[dict[str, list[str]], dict[str, str]]:
@@ -293,6 +335,9 @@ def main(argv=None) -> int:
                    help="tuning seeds 100 101 102 into runs/tune/<tag>; print, rewrite nothing")
     p.add_argument("--extra", default="", help='extra train.py flags, e.g. "--lr 1e-3"')
     p.add_argument("--tag", default="default", help="name of this sweep point under runs/tune/")
+    p.add_argument("--condition", default="",
+                   help="run a named report condition of the folders (see CONDITIONS) instead of "
+                        "their default command")
     p.add_argument("--report-only", action="store_true",
                    help="run nothing; rewrite RESULTS.md and the README tables from runs/run_all")
     p.add_argument("--root", default=str(ROOT), help="repo root (default: this repo)")
@@ -305,6 +350,12 @@ def main(argv=None) -> int:
     root = Path(args.root).resolve()
     known = [f for f in PAPER_FOLDERS if (root / f).is_dir()]
     folders = args.folders or known
+    if args.condition:
+        lacking = [f for f in folders if args.condition not in CONDITIONS.get(f, {})]
+        if lacking:
+            print(f"run_all.py: error: no condition {args.condition!r} in {', '.join(lacking)} "
+                  f"(conditions: {CONDITIONS})", file=sys.stderr)
+            return 2
     missing = [f for f in folders if not (root / f / "train.py").is_file()]
     if missing:
         print(f"run_all.py: error: no train.py in {', '.join(missing)}", file=sys.stderr)
@@ -316,9 +367,13 @@ def main(argv=None) -> int:
     jobs = [] if args.report_only else [(f, s) for f in folders for s in args.seeds]
     failed = []
     for k, (folder, seed) in enumerate(jobs, 1):
-        out = runs_dir / folder / f"seed{seed}"
-        print(f"[{k}/{len(jobs)}] {folder} seed {seed} ... ", end="", flush=True)
-        meta = run_one(root, folder, seed, out, args.quick, args.python, args.extra.split())
+        cond = [args.condition] if args.condition else []
+        out = runs_dir.joinpath(folder, *cond, f"seed{seed}")
+        print(f"[{k}/{len(jobs)}] {folder}{' ' + args.condition if cond else ''} seed {seed} ... ",
+              end="", flush=True)
+        flags = CONDITIONS[folder][args.condition] if cond else []
+        meta = run_one(root, folder, seed, out, args.quick, args.python,
+                       flags + args.extra.split())
         if meta["returncode"] == 0:
             print(f"ok ({meta['wall_seconds']:.1f} s)", flush=True)
         else:
@@ -326,7 +381,8 @@ def main(argv=None) -> int:
             failed.append(f"{folder} seed {seed}")
     if args.quick or args.tune:
         for folder in folders:
-            summaries = load_summaries(runs_dir, folder, args.seeds)
+            summaries = load_summaries(runs_dir / folder if args.condition else runs_dir,
+                                       args.condition or folder, args.seeds)
             if summaries:
                 print(f"\n{folder}\n" + "\n".join(folder_table(summaries)))
     else:
