@@ -622,7 +622,11 @@ def test_arms_record_what_each_arm_got(quick_pair):
     for name, arm in arms.items():
         assert arm["data"].startswith(f"train split ({cfg.n_train} images)"), name
         assert arm["init"] == f"torch seed {cfg.seed + 1} (shared parts equal across arms)"
-        assert arm["steps"] == cfg.steps and arm["lr"] == cfg.lr, name
+        # stage 1 as it ran (the history's length, the optimiser's rate): --quick sets the steps
+        # of every model, each keeps its own tuned rate
+        variant = a["runs"][name]["variant"]
+        assert arm["steps"] == cfg.steps == len(a["runs"][name]["history"]["total"]), name
+        assert arm["lr"] == xf.STAGE1[variant][1] == xf.stage1_setting(cfg, variant)[1], name
         assert arm["params"] == a["runs"][name]["n_params"], name
     assert arms["BLIP-2"]["mae_stage1"] == arms["BLIP-2"]["mae_stage2"] == "none"
     for name in ("concat", xf.CONCAT_WIDE):
@@ -648,6 +652,60 @@ def test_arms_record_what_each_arm_got(quick_pair):
     assert arms["X-Former"]["lr_stage2"] == 1e-3
     for name in ("BLIP-2", "concat", xf.CONCAT_WIDE):
         assert arms[name]["lr_stage2"] == 3e-3, name
+
+
+@pytest.mark.slow
+def test_each_model_runs_stage1_at_its_own_tuned_steps_and_rate(monkeypatch, tmp_path):
+    # the stage-1 grid chose (steps, lr) per model (STAGE1); train() must run each rung with its
+    # own, and the arms record must say what ran. Distinct made-up settings per variant, so a
+    # rung given another's (or the config's) shows; --quick minus its stage-1 steps.
+    monkeypatch.setattr(xf, "STAGE1", {"blip2": (2, 1e-3), "concat": (3, 2e-3),
+                                       "concat_wide": (4, 3e-3), "xformer": (5, 4e-3)})
+    monkeypatch.setattr(xf, "QUICK", {k: v for k, v in xf.QUICK.items() if k != "steps"})
+    monkeypatch.setattr(xf, "LADDER", tuple((n, k, v, lam, False) for n, k, v, lam, _
+                                            in xf.LADDER))  # stage 1 and the probe only
+    cfg = xf.Config(quick=True, out_dir=str(tmp_path))
+    r = xf.train(cfg)
+    for name, run in r["runs"].items():
+        steps, lr = xf.STAGE1[run["variant"]]
+        assert len(run["history"]["total"]) == steps == r["arms"][name]["steps"], name
+        assert run["history"]["lr"] == lr == r["arms"][name]["lr"], name
+    assert r["arms"]["no L_REC"]["steps"] == 5  # the ablation is an X-Former
+    over = xf.train(dataclasses.replace(cfg, steps=2, lr=5e-4))  # --steps / --lr: every model
+    assert {(a["steps"], a["lr"]) for a in over["arms"].values()} == {(2, 5e-4)}
+
+
+def test_stage1_checkpoints_are_the_shorter_runs(world):
+    # sweep.py scores stage-1 checkpoints of one run: the model after k steps of a longer run must
+    # be the model of a k-step run, even with the scoring (probe, validation loss) in between
+    from xformer import sweep
+
+    data, enc = world
+    cfg = dataclasses.replace(TINY, steps=2, lr=1e-3)
+    short, _ = xf.stage1("x", cfg, data, enc, "xformer", 3)
+    seen = {}
+
+    def score(step, model):
+        xf.evaluate_probe(model, enc, data, 0, iters=5, split="val", tasks=("count",))
+        sweep.stage1_val_loss(model, enc, data, cfg, 7)
+        if step == 2:
+            seen["state"] = {k: v.clone() for k, v in model.state_dict().items()}
+
+    xf.stage1("x", dataclasses.replace(cfg, steps=3), data, enc, "xformer", 3,
+              checkpoint_fn=score)
+    for k, v in short.state_dict().items():
+        torch.testing.assert_close(seen["state"][k], v, msg=k)
+
+
+def test_stage1_rule_picks_the_best_probe_and_the_fewest_steps_among_ties():
+    from xformer import sweep
+
+    cells = {(1e-3, 120): 0.80, (1e-3, 240): 0.845, (3e-3, 360): 0.85, (3e-3, 120): 0.70}
+    assert sweep.stage1_choice(cells) == (1e-3, 240)  # 0.845 is within 0.01 of 0.85
+    cells[(3e-3, 360)] = 0.86
+    assert sweep.stage1_choice(cells) == (3e-3, 360)
+    cells[(1e-3, 360)] = 0.855  # tied at the same length: the higher mean
+    assert sweep.stage1_choice(cells) == (3e-3, 360)
 
 
 def test_defaults_are_the_tuned_stage2_protocol():

@@ -30,16 +30,23 @@ MODELS = {key: name for name, key, _v, _l, with_stage2 in xf.LADDER if with_stag
 
 
 def sweep_seed(seed: int, lrs: list[float], models: list[str], steps: int, eval_every: int,
-               patience: int, path: Path, stage1_steps: int, stage1_lr: float) -> dict:
+               patience: int, path: Path, stage1_steps: int, stage1_lr: float,
+               stage2_run: int = 0) -> dict:
+    cfg = xf.Config(seed=seed, stage2_steps=steps, eval_every=eval_every, patience=patience,
+                    skip_patch_check=True, steps=stage1_steps, lr=stage1_lr)
+    ladder = {rung[1]: rung for rung in xf.LADDER}
+    # each model's stage 1 as train.py runs it (0 = its own tuned setting), recorded per model
+    s1 = {k: list(xf.stage1_setting(cfg, ladder[k][2])) for k in models}
     out = json.loads(path.read_text()) if path.exists() else {"seed": seed, "runs": {}}
-    if out.setdefault("stage1", {"steps": stage1_steps, "lr": stage1_lr}) != {
-            "steps": stage1_steps, "lr": stage1_lr}:
-        raise SystemExit(f"{path} holds a sweep with stage 1 {out['stage1']}; use another --out")
+    rec = out.setdefault("stage1", {})
+    if "steps" in rec or any(rec.get(k, v) != v for k, v in s1.items()) or out.setdefault(
+            "stage2_run", stage2_run) != stage2_run:
+        raise SystemExit(f"{path} holds a sweep with stage 1 {rec} (stage-2 run "
+                         f"{out['stage2_run']}); use another --out")
+    rec.update(s1)
     todo = [(k, lr) for k in models for lr in lrs if f"{k} | lr {lr:g}" not in out["runs"]]
     if not todo:
         return out
-    cfg = xf.Config(seed=seed, stage2_steps=steps, eval_every=eval_every, patience=patience,
-                    skip_patch_check=True, steps=stage1_steps, lr=stage1_lr)
     xf.set_seed(cfg.seed)
     gen = xf.torch.Generator().manual_seed(cfg.seed)
     data = xf.make_dataset(cfg)
@@ -47,10 +54,11 @@ def sweep_seed(seed: int, lrs: list[float], models: list[str], steps: int, eval_
     out.setdefault("encoder_probes", xf.encoder_probes(enc, data, seed))
     # Stage 1 of every model first, then the grid with the learning rate outermost, so that an
     # interrupted sweep has given every model the same learning rates (equal effort).
-    stage1, ladder = {}, {rung[1]: rung for rung in xf.LADDER}
+    stage1 = {}
     for name, key, variant, lam, _ in (ladder[k] for k in models):  # in the order asked for
         if key in {k for k, _ in todo}:
-            cfg_m = dataclasses.replace(cfg, lambda_rec=cfg.lambda_rec if lam is None else lam)
+            cfg_m = dataclasses.replace(cfg, lambda_rec=cfg.lambda_rec if lam is None else lam,
+                                        steps=s1[key][0], lr=s1[key][1])
             model, hist = xf.stage1(name, cfg_m, data, enc, variant, cfg.seed + 1)
             stage1[key] = (name, cfg_m, model)
             out.setdefault("probes", {})[key] = xf.evaluate_probe(model, enc, data, seed)
@@ -61,7 +69,7 @@ def sweep_seed(seed: int, lrs: list[float], models: list[str], steps: int, eval_
                 continue
             t0 = time.process_time()
             r = xf.stage2(name, model, dataclasses.replace(cfg_m, lr_stage2=lr), data, enc,
-                          cfg.seed * 1000 + 500)
+                          cfg.seed * 1000 + 500 + stage2_run)
             out["runs"][f"{key} | lr {lr:g}"] = {
                 "model": key, "lr": lr, "curve": r["history"]["curve"],
                 "best_step": r["best_step"], "stopped_at": r["stopped_at"], "test": r["test"],
@@ -72,6 +80,118 @@ def sweep_seed(seed: int, lrs: list[float], models: list[str], steps: int, eval_
                   flush=True)
             path.write_text(json.dumps(out, indent=1))
     return out
+
+
+def stage1_val_loss(model, enc: dict, data: dict, cfg, seed: int) -> float:
+    """Mean stage-1 loss L_1 on the validation images (batches of cfg.batch, fixed MAE masks and
+    hard negatives from a generator of its own: the torch random streams of training are
+    untouched)."""
+    gen = xf.torch.Generator().manual_seed(seed)
+    val = data["val"]
+    with xf.torch.no_grad():
+        losses = [xf.stage1_loss(model, enc, val[i:i + cfg.batch], data, cfg, gen)["total"].item()
+                  for i in range(0, len(val) - cfg.batch + 1, cfg.batch)]
+    return sum(losses) / len(losses)
+
+
+def stage1_grid_seed(seed: int, lrs: list[float], models: list[str], checkpoints: list[int],
+                     path: Path) -> dict:
+    """Stage 1 only, one run per (model, lr) to the last checkpoint; at every checkpoint the count
+    probe on the validation images (trained on the training images: the choice criterion) and
+    the stage-1 loss on the validation images (recorded, chooses nothing). Test images: unused."""
+    out = json.loads(path.read_text()) if path.exists() else {"seed": seed, "runs": {}}
+    todo = [(k, lr) for lr in lrs for k in models
+            if f"{k} | lr {lr:g}" not in out["runs"]
+            or out["runs"][f"{k} | lr {lr:g}"]["checkpoints"] != checkpoints]
+    if not todo:
+        return out
+    cfg = xf.Config(seed=seed, skip_patch_check=True, steps=max(checkpoints))
+    xf.set_seed(cfg.seed)
+    gen = xf.torch.Generator().manual_seed(cfg.seed)
+    data = xf.make_dataset(cfg)
+    enc = xf.pretrain_encoders(cfg, data, gen)
+    ladder = {rung[1]: rung for rung in xf.LADDER}
+    for key, lr in todo:  # lr outermost: an interrupted grid has given every model the same lrs
+        name, _, variant, lam, _ = ladder[key]
+        cfg_m = dataclasses.replace(cfg, lr=lr,
+                                    lambda_rec=cfg.lambda_rec if lam is None else lam)
+        points, t0 = [], time.process_time()
+
+        def score(step, model, cfg_m=cfg_m, points=points, t0=t0, name=name, lr=lr):
+            if step not in checkpoints:
+                return
+            model.eval()
+            probe = xf.evaluate_probe(model, enc, data, seed, split="val", tasks=("count",))
+            loss = stage1_val_loss(model, enc, data, cfg_m, seed + 7)
+            model.train()
+            points.append((step, probe["count"], loss, time.process_time() - t0))
+            print(f"seed {seed} | {name} | lr {lr:g} | step {step} | val count probe "
+                  f"{probe['count']:.3f} | val loss {loss:.3f} | {time.process_time() - t0:.0f} "
+                  "CPU-s", flush=True)
+
+        xf.stage1(name, cfg_m, data, enc, variant, cfg.seed + 1, checkpoint_fn=score)
+        out["runs"][f"{key} | lr {lr:g}"] = {"model": key, "lr": lr, "checkpoints": checkpoints,
+                                            "points": points}
+        path.write_text(json.dumps(out, indent=1))
+    return out
+
+
+# The stage-1 rule, written into the README before the grid ran: each model's (steps, lr) is the
+# cell with the highest mean validation count probe over the tuning seeds; cells within
+# STAGE1_TIE of it count as tied, and among them the one with the fewest steps (then the highest
+# mean) wins. A winner at the longest checkpoint or at either end of the lr grid is an edge.
+STAGE1_TIE = 0.01
+
+
+def stage1_choice(cells: dict) -> tuple:
+    """cells {(lr, step): mean validation count probe} of one model -> (lr, step) by the rule."""
+    top = max(cells.values())
+    tied = [c for c, v in cells.items() if v >= top - STAGE1_TIE]
+    return min(tied, key=lambda c: (c[1], -cells[c]))
+
+
+def analyse_stage1(folder: Path) -> dict:
+    """Print the stage-1 grid (mean over seeds), each model's choice and its edges."""
+    import numpy as np
+
+    per = {}  # (model, lr, step) -> {seed: (probe, loss, cpu)}
+    for path in sorted(folder.glob("**/stage1_seed*.json")):
+        s = json.loads(path.read_text())
+        for r in s["runs"].values():
+            for step, probe, loss, cpu in r["points"]:
+                per.setdefault((r["model"], r["lr"], step), {})[s["seed"]] = (probe, loss, cpu)
+    seeds = sorted({s for v in per.values() for s in v})
+    print(f"stage-1 grid, seeds {seeds}: mean validation count probe (val loss) per lr and step")
+    choice = {}
+    for key in MODELS:
+        lrs = sorted({lr for k, lr, _ in per if k == key})
+        steps = sorted({st for k, _, st in per if k == key})
+        if not lrs:
+            continue
+        cells = {}
+        print(f"| {MODELS[key]} | " + " | ".join(f"{st} steps" for st in steps) + " |")
+        for lr in lrs:
+            row = []
+            for st in steps:
+                v = per.get((key, lr, st), {})
+                if len(v) < len(seeds):
+                    row.append("incomplete")
+                    continue
+                cells[(lr, st)] = float(np.mean([x[0] for x in v.values()]))
+                row.append(f"{cells[(lr, st)]:.3f} ({np.mean([x[1] for x in v.values()]):.2f})")
+            print(f"| lr {lr:g} | " + " | ".join(row) + " |")
+        if not cells:
+            continue
+        lr, st = stage1_choice(cells)
+        cpu = np.mean([x[2] / stp for (k, _, stp), v in per.items() if k == key
+                       for x in v.values()])
+        edge = [w for w, at in (("longest steps", st == max(steps)),
+                                ("lr grid", lr in (lrs[0], lrs[-1]))) if at]
+        choice[key] = (lr, st)
+        print(f"{MODELS[key]}: steps {st}, lr {lr:g} (val probe {cells[(lr, st)]:.3f}; "
+              f"{cpu:.3f} CPU-s per step with the checkpoints)"
+              + (f"  <- AT THE EDGE: {', '.join(edge)}" if edge else ""))
+    return choice
 
 
 def replay(curve: list, patience: int, cap: int, eval_every: int) -> dict:
@@ -212,16 +332,28 @@ def main() -> None:
     p.add_argument("--patience", type=int, default=8)
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--stage1-steps", type=int, default=xf.Config.steps,
-                   help="stage-1 steps of every model (default: train.py's, %(default)s)")
+                   help="stage-1 steps of every model (default 0: each model's, train.py's)")
     p.add_argument("--stage1-lr", type=float, default=xf.Config.lr,
-                   help="stage-1 lr of every model (default: train.py's, %(default)s)")
+                   help="stage-1 lr of every model (default 0: each model's, train.py's)")
+    p.add_argument("--stage2-run", type=int, default=0,
+                   help="which stage-2 run: seed*1000+500+k, train.py's k-th --stage2-seeds run "
+                        "(a second k measures the spread of repeated stage-2 runs)")
     p.add_argument("--out", default="runs/xformer_sweep")
     p.add_argument("--analyse", metavar="DIR", help="analyse a finished sweep; run nothing")
     p.add_argument("--caps", type=int, nargs="+", default=[800, 1200, 1600],
                    help="with --analyse: the caps to replay (the table uses the largest)")
+    p.add_argument("--stage1-grid", action="store_true",
+                   help="the stage-1 grid instead: stage 1 only, one run per model and "
+                        "--stage1-lrs, scored at --checkpoints (validation count probe)")
+    p.add_argument("--stage1-lrs", type=float, nargs="+", default=[3e-4, 1e-3, 3e-3])
+    p.add_argument("--checkpoints", type=int, nargs="+", default=[60, 120, 180, 240, 300, 360])
+    p.add_argument("--analyse-stage1", metavar="DIR", help="analyse a stage-1 grid; run nothing")
     args = p.parse_args()
     if args.analyse:
         analyse(Path(args.analyse), caps=tuple(args.caps))
+        return
+    if args.analyse_stage1:
+        analyse_stage1(Path(args.analyse_stage1))
         return
     if any(s in range(5) for s in args.seeds):
         p.error("seeds 0-4 are the reported seeds; tune on 100-102")
@@ -233,8 +365,13 @@ def main() -> None:
     xf.torch.set_num_threads(1)
     with threadpool_limits(limits=1):
         for seed in args.seeds:
+            if args.stage1_grid:
+                stage1_grid_seed(seed, args.stage1_lrs, args.models, sorted(args.checkpoints),
+                                 out / f"stage1_seed{seed}.json")
+                continue
             sweep_seed(seed, args.lrs, args.models, args.stage2_steps, args.eval_every,
-                       args.patience, out / f"seed{seed}.json", args.stage1_steps, args.stage1_lr)
+                       args.patience, out / f"seed{seed}.json", args.stage1_steps, args.stage1_lr,
+                       args.stage2_run)
 
 
 if __name__ == "__main__":

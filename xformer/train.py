@@ -108,8 +108,9 @@ class Config:
     out_dir: str = field(default=f"runs/{FOLDER}", metadata={"help": "where outputs go"})
     device: str = field(default="cpu", metadata={"help": "cpu only in this folder",
                                                  "choices": ("cpu",)})
-    steps: int = field(default=120, metadata={"help": "stage-1 steps per model (paper: 9 epochs)",
-                                              "range": "[1, inf)"})
+    steps: int = field(default=0, metadata={
+        "help": "stage-1 steps for every model; 0 = each model's own, tuned on seeds 100-102 "
+                "(STAGE1; paper: 9 epochs)", "range": "[0, inf)"})
     stage2_steps: int = field(default=1600, metadata={
         "help": "most stage-2 steps; validation chooses the checkpoint (paper: 1 epoch)",
         "range": "[1, inf)"})
@@ -137,8 +138,9 @@ class Config:
     n_layers: int = field(default=2, metadata={"help": "Q-Former layers (paper: 12)",
                                                "range": "[1, inf)"})
     batch: int = field(default=32, metadata={"help": "batch size", "range": "[1, inf)"})
-    lr: float = field(default=1e-3, metadata={"help": "stage-1 learning rate (paper: not readable)",
-                                              "range": "(0, inf)"})
+    lr: float = field(default=0.0, metadata={
+        "help": "stage-1 learning rate for every model; 0 = each model's own, tuned on seeds "
+                "100-102 (STAGE1; paper: not readable)", "range": "[0, inf)"})
     lr_stage2: float = field(default=0.0, metadata={
         "help": "stage-2 learning rate for every model; 0 = each model's own rate, tuned on "
                 "seeds 100-102 (LR_STAGE2)", "range": "[0, inf)"})
@@ -178,6 +180,19 @@ class Config:
 # (the defaults of --patience and --stage2-steps, chosen by the same sweep on seeds 100-101; with
 # seed 102 the rule would pick 1e-3 for concat, 0.007 better on validation: not re-run, README).
 LR_STAGE2 = {"blip2": 3e-3, "concat": 3e-3, "concat_wide": 3e-3, "xformer": 1e-3}
+
+
+# Each model's stage-1 (steps, lr); --steps / --lr > 0 override them for all. Chosen per model by
+# `xformer/sweep.py --stage1-grid` on the tuning seeds (README, "Stage 1, tuned per model").
+STAGE1 = {"blip2": (300, 3e-3), "concat": (300, 3e-3), "concat_wide": (120, 1e-3),
+          "xformer": (120, 3e-4)}
+
+
+def stage1_setting(cfg: Config, variant: str) -> tuple[int, float]:
+    """The stage-1 (steps, lr) of a model of `variant`: --steps / --lr if set, else its tuned ones
+    (the no-L_REC ablation is an X-Former and gets X-Former's)."""
+    steps, lr = STAGE1[variant]
+    return (cfg.steps if cfg.steps > 0 else steps, cfg.lr if cfg.lr > 0 else lr)
 
 
 def stage2_lr(cfg: Config, variant: str) -> float:
@@ -873,14 +888,19 @@ def wide_ffn_units(d: int, d_mae: int, n_layers: int) -> int:
 
 
 # %% 6. Training and the report
-def stage1(name: str, cfg: Config, data: dict, enc: dict, variant: str, seed: int):
+def stage1(name: str, cfg: Config, data: dict, enc: dict, variant: str, seed: int,
+           checkpoint_fn=None):
     """Stage 1: train a fresh Q-Former of `variant` on L_1 for cfg.steps steps (frozen encoders).
 
     Every model starts from torch seed `seed` and draws its batches from its own generator seeded
     with it, so BLIP-2, concat and X-Former share their starting weights (where the shapes allow)
     and see the same batches; the MAE masks and hard negatives come from a second generator.
+    checkpoint_fn(steps_done, model), if given, is called after every step (sweep.py's stage-1
+    grid scores its checkpoints with it; it must leave the torch random streams alone).
     Returns (model in eval mode, history of the loss terms).
     """
+    if cfg.steps < 1 or cfg.lr <= 0:  # 0 means "each model's own": resolve with stage1_setting
+        raise ValueError(f"stage 1 needs steps and lr (stage1_setting), got {cfg.steps}, {cfg.lr}")
     torch.manual_seed(seed)
     model = QFormer(cfg, enc["clip_tokens"].shape[-1], enc["mae_full"].shape[-1], variant)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.05)
@@ -888,6 +908,7 @@ def stage1(name: str, cfg: Config, data: dict, enc: dict, variant: str, seed: in
     gen = torch.Generator().manual_seed(seed + 1)  # MAE masks and hard negatives
     train_idx = data["train"]
     hist = {"total": [], "itc": [], "itm": [], "itg": [], "rec": []}
+    hist["lr"] = opt.param_groups[0]["lr"]  # the design record: the rate this stage 1 trained at
     model.train()
     for step in tqdm(range(cfg.steps), desc=f"stage 1 {name}", leave=False):
         idx = train_idx[torch.randint(len(train_idx), (cfg.batch,), generator=batches)]  # (B,)
@@ -895,8 +916,11 @@ def stage1(name: str, cfg: Config, data: dict, enc: dict, variant: str, seed: in
         opt.zero_grad()
         terms["total"].backward()
         opt.step()
-        val = {k: terms[k].item() if k in terms else float("nan") for k in hist}
-        for k in hist:
+        if checkpoint_fn is not None:
+            checkpoint_fn(step + 1, model)
+        val = {k: terms[k].item() if k in terms else float("nan")
+               for k in ("total", "itc", "itm", "itg", "rec")}
+        for k in val:
             hist[k].append(val[k])
         if step % cfg.log_every == 0 or step == cfg.steps - 1:
             rec = f" | rec {val['rec']:.4f}" if "rec" in terms else ""
@@ -999,22 +1023,23 @@ def query_features(model: QFormer, enc: dict, idx: torch.Tensor) -> np.ndarray:
     return q_out.flatten(1).numpy()  # (N, Nq*d)
 
 
-def evaluate_probe(model: QFormer, enc: dict, data: dict, seed: int, iters: int = 500) -> dict:
+def evaluate_probe(model: QFormer, enc: dict, data: dict, seed: int, iters: int = 500,
+                   split: str = "test", tasks=("count", "colour", "shape")) -> dict:
     """Linear probes on the frozen query outputs: count (the detail), colour and shape (controls).
 
-    Trained on the training images, scored on the held-out ones. Returns accuracies.
+    Trained on the training images, scored on the held-out ones of `split` ("val": sweep.py's
+    stage-1 choice). Returns accuracies.
     """
-    tr, te = data["train"], data["test"]
+    tr, te = data["train"], data[split]
     f_tr, f_te = query_features(model, enc, tr), query_features(model, enc, te)
-    return {task: linear_probe(f_tr, f_te, data, task, seed, iters)
-            for task in ("count", "colour", "shape")}
+    return {task: linear_probe(f_tr, f_te, data, task, seed, iters, split) for task in tasks}
 
 
 def linear_probe(f_tr: np.ndarray, f_te: np.ndarray, data: dict, task: str, seed: int,
-                 iters: int = 500) -> float:
+                 iters: int = 500, split: str = "test") -> float:
     """Held-out accuracy of a logistic regression that reads `task` from frozen features.
 
-    f_tr (N_train, F) and f_te (N_test, F) are features of data["train"] and data["test"].
+    f_tr (N_train, F) and f_te (N_split, F) are features of data["train"] and data[split].
     """
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
@@ -1023,7 +1048,7 @@ def linear_probe(f_tr: np.ndarray, f_te: np.ndarray, data: dict, task: str, seed
     clf = make_pipeline(StandardScaler(), LogisticRegression(C=0.5, max_iter=iters,
                                                              random_state=seed))
     clf.fit(f_tr, data[task][data["train"]].numpy())
-    return float(clf.score(f_te, data[task][data["test"]].numpy()))
+    return float(clf.score(f_te, data[task][data[split]].numpy()))
 
 
 def encoder_probes(enc: dict, data: dict, seed: int, iters: int = 500) -> dict:
@@ -1061,7 +1086,9 @@ def train(cfg: Config) -> dict:
     s2_seeds = [cfg.seed * 1000 + 500 + k for k in range(cfg.stage2_seeds)]
     runs = {}
     for name, key, variant, lam, with_stage2 in LADDER:
-        cfg_m = dataclasses.replace(cfg, lambda_rec=cfg.lambda_rec if lam is None else lam)
+        s1_steps, s1_lr = stage1_setting(cfg, variant)  # each model at its own tuned stage 1
+        cfg_m = dataclasses.replace(cfg, lambda_rec=cfg.lambda_rec if lam is None else lam,
+                                    steps=s1_steps, lr=s1_lr)
         model, hist = stage1(name, cfg_m, data, enc, variant, cfg.seed + 1)
         probe = evaluate_probe(model, enc, data, cfg.seed, cfg.probe_iters)
         run_s2 = with_stage2 or cfg.stage2_for_all
@@ -1073,6 +1100,8 @@ def train(cfg: Config) -> dict:
             "stage2_mae_fed": [r["history"]["mae_fed"] for r in s2],
             "stage2_lr": [r["history"]["lr"] for r in s2],
             "n_params": sum(p.numel() for p in model.parameters()),
+            # read from what stage 1 ran (its loss history, its optimiser), not from the config
+            "stage1_steps": len(hist["total"]), "stage1_lr": hist["lr"],
             "variant": variant, "lambda_rec": cfg_m.lambda_rec}
         for what in ("question", "trained", "colour_question"):
             vals = [r["test"][what] for r in s2]
@@ -1115,7 +1144,8 @@ def train(cfg: Config) -> dict:
             s2_mae = f"on {fed} of {fed_steps} steps"
         arms[name] = {"data": f"train split ({cfg.n_train} images), captions with counts",
                       "init": f"torch seed {cfg.seed + 1} (shared parts equal across arms)",
-                      "steps": cfg.steps, "lr": cfg.lr, "lambda_rec": r["lambda_rec"],
+                      "steps": r["stage1_steps"], "lr": r["stage1_lr"],
+                      "lambda_rec": r["lambda_rec"],
                       "mae_stage1": s1_mae,
                       "mae_stage2": s2_mae if r["stage2"] else "no stage 2",
                       "stage2_max_steps": cfg.stage2_steps if r["stage2"] else 0,
