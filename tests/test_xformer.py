@@ -649,9 +649,12 @@ def test_arms_record_what_each_arm_got(quick_pair):
         assert len(arms[name]["stage2_seeds"]) == cfg.stage2_seeds
     # the tuned rates differ between the method and its rivals, so an arm given another arm's
     # rate at the call site (e.g. stage2_lr(cfg, "xformer") for every model) shows here
-    assert arms["X-Former"]["lr_stage2"] == 1e-3
-    for name in ("BLIP-2", "concat", xf.CONCAT_WIDE):
-        assert arms[name]["lr_stage2"] == 3e-3, name
+    assert {name: arms[name]["lr_stage2"] for name in ("BLIP-2", "concat", xf.CONCAT_WIDE,
+                                                       "X-Former")} == {
+        "BLIP-2": 3e-3, "concat": 1e-3, xf.CONCAT_WIDE: 3e-3, "X-Former": 1e-3}
+    # the stage-1 rates differ too (X-Former 3e-4, every rival higher): same check for stage 1
+    assert {name: arm["lr"] for name, arm in arms.items()} == {
+        "BLIP-2": 3e-3, "concat": 3e-3, xf.CONCAT_WIDE: 1e-3, "no L_REC": 3e-4, "X-Former": 3e-4}
 
 
 @pytest.mark.slow
@@ -708,12 +711,17 @@ def test_stage1_rule_picks_the_best_probe_and_the_fewest_steps_among_ties():
     assert sweep.stage1_choice(cells) == (3e-3, 360)
 
 
-def test_defaults_are_the_tuned_stage2_protocol():
-    # README, "What was tuned": xformer/sweep.py on the tuning seeds chose each model's stage-2
-    # rate, a patience of 8 evaluations every 100 steps and a cap of 1600 steps
+def test_defaults_are_the_tuned_protocol():
+    # README, "What was tuned": xformer/sweep.py on the tuning seeds chose each model's stage 1
+    # (--stage1-grid), each model's stage-2 rate on that stage 1, a patience of 8 evaluations
+    # every 100 steps and a cap of 1600 steps (the budget's: the cap binds, see the README)
     cfg = xf.Config()
     assert (cfg.stage2_steps, cfg.patience, cfg.eval_every, cfg.lr_stage2) == (1600, 8, 100, 0)
-    assert xf.LR_STAGE2 == {"blip2": 3e-3, "concat": 3e-3, "concat_wide": 3e-3, "xformer": 1e-3}
+    assert (cfg.steps, cfg.lr) == (0, 0)  # each model's own stage 1
+    assert xf.STAGE1 == {"blip2": (300, 3e-3), "concat": (300, 3e-3),
+                         "concat_wide": (120, 1e-3), "xformer": (120, 3e-4)}
+    assert {v: xf.stage1_setting(cfg, v) for v in xf.STAGE1} == xf.STAGE1
+    assert xf.LR_STAGE2 == {"blip2": 3e-3, "concat": 1e-3, "concat_wide": 3e-3, "xformer": 1e-3}
     assert {v: xf.stage2_lr(cfg, v) for v in xf.LR_STAGE2} == xf.LR_STAGE2
 
 

@@ -31,7 +31,7 @@ MODELS = {key: name for name, key, _v, _l, with_stage2 in xf.LADDER if with_stag
 
 def sweep_seed(seed: int, lrs: list[float], models: list[str], steps: int, eval_every: int,
                patience: int, path: Path, stage1_steps: int, stage1_lr: float,
-               stage2_run: int = 0) -> dict:
+               stage2_run: int = 0, tuned_lr: bool = False) -> dict:
     cfg = xf.Config(seed=seed, stage2_steps=steps, eval_every=eval_every, patience=patience,
                     skip_patch_check=True, steps=stage1_steps, lr=stage1_lr)
     ladder = {rung[1]: rung for rung in xf.LADDER}
@@ -44,7 +44,10 @@ def sweep_seed(seed: int, lrs: list[float], models: list[str], steps: int, eval_
         raise SystemExit(f"{path} holds a sweep with stage 1 {rec} (stage-2 run "
                          f"{out['stage2_run']}); use another --out")
     rec.update(s1)
-    todo = [(k, lr) for k in models for lr in lrs if f"{k} | lr {lr:g}" not in out["runs"]]
+    if tuned_lr:  # each model at its own default stage-2 rate (train.py's LR_STAGE2) only
+        lrs = sorted({xf.LR_STAGE2[ladder[k][2]] for k in models})
+    todo = [(k, lr) for k in models for lr in lrs if f"{k} | lr {lr:g}" not in out["runs"]
+            and (not tuned_lr or lr == xf.LR_STAGE2[ladder[k][2]])]
     if not todo:
         return out
     xf.set_seed(cfg.seed)
@@ -280,6 +283,35 @@ def analyse(folder: Path, patiences=(3, 5, 8), caps=(800, 1200, 1600)) -> dict:
     return {"table": table, "choice": choice, "replays": replays}
 
 
+def analyse_spread(first: Path, second: Path, caps=(1600, 2400)) -> None:
+    """Two stage-2 runs (--stage2-run 0 and 1) of each model from the same stage 1, at the rates
+    both folders hold: per seed the unseen question and the trained readout of each run at its
+    validation-chosen step, replayed at each cap, and the largest difference per model."""
+    def load(folder):
+        cells = {}
+        for path in sorted(folder.glob("**/seed*.json")):
+            s = json.loads(path.read_text())
+            for r in s["runs"].values():
+                cells[(r["model"], r["lr"], s["seed"])] = r
+        return cells
+
+    a, b = load(first), load(second)
+    for cap in caps:
+        print(f"cap {cap}: model | lr | seed | question run 0, run 1 | trained run 0, run 1 "
+              "| steps")
+        worst = {}
+        for key in sorted(set(a) & set(b)):
+            ra, rb = (replay(c[key]["curve"], 8, cap, c[key]["eval_every"]) for c in (a, b))
+            model, lr, seed = key
+            d = abs(ra["question"] - rb["question"])
+            worst[(model, lr)] = max(worst.get((model, lr), 0.0), d)
+            print(f"{MODELS[model]} | {lr:g} | {seed} | {ra['question']:.3f}, {rb['question']:.3f} "
+                  f"| {ra['trained']:.3f}, {rb['trained']:.3f} | {ra['step']}, {rb['step']}")
+        for (model, lr), d in worst.items():
+            print(f"cap {cap} | {MODELS[model]} | lr {lr:g} | largest question difference {d:.3f}"
+                  f" -> {'representative' if d <= 0.05 else 'NOT representative'} (rule: 0.05)")
+
+
 def plot(cells: dict, choice: dict, seed_ids: list, path: Path) -> None:
     """Test accuracy (unseen question, solid; trained readout, dashed) against stage-2 steps,
     one panel per model, one line per lr (mean over the tuning seeds), the chosen lr thick."""
@@ -335,6 +367,8 @@ def main() -> None:
                    help="stage-1 steps of every model (default 0: each model's, train.py's)")
     p.add_argument("--stage1-lr", type=float, default=xf.Config.lr,
                    help="stage-1 lr of every model (default 0: each model's, train.py's)")
+    p.add_argument("--tuned-lr", action="store_true",
+                   help="instead of --lrs: each model at its own default stage-2 rate")
     p.add_argument("--stage2-run", type=int, default=0,
                    help="which stage-2 run: seed*1000+500+k, train.py's k-th --stage2-seeds run "
                         "(a second k measures the spread of repeated stage-2 runs)")
@@ -348,9 +382,14 @@ def main() -> None:
     p.add_argument("--stage1-lrs", type=float, nargs="+", default=[3e-4, 1e-3, 3e-3])
     p.add_argument("--checkpoints", type=int, nargs="+", default=[60, 120, 180, 240, 300, 360])
     p.add_argument("--analyse-stage1", metavar="DIR", help="analyse a stage-1 grid; run nothing")
+    p.add_argument("--analyse-spread", metavar="DIR", nargs=2,
+                   help="compare stage-2 run 0 (first DIR) with run 1 (second); run nothing")
     args = p.parse_args()
     if args.analyse:
         analyse(Path(args.analyse), caps=tuple(args.caps))
+        return
+    if args.analyse_spread:
+        analyse_spread(*map(Path, args.analyse_spread))
         return
     if args.analyse_stage1:
         analyse_stage1(Path(args.analyse_stage1))
@@ -371,7 +410,7 @@ def main() -> None:
                 continue
             sweep_seed(seed, args.lrs, args.models, args.stage2_steps, args.eval_every,
                        args.patience, out / f"seed{seed}.json", args.stage1_steps, args.stage1_lr,
-                       args.stage2_run)
+                       args.stage2_run, args.tuned_lr)
 
 
 if __name__ == "__main__":
