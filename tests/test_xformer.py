@@ -623,10 +623,9 @@ def test_arms_record_what_each_arm_got(quick_pair):
         assert arm["data"].startswith(f"train split ({cfg.n_train} images)"), name
         assert arm["init"] == f"torch seed {cfg.seed + 1} (shared parts equal across arms)"
         # stage 1 as it ran (the history's length, the optimiser's rate): --quick sets the steps
-        # of every model, each keeps its own tuned rate
-        variant = a["runs"][name]["variant"]
+        # and the rate of every model (each model's own: the next test)
         assert arm["steps"] == cfg.steps == len(a["runs"][name]["history"]["total"]), name
-        assert arm["lr"] == xf.STAGE1[variant][1] == xf.stage1_setting(cfg, variant)[1], name
+        assert arm["lr"] == cfg.lr == a["runs"][name]["history"]["lr"], name
         assert arm["params"] == a["runs"][name]["n_params"], name
     assert arms["BLIP-2"]["mae_stage1"] == arms["BLIP-2"]["mae_stage2"] == "none"
     for name in ("concat", xf.CONCAT_WIDE):
@@ -651,20 +650,18 @@ def test_arms_record_what_each_arm_got(quick_pair):
     # rate at the call site (e.g. stage2_lr(cfg, "xformer") for every model) shows here
     assert {name: arms[name]["lr_stage2"] for name in ("BLIP-2", "concat", xf.CONCAT_WIDE,
                                                        "X-Former")} == {
-        "BLIP-2": 3e-3, "concat": 1e-3, xf.CONCAT_WIDE: 3e-3, "X-Former": 1e-3}
-    # the stage-1 rates differ too (X-Former 3e-4, every rival higher): same check for stage 1
-    assert {name: arm["lr"] for name, arm in arms.items()} == {
-        "BLIP-2": 3e-3, "concat": 3e-3, xf.CONCAT_WIDE: 1e-3, "no L_REC": 3e-4, "X-Former": 3e-4}
+        "BLIP-2": 3e-3, "concat": 3e-3, xf.CONCAT_WIDE: 3e-3, "X-Former": 1e-3}
 
 
 @pytest.mark.slow
 def test_each_model_runs_stage1_at_its_own_tuned_steps_and_rate(monkeypatch, tmp_path):
     # the stage-1 grid chose (steps, lr) per model (STAGE1); train() must run each rung with its
     # own, and the arms record must say what ran. Distinct made-up settings per variant, so a
-    # rung given another's (or the config's) shows; --quick minus its stage-1 steps.
+    # rung given another's (or the config's) shows; --quick minus its stage-1 steps and rate.
     monkeypatch.setattr(xf, "STAGE1", {"blip2": (2, 1e-3), "concat": (3, 2e-3),
                                        "concat_wide": (4, 3e-3), "xformer": (5, 4e-3)})
-    monkeypatch.setattr(xf, "QUICK", {k: v for k, v in xf.QUICK.items() if k != "steps"})
+    monkeypatch.setattr(xf, "QUICK", {k: v for k, v in xf.QUICK.items()
+                                      if k not in ("steps", "lr")})
     monkeypatch.setattr(xf, "LADDER", tuple((n, k, v, lam, False) for n, k, v, lam, _
                                             in xf.LADDER))  # stage 1 and the probe only
     cfg = xf.Config(quick=True, out_dir=str(tmp_path))
@@ -714,14 +711,14 @@ def test_stage1_rule_picks_the_best_probe_and_the_fewest_steps_among_ties():
 def test_defaults_are_the_tuned_protocol():
     # README, "What was tuned": xformer/sweep.py on the tuning seeds chose each model's stage 1
     # (--stage1-grid), each model's stage-2 rate on that stage 1, a patience of 8 evaluations
-    # every 100 steps and a cap of 1600 steps (the budget's: the cap binds, see the README)
+    # every 100 steps and a cap of 2400 steps (1600 bound the rivals; 2400 fits the budget)
     cfg = xf.Config()
-    assert (cfg.stage2_steps, cfg.patience, cfg.eval_every, cfg.lr_stage2) == (1600, 8, 100, 0)
+    assert (cfg.stage2_steps, cfg.patience, cfg.eval_every, cfg.lr_stage2) == (2400, 8, 100, 0)
     assert (cfg.steps, cfg.lr) == (0, 0)  # each model's own stage 1
     assert xf.STAGE1 == {"blip2": (300, 3e-3), "concat": (300, 3e-3),
                          "concat_wide": (120, 1e-3), "xformer": (120, 3e-4)}
     assert {v: xf.stage1_setting(cfg, v) for v in xf.STAGE1} == xf.STAGE1
-    assert xf.LR_STAGE2 == {"blip2": 3e-3, "concat": 1e-3, "concat_wide": 3e-3, "xformer": 1e-3}
+    assert xf.LR_STAGE2 == {"blip2": 3e-3, "concat": 3e-3, "concat_wide": 3e-3, "xformer": 1e-3}
     assert {v: xf.stage2_lr(cfg, v) for v in xf.LR_STAGE2} == xf.LR_STAGE2
 
 

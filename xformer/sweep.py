@@ -93,7 +93,7 @@ def stage1_val_loss(model, enc: dict, data: dict, cfg, seed: int) -> float:
     val = data["val"]
     with xf.torch.no_grad():
         losses = [xf.stage1_loss(model, enc, val[i:i + cfg.batch], data, cfg, gen)["total"].item()
-                  for i in range(0, len(val) - cfg.batch + 1, cfg.batch)]
+                  for i in range(0, max(1, len(val) - cfg.batch + 1), cfg.batch)]
     return sum(losses) / len(losses)
 
 
