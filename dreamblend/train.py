@@ -167,8 +167,8 @@ class Config:
 
 
 # What --quick changes (it wins over the defaults above and over the command line).
-QUICK = dict(steps=6, pre_steps=8, pre_batch=8, checkpoints="0,2", early_step=2, n_class=4,
-             sample_steps=3, guided_steps=3, eval_seeds=2, val_seeds=1, log_every=2)
+QUICK = dict(steps=4, pre_steps=4, pre_batch=4, ft_batch=2, checkpoints="0,2", early_step=2,
+             n_class=2, sample_steps=2, guided_steps=1, eval_seeds=2, val_seeds=1, log_every=2)
 TOY_ONLY = ("pre_steps", "pre_batch", "pre_lr", "val_seeds", "world")
 REAL_ONLY = ("instance_dir", "instance_prompt", "class_prompt", "contexts", "resolution")
 
@@ -593,20 +593,46 @@ def build_unet(coords: bool = False):
 _COORD_UNET = []
 
 
+def sincos_2d(dim: int, side: int) -> torch.Tensor:
+    """A fixed 2-D sin/cos position code of the side x side query grid: dim/2 channels code x,
+    dim/2 code y, frequencies 1 to ~7 half-turns across the image. Returns (side*side, dim)."""
+    def one(d):
+        pos = torch.linspace(-1, 1, side)[:, None] * torch.pi / 2  # (side, 1)
+        freq = 2.0 ** (3 * torch.arange(d // 2)[None] / (d // 2))  # (1, d/2)
+        return torch.cat([torch.sin(pos * freq), torch.cos(pos * freq)], 1)  # (side, d)
+    ex, ey = one(dim // 2), one(dim - dim // 2)
+    yy, xx = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+    return torch.cat([ex[xx.flatten()], ey[yy.flatten()]], 1)  # (side*side, dim)
+
+
+def _query_position(attn, args, kwargs):
+    """Forward pre-hook of a cross-attention (attn2): its input, from which only the queries are
+    computed (the residual is added outside), gets the 2-D position code of its query grid."""
+    h = args[0]  # (B, HW, C)
+    pe = sincos_2d(h.shape[2], int(round(h.shape[1] ** 0.5))).to(h)  # (HW, C)
+    return (h + pe[None],) + tuple(args[1:]), kwargs
+
+
 def coord_unet_class():
-    """The layout world's UNet class: a diffusers UNet2DConditionModel that appends two channels,
-    the x and y coordinates of each pixel in [-1, 1], to its input (CoordConv).
+    """The layout world's UNet class: a diffusers UNet2DConditionModel that (1) appends two
+    channels, the x and y coordinates of each pixel in [-1, 1], to its input (CoordConv), and
+    (2) adds a fixed 2-D sin/cos position code to every cross-attention's query input, so each
+    query knows where it is and a word's map can point at a place.
     DEVIATION: the toy UNet has no positional signal but its zero padding (attention at 8x8
-    without position embeddings), and without one the base model did not learn the place words
-    (measured: tuning seeds 100 and 101, the object at the named place in 0.25 and 0.21 of the
-    base model's images, chance 0.2). SD's much deeper 64x64 UNet gets position from padding
-    over many layers; here two coordinate channels give it directly. Built on first use, so
+    without position embeddings). (1) alone did not make the base model learn the place words
+    (tuning seeds 100 and 101: at the named place 0.25 and 0.21, chance 0.2); with (2), one
+    object colour and the pre-training of `pretrain` it does (README, "The layout world").
+    SD's deeper 64x64 UNet gets position from padding over many layers. Built on first use, so
     importing this file does not import diffusers' UNet."""
     if not _COORD_UNET:
         from diffusers import UNet2DConditionModel
 
         class CoordUNet(UNet2DConditionModel):
             def forward(self, sample, timestep, encoder_hidden_states, *args, **kwargs):
+                if not getattr(self, "_query_hooks", None):  # (from_config skips a new __init__)
+                    self._query_hooks = [m.register_forward_pre_hook(_query_position,
+                                                                     with_kwargs=True)
+                                         for n, m in self.named_modules() if n.endswith("attn2")]
                 b, _, h, w = sample.shape
                 ys = torch.linspace(-1, 1, h, device=sample.device, dtype=sample.dtype)
                 xs = torch.linspace(-1, 1, w, device=sample.device, dtype=sample.dtype)
@@ -781,27 +807,31 @@ EVAL_PLACES = ("left", "right", "top")  # never seen with "sks" (its photos are 
 PLACE_TOKEN = 4  # "a sks square at {place}": the place word is token 4
 # What each world's prompt asks of the context, in row names, table heads and plots.
 WORLD_CONTEXT = {"colour": "right background", "layout": "at the named place"}
+LAYOUT_HIGH_T = 850  # pre-training draws half of each batch's t from [850, 1000): the first DDIM
+#                     steps, where nothing but the prompt says where the object goes
 LAYOUT_OBJECT_MIN = 16  # object present: >= 16 pixels differ from the background (a 6-px circle
 #                         has 32); fixed before any layout run
 
 
 def make_layout_batch(n: int, gen: torch.Generator, drop_p=0.3):
-    """Pre-training data of the layout world: a shape of a random colour at one of the five
-    PLACES (+-1 px) on gray. The colour or the place word is dropped with prob drop_p (the image
-    keeps its random one), so "a square" means "a square somewhere". Returns images
-    (n, 3, 16, 16) and token ids (n, N) over LAYOUT_TOK."""
+    """Pre-training data of the layout world: a white shape at one of the five PLACES (+-1 px)
+    on gray, prompt "a {shape} at {place}". The place word is dropped with prob drop_p (the image
+    keeps its random place), so "a square" means "a square somewhere". Returns images
+    (n, 3, 16, 16) and token ids (n, N) over LAYOUT_TOK.
+    DEVIATION: one object colour and no colour word. With four colours named in the prompt
+    (the first two versions) the base model never learned the place words: the colours average
+    to (0.5, 0, 0), next to the gray background, so the place alone hardly changes the best
+    high-noise prediction and only colour x place does (measured, README "The layout world")."""
     imgs, prompts = [], []
-    cols, places = list(OBJ_COLOURS), list(PLACES)
+    places = list(PLACES)
     for _ in range(n):
-        r = torch.randint(0, 10_000, (6,), generator=gen).tolist()
-        shape, col, place = ("square", "circle")[r[0] % 2], cols[r[1] % 4], places[r[2] % 5]
-        size = (6, 8)[r[3] % 2]
-        cx, cy = PLACES[place][0] + (r[4] % 3) - 1, PLACES[place][1] + (r[5] % 3) - 1
-        imgs.append(render(shape, OBJ_COLOURS[col], BG_COLOURS["gray"], size, cx, cy))
-        drop = torch.rand(2, generator=gen)
+        r = torch.randint(0, 10_000, (5,), generator=gen).tolist()
+        shape, place, size = ("square", "circle")[r[0] % 2], places[r[1] % 5], (6, 8)[r[2] % 2]
+        cx, cy = PLACES[place][0] + (r[3] % 3) - 1, PLACES[place][1] + (r[4] % 3) - 1
+        imgs.append(render(shape, OBJ_COLOURS["white"], BG_COLOURS["gray"], size, cx, cy))
+        drop = torch.rand(1, generator=gen)
         # DEVIATION: random word dropping, so the class prompt "a square" is meaningful
-        words = ["a"] + ([] if drop[0] < drop_p else [col]) + [shape]
-        words += [] if drop[1] < drop_p else ["at", place]
+        words = ["a", shape] + ([] if drop[0] < drop_p else ["at", place])
         prompts.append(" ".join(words))
     return torch.stack(imgs), tokenize(prompts, LAYOUT_TOK)  # (n, 3, H, W), (n, N)
 
@@ -895,9 +925,10 @@ def pretrain(cfg, text_encoder, unet, sched, gen, device):
     """Pre-train text encoder + UNet on random shapes (v-prediction, 10% empty prompts for CFG).
     Cached in <out_dir>/pretrained_toy.pt, keyed by the knobs that change it."""
     key = dict(seed=cfg.seed, pre_steps=cfg.pre_steps, pre_batch=cfg.pre_batch, pre_lr=cfg.pre_lr)
-    if cfg.world != "colour":  # (the colour world's key is unchanged, so old caches still load)
-        key.update(world=cfg.world, unet=type(unet).__name__)
-    batch_fn = make_layout_batch if cfg.world == "layout" else make_base_batch
+    layout = cfg.world == "layout"
+    if layout:  # (the colour world's key is unchanged, so old caches still load)
+        key.update(world=cfg.world, unet=type(unet).__name__, version=3)
+    batch_fn = make_layout_batch if layout else make_base_batch
     cache = Path(cfg.out_dir) / "pretrained_toy.pt"
     if cache.is_file():
         blob = torch.load(cache, map_location=device)
@@ -906,7 +937,10 @@ def pretrain(cfg, text_encoder, unet, sched, gen, device):
             unet.load_state_dict(blob["unet"])
             print(f"pre-training: loaded the cached toy model from {cache}")
             return blob["losses"], True
-    params = list(text_encoder.parameters()) + list(unet.parameters())
+    # DEVIATION (layout world): the text encoder stays at its random initialisation, as SD trains
+    # its UNet under a frozen CLIP. Trained jointly, it made the place words alike (the hidden
+    # state of "left" vs "right", 2.95 apart at init, 0.45 after 400 steps; README).
+    params = ([] if layout else list(text_encoder.parameters())) + list(unet.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.pre_lr)
     losses = []
     for step in tqdm(range(cfg.pre_steps), desc="pre-train", leave=False):
@@ -915,7 +949,10 @@ def pretrain(cfg, text_encoder, unet, sched, gen, device):
         ids[drop] = 0
         x0, ids = x0.to(device), ids.to(device)
         eps = torch.randn(x0.shape, generator=gen).to(device)  # (B, 3, H, W)
-        t = torch.randint(0, 1000, (len(x0),), generator=gen).to(device)  # (B,)
+        t = torch.randint(0, 1000, (len(x0),), generator=gen)  # (B,)
+        if layout:  # DEVIATION: half of each batch where the layout is decided (README)
+            t[:len(t) // 2] = torch.randint(LAYOUT_HIGH_T, 1000, (len(t) // 2,), generator=gen)
+        t = t.to(device)
         z = sched.add_noise(x0, eps, t)  # (B, 3, H, W)
         pred = unet(z, t, encoder_hidden_states=text_encoder(ids).last_hidden_state).sample
         loss = F.mse_loss(pred, v_target(sched, x0, eps, t))
@@ -1504,36 +1541,46 @@ def plot_grid(images: dict, scores, labels, per: int, blend: str, path):
     """Grid: rows = checkpoints and DreamBlend variants, columns = prompts x seeds. With toy
     scores, each frame says what the image got right: green = background and subject, orange =
     background only, blue = subject only, red = neither; the row label gives the per-prompt rate
-    of green frames."""
+    of green frames. PLUMBING: the tiles are pasted into one picture (one imshow, not one axes
+    per image: a matplotlib axes per tile was a quarter of a --quick run's time)."""
     plt = _plt()
     names = list(images)
     ncol = len(images[names[0]])
-    fig, axes = plt.subplots(len(names), ncol,
-                             figsize=(max(9.5, 0.9 * ncol + 3.2), max(3.5, 0.95 * len(names))),
-                             squeeze=False)
+    side = min(images[names[0]].shape[-1], 64)  # real scale: tiles shrunk to 64 px
+    frame, gap = max(1, side // 8), max(1, side // 8)
+    cell = side + 2 * frame + gap
+    canvas = np.ones((len(names) * cell, ncol * cell, 3), np.float32)  # white
+    rgb = {"green": (0, .5, 0), "orange": (1, .65, 0), "blue": (0, 0, 1), "red": (1, 0, 0)}
+    ylabels = []
     for r, name in enumerate(names):
         label = name + ("\n(DreamBlend, the method)" if name == blend else "")
         if scores is not None:
             both = scores[name]["both"]
             label += "\n" + " / ".join(f"{float(both[i * per:(i + 1) * per].mean()):.2f}"
                                        for i in range(len(labels)))
+        ylabels.append(label)
         for c in range(ncol):
-            ax = axes[r][c]
-            img = images[name][c].float().cpu()
-            ax.imshow(((img.permute(1, 2, 0) + 1) / 2).clamp(0, 1).numpy(),
-                      interpolation="nearest")
-            ax.set_xticks([])
-            ax.set_yticks([])
+            y0, x0 = r * cell, c * cell
             if scores is not None:
                 bg, subj = scores[name]["bg"][c] > 0, scores[name]["subject_rate"][c] > 0
                 colour = {(1, 1): "green", (1, 0): "orange", (0, 1): "blue", (0, 0): "red"}[
                     (int(bg), int(subj))]
-                for s in ax.spines.values():
-                    s.set_edgecolor(colour)
-                    s.set_linewidth(2.5)
-        axes[r][0].set_ylabel(label, rotation=0, ha="right", va="center", fontsize=7)
-    for i, lab in enumerate(labels):
-        axes[0][i * per].set_title(f"'... {lab}'", fontsize=7, loc="left")
+                canvas[y0:y0 + side + 2 * frame, x0:x0 + side + 2 * frame] = rgb[colour]
+            img = images[name][c:c + 1].float().cpu()  # (1, 3, H, W)
+            if img.shape[-1] != side:
+                img = F.interpolate(img, size=(side, side), mode="area")
+            img = ((img[0].permute(1, 2, 0) + 1) / 2).clamp(0, 1)  # (side, side, 3)
+            canvas[y0 + frame:y0 + frame + side, x0 + frame:x0 + frame + side] = img.numpy()
+    fig, ax = plt.subplots(figsize=(max(9.5, 0.9 * ncol + 3.2), max(3.5, 0.95 * len(names))))
+    ax.imshow(canvas, interpolation="nearest")
+    ax.set_yticks([r * cell + (side + 2 * frame) / 2 for r in range(len(names))], ylabels,
+                  fontsize=7)
+    ax.set_xticks([i * per * cell for i in range(len(labels))],
+                  [f"'... {lab}'" for lab in labels], fontsize=7, ha="left")
+    ax.xaxis.tick_top()
+    ax.tick_params(length=0)
+    for s_ in ax.spines.values():
+        s_.set_visible(False)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.show() if IN_NOTEBOOK else plt.close(fig)

@@ -956,21 +956,49 @@ def test_place_collapse_stats_by_hand():
 
 
 def test_layout_batch_prompts_name_where_the_object_is():
-    """Pre-training data of the layout world: the named place is where the object is, the named
-    colour its colour, and the words are dropped only sometimes."""
+    """Pre-training data of the layout world: a white shape on gray, prompt "a {shape} at
+    {place}" with no colour word; the named place is where the object is, the named shape its
+    shape, and the place word is dropped only sometimes."""
     imgs, ids = dreamblend.make_layout_batch(64, torch.Generator().manual_seed(0))
     inv = {i: w for w, i in dreamblend.LAYOUT_TOK.items()}
     where, obj = dreamblend.object_place(imgs)
     named = 0
     for img, row, w in zip(imgs, ids.tolist(), where.tolist()):
         words = [inv[i] for i in row if i]
-        assert words[0] == "a" and (words[1] in ("square", "circle") or words[2] in
-                                    ("square", "circle"))
+        assert words[:2] in (["a", "square"], ["a", "circle"]) and len(words) in (2, 4)
         if "at" in words:
             named += 1
-            assert words[-1] == list(dreamblend.PLACES)[w]
+            assert words[2:] == ["at", list(dreamblend.PLACES)[w]]
         assert (img[:, 0, 0] == torch.tensor(dreamblend.BG_COLOURS["gray"])).all()
+        colours = {tuple(c) for c in img.flatten(1).T.tolist()}
+        assert colours <= {(0.0, 0.0, 0.0), (1.0, 1.0, 1.0)} and len(colours) == 2
+        # the shape word: a square fills its bounding box, a circle does not
+        m = (img != 0).any(0)
+        ys, xs = m.nonzero(as_tuple=True)
+        box = (ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1)
+        assert (int(m.sum()) == int(box)) == (words[1] == "square")
     assert obj.all() and 30 < named < 60
+
+
+@pytest.mark.parametrize("world", ["layout", "colour"])
+def test_pretrain_freezes_the_text_encoder_and_tilts_t_in_the_layout_world_only(tmp_path, world):
+    """Layout world: the text encoder keeps its initial weights and the first half of each
+    batch draws t from [LAYOUT_HIGH_T, 1000); colour world: both trained, t uniform."""
+    cfg = dreamblend.Config(world=world, pre_steps=3, pre_batch=8, out_dir=str(tmp_path))
+    layout = world == "layout"
+    te, unet, sched, _ = dreamblend.build_models(
+        vocab_size=len(dreamblend.LAYOUT_VOCAB if layout else dreamblend.VOCAB), coords=layout)
+    te0, unet0 = dreamblend.snapshot(te), dreamblend.snapshot(unet)
+    seen, forward = [], unet.forward
+    unet.forward = lambda z, t, **kw: (seen.append(t.clone()), forward(z, t, **kw))[1]
+    dreamblend.pretrain(cfg, te, unet, sched, torch.Generator().manual_seed(0), "cpu")
+    te_moved = any(not torch.equal(v, te0[k]) for k, v in te.state_dict().items())
+    unet_moved = any(not torch.equal(v, unet0[k]) for k, v in unet.state_dict().items())
+    assert unet_moved and te_moved != layout
+    t = torch.stack(seen)  # (steps, batch)
+    high = t >= dreamblend.LAYOUT_HIGH_T
+    assert high[:, :4].all() == layout
+    assert not high[:, 4:].all()
 
 
 def test_layout_premise_rows_are_the_written_acceptance_check():
@@ -1032,9 +1060,10 @@ def test_quick_layout_run_wires_the_layout_world(tmp_path):
     assert emb.shape[0] == len(dreamblend.LAYOUT_VOCAB)
 
 
-def test_coord_unet_sees_its_pixel_coordinates():
+def test_coord_unet_sees_its_pixel_coordinates_and_its_query_positions():
     """The layout world's UNet = a plain UNet with 5 input channels fed (z, x, y), x and y the
-    pixel coordinates in [-1, 1]; checkpoints reload as the same class."""
+    pixel coordinates in [-1, 1], whose every cross-attention (attn2) gets the 2-D sin/cos code
+    of its query grid added to its input; checkpoints reload as the same class."""
     from diffusers import UNet2DConditionModel
     torch.manual_seed(0)
     _, unet, _, _ = dreamblend.build_models(vocab_size=len(dreamblend.LAYOUT_VOCAB), coords=True)
@@ -1044,9 +1073,30 @@ def test_coord_unet_sees_its_pixel_coordinates():
     t = torch.tensor([500, 500])
     xs = torch.linspace(-1, 1, 16)
     coords = torch.stack([xs.view(1, 16).expand(16, 16), xs.view(16, 1).expand(16, 16)])
-    want = plain(torch.cat([z, coords[None].expand(2, -1, -1, -1)], 1), t,
-                 encoder_hidden_states=emb).sample
+    inp = torch.cat([z, coords[None].expand(2, -1, -1, -1)], 1)
     with torch.no_grad():
+        no_pos = plain(inp, t, encoder_hidden_states=emb).sample
+        attn2 = [m for n, m in plain.named_modules() if n.endswith("attn2")]
+        assert len(attn2) == 4
+        seen = []
+
+        def add_code(mod, args, kwargs):  # the position code, written out by hand
+            h = args[0]  # (B, 64, C): the 8x8 query grid
+            code = torch.zeros(64, h.shape[2])
+            for q in range(64):
+                y, x = divmod(q, 8)
+                for axis, v in ((0, x), (1, y)):
+                    pos = (-1 + 2 * v / 7) * torch.pi / 2
+                    d = h.shape[2] // 2
+                    f = 2.0 ** (3 * torch.arange(d // 2) / (d // 2))
+                    code[q, axis * d:(axis + 1) * d] = torch.cat([torch.sin(pos * f),
+                                                                  torch.cos(pos * f)])
+            seen.append(h.shape)
+            return (h + code[None],) + tuple(args[1:]), kwargs
+        for m in attn2:
+            m.register_forward_pre_hook(add_code, with_kwargs=True)
+        want = plain(inp, t, encoder_hidden_states=emb).sample
+        assert len(seen) == 4 and (want - no_pos).abs().max() > 1e-3  # the code matters
         torch.testing.assert_close(unet(z, t, encoder_hidden_states=emb).sample, want)
         again, _ = dreamblend.load_unet(dreamblend.snapshot(unet), "cpu", unet.config,
                                         cls=type(unet))
