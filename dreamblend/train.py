@@ -915,6 +915,16 @@ def encode(text_encoder, ids):
         return text_encoder(ids.to(text_encoder.device)).last_hidden_state
 
 
+def word_states(text_encoder, ids):
+    """The layout world's text states: each word's own (frozen, random) embedding, layer-normed,
+    no position and no mixing between words. Token ids (B, N) -> (B, N, D).
+    DEVIATION: with the CLIP transformer on top, the unseen "sks" changed the later words'
+    states, so the place word that the base model follows in "a square at left" lost most of
+    its effect in "a sks square at left" (README, "The layout world")."""
+    m = getattr(text_encoder, "text_model", text_encoder)  # (transformers 5 flattens it)
+    return m.final_layer_norm(m.embeddings.token_embedding(ids.to(text_encoder.device)))
+
+
 def autocast(cfg: Config, device: torch.device):
     """PLUMBING: bf16 mixed precision for the UNet's maths when --mixed-precision bf16."""
     return torch.autocast(torch.device(device).type, dtype=torch.bfloat16,
@@ -927,7 +937,7 @@ def pretrain(cfg, text_encoder, unet, sched, gen, device):
     key = dict(seed=cfg.seed, pre_steps=cfg.pre_steps, pre_batch=cfg.pre_batch, pre_lr=cfg.pre_lr)
     layout = cfg.world == "layout"
     if layout:  # (the colour world's key is unchanged, so old caches still load)
-        key.update(world=cfg.world, unet=type(unet).__name__, version=3)
+        key.update(world=cfg.world, unet=type(unet).__name__, version=4)
     batch_fn = make_layout_batch if layout else make_base_batch
     cache = Path(cfg.out_dir) / "pretrained_toy.pt"
     if cache.is_file():
@@ -954,7 +964,9 @@ def pretrain(cfg, text_encoder, unet, sched, gen, device):
             t[:len(t) // 2] = torch.randint(LAYOUT_HIGH_T, 1000, (len(t) // 2,), generator=gen)
         t = t.to(device)
         z = sched.add_noise(x0, eps, t)  # (B, 3, H, W)
-        pred = unet(z, t, encoder_hidden_states=text_encoder(ids).last_hidden_state).sample
+        states = (word_states(text_encoder, ids) if layout
+                  else text_encoder(ids).last_hidden_state)  # (B, N, D)
+        pred = unet(z, t, encoder_hidden_states=states).sample
         loss = F.mse_loss(pred, v_target(sched, x0, eps, t))
         opt.zero_grad()
         loss.backward()
@@ -1004,7 +1016,7 @@ def toy_world(cfg: Config, device) -> World:
     if layout:  # the same subject photos (centred, gray); prompts name a place
         return World(
             unet=unet.eval(), train_sched=train_sched, sample_sched=sample_sched,
-            embed=lambda prompts: encode(text_encoder, tokenize(prompts, LAYOUT_TOK)),
+            embed=lambda prompts: word_states(text_encoder, tokenize(prompts, LAYOUT_TOK)),
             inst=inst.to(device), inst_prompt="a sks square", class_prompt="a square",
             eval_prompts=[f"a sks square at {p}" for p in EVAL_PLACES], labels=list(EVAL_PLACES),
             decode=lambda z: z.clamp(-1, 1),

@@ -989,9 +989,15 @@ def test_pretrain_freezes_the_text_encoder_and_tilts_t_in_the_layout_world_only(
     te, unet, sched, _ = dreamblend.build_models(
         vocab_size=len(dreamblend.LAYOUT_VOCAB if layout else dreamblend.VOCAB), coords=layout)
     te0, unet0 = dreamblend.snapshot(te), dreamblend.snapshot(unet)
-    seen, forward = [], unet.forward
-    unet.forward = lambda z, t, **kw: (seen.append(t.clone()), forward(z, t, **kw))[1]
+    seen, states, forward = [], [], unet.forward
+    unet.forward = lambda z, t, **kw: (seen.append(t.clone()), states.append(
+        kw["encoder_hidden_states"].detach()), forward(z, t, **kw))[2]
     dreamblend.pretrain(cfg, te, unet, sched, torch.Generator().manual_seed(0), "cpu")
+    # layout: each text state is one word's own layer-normed embedding (no position, no mixing)
+    words = dreamblend.word_states(te, torch.arange(len(dreamblend.LAYOUT_VOCAB if layout
+                                                         else dreamblend.VOCAB))[None])[0]
+    dist = torch.cdist(torch.cat(states).flatten(0, 1), words).min(1).values  # (steps*B*N,)
+    assert (dist.max() < 1e-2) == layout  # (cdist rounds at about 1e-3)
     te_moved = any(not torch.equal(v, te0[k]) for k, v in te.state_dict().items())
     unet_moved = any(not torch.equal(v, unet0[k]) for k, v in unet.state_dict().items())
     assert unet_moved and te_moved != layout
@@ -1032,6 +1038,9 @@ def test_quick_layout_run_wires_the_layout_world(tmp_path):
                                              out_dir=str(tmp_path / "l")))
     s = dreamblend.report(out)
     assert out["world"].eval_prompts == [f"a sks square at {p}" for p in dreamblend.EVAL_PLACES]
+    # the place word's text state is the same wherever it stands and whatever precedes it
+    e1, e2 = out["world"].embed(["a square at left"]), out["world"].embed(["a sks square at left"])
+    torch.testing.assert_close(e1[0, 3], e2[0, 4])
     assert out["world"].context == "at the named place"
     assert s["headline"][0]["metric"].startswith("at the named place and subject")
     names = [r["name"] for r in s["premise"]]
