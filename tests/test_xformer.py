@@ -697,6 +697,23 @@ def test_stage1_checkpoints_are_the_shorter_runs(world):
         torch.testing.assert_close(seen["state"][k], v, msg=k)
 
 
+def test_the_stage1_probe_scores_the_split_it_is_asked_for(monkeypatch):
+    # the stage-1 grid chooses on the validation images: features and labels of data["val"], the
+    # probe fitted on data["train"] (splits of different sizes, so a mix-up cannot go unnoticed)
+    count = torch.tensor([0, 1, 2, 3] * 10)
+    data = {"train": torch.arange(0, 20), "val": torch.arange(20, 27), "test": torch.arange(27, 40),
+            "count": count}
+    seen = []
+
+    def features(model, enc, idx):  # one-hot counts: a perfect probe on any split
+        seen.append(len(idx))
+        return F.one_hot(count[idx], 4).float().numpy()
+
+    monkeypatch.setattr(xf, "query_features", features)
+    acc = xf.evaluate_probe(None, None, data, 0, iters=50, split="val", tasks=("count",))
+    assert acc == {"count": 1.0} and seen == [20, 7]
+
+
 def test_stage1_rule_picks_the_best_probe_and_the_fewest_steps_among_ties():
     from xformer import sweep
 

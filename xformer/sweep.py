@@ -1,14 +1,22 @@
-"""The per-model stage-2 sweep on the tuning seeds (never on seeds 0-4); README, "What was tuned".
+"""The per-model sweeps on the tuning seeds (never on seeds 0-4); README, "What was tuned".
 
-For each seed: the frozen parts and each model's stage 1 once (as train.py makes them), then stage 2
-of every model at each learning rate of the grid, stopped early on the validation split with a long
-patience (--patience, default 8 evaluations) under a high cap (--stage2-steps, default 1600, twice
-the default run's). Every evaluation is kept (validation trained readout; test trained readout and
-unseen question), so a shorter patience or a lower cap can be replayed exactly from the same curve
-afterwards (`replay`): stopping earlier never changes the steps before it.
+Stage 2: for each seed, the frozen parts and each model's stage 1 once (as train.py makes them,
+each model with its own STAGE1 setting), then stage 2 of every model at each learning rate of the
+grid, stopped early on the validation split (--patience, default 8 evaluations) under a cap
+(--stage2-steps, default 2400, the default run's). Every evaluation is kept (validation trained
+readout; test trained readout and unseen question), so a shorter patience or a lower cap can be
+replayed exactly from the same curve afterwards (`replay`): stopping earlier never changes the
+steps before it. --stage2-run 1 gives a second stage-2 run from the same stage 1 (the spread).
 
+Stage 1 (--stage1-grid): one stage-1 run per model and --stage1-lrs, scored at --checkpoints by
+the count probe on the validation images (the choice) and the validation stage-1 loss.
+
+    python xformer/sweep.py --stage1-grid --out runs/xformer_s1grid
+    python xformer/sweep.py --analyse-stage1 runs/xformer_s1grid
     python xformer/sweep.py --seeds 100 101 102 --lrs 3e-3 1e-3 1e-2 --out runs/xformer_sweep
-    python xformer/sweep.py --analyse runs/xformer_sweep   # tables, choices and the figure
+    python xformer/sweep.py --analyse runs/xformer_sweep --caps 1600 2400  # tables, the figure
+    python xformer/sweep.py --tuned-lr --stage2-run 1 --out runs/xformer_spread
+    python xformer/sweep.py --analyse-spread runs/xformer_sweep runs/xformer_spread
 
 Each seed's results go to <out>/seed<S>.json after every stage-2 run (a rerun skips the runs
 already there, so a grid can be extended with more --lrs or --models).
@@ -215,7 +223,7 @@ def replay(curve: list, patience: int, cap: int, eval_every: int) -> dict:
             "stopped_at": last}
 
 
-def analyse(folder: Path, patiences=(3, 5, 8), caps=(800, 1200, 1600)) -> dict:
+def analyse(folder: Path, patiences=(3, 5, 8), caps=(1600, 2400)) -> dict:
     """Print every (model, lr) cell, choose each model's lr, replay patience and cap; save the
     accuracy-against-steps figure next to the JSON."""
     import numpy as np
@@ -360,7 +368,7 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[100, 101, 102])
     p.add_argument("--lrs", type=float, nargs="+", default=[3e-3, 1e-3, 1e-2])
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
-    p.add_argument("--stage2-steps", type=int, default=1600)
+    p.add_argument("--stage2-steps", type=int, default=xf.Config.stage2_steps)
     p.add_argument("--patience", type=int, default=8)
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--stage1-steps", type=int, default=xf.Config.steps,
@@ -374,7 +382,7 @@ def main() -> None:
                         "(a second k measures the spread of repeated stage-2 runs)")
     p.add_argument("--out", default="runs/xformer_sweep")
     p.add_argument("--analyse", metavar="DIR", help="analyse a finished sweep; run nothing")
-    p.add_argument("--caps", type=int, nargs="+", default=[800, 1200, 1600],
+    p.add_argument("--caps", type=int, nargs="+", default=[1600, 2400],
                    help="with --analyse: the caps to replay (the table uses the largest)")
     p.add_argument("--stage1-grid", action="store_true",
                    help="the stage-1 grid instead: stage 1 only, one run per model and "

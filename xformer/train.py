@@ -863,8 +863,8 @@ def pretrain_encoders(cfg: Config, data: dict, gen: torch.Generator) -> dict:
 # (the paper's "concatenate" ablation, the fair rival: same information, no dual block); the
 # parameter-matched concat has wider query FFNs, so that X-Former's extra parameters are not what
 # separates the two; X-Former without L_REC isolates the reconstruction loss.
-# PLUMBING: the no-L_REC rung stops after stage 1 and the probe, to fit the default run in two
-# CPU-minutes; `--stage2-for-all` runs its stage 2 too.
+# PLUMBING: the no-L_REC rung stops after stage 1 and the probe, to fit the default run in the
+# CPU budget (150 CPU-s); `--stage2-for-all` runs its stage 2 too.
 LADDER = (("BLIP-2", "blip2", "blip2", 0.0, True), ("concat", "concat", "concat", 0.0, True),
           ("concat, parameter-matched", "concat_wide", "concat_wide", 0.0, True),
           ("no L_REC", "no_l_rec", "xformer", 0.0, False),
