@@ -982,8 +982,9 @@ def test_layout_batch_prompts_name_where_the_object_is():
 
 @pytest.mark.parametrize("world", ["layout", "colour"])
 def test_pretrain_freezes_the_text_encoder_and_tilts_t_in_the_layout_world_only(tmp_path, world):
-    """Layout world: the text encoder keeps its initial weights and the first half of each
-    batch draws t from [LAYOUT_HIGH_T, 1000); colour world: both trained, t uniform."""
+    """Layout world: the text encoder keeps its initial weights, the UNet sees each word's own
+    layer-normed embedding (word_states), and the first half of each batch draws t from
+    [LAYOUT_HIGH_T, 1000); colour world: both trained, CLIP states, t uniform."""
     cfg = dreamblend.Config(world=world, pre_steps=3, pre_batch=8, out_dir=str(tmp_path))
     layout = world == "layout"
     te, unet, sched, _ = dreamblend.build_models(
