@@ -68,8 +68,7 @@ def sweep_seed(seed: int, lrs: list[float], models: list[str], steps: int, eval_
     stage1 = {}
     for name, key, variant, lam, _ in (ladder[k] for k in models):  # in the order asked for
         if key in {k for k, _ in todo}:
-            cfg_m = dataclasses.replace(cfg, lambda_rec=cfg.lambda_rec if lam is None else lam,
-                                        steps=s1[key][0], lr=s1[key][1])
+            cfg_m = xf.model_config(cfg, variant, lam)  # its stage 1: s1[key], recorded above
             model, hist = xf.stage1(name, cfg_m, data, enc, variant, cfg.seed + 1)
             stage1[key] = (name, cfg_m, model)
             out.setdefault("probes", {})[key] = xf.evaluate_probe(model, enc, data, seed)
@@ -124,8 +123,7 @@ def stage1_grid_seed(seed: int, lrs: list[float], models: list[str], checkpoints
     ladder = {rung[1]: rung for rung in xf.LADDER}
     for key, lr in todo:  # lr outermost: an interrupted grid has given every model the same lrs
         name, _, variant, lam, _ = ladder[key]
-        cfg_m = dataclasses.replace(cfg, lr=lr,
-                                    lambda_rec=cfg.lambda_rec if lam is None else lam)
+        cfg_m = xf.model_config(dataclasses.replace(cfg, lr=lr), variant, lam)  # steps: cfg's
         points, t0 = [], time.process_time()
 
         def score(step, model, cfg_m=cfg_m, points=points, t0=t0, name=name, lr=lr):

@@ -195,6 +195,14 @@ def stage1_setting(cfg: Config, variant: str) -> tuple[int, float]:
     return (cfg.steps if cfg.steps > 0 else steps, cfg.lr if cfg.lr > 0 else lr)
 
 
+def model_config(cfg: Config, variant: str, lam: float | None) -> Config:
+    """The config one rung of LADDER trains with: its stage 1 (stage1_setting) and its L_REC
+    weight (`lam` from LADDER; None keeps --lambda-rec). train() and sweep.py both use it."""
+    steps, lr = stage1_setting(cfg, variant)
+    return dataclasses.replace(cfg, lambda_rec=cfg.lambda_rec if lam is None else lam,
+                               steps=steps, lr=lr)
+
+
 def stage2_lr(cfg: Config, variant: str) -> float:
     """The stage-2 learning rate of a model of `variant`: --lr-stage2 if set, else its tuned one."""
     return cfg.lr_stage2 if cfg.lr_stage2 > 0 else LR_STAGE2[variant]
@@ -1086,9 +1094,7 @@ def train(cfg: Config) -> dict:
     s2_seeds = [cfg.seed * 1000 + 500 + k for k in range(cfg.stage2_seeds)]
     runs = {}
     for name, key, variant, lam, with_stage2 in LADDER:
-        s1_steps, s1_lr = stage1_setting(cfg, variant)  # each model at its own tuned stage 1
-        cfg_m = dataclasses.replace(cfg, lambda_rec=cfg.lambda_rec if lam is None else lam,
-                                    steps=s1_steps, lr=s1_lr)
+        cfg_m = model_config(cfg, variant, lam)  # each model at its own tuned stage 1
         model, hist = stage1(name, cfg_m, data, enc, variant, cfg.seed + 1)
         probe = evaluate_probe(model, enc, data, cfg.seed, cfg.probe_iters)
         run_s2 = with_stage2 or cfg.stage2_for_all
