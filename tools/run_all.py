@@ -101,10 +101,16 @@ def wins(row_per_seed: list[dict]) -> str:
     return f"{sum(results)}/{n}"
 
 
-def load_summaries(runs_dir: Path, folder: str, seeds=None) -> list[dict]:
-    """Every seed<k>/summary.json of one folder (only `seeds`, if given), in seed order."""
+def runs_of(runs_dir: Path, folder: str, condition: str = "") -> Path:
+    """Where a folder's runs live: runs_dir/<folder>/, a named condition's in <folder>/<NAME>/."""
+    return runs_dir.joinpath(folder, *([condition] if condition else []))
+
+
+def load_summaries(runs_dir: Path, folder: str, seeds=None, condition: str = "") -> list[dict]:
+    """Every seed<k>/summary.json of one folder or one of its named conditions (only `seeds`, if
+    given), in seed order."""
     out = []
-    for path in sorted((runs_dir / folder).glob("seed*/summary.json"),
+    for path in sorted(runs_of(runs_dir, folder, condition).glob("seed*/summary.json"),
                        key=lambda p: int(p.parent.name[4:])):
         if seeds is not None and int(path.parent.name[4:]) not in seeds:
             continue
@@ -258,7 +264,7 @@ def condition_section(root: Path, runs_dir: Path, folder: str, name: str, flags:
     """RESULTS.md lines of one named condition (and its README block, rewritten), from its runs
     under runs_dir/<folder>/<name>/; without runs, what the last RESULTS.md said of it."""
     head = f"### {folder}, condition {name} (`{' '.join(flags)}`)"
-    summaries = load_summaries(runs_dir / folder, name, seeds)
+    summaries = load_summaries(runs_dir, folder, seeds, condition=name)
     if not summaries:
         if head not in old_section:
             return []
@@ -367,11 +373,10 @@ def main(argv=None) -> int:
     jobs = [] if args.report_only else [(f, s) for f in folders for s in args.seeds]
     failed = []
     for k, (folder, seed) in enumerate(jobs, 1):
-        cond = [args.condition] if args.condition else []
-        out = runs_dir.joinpath(folder, *cond, f"seed{seed}")
-        print(f"[{k}/{len(jobs)}] {folder}{' ' + args.condition if cond else ''} seed {seed} ... ",
-              end="", flush=True)
-        flags = CONDITIONS[folder][args.condition] if cond else []
+        out = runs_of(runs_dir, folder, args.condition) / f"seed{seed}"
+        print(f"[{k}/{len(jobs)}] {folder}{' ' + args.condition if args.condition else ''} "
+              f"seed {seed} ... ", end="", flush=True)
+        flags = CONDITIONS[folder][args.condition] if args.condition else []
         meta = run_one(root, folder, seed, out, args.quick, args.python,
                        flags + args.extra.split())
         if meta["returncode"] == 0:
@@ -381,8 +386,7 @@ def main(argv=None) -> int:
             failed.append(f"{folder} seed {seed}")
     if args.quick or args.tune:
         for folder in folders:
-            summaries = load_summaries(runs_dir / folder if args.condition else runs_dir,
-                                       args.condition or folder, args.seeds)
+            summaries = load_summaries(runs_dir, folder, args.seeds, condition=args.condition)
             if summaries:
                 print(f"\n{folder}\n" + "\n".join(folder_table(summaries)))
     else:
