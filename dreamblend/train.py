@@ -61,6 +61,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import re
 import sys
@@ -593,9 +594,11 @@ def build_unet(coords: bool = False):
 _COORD_UNET = []
 
 
+@functools.cache  # called by every cross-attention forward; a few grid sizes
 def sincos_2d(dim: int, side: int) -> torch.Tensor:
     """A fixed 2-D sin/cos position code of the side x side query grid: dim/2 channels code x,
-    dim/2 code y, frequencies 1 to ~7 half-turns across the image. Returns (side*side, dim)."""
+    dim/2 code y, frequencies 1 to ~7 half-turns across the image. Returns (side*side, dim);
+    cached, so callers must not change it in place."""
     def one(d):
         pos = torch.linspace(-1, 1, side)[:, None] * torch.pi / 2  # (side, 1)
         freq = 2.0 ** (3 * torch.arange(d // 2)[None] / (d // 2))  # (1, d/2)
