@@ -803,7 +803,7 @@ def transplant_sample(unet, store, sched, z_T, emb, emb_null, cfg_scale, ref_map
 # ("a sks square at left"), the base model learns the place words, the subject's photos stay
 # centred on gray (as in the colour world), and success is the subject at the named place.
 LAYOUT_VOCAB = ["<pad>", "a", "square", "circle", "at", "sks", "red", "blue", "yellow", "white",
-                "left", "right", "top", "bottom", "centre"]
+                "left", "right", "top", "bottom", "centre", "plain", "striped", "barred"]
 LAYOUT_TOK = {w: i for i, w in enumerate(LAYOUT_VOCAB)}
 PLACES = {"left": (4, 8), "right": (12, 8), "top": (8, 4), "bottom": (8, 12), "centre": (8, 8)}
 EVAL_PLACES = ("left", "right", "top")  # never seen with "sks" (its photos are centred)
@@ -814,29 +814,67 @@ LAYOUT_HIGH_T = 850  # pre-training draws half of each batch's t from [850, 1000
 #                     steps, where nothing but the prompt says where the object goes
 LAYOUT_OBJECT_MIN = 16  # object present: >= 16 pixels differ from the background (a 6-px circle
 #                         has 32); fixed before any layout run
+# The base model's appearance words (the slot "sks" takes in "a sks square at left"): 2-px
+# horizontal stripes, 2-px vertical bars, or none. The subject's 2-px checks are never among them.
+TEXTURES = ("plain", "striped", "barred")
+LAYOUT_DARK = 0.4  # the darker cells of a texture (and of the subject's checks); the lighter are
+#                    white, so every textured object has mean 0.7, far from the gray background
+
+
+def render_textured(shape: str, texture: str, size: int, cx: int, cy: int) -> torch.Tensor:
+    """A white shape on gray whose cells of one 2-px pattern are LAYOUT_DARK: texture is one of
+    TEXTURES, or "checked" (the subject's pattern, phase anchored at the shape's corner as in
+    render). Returns (3, 16, 16) in [-1, 1]."""
+    img = render(shape, OBJ_COLOURS["white"], BG_COLOURS["gray"], size, cx, cy)  # (3, H, W)
+    yy, xx = torch.meshgrid(torch.arange(SIDE), torch.arange(SIDE), indexing="ij")  # (H, W)
+    dark = {"plain": torch.zeros_like(yy, dtype=torch.bool), "striped": (yy // 2) % 2 == 1,
+            "barred": (xx // 2) % 2 == 1,
+            "checked": ((xx - (cx - size // 2)) // 2 + (yy - (cy - size // 2)) // 2) % 2 == 1,
+            }[texture]  # (H, W)
+    on = img.abs().sum(0) > 0  # (H, W) the shape (the gray background is 0)
+    return torch.where((on & dark)[None], torch.full_like(img, LAYOUT_DARK), img)
 
 
 def make_layout_batch(n: int, gen: torch.Generator, drop_p=0.3):
-    """Pre-training data of the layout world: a white shape at one of the five PLACES (+-1 px)
-    on gray, prompt "a {shape} at {place}". The place word is dropped with prob drop_p (the image
-    keeps its random place), so "a square" means "a square somewhere". Returns images
-    (n, 3, 16, 16) and token ids (n, N) over LAYOUT_TOK.
+    """Pre-training data of the layout world: a white shape with one of the TEXTURES at one of
+    the five PLACES (+-1 px) on gray, prompt "a {texture} {shape} at {place}". The texture and the
+    place words are each dropped with prob drop_p (the image keeps its own), so "a square" means
+    "a square of any texture somewhere". Returns images (n, 3, 16, 16) and token ids (n, N) over
+    LAYOUT_TOK.
     DEVIATION: one object colour and no colour word. With four colours named in the prompt
     (the first two versions) the base model never learned the place words: the colours average
     to (0.5, 0, 0), next to the gray background, so the place alone hardly changes the best
-    high-noise prediction and only colour x place does (measured, README "The layout world")."""
+    high-noise prediction and only colour x place does (measured, README "The layout world").
+    DEVIATION: the texture words (fifth version). A base model that never drew a pattern
+    learned the subject's checks as part of the whole centred photo: wherever its object was
+    moved (transplant, guidance), it came out plain. With appearance words that work at every
+    place, fine-tuning binds "sks" to an appearance the model can draw anywhere, as a real
+    text-to-image model draws a dog anywhere (README, "The layout world")."""
     imgs, prompts = [], []
     places = list(PLACES)
     for _ in range(n):
-        r = torch.randint(0, 10_000, (5,), generator=gen).tolist()
+        r = torch.randint(0, 10_000, (6,), generator=gen).tolist()
         shape, place, size = ("square", "circle")[r[0] % 2], places[r[1] % 5], (6, 8)[r[2] % 2]
+        texture = TEXTURES[r[5] % len(TEXTURES)]
         cx, cy = PLACES[place][0] + (r[3] % 3) - 1, PLACES[place][1] + (r[4] % 3) - 1
-        imgs.append(render(shape, OBJ_COLOURS["white"], BG_COLOURS["gray"], size, cx, cy))
-        drop = torch.rand(1, generator=gen)
+        imgs.append(render_textured(shape, texture, size, cx, cy))
+        drop = torch.rand(2, generator=gen)
         # DEVIATION: random word dropping, so the class prompt "a square" is meaningful
-        words = ["a", shape] + ([] if drop[0] < drop_p else ["at", place])
+        words = (["a"] + ([] if drop[1] < drop_p else [texture]) + [shape]
+                 + ([] if drop[0] < drop_p else ["at", place]))
         prompts.append(" ".join(words))
     return torch.stack(imgs), tokenize(prompts, LAYOUT_TOK)  # (n, 3, H, W), (n, N)
+
+
+def make_layout_subject(n: int, gen: torch.Generator) -> torch.Tensor:
+    """The layout world's subject: an 8-px square of 2-px checks (white / LAYOUT_DARK, a pattern
+    the base model never saw) on gray, centre +-1 px, drawn from the same stream as make_subject.
+    (n, 3, 16, 16)."""
+    out = []
+    for _ in range(n):
+        dx, dy = (torch.randint(-1, 2, (2,), generator=gen)).tolist()
+        out.append(render_textured("square", "checked", 8, 8 + dx, 8 + dy))
+    return torch.stack(out)  # (n, 3, H, W)
 
 
 def checker_corr_anywhere(imgs: torch.Tensor) -> torch.Tensor:
@@ -940,7 +978,7 @@ def pretrain(cfg, text_encoder, unet, sched, gen, device):
     key = dict(seed=cfg.seed, pre_steps=cfg.pre_steps, pre_batch=cfg.pre_batch, pre_lr=cfg.pre_lr)
     layout = cfg.world == "layout"
     if layout:  # (the colour world's key is unchanged, so old caches still load)
-        key.update(world=cfg.world, unet=type(unet).__name__, version=4)
+        key.update(world=cfg.world, unet=type(unet).__name__, version=5)
     batch_fn = make_layout_batch if layout else make_base_batch
     cache = Path(cfg.out_dir) / "pretrained_toy.pt"
     if cache.is_file():
@@ -1015,8 +1053,9 @@ def toy_world(cfg: Config, device) -> World:
     pre_losses, cached = pretrain(cfg, text_encoder, unet, train_sched, gen, device)
     text_encoder.requires_grad_(False).eval()
     # PLUMBING: a fresh stream after pre-training, so a cached run equals an uncached one.
-    inst = make_subject(cfg.n_instance, torch.Generator().manual_seed(cfg.seed + 1))
-    if layout:  # the same subject photos (centred, gray); prompts name a place
+    inst = (make_layout_subject if layout else make_subject)(
+        cfg.n_instance, torch.Generator().manual_seed(cfg.seed + 1))
+    if layout:  # centred subject photos on gray; prompts name a place
         return World(
             unet=unet.eval(), train_sched=train_sched, sample_sched=sample_sched,
             embed=lambda prompts: word_states(text_encoder, tokenize(prompts, LAYOUT_TOK)),

@@ -955,29 +955,72 @@ def test_place_collapse_stats_by_hand():
     assert c == pytest.approx(0.55) and r == pytest.approx(0.1)
 
 
+def texture_of(img):
+    """Which 2-px pattern an image's shape carries, read back from its pixels: plain, striped
+    (dark rows), barred (dark columns) or checked (neither rows nor columns uniform)."""
+    m = (img != 0).any(0)  # (H, W) the shape
+    dark = (img[0] == dreamblend.LAYOUT_DARK) & m
+    if not dark.any():
+        return "plain"
+    rows = {int(y) for y in dark.nonzero()[:, 0]}
+    cols = {int(x) for x in dark.nonzero()[:, 1]}
+    if all(dark[y][m[y]].all() for y in rows):
+        return "striped"
+    if all(dark[:, x][m[:, x]].all() for x in cols):
+        return "barred"
+    return "checked"
+
+
 def test_layout_batch_prompts_name_where_the_object_is():
-    """Pre-training data of the layout world: a white shape on gray, prompt "a {shape} at
-    {place}" with no colour word; the named place is where the object is, the named shape its
-    shape, and the place word is dropped only sometimes."""
-    imgs, ids = dreamblend.make_layout_batch(64, torch.Generator().manual_seed(0))
+    """Pre-training data of the layout world: a white shape with one of the textures on gray,
+    prompt "a {texture} {shape} at {place}" with no colour word; the named place is where the
+    object is, the named shape its shape, the named texture its texture, and the texture and
+    place words are each dropped only sometimes."""
+    imgs, ids = dreamblend.make_layout_batch(96, torch.Generator().manual_seed(0))
     inv = {i: w for w, i in dreamblend.LAYOUT_TOK.items()}
     where, obj = dreamblend.object_place(imgs)
-    named = 0
+    named, textured, seen = 0, 0, set()
     for img, row, w in zip(imgs, ids.tolist(), where.tolist()):
         words = [inv[i] for i in row if i]
+        tex = texture_of(img)
+        seen.add(tex)
+        if words[1] in dreamblend.TEXTURES:
+            textured += 1
+            assert words[1] == tex
+            words = words[:1] + words[2:]
         assert words[:2] in (["a", "square"], ["a", "circle"]) and len(words) in (2, 4)
         if "at" in words:
             named += 1
             assert words[2:] == ["at", list(dreamblend.PLACES)[w]]
         assert (img[:, 0, 0] == torch.tensor(dreamblend.BG_COLOURS["gray"])).all()
         colours = {tuple(c) for c in img.flatten(1).T.tolist()}
-        assert colours <= {(0.0, 0.0, 0.0), (1.0, 1.0, 1.0)} and len(colours) == 2
+        d = float(torch.tensor(dreamblend.LAYOUT_DARK))  # as float32 stores it
+        assert colours <= {(0.0, 0.0, 0.0), (1.0, 1.0, 1.0), (d, d, d)}
         # the shape word: a square fills its bounding box, a circle does not
         m = (img != 0).any(0)
         ys, xs = m.nonzero(as_tuple=True)
         box = (ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1)
         assert (int(m.sum()) == int(box)) == (words[1] == "square")
-    assert obj.all() and 30 < named < 60
+    assert obj.all() and 45 < named < 90 and 45 < textured < 90
+    assert seen == set(dreamblend.TEXTURES)  # the subject's checks are never in pre-training
+
+
+def test_layout_subject_is_a_texture_the_base_model_never_drew():
+    """The layout world's subject: a centred square of 2-px checks, white and LAYOUT_DARK, found
+    by the subject metric; the pre-training textures at every place are not (checker correlation
+    below SUBJECT_TAU), so "subject present" means the fine-tuned appearance."""
+    inst = dreamblend.make_layout_subject(4, torch.Generator().manual_seed(1))
+    where, obj = dreamblend.object_place(inst)
+    assert obj.all() and (where == list(dreamblend.PLACES).index("centre")).all()
+    assert all(texture_of(x) == "checked" for x in inst)
+    assert (dreamblend.checker_corr_anywhere(inst) > 0.99).all()
+    others = torch.stack([dreamblend.render_textured(sh, tex, size, *xy)
+                          for sh in ("square", "circle") for tex in dreamblend.TEXTURES
+                          for size in (6, 8) for xy in dreamblend.PLACES.values()])
+    assert dreamblend.checker_corr_anywhere(others).max() < dreamblend.SUBJECT_TAU
+    # the checks moved to another place are still the subject (the metric looks anywhere)
+    moved = dreamblend.render_textured("square", "checked", 8, *dreamblend.PLACES["left"])
+    assert dreamblend.checker_corr_anywhere(moved[None])[0] > 0.99
 
 
 @pytest.mark.parametrize("world", ["layout", "colour"])
@@ -1039,6 +1082,11 @@ def test_quick_layout_run_wires_the_layout_world(tmp_path):
                                              out_dir=str(tmp_path / "l")))
     s = dreamblend.report(out)
     assert out["world"].eval_prompts == [f"a sks square at {p}" for p in dreamblend.EVAL_PLACES]
+    # its subject photos are the layout world's (checks in white and LAYOUT_DARK), from the
+    # subject stream seed + 1
+    cfg0 = out["cfg"]
+    torch.testing.assert_close(out["world"].inst, dreamblend.make_layout_subject(
+        cfg0.n_instance, torch.Generator().manual_seed(cfg0.seed + 1)))
     # the place word's text state is the same wherever it stands and whatever precedes it
     e1, e2 = out["world"].embed(["a square at left"]), out["world"].embed(["a sks square at left"])
     torch.testing.assert_close(e1[0, 3], e2[0, 4])
