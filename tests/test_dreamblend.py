@@ -2,6 +2,7 @@
 equivalence with diffusers, the per-image metrics, a smoke run, and the real-scale path run
 offline on a tiny Stable Diffusion folder made here with save_pretrained."""
 
+import dataclasses
 import inspect
 import json
 
@@ -1195,3 +1196,45 @@ def test_compute_plot_reads_every_seed_and_refuses_an_empty_folder(tmp_path):
     assert x == 400 and y == pytest.approx(0.07)
     with pytest.raises(SystemExit, match="no seed"):
         plot_compute.main(["--runs", str(tmp_path / "none")])
+
+
+def test_layout_world_brings_its_tuned_defaults_and_keeps_given_flags():
+    """--world layout fills LAYOUT_DEFAULTS (chosen on the tuning seeds) into the fields left at
+    their default; a flag given on the command line is kept, checkpoints past --steps are
+    dropped, and the colour world and --quick are untouched. --world's help names the same
+    values, so the documentation cannot drift from the code."""
+    wd, parse = dreamblend.world_defaults, dreamblend.parse_args
+    cfg = wd(parse(["--world", "layout"]))
+    assert {k: getattr(cfg, k) for k in dreamblend.LAYOUT_DEFAULTS} == dreamblend.LAYOUT_DEFAULTS
+    cfg = wd(parse(["--world", "layout", "--steps", "300", "--guidance-lr", "0.2"]))
+    assert (cfg.steps, cfg.guidance_lr, cfg.early_step) == (300, 0.2, 50)
+    assert cfg.checkpoints == "0,50,100,200"
+    colour = parse([])
+    assert wd(colour) == colour and wd(parse(["--world", "layout", "--quick"])).steps == 400
+    helptext = next(f for f in dataclasses.fields(dreamblend.Config)
+                    if f.name == "world").metadata["help"]
+    for k, v in dreamblend.LAYOUT_DEFAULTS.items():
+        assert f"--{k.replace('_', '-')} {v}" in helptext
+
+
+def test_train_and_main_apply_the_layout_defaults(monkeypatch, tmp_path):
+    """Call sites: train() (used by notebooks and tests) and main() (the command line) both run
+    the layout world with its tuned defaults; a too short --steps is still one line, exit 2."""
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def stop(cfg, device):
+        seen.append(cfg)
+        raise Stop
+    monkeypatch.setattr(dreamblend, "toy_world", stop)
+    with pytest.raises(Stop):
+        dreamblend.train(dreamblend.Config(world="layout", out_dir=str(tmp_path)))
+    with pytest.raises(Stop):
+        dreamblend.main(["--world", "layout", "--out-dir", str(tmp_path)])
+    assert [c.steps for c in seen] == [1200, 1200]
+    assert [c.guidance_lr for c in seen] == [0.01, 0.01]
+    with pytest.raises(SystemExit) as e:
+        dreamblend.main(["--world", "layout", "--steps", "10", "--out-dir", str(tmp_path)])
+    assert e.value.code == 2
