@@ -9,14 +9,15 @@ numbering (A1), (B1), (C1), (D1)-(D3) is the one of our notes (shared/papers/dre
 the paper's.
 
 The idea: fine-tuning a text-to-image diffusion model on a few photos of one subject (DreamBooth)
-moves along a trade-off. Early checkpoints still obey the prompt ("on a teal background") and vary
-their layouts, but the subject looks generic; late checkpoints render the subject faithfully but
-ignore the context words, because every token's cross-attention collapses onto the subject.
+moves along a trade-off. Early checkpoints still obey the prompt ("at left", "on the beach") and
+vary their layouts, but the subject looks generic; late checkpoints render the subject
+faithfully but ignore the context words, because every token's cross-attention collapses onto
+the subject.
 DreamBlend keeps both checkpoints: it generates a reference image with the early one, recording its
 cross-attention maps, and then generates with the late one, nudging the latent at each denoising
 step so that the late model's cross-attention maps match the early model's. Optionally (--invert)
 the late model starts from the DDIM inversion of the early image. Whether the blend lands above
-the checkpoints' trade-off curve is measured per image (right background AND subject present).
+the checkpoints' trade-off curve is measured per image (the prompt's context AND the subject).
 
 Reading map (the paper is section 3; read it first):
     dreamblend                  the whole inference, in three stages:
@@ -27,7 +28,8 @@ Reading map (the paper is section 3; read it first):
               D2), then the CFG prediction (cfg_output, D3) and the DDIM update
     the `Try it` cell          the attention loss and one latent step on hand-made maps
     Section 3b (prior work): DreamBooth's loss (A1) and the DDIM / CFG sampler.
-    Section 4: the toy (coloured shapes on coloured backgrounds), its metrics and its premise.
+    Section 4: the first toy (the colour world: coloured shapes on coloured backgrounds), its
+    metrics and its premise. Section 5: the layout world (the default: prompts name a place).
     Section 6: pre-training, DreamBooth fine-tuning with checkpoints, every sampler, train().
     A first read may skip Config's knobs, the real-scale World and the Appendix (run plumbing,
     the same bytes in every folder).
@@ -45,15 +47,17 @@ Notation (notes -> code):
     v / eps          out               the model's prediction (v in the toy, eps in SD 1.x)
 Dimensions: B batch, C channels, H/W latent side, N text tokens, D text width.
 
-What the miniature simplifies: 16x16 RGB pixel-space images of a coloured shape on a coloured
-background instead of 512px latents of Stable Diffusion; a 2-layer CLIP text encoder and a 0.25 M
+What the miniature simplifies: 16x16 RGB pixel-space images of one textured shape at a named
+place on gray (layout world; the colour world: a coloured shape on a coloured background) instead
+of 512px latents of Stable Diffusion; a 2-layer CLIP text encoder and a 0.25 M
 parameter UNet pre-trained here in a minute; pixel statistics instead of DINO / CLIP / LPIPS.
 The real-scale path (--pretrained) runs the same train() on a diffusers Stable Diffusion folder.
 
-Run:   python dreamblend/train.py          (CPU time: README, Expected output)
-Ends:  a table `method | bg | object | prompt-fid | subject-fid | subject>tau | bg&subject |
-       diversity` for the checkpoints, the three DreamBlend variants and DreamBlend per prompt,
-       then one verdict line per headline row.
+Run:   python dreamblend/train.py          (the layout world; CPU time: README, Expected output)
+       python dreamblend/train.py --world colour   (the first toy, where the premise fails)
+Ends:  the premise rows, a table `method | place | object | prompt-fid | subject-fid | subj>0.5 |
+       place&subj | diversity` (colour world: bg for place) for the checkpoints, the DreamBlend
+       variants, DreamBlend per prompt and the transplant, then one verdict line per headline row.
 """
 
 # %% 1. Imports
@@ -91,11 +95,12 @@ class Config:
     seed: int = field(default=0, metadata={"help": "random seed (same seed, same numbers)",
                                            "range": "[0, 4294967295]"})
     quick: bool = field(default=False, metadata={"help": "a run of a few seconds for tests"})
-    world: str = field(default="colour", metadata={
-        "help": "toy only: the context the prompt names: colour (a background colour) or layout "
-                "(a place: left/right/top, the paper's Fig. 1; it brings its own tuned --steps "
-                "1200 --early-step 50 --checkpoints 0,50,100,200,400,800 --guidance-lr 0.01, "
-                "each unless given)", "choices": ("colour", "layout")})
+    world: str = field(default="layout", metadata={
+        "help": "toy only: the context the prompt names: layout (a place: left/right/top, the "
+                "paper's Fig. 1; it brings its own tuned --steps 1600 --early-step 50 "
+                "--checkpoints 0,50,100,200,400,800,1200 --guidance-lr 0.02, each unless given) or "
+                "colour (a background colour; the first toy, the defaults shown here)",
+        "choices": ("layout", "colour")})
     out_dir: str = field(default=f"runs/{FOLDER}", metadata={"help": "where outputs go"})
     device: str = field(default="cpu", metadata={"help": "cpu, or cuda (toy or --pretrained)",
                                                  "choices": ("cpu", "cuda")})
@@ -175,15 +180,15 @@ QUICK = dict(steps=4, pre_steps=4, pre_batch=4, ft_batch=2, checkpoints="0,2", e
 TOY_ONLY = ("pre_steps", "pre_batch", "pre_lr", "val_seeds", "world")
 # The layout world's own settings, chosen on the tuning seeds 100-102 (README, "The layout
 # world"): under --world layout, each of these fields left at its default above takes this value.
-LAYOUT_DEFAULTS = dict(steps=1200, early_step=50, checkpoints="0,50,100,200,400,800",
-                       guidance_lr=0.01)
+LAYOUT_DEFAULTS = dict(steps=1600, early_step=50, checkpoints="0,50,100,200,400,800,1200",
+                       guidance_lr=0.02)
 
 
 def world_defaults(cfg: Config) -> Config:
     """PLUMBING: cfg with the layout world's LAYOUT_DEFAULTS filled into the fields still at their
     default (a field given on the command line is kept; checkpoints past --steps are dropped).
-    --quick and the colour world are unchanged."""
-    if cfg.world != "layout" or cfg.quick:
+    --quick, the colour world and the real-scale path (--pretrained) are unchanged."""
+    if cfg.world != "layout" or cfg.quick or cfg.pretrained:
         return cfg
     new = {k: v for k, v in LAYOUT_DEFAULTS.items()
            if getattr(cfg, k) == getattr(Config, k)}
@@ -819,11 +824,11 @@ def transplant_sample(unet, store, sched, z_T, emb, emb_null, cfg_scale, ref_map
     return z
 
 
-# %% 5. The layout world (--world layout): the context is a place, as in the paper's Fig. 1
+# %% 5. The layout world (the default; --world layout): the context is a place, as in Fig. 1
 # The colour world's context is a global colour and its objects sit in the centre, so there is no
 # layout for the early checkpoint to give (README, premise rows). Here the prompt names a place
-# ("a sks square at left"), the base model learns the place words, the subject's photos stay
-# centred on gray (as in the colour world), and success is the subject at the named place.
+# ("a sks square at left"), the base model learns place words and appearance (texture) words,
+# the subject's photos are centred on gray, and success is the subject at the named place.
 LAYOUT_VOCAB = ["<pad>", "a", "square", "circle", "at", "sks", "red", "blue", "yellow", "white",
                 "left", "right", "top", "bottom", "centre", "plain", "striped", "barred"]
 LAYOUT_TOK = {w: i for i, w in enumerate(LAYOUT_VOCAB)}

@@ -522,7 +522,8 @@ def test_tokenize_pads_right():
 # ---------------------------------------------------------------- tier 4: smoke run + CLI
 @pytest.mark.slow
 def test_quick_run_smoke_cache_and_same_seed(tmp_path):
-    out = dreamblend.train(dreamblend.Config(quick=True, out_dir=str(tmp_path / "a")))
+    out = dreamblend.train(dreamblend.Config(quick=True, world="colour",
+                                             out_dir=str(tmp_path / "a")))
     summary = dreamblend.report(out)
     s = json.loads((tmp_path / "a" / "summary.json").read_text())
     assert s == json.loads(json.dumps(summary))
@@ -571,15 +572,18 @@ def test_quick_run_smoke_cache_and_same_seed(tmp_path):
     assert (tmp_path / "a" / "dreamblend_tradeoff.png").is_file()
     assert s["metrics"]["pretrain_cached"] == 0.0
     # the same folder again: the cached pre-trained model, and the same numbers
-    again = dreamblend.train(dreamblend.Config(quick=True, out_dir=str(tmp_path / "a")))
+    again = dreamblend.train(dreamblend.Config(quick=True, world="colour",
+                                               out_dir=str(tmp_path / "a")))
     assert again["metrics"]["pretrain_cached"] == 1.0
     strip = {k: v for k, v in out["metrics"].items() if k != "pretrain_cached"}
     assert strip == {k: v for k, v in again["metrics"].items() if k != "pretrain_cached"}
 
 
-def test_pretraining_same_seed_same_numbers_other_seed_other(tmp_path):
+@pytest.mark.parametrize("world", ["layout", "colour"])
+def test_pretraining_same_seed_same_numbers_other_seed_other(tmp_path, world):
     def losses(seed, sub):
-        cfg = dreamblend.Config(pre_steps=2, pre_batch=4, seed=seed, out_dir=str(tmp_path / sub))
+        cfg = dreamblend.Config(pre_steps=2, pre_batch=4, seed=seed, world=world,
+                                out_dir=str(tmp_path / sub))
         w = dreamblend.toy_world(cfg, torch.device("cpu"))
         return w.pre_losses, w.inst
 
@@ -759,13 +763,15 @@ class _DenseMaps(torch.nn.Module):
         return _Out(torch.zeros_like(z))
 
 
+@pytest.mark.parametrize("lam", [dreamblend.Config().guidance_lr,
+                                 dreamblend.LAYOUT_DEFAULTS["guidance_lr"]])
 @pytest.mark.parametrize("k", [3.0, 30.0])
-def test_default_lambda_step_lowers_its_own_loss(k):
+def test_default_lambda_step_lowers_its_own_loss(k, lam):
     """Issue 35: at the DEFAULT lambda one guidance step must lower the attention loss it
     follows, on a shallow (k = 3) and a steep (k = 30) map alike. The raw pix2pix-zero step
     z - lambda * grad overshoots on the steep map (its size grows with the gradient), which is
-    what the old default did on the trained toy (6.4 -> 10.7 at t = 950)."""
-    lam = dreamblend.Config().guidance_lr
+    what the old default did on the trained toy (6.4 -> 10.7 at t = 950). Both worlds' defaults
+    (the colour world's Config value, the layout world's LAYOUT_DEFAULTS)."""
     g = torch.Generator().manual_seed(0)
     z = torch.randn(4, 3, 16, 16, generator=g)
     z_ref = z + 0.1 * torch.randn(4, 3, 16, 16, generator=g)
@@ -783,7 +789,8 @@ def test_default_lambda_step_lowers_its_own_loss(k):
         after = loss_at(z1)
     torch.testing.assert_close(before, loss_at(z).detach())
     assert (after < before).all(), (before, after)
-    if k == 30.0:  # the premise of the fix: here the raw step at the same lambda overshoots
+    if k == 30.0 and lam == dreamblend.Config().guidance_lr:  # the premise of the fix: the raw
+        # step at the colour default overshoots here
         x = z.clone().requires_grad_(True)
         (grad,) = torch.autograd.grad(loss_at(x).sum(), x)
         with torch.no_grad():
@@ -1209,8 +1216,9 @@ def test_layout_world_brings_its_tuned_defaults_and_keeps_given_flags():
     cfg = wd(parse(["--world", "layout", "--steps", "300", "--guidance-lr", "0.2"]))
     assert (cfg.steps, cfg.guidance_lr, cfg.early_step) == (300, 0.2, 50)
     assert cfg.checkpoints == "0,50,100,200"
-    colour = parse([])
-    assert wd(colour) == colour and wd(parse(["--world", "layout", "--quick"])).steps == 400
+    colour = parse(["--world", "colour"])
+    assert wd(colour) == colour and wd(parse(["--quick"])).steps == 400
+    assert parse([]).world == "layout"  # the default world (its check passed; README)
     helptext = next(f for f in dataclasses.fields(dreamblend.Config)
                     if f.name == "world").metadata["help"]
     for k, v in dreamblend.LAYOUT_DEFAULTS.items():
@@ -1233,8 +1241,8 @@ def test_train_and_main_apply_the_layout_defaults(monkeypatch, tmp_path):
         dreamblend.train(dreamblend.Config(world="layout", out_dir=str(tmp_path)))
     with pytest.raises(Stop):
         dreamblend.main(["--world", "layout", "--out-dir", str(tmp_path)])
-    assert [c.steps for c in seen] == [1200, 1200]
-    assert [c.guidance_lr for c in seen] == [0.01, 0.01]
+    assert [c.steps for c in seen] == [1600, 1600]
+    assert [c.guidance_lr for c in seen] == [0.02, 0.02]
     with pytest.raises(SystemExit) as e:
         dreamblend.main(["--world", "layout", "--steps", "10", "--out-dir", str(tmp_path)])
     assert e.value.code == 2

@@ -64,7 +64,7 @@ INDEX_START, INDEX_END = "<!-- index:start -->", "<!-- index:end -->"
 # Named report conditions: {folder: {name: the train.py flags that make it}}. Fixed here, not
 # typed per call, so a --report-only rebuild and a reader both know what each table ran.
 CONDITIONS: dict[str, dict[str, list[str]]] = {
-    "dreamblend": {"layout": ["--world", "layout"]},
+    "dreamblend": {"colour": ["--world", "colour"]},
 }
 
 
