@@ -178,6 +178,7 @@ class Config:
 QUICK = dict(steps=4, pre_steps=4, pre_batch=4, ft_batch=2, checkpoints="0,2", early_step=2,
              n_class=2, sample_steps=2, guided_steps=1, eval_seeds=2, val_seeds=1, log_every=2)
 TOY_ONLY = ("pre_steps", "pre_batch", "pre_lr", "val_seeds", "world")
+REAL_ONLY = ("instance_dir", "instance_prompt", "class_prompt", "contexts", "resolution")
 # The layout world's own settings, chosen on the tuning seeds 100-102 (README, "The layout
 # world"): under --world layout, each of these fields left at its default above takes this value.
 LAYOUT_DEFAULTS = dict(steps=1600, early_step=50, checkpoints="0,50,100,200,400,800,1200",
@@ -198,7 +199,6 @@ def world_defaults(cfg: Config) -> Config:
     if new.get("early_step", 0) > steps:
         del new["early_step"]
     return dataclasses.replace(cfg, **new)
-REAL_ONLY = ("instance_dir", "instance_prompt", "class_prompt", "contexts", "resolution")
 
 
 def check_config(cfg: Config) -> str | None:
@@ -899,11 +899,11 @@ def make_layout_subject(n: int, gen: torch.Generator) -> torch.Tensor:
     the base model never saw) on gray, centre +-1 px, drawn from the same stream as make_subject.
     (n, 3, 16, 16).
     DEVIATION: checks in white and 0.4 (mean 0.7), not black and white (mean 0, the gray of the
-    background) as in the colour world. Measured on seed 100 at the default run: with black and
-    white checks the subject is learned within 50 fine-tuning steps and the place is gone as
-    fast (early checkpoint 0.07 at the named place, transplant +0.00); with these greys the
-    early checkpoint keeps it (0.94) and the maps carry it (+0.44) (README, "The layout
-    world")."""
+    background) as in the colour world. Measured on seed 100, default runs with plain
+    pre-training shapes (README exercise 8): with black and white checks the subject is learned
+    within 50 fine-tuning steps and the place is gone as fast (early checkpoint 0.07 at the
+    named place, transplant minus late +0.00); with these greys the early checkpoint keeps it
+    (0.94) and the maps carry it (+0.44) (README, "The layout world")."""
     out = []
     for _ in range(n):
         dx, dy = (torch.randint(-1, 2, (2,), generator=gen)).tolist()
