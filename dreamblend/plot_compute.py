@@ -1,7 +1,8 @@
 """Each method's metric against its training compute, over the seeds of tools/run_all.py.
 
 Reads runs/run_all/dreamblend/seed*/summary.json (written by `python tools/run_all.py --folders
-dreamblend`) and draws, for the per-image success, prompt fidelity and subject fidelity, every
+dreamblend`, the layout world; the colour world's are under runs/run_all/dreamblend/colour/, pass
+them with --runs) and draws, for the per-image success, prompt fidelity and subject fidelity, every
 single checkpoint against its fine-tuning steps (mean +- std over the seeds) and the DreamBlend
 variants at the steps they need (the late checkpoint's; they also use the early one). Inference
 cost is not on this axis: a plain checkpoint takes 2 UNet forwards per DDIM step (CFG), guidance
