@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import train as xf  # noqa: E402
 
 MODELS = {key: name for name, key, _v, _l, with_stage2 in xf.LADDER if with_stage2}
+RUNGS = {rung[1]: rung for rung in xf.LADDER}  # key -> its LADDER rung
 
 
 def sweep_seed(seed: int, lrs: list[float], models: list[str], steps: int, eval_every: int,
@@ -42,9 +43,8 @@ def sweep_seed(seed: int, lrs: list[float], models: list[str], steps: int, eval_
                stage2_run: int = 0, tuned_lr: bool = False) -> dict:
     cfg = xf.Config(seed=seed, stage2_steps=steps, eval_every=eval_every, patience=patience,
                     skip_patch_check=True, steps=stage1_steps, lr=stage1_lr)
-    ladder = {rung[1]: rung for rung in xf.LADDER}
     # each model's stage 1 as train.py runs it (0 = its own tuned setting), recorded per model
-    s1 = {k: list(xf.stage1_setting(cfg, ladder[k][2])) for k in models}
+    s1 = {k: list(xf.stage1_setting(cfg, RUNGS[k][2])) for k in models}
     out = json.loads(path.read_text()) if path.exists() else {"seed": seed, "runs": {}}
     rec = out.setdefault("stage1", {})
     if "steps" in rec or any(rec.get(k, v) != v for k, v in s1.items()) or out.setdefault(
@@ -53,20 +53,17 @@ def sweep_seed(seed: int, lrs: list[float], models: list[str], steps: int, eval_
                          f"{out['stage2_run']}); use another --out")
     rec.update(s1)
     if tuned_lr:  # each model at its own default stage-2 rate (train.py's LR_STAGE2) only
-        lrs = sorted({xf.LR_STAGE2[ladder[k][2]] for k in models})
+        lrs = sorted({xf.LR_STAGE2[RUNGS[k][2]] for k in models})
     todo = [(k, lr) for k in models for lr in lrs if f"{k} | lr {lr:g}" not in out["runs"]
-            and (not tuned_lr or lr == xf.LR_STAGE2[ladder[k][2]])]
+            and (not tuned_lr or lr == xf.LR_STAGE2[RUNGS[k][2]])]
     if not todo:
         return out
-    xf.set_seed(cfg.seed)
-    gen = xf.torch.Generator().manual_seed(cfg.seed)
-    data = xf.make_dataset(cfg)
-    enc = xf.pretrain_encoders(cfg, data, gen)
+    data, enc = xf.frozen_parts(cfg)
     out.setdefault("encoder_probes", xf.encoder_probes(enc, data, seed))
     # Stage 1 of every model first, then the grid with the learning rate outermost, so that an
     # interrupted sweep has given every model the same learning rates (equal effort).
     stage1 = {}
-    for name, key, variant, lam, _ in (ladder[k] for k in models):  # in the order asked for
+    for name, key, variant, lam, _ in (RUNGS[k] for k in models):  # in the order asked for
         if key in {k for k, _ in todo}:
             cfg_m = xf.model_config(cfg, variant, lam)  # its stage 1: s1[key], recorded above
             model, hist = xf.stage1(name, cfg_m, data, enc, variant, cfg.seed + 1)
@@ -116,13 +113,9 @@ def stage1_grid_seed(seed: int, lrs: list[float], models: list[str], checkpoints
     if not todo:
         return out
     cfg = xf.Config(seed=seed, skip_patch_check=True, steps=max(checkpoints))
-    xf.set_seed(cfg.seed)
-    gen = xf.torch.Generator().manual_seed(cfg.seed)
-    data = xf.make_dataset(cfg)
-    enc = xf.pretrain_encoders(cfg, data, gen)
-    ladder = {rung[1]: rung for rung in xf.LADDER}
+    data, enc = xf.frozen_parts(cfg)
     for key, lr in todo:  # lr outermost: an interrupted grid has given every model the same lrs
-        name, _, variant, lam, _ = ladder[key]
+        name, _, variant, lam, _ = RUNGS[key]
         cfg_m = xf.model_config(dataclasses.replace(cfg, lr=lr), variant, lam)  # steps: cfg's
         points, t0 = [], time.process_time()
 

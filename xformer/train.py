@@ -1069,6 +1069,14 @@ def encoder_probes(enc: dict, data: dict, seed: int, iters: int = 500) -> dict:
     return {k: linear_probe(f[tr], f[te], data, "count", seed, iters) for k, f in feats.items()}
 
 
+def frozen_parts(cfg: Config) -> tuple[dict, dict]:
+    """Seed everything, make the toy data set and pre-train the frozen encoders of seed cfg.seed:
+    (data, enc). train() and sweep.py start every seed's models from these."""
+    set_seed(cfg.seed)
+    data = make_dataset(cfg)
+    return data, pretrain_encoders(cfg, data, torch.Generator().manual_seed(cfg.seed))
+
+
 def train(cfg: Config) -> dict:
     """Pre-train the frozen parts, then stage 1 and stage 2 for each rung of LADDER.
 
@@ -1078,10 +1086,7 @@ def train(cfg: Config) -> dict:
     if cfg.quick:
         cfg = dataclasses.replace(cfg, **QUICK)
     t_start = time.time()
-    set_seed(cfg.seed)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    data = make_dataset(cfg)
-    enc = pretrain_encoders(cfg, data, gen)
+    data, enc = frozen_parts(cfg)
     print(f"pre-trained the frozen parts | clip {enc['pretrain_loss']['clip']:.3f} | mae "
           f"{enc['pretrain_loss']['mae']:.4f} | lm {enc['pretrain_loss']['lm']:.3f}")
     # The premise: how much count each frozen encoder carries on its own (sklearn only: the
