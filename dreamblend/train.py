@@ -580,12 +580,16 @@ def make_base_batch(n: int, gen: torch.Generator, drop_p=0.3):
     return torch.stack(imgs), tokenize(prompts)  # (n, 3, H, W), (n, N)
 
 
-def make_subject(n: int, gen: torch.Generator) -> torch.Tensor:
-    """The personal subject: an 8-px checkerboard square on gray, centre +-1 px. (n, 3, 16, 16)."""
+def make_subject(n: int, gen: torch.Generator, draw=None) -> torch.Tensor:
+    """The personal subject: an 8-px checkerboard square on gray, centre +-1 px. (n, 3, 16, 16).
+    draw(cx, cy) -> (3, 16, 16), if given, draws the square centred at (cx, cy) instead (the
+    layout world's greys, make_layout_subject); the offsets come from `gen` either way."""
+    draw = draw or (lambda cx, cy: render("square", None, BG_COLOURS["gray"], 8, cx, cy,
+                                          checker=True))
     out = []
     for _ in range(n):
         dx, dy = (torch.randint(-1, 2, (2,), generator=gen)).tolist()
-        out.append(render("square", None, BG_COLOURS["gray"], 8, 8 + dx, 8 + dy, checker=True))
+        out.append(draw(8 + dx, 8 + dy))
     return torch.stack(out)  # (n, 3, H, W)
 
 
@@ -854,10 +858,11 @@ def render_textured(shape: str, texture: str, size: int, cx: int, cy: int) -> to
     render). Returns (3, 16, 16) in [-1, 1]."""
     img = render(shape, OBJ_COLOURS["white"], BG_COLOURS["gray"], size, cx, cy)  # (3, H, W)
     yy, xx = torch.meshgrid(torch.arange(SIDE), torch.arange(SIDE), indexing="ij")  # (H, W)
-    dark = {"plain": torch.zeros_like(yy, dtype=torch.bool), "striped": (yy // 2) % 2 == 1,
-            "barred": (xx // 2) % 2 == 1,
-            "checked": ((xx - (cx - size // 2)) // 2 + (yy - (cy - size // 2)) // 2) % 2 == 1,
-            }[texture]  # (H, W)
+    if texture == "checked":  # render's checks: its +1 cells are the dark ones here
+        dark = render(shape, None, BG_COLOURS["gray"], size, cx, cy, checker=True)[0] > 0
+    else:
+        dark = {"plain": torch.zeros_like(yy, dtype=torch.bool), "striped": (yy // 2) % 2 == 1,
+                "barred": (xx // 2) % 2 == 1}[texture]  # (H, W)
     on = img.abs().sum(0) > 0  # (H, W) the shape (the gray background is 0)
     return torch.where((on & dark)[None], torch.full_like(img, LAYOUT_DARK), img)
 
@@ -905,11 +910,7 @@ def make_layout_subject(n: int, gen: torch.Generator) -> torch.Tensor:
     fine-tuning steps and the place is gone as fast (early checkpoint at the named place 0.07 on
     tuning seed 100, 0.39 on seed 101; no transplanted image at the place); with these greys the
     early checkpoint keeps it (0.94, 0.99) (README, "The layout world")."""
-    out = []
-    for _ in range(n):
-        dx, dy = (torch.randint(-1, 2, (2,), generator=gen)).tolist()
-        out.append(render_textured("square", "checked", 8, 8 + dx, 8 + dy))
-    return torch.stack(out)  # (n, 3, H, W)
+    return make_subject(n, gen, lambda cx, cy: render_textured("square", "checked", 8, cx, cy))
 
 
 def checker_corr_anywhere(imgs: torch.Tensor) -> torch.Tensor:
